@@ -1,0 +1,838 @@
+//! The consumer-group coordinator (Kafka's classic rebalance protocol) and committed
+//! offsets.
+//!
+//! A group moves Empty → PreparingRebalance → CompletingRebalance → Stable and back to
+//! PreparingRebalance whenever a member joins, leaves or misses its session timeout.
+//! JoinGroup and follower SyncGroup calls *park* (the dispatch loop re-polls them) until
+//! the rebalance they wait for completes. Committed offsets are appended to
+//! `consumer_offsets.jsonl` in the data directory and reloaded at start.
+//!
+//! # Invariants
+//! - `generation` only grows; a member's join answer names the generation it completed in.
+//! - A member that is parked in JoinGroup is never expired by its session timeout; the
+//!   rebalance timeout bounds how long the group waits for it instead.
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum GroupError {
+    #[error("unknown member id")]
+    UnknownMemberId,
+    #[error("illegal generation")]
+    IllegalGeneration,
+    #[error("rebalance in progress")]
+    RebalanceInProgress,
+    #[error("inconsistent group protocol")]
+    InconsistentGroupProtocol,
+    #[error("member id required")]
+    MemberIdRequired,
+    #[error("invalid session timeout")]
+    InvalidSessionTimeout,
+    #[error("invalid group id")]
+    InvalidGroupId,
+    #[error("group id not found")]
+    GroupIdNotFound,
+    #[error("non-empty group")]
+    NonEmptyGroup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    Empty,
+    PreparingRebalance,
+    CompletingRebalance,
+    Stable,
+}
+
+impl GroupState {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupState::Empty => "Empty",
+            GroupState::PreparingRebalance => "PreparingRebalance",
+            GroupState::CompletingRebalance => "CompletingRebalance",
+            GroupState::Stable => "Stable",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: String,
+    pub instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub session_timeout: Duration,
+    pub rebalance_timeout: Duration,
+    pub protocols: Vec<(String, Bytes)>,
+    pub last_seen: Instant,
+    pub awaiting_join: bool,
+    pub assignment: Bytes,
+}
+
+impl Member {
+    pub fn metadata_for(&self, protocol: &str) -> Bytes {
+        self.protocols
+            .iter()
+            .find(|(n, _)| n == protocol)
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Committed {
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Group {
+    pub id: String,
+    pub state: GroupState,
+    pub generation: i32,
+    pub protocol_type: Option<String>,
+    pub protocol: Option<String>,
+    pub leader: Option<String>,
+    pub members: IndexMap<String, Member>,
+    pub offsets: HashMap<(String, i32), Committed>,
+    /// When the current rebalance must complete, joined or not.
+    rebalance_deadline: Option<Instant>,
+    /// No earlier than this (initial rebalance delay, so several members join at once).
+    rebalance_not_before: Option<Instant>,
+    next_member: u64,
+}
+
+impl Group {
+    fn new(id: &str) -> Group {
+        Group {
+            id: id.to_string(),
+            state: GroupState::Empty,
+            generation: 0,
+            protocol_type: None,
+            protocol: None,
+            leader: None,
+            members: IndexMap::new(),
+            offsets: HashMap::new(),
+            rebalance_deadline: None,
+            rebalance_not_before: None,
+            next_member: 0,
+        }
+    }
+
+    fn prepare_rebalance(&mut self, now: Instant, initial_delay: Duration) {
+        if self.state != GroupState::PreparingRebalance {
+            let was_empty = self.state == GroupState::Empty;
+            self.state = GroupState::PreparingRebalance;
+            let timeout = self
+                .members
+                .values()
+                .map(|m| m.rebalance_timeout)
+                .max()
+                .unwrap_or(Duration::from_secs(30));
+            self.rebalance_deadline = Some(now + timeout);
+            self.rebalance_not_before = was_empty.then_some(now + initial_delay);
+        }
+    }
+
+    /// Completes the rebalance if everyone rejoined (or time is up). Returns true if done.
+    fn try_complete(&mut self, now: Instant) -> bool {
+        if self.state != GroupState::PreparingRebalance {
+            return false;
+        }
+        let all_joined = self.members.values().all(|m| m.awaiting_join);
+        let timed_out = self.rebalance_deadline.is_some_and(|d| now >= d);
+        let delayed = self.rebalance_not_before.is_some_and(|d| now < d);
+        if !(timed_out || (all_joined && !delayed)) {
+            return false;
+        }
+        self.members.retain(|id, m| {
+            if !m.awaiting_join {
+                log::info!(
+                    "group {}: member {id} did not rejoin in time, removed",
+                    self.id
+                );
+            }
+            m.awaiting_join
+        });
+        self.generation += 1;
+        self.rebalance_deadline = None;
+        self.rebalance_not_before = None;
+        if self.members.is_empty() {
+            self.state = GroupState::Empty;
+            self.protocol = None;
+            self.leader = None;
+            return true;
+        }
+        if !self
+            .leader
+            .as_ref()
+            .is_some_and(|l| self.members.contains_key(l))
+        {
+            self.leader = self.members.keys().next().cloned();
+        }
+        let leader = self.leader.as_ref().and_then(|l| self.members.get(l));
+        self.protocol = leader.and_then(|l| {
+            l.protocols
+                .iter()
+                .map(|(n, _)| n)
+                .find(|n| {
+                    self.members
+                        .values()
+                        .all(|m| m.protocols.iter().any(|(p, _)| p == *n))
+                })
+                .cloned()
+        });
+        for m in self.members.values_mut() {
+            m.awaiting_join = false;
+            m.assignment = Bytes::new();
+            m.last_seen = now;
+        }
+        self.state = GroupState::CompletingRebalance;
+        log::info!(
+            "group {}: generation {} with {} members, leader {:?}",
+            self.id,
+            self.generation,
+            self.members.len(),
+            self.leader
+        );
+        true
+    }
+
+    fn check_member(&self, member: &str, generation: i32) -> Result<(), GroupError> {
+        if !self.members.contains_key(member) {
+            return Err(GroupError::UnknownMemberId);
+        }
+        if generation != self.generation {
+            return Err(GroupError::IllegalGeneration);
+        }
+        Ok(())
+    }
+}
+
+/// A JoinGroup request's fields.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub group: String,
+    pub member_id: String,
+    pub instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub session_timeout_ms: i32,
+    pub rebalance_timeout_ms: i32,
+    pub protocol_type: String,
+    pub protocols: Vec<(String, Bytes)>,
+    /// KIP-394 (JoinGroup v4+): a new member first gets its id with MEMBER_ID_REQUIRED.
+    pub require_known_member_id: bool,
+}
+
+/// What a completed join tells a member.
+#[derive(Debug, Clone)]
+pub struct JoinResult {
+    pub generation: i32,
+    pub protocol_type: Option<String>,
+    pub protocol: Option<String>,
+    pub leader: String,
+    pub member_id: String,
+    /// Filled for the leader only: (member id, instance id, metadata).
+    pub members: Vec<(String, Option<String>, Bytes)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum JoinStep {
+    /// Park, then poll [`Coordinator::join_poll`] with this member id.
+    Pending(String),
+    MemberIdRequired(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct OffsetRecord {
+    g: String,
+    t: String,
+    p: i32,
+    #[serde(flatten)]
+    c: Option<Committed>,
+}
+
+pub struct Coordinator {
+    groups: HashMap<String, Group>,
+    path: PathBuf,
+    file: File,
+    records_written: usize,
+    initial_delay: Duration,
+}
+
+const MIN_SESSION_MS: i32 = 1000;
+const MAX_SESSION_MS: i32 = 30 * 60 * 1000;
+
+impl Coordinator {
+    pub fn open(data_dir: &Path, initial_delay_ms: u64) -> io::Result<Coordinator> {
+        fs::create_dir_all(data_dir)?;
+        let path = data_dir.join("consumer_offsets.jsonl");
+        let mut groups: HashMap<String, Group> = HashMap::new();
+        let mut records = 0;
+        if let Ok(f) = File::open(&path) {
+            for line in io::BufReader::new(f).lines() {
+                let line = line?;
+                // A torn last line (crash mid-write) is skipped; earlier lines stand.
+                let Ok(r) = serde_json::from_str::<OffsetRecord>(&line) else {
+                    continue;
+                };
+                records += 1;
+                let g = groups
+                    .entry(r.g.clone())
+                    .or_insert_with(|| Group::new(&r.g));
+                match r.c {
+                    Some(c) => g.offsets.insert((r.t, r.p), c),
+                    None => g.offsets.remove(&(r.t, r.p)),
+                };
+            }
+        }
+        let live: usize = groups.values().map(|g| g.offsets.len()).sum();
+        let mut c = Coordinator {
+            groups,
+            file: OpenOptions::new().create(true).append(true).open(&path)?,
+            path,
+            records_written: records,
+            initial_delay: Duration::from_millis(initial_delay_ms),
+        };
+        if records > 2 * live + 1000 {
+            c.compact()?;
+        }
+        Ok(c)
+    }
+
+    /// Rewrites the offsets file with only the live entries.
+    fn compact(&mut self) -> io::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        let mut n = 0;
+        for g in self.groups.values() {
+            for ((t, p), c) in &g.offsets {
+                let r = OffsetRecord {
+                    g: g.id.clone(),
+                    t: t.clone(),
+                    p: *p,
+                    c: Some(c.clone()),
+                };
+                serde_json::to_writer(&mut out, &r)?;
+                out.write_all(b"\n")?;
+                n += 1;
+            }
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.records_written = n;
+        Ok(())
+    }
+
+    /// Forces the offsets file to disk (shutdown).
+    pub fn sync_file(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    pub fn group(&self, id: &str) -> Option<&Group> {
+        self.groups.get(id)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values()
+    }
+
+    pub fn join(&mut self, req: JoinRequest, now: Instant) -> Result<JoinStep, GroupError> {
+        if req.group.is_empty() {
+            return Err(GroupError::InvalidGroupId);
+        }
+        if !(MIN_SESSION_MS..=MAX_SESSION_MS).contains(&req.session_timeout_ms) {
+            return Err(GroupError::InvalidSessionTimeout);
+        }
+        let delay = self.initial_delay;
+        let g = self
+            .groups
+            .entry(req.group.clone())
+            .or_insert_with(|| Group::new(&req.group));
+        let compatible = g.protocol_type.as_deref() == Some(req.protocol_type.as_str())
+            && req.protocols.iter().any(|(n, _)| {
+                g.members
+                    .values()
+                    .all(|m| m.protocols.iter().any(|(p, _)| p == n))
+            });
+        if g.state != GroupState::Empty && !compatible {
+            return Err(GroupError::InconsistentGroupProtocol);
+        }
+        let member_id = if req.member_id.is_empty() {
+            g.next_member += 1;
+            let id = format!(
+                "{}-{}-{}",
+                req.client_id,
+                g.generation,
+                uuid::Uuid::new_v4()
+            );
+            if req.require_known_member_id {
+                // The member retries with this id; it is admitted then.
+                return Ok(JoinStep::MemberIdRequired(id));
+            }
+            id
+        } else {
+            req.member_id.clone()
+        };
+        if !req.member_id.is_empty()
+            && !g.members.contains_key(&member_id)
+            && !req.require_known_member_id
+        {
+            return Err(GroupError::UnknownMemberId);
+        }
+        let rebalance_timeout_ms = if req.rebalance_timeout_ms > 0 {
+            req.rebalance_timeout_ms
+        } else {
+            req.session_timeout_ms
+        };
+        let member = Member {
+            id: member_id.clone(),
+            instance_id: req.instance_id,
+            client_id: req.client_id,
+            client_host: req.client_host,
+            session_timeout: Duration::from_millis(req.session_timeout_ms as u64),
+            rebalance_timeout: Duration::from_millis(rebalance_timeout_ms as u64),
+            protocols: req.protocols,
+            last_seen: now,
+            awaiting_join: true,
+            assignment: Bytes::new(),
+        };
+        g.protocol_type = Some(req.protocol_type);
+        g.members.insert(member_id.clone(), member);
+        // Any join starts (or joins) a rebalance. Kafka answers a known member with unchanged
+        // metadata in a stable group at once; rebalancing instead costs a round but keeps
+        // one path, and clients handle both.
+        g.prepare_rebalance(now, delay);
+        g.try_complete(now);
+        Ok(JoinStep::Pending(member_id))
+    }
+
+    /// The answer to a parked JoinGroup, once its rebalance completed.
+    pub fn join_poll(
+        &self,
+        group: &str,
+        member_id: &str,
+    ) -> Option<Result<JoinResult, GroupError>> {
+        let Some(g) = self.groups.get(group) else {
+            return Some(Err(GroupError::UnknownMemberId));
+        };
+        let Some(m) = g.members.get(member_id) else {
+            return Some(Err(GroupError::UnknownMemberId));
+        };
+        if m.awaiting_join || g.state == GroupState::PreparingRebalance {
+            return None;
+        }
+        let leader = g.leader.clone().unwrap_or_default();
+        let protocol = g.protocol.clone();
+        let members = if leader == member_id {
+            let p = protocol.clone().unwrap_or_default();
+            g.members
+                .values()
+                .map(|m| (m.id.clone(), m.instance_id.clone(), m.metadata_for(&p)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(Ok(JoinResult {
+            generation: g.generation,
+            protocol_type: g.protocol_type.clone(),
+            protocol,
+            leader,
+            member_id: member_id.to_string(),
+            members,
+        }))
+    }
+
+    /// SyncGroup: the leader brings assignments. `Ok(None)`: park and poll [`Self::sync_poll`].
+    pub fn sync(
+        &mut self,
+        group: &str,
+        member_id: &str,
+        generation: i32,
+        assignments: Vec<(String, Bytes)>,
+        now: Instant,
+    ) -> Result<Option<Bytes>, GroupError> {
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or(GroupError::UnknownMemberId)?;
+        g.check_member(member_id, generation)?;
+        if let Some(m) = g.members.get_mut(member_id) {
+            m.last_seen = now;
+        }
+        match g.state {
+            GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress),
+            GroupState::Empty => Err(GroupError::UnknownMemberId),
+            GroupState::Stable => Ok(g.members.get(member_id).map(|m| m.assignment.clone())),
+            GroupState::CompletingRebalance => {
+                if g.leader.as_deref() == Some(member_id) {
+                    for (id, a) in assignments {
+                        if let Some(m) = g.members.get_mut(&id) {
+                            m.assignment = a;
+                        }
+                    }
+                    g.state = GroupState::Stable;
+                    Ok(g.members.get(member_id).map(|m| m.assignment.clone()))
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    pub fn sync_poll(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: i32,
+    ) -> Option<Result<Bytes, GroupError>> {
+        let Some(g) = self.groups.get(group) else {
+            return Some(Err(GroupError::UnknownMemberId));
+        };
+        if let Err(e) = g.check_member(member_id, generation) {
+            return Some(Err(e));
+        }
+        match g.state {
+            GroupState::CompletingRebalance => None,
+            GroupState::Stable => Some(Ok(g
+                .members
+                .get(member_id)
+                .map(|m| m.assignment.clone())
+                .unwrap_or_default())),
+            _ => Some(Err(GroupError::RebalanceInProgress)),
+        }
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        group: &str,
+        member_id: &str,
+        generation: i32,
+        now: Instant,
+    ) -> Result<(), GroupError> {
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or(GroupError::UnknownMemberId)?;
+        let m = g
+            .members
+            .get_mut(member_id)
+            .ok_or(GroupError::UnknownMemberId)?;
+        m.last_seen = now;
+        match g.state {
+            GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress),
+            _ if generation != g.generation => Err(GroupError::IllegalGeneration),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes members; returns per-member results.
+    pub fn leave(
+        &mut self,
+        group: &str,
+        members: &[String],
+        now: Instant,
+    ) -> Vec<Result<(), GroupError>> {
+        let delay = self.initial_delay;
+        let Some(g) = self.groups.get_mut(group) else {
+            return members
+                .iter()
+                .map(|_| Err(GroupError::UnknownMemberId))
+                .collect();
+        };
+        let out: Vec<_> = members
+            .iter()
+            .map(|id| {
+                g.members
+                    .shift_remove(id)
+                    .map(|_| ())
+                    .ok_or(GroupError::UnknownMemberId)
+            })
+            .collect();
+        if out.iter().any(Result::is_ok) {
+            log::info!(
+                "group {group}: {} member(s) left",
+                out.iter().filter(|r| r.is_ok()).count()
+            );
+            if g.members.is_empty() && g.state != GroupState::PreparingRebalance {
+                g.state = GroupState::Empty;
+                g.generation += 1;
+                g.leader = None;
+                g.protocol = None;
+            } else {
+                g.prepare_rebalance(now, delay);
+                g.try_complete(now);
+            }
+        }
+        out
+    }
+
+    /// Expires members and completes rebalances whose time has come. Returns true if any
+    /// group changed (parked requests should be re-polled).
+    pub fn tick(&mut self, now: Instant) -> bool {
+        let delay = self.initial_delay;
+        let mut changed = false;
+        for g in self.groups.values_mut() {
+            let expired: Vec<String> = g
+                .members
+                .values()
+                .filter(|m| !m.awaiting_join && now.duration_since(m.last_seen) > m.session_timeout)
+                .map(|m| m.id.clone())
+                .collect();
+            for id in &expired {
+                log::info!(
+                    "group {}: member {id} missed its session timeout, removed",
+                    g.id
+                );
+                g.members.shift_remove(id);
+            }
+            if !expired.is_empty() {
+                changed = true;
+                if g.members.is_empty() && g.state != GroupState::PreparingRebalance {
+                    g.state = GroupState::Empty;
+                    g.generation += 1;
+                    g.leader = None;
+                } else {
+                    g.prepare_rebalance(now, delay);
+                }
+            }
+            changed |= g.try_complete(now);
+        }
+        changed
+    }
+
+    /// The earliest instant at which [`Self::tick`] may change something.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut best: Option<Instant> = None;
+        let mut consider = |t: Instant| best = Some(best.map_or(t, |b| b.min(t)));
+        for g in self.groups.values() {
+            if let Some(d) = g.rebalance_deadline {
+                consider(d);
+            }
+            if let Some(d) = g.rebalance_not_before {
+                consider(d);
+            }
+            for m in g.members.values() {
+                if !m.awaiting_join {
+                    consider(m.last_seen + m.session_timeout);
+                }
+            }
+        }
+        best
+    }
+
+    /// Commits offsets. `member`/`generation` are validated unless generation < 0 (a
+    /// standalone consumer committing without a group membership).
+    pub fn commit(
+        &mut self,
+        group: &str,
+        member_id: &str,
+        generation: i32,
+        offsets: Vec<(String, i32, Committed)>,
+        now: Instant,
+    ) -> Result<(), GroupError> {
+        if group.is_empty() {
+            return Err(GroupError::InvalidGroupId);
+        }
+        let g = self
+            .groups
+            .entry(group.to_string())
+            .or_insert_with(|| Group::new(group));
+        if generation >= 0 || !member_id.is_empty() {
+            if !g.members.contains_key(member_id) {
+                return Err(GroupError::UnknownMemberId);
+            }
+            if g.state == GroupState::PreparingRebalance {
+                return Err(GroupError::RebalanceInProgress);
+            }
+            if generation != g.generation {
+                return Err(GroupError::IllegalGeneration);
+            }
+            if let Some(m) = g.members.get_mut(member_id) {
+                m.last_seen = now;
+            }
+        }
+        let mut line = Vec::new();
+        for (t, p, c) in offsets {
+            let r = OffsetRecord {
+                g: group.to_string(),
+                t: t.clone(),
+                p,
+                c: Some(c.clone()),
+            };
+            if serde_json::to_writer(&mut line, &r).is_ok() {
+                line.push(b'\n');
+            }
+            g.offsets.insert((t, p), c);
+            self.records_written += 1;
+        }
+        // One write per commit request, not per message; the page cache keeps it across a
+        // process crash, `sync` (shutdown) across power loss.
+        if let Err(e) = self.file.write_all(&line) {
+            log::error!("persisting offsets of group {group}: {e}");
+        }
+        Ok(())
+    }
+
+    pub fn committed(&self, group: &str, topic: &str, partition: i32) -> Option<&Committed> {
+        self.groups
+            .get(group)?
+            .offsets
+            .get(&(topic.to_string(), partition))
+    }
+
+    /// All committed (topic, partition) of a group.
+    pub fn committed_all(&self, group: &str) -> Vec<(String, i32, Committed)> {
+        let Some(g) = self.groups.get(group) else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = g
+            .offsets
+            .iter()
+            .map(|((t, p), c)| (t.clone(), *p, c.clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        v
+    }
+
+    pub fn delete_group(&mut self, group: &str) -> Result<(), GroupError> {
+        let g = self.groups.get(group).ok_or(GroupError::GroupIdNotFound)?;
+        if !g.members.is_empty() {
+            return Err(GroupError::NonEmptyGroup);
+        }
+        let keys: Vec<_> = g.offsets.keys().cloned().collect();
+        let mut line = Vec::new();
+        for (t, p) in keys {
+            let r = OffsetRecord {
+                g: group.to_string(),
+                t,
+                p,
+                c: None,
+            };
+            if serde_json::to_writer(&mut line, &r).is_ok() {
+                line.push(b'\n');
+            }
+        }
+        if let Err(e) = self.file.write_all(&line) {
+            log::error!("persisting deletion of group {group}: {e}");
+        }
+        self.groups.remove(group);
+        Ok(())
+    }
+
+    pub fn forget_topic(&mut self, topic: &str) {
+        for g in self.groups.values_mut() {
+            g.offsets.retain(|(t, _), _| t != topic);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join_req(group: &str, member: &str) -> JoinRequest {
+        JoinRequest {
+            group: group.into(),
+            member_id: member.into(),
+            instance_id: None,
+            client_id: "c".into(),
+            client_host: "/127.0.0.1".into(),
+            session_timeout_ms: 6000,
+            rebalance_timeout_ms: 10000,
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Bytes::from_static(b"m"))],
+            require_known_member_id: false,
+        }
+    }
+
+    #[test]
+    fn two_members_rebalance_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Coordinator::open(dir.path(), 0).unwrap();
+        let t0 = Instant::now();
+        let JoinStep::Pending(a) = c.join(join_req("g", ""), t0).unwrap() else {
+            panic!()
+        };
+        let ja = c.join_poll("g", &a).unwrap().unwrap();
+        assert_eq!(ja.generation, 1);
+        assert_eq!(ja.leader, a);
+        assert_eq!(
+            c.sync("g", &a, 1, vec![(a.clone(), Bytes::from_static(b"A"))], t0)
+                .unwrap()
+                .unwrap(),
+            "A"
+        );
+        // b joins: a learns of the rebalance on its heartbeat and rejoins.
+        let JoinStep::Pending(b) = c.join(join_req("g", ""), t0).unwrap() else {
+            panic!()
+        };
+        assert!(c.join_poll("g", &b).is_none());
+        assert_eq!(
+            c.heartbeat("g", &a, 1, t0),
+            Err(GroupError::RebalanceInProgress)
+        );
+        c.join(join_req("g", &a), t0).unwrap();
+        let jb = c.join_poll("g", &b).unwrap().unwrap();
+        assert_eq!(jb.generation, 2);
+        assert!(jb.members.is_empty());
+        assert_eq!(c.join_poll("g", &a).unwrap().unwrap().members.len(), 2);
+        assert!(c.sync("g", &b, 2, vec![], t0).unwrap().is_none());
+        c.sync("g", &a, 2, vec![(b.clone(), Bytes::from_static(b"B"))], t0)
+            .unwrap();
+        assert_eq!(c.sync_poll("g", &b, 2).unwrap().unwrap(), "B");
+        // b stops heartbeating; a keeps going; after b's session timeout it is removed.
+        let later = t0 + Duration::from_secs(7);
+        c.heartbeat("g", &a, 2, t0 + Duration::from_secs(5))
+            .unwrap();
+        assert!(c.tick(later));
+        assert_eq!(
+            c.heartbeat("g", &a, 2, later),
+            Err(GroupError::RebalanceInProgress)
+        );
+        c.join(join_req("g", &a), later).unwrap();
+        assert_eq!(c.join_poll("g", &a).unwrap().unwrap().generation, 3);
+    }
+
+    #[test]
+    fn offsets_survive_reopen_and_check_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Instant::now();
+        {
+            let mut c = Coordinator::open(dir.path(), 0).unwrap();
+            let JoinStep::Pending(a) = c.join(join_req("g", ""), now).unwrap() else {
+                panic!()
+            };
+            let off = |o| {
+                vec![(
+                    "t".to_string(),
+                    0,
+                    Committed {
+                        offset: o,
+                        leader_epoch: -1,
+                        metadata: None,
+                    },
+                )]
+            };
+            assert_eq!(
+                c.commit("g", &a, 7, off(5), now),
+                Err(GroupError::IllegalGeneration)
+            );
+            c.commit("g", &a, 1, off(42), now).unwrap();
+            c.commit("", "", -1, off(1), now).unwrap_err();
+        }
+        let c = Coordinator::open(dir.path(), 0).unwrap();
+        assert_eq!(c.committed("g", "t", 0).unwrap().offset, 42);
+    }
+}

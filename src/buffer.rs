@@ -1,0 +1,197 @@
+//! Scatter/gather output buffers: responses that carry log bytes by reference.
+//!
+//! The Kafka codecs (the `kafka-protocol` crate) encode into any [`ByteBufMut`]. A
+//! [`ScatterBuf`] is one whose `put_slice` recognises the record bytes of a fetch
+//! response (they were handed to it beforehand as [`Bytes`] that point into the mmap'd
+//! log) and, instead of copying them, closes the current inline chunk and appends the
+//! log chunk by reference. The result is an I/O vector the transport writes with one
+//! vectored send: headers from the heap, payload straight from the page cache.
+//!
+//! # Invariants
+//! - Reference chunks are recognised by identity (same pointer and length), in the order
+//!   they were registered, which is the order the codec visits partitions. A payload the
+//!   codec copies anyway (no identity match) is still correct, only counted as a copy.
+//! - Gaps (`put_gap`/`range`) are addressed in the current inline chunk; the message
+//!   codecs never use them (only record-batch encoding does, which we never run here).
+#![allow(unsafe_code)]
+
+use bytes::buf::UninitSlice;
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::protocol::buf::ByteBufMut;
+use std::ops::Range;
+
+use crate::metrics;
+
+/// An ordered list of chunks that together form the bytes to send.
+pub type IoChunks = Vec<Bytes>;
+
+/// Encoding target that keeps registered payloads by reference. See the module docs.
+pub struct ScatterBuf {
+    /// The first chunk stays mutable so a length prefix can be patched in at the end.
+    head: Option<BytesMut>,
+    inline: BytesMut,
+    chunks: IoChunks,
+    by_ref: Vec<Bytes>,
+    next_ref: usize,
+}
+
+impl ScatterBuf {
+    /// `by_ref`: payloads to pass by reference, in the order the encoder will meet them.
+    pub fn new(by_ref: Vec<Bytes>) -> Self {
+        ScatterBuf {
+            head: None,
+            inline: BytesMut::with_capacity(256),
+            chunks: Vec::new(),
+            by_ref,
+            next_ref: 0,
+        }
+    }
+
+    /// Like [`ScatterBuf::new`], with room for a 4-byte big-endian length prefix that
+    /// [`ScatterBuf::finish_framed`] fills in.
+    pub fn framed(by_ref: Vec<Bytes>) -> Self {
+        let mut b = Self::new(by_ref);
+        b.inline.extend_from_slice(&[0; 4]);
+        b
+    }
+
+    /// The chunks of a frame started with [`ScatterBuf::framed`], its prefix filled in.
+    pub fn finish_framed(mut self) -> IoChunks {
+        let total = self.len();
+        let mut head = match self.head.take() {
+            Some(h) => h,
+            None => self.inline.split(),
+        };
+        let body = (total - 4) as u32;
+        head[..4].copy_from_slice(&body.to_be_bytes());
+        let mut out = Vec::with_capacity(self.chunks.len() + 2);
+        out.push(head.freeze());
+        out.append(&mut self.chunks);
+        if !self.inline.is_empty() {
+            out.push(self.inline.freeze());
+        }
+        out
+    }
+
+    fn close_inline(&mut self) {
+        if self.inline.is_empty() {
+            return;
+        }
+        if self.head.is_none() && self.chunks.is_empty() {
+            self.head = Some(self.inline.split());
+        } else {
+            self.chunks.push(self.inline.split().freeze());
+        }
+    }
+
+    /// Total bytes written so far, inline and by reference.
+    pub fn len(&self) -> usize {
+        self.head.as_ref().map_or(0, |h| h.len())
+            + self.chunks.iter().map(Bytes::len).sum::<usize>()
+            + self.inline.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The chunks, in order.
+    pub fn finish(mut self) -> IoChunks {
+        self.close_inline();
+        let mut out: IoChunks = self.head.take().map(BytesMut::freeze).into_iter().collect();
+        out.append(&mut self.chunks);
+        out
+    }
+}
+
+// SAFETY: every method that hands out or advances over uninitialised memory delegates to
+// the inner `BytesMut`, whose own `BufMut` implementation upholds the trait's contract;
+// `put_slice` only appends through safe calls.
+unsafe impl BufMut for ScatterBuf {
+    fn remaining_mut(&self) -> usize {
+        self.inline.remaining_mut()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller guarantees `cnt` bytes of `chunk_mut()` were initialised, and
+        // `chunk_mut()` is the inner buffer's.
+        unsafe { self.inline.advance_mut(cnt) }
+    }
+
+    fn chunk_mut(&mut self) -> &mut UninitSlice {
+        self.inline.chunk_mut()
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        if let Some(next) = self.by_ref.get(self.next_ref) {
+            if !src.is_empty() && next.as_ptr() == src.as_ptr() && next.len() == src.len() {
+                let next = next.clone();
+                self.close_inline();
+                self.chunks.push(next);
+                self.next_ref += 1;
+                metrics::count_zero_copy(src.len());
+                return;
+            }
+        }
+        self.inline.extend_from_slice(src);
+    }
+}
+
+impl ByteBufMut for ScatterBuf {
+    fn offset(&self) -> usize {
+        self.inline.len()
+    }
+
+    fn seek(&mut self, offset: usize) {
+        self.inline.resize(offset, 0);
+    }
+
+    fn range(&mut self, r: Range<usize>) -> &mut [u8] {
+        &mut self.inline[r]
+    }
+}
+
+/// Total length of a chunk list.
+pub fn chunks_len(chunks: &[Bytes]) -> usize {
+    chunks.iter().map(Bytes::len).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_payload_is_kept_by_reference() {
+        let payload = Bytes::from(vec![7u8; 1000]);
+        let mut buf = ScatterBuf::new(vec![payload.clone()]);
+        buf.put_i32(1000);
+        buf.put_slice(&payload);
+        buf.put_slice(b"tail");
+        let chunks = buf.finish();
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks[1].as_ptr(), payload.as_ptr());
+        assert_eq!(&chunks[2][..], b"tail");
+        assert_eq!(chunks_len(&chunks), 4 + 1000 + 4);
+    }
+
+    #[test]
+    fn framed_prefix_counts_everything_after_it() {
+        let payload = Bytes::from(vec![1u8; 300]);
+        let mut buf = ScatterBuf::framed(vec![payload.clone()]);
+        buf.put_i16(7);
+        buf.put_slice(&payload);
+        buf.put_u8(9);
+        let chunks = buf.finish_framed();
+        assert_eq!(&chunks[0][..4], &(2u32 + 300 + 1).to_be_bytes());
+        assert_eq!(chunks_len(&chunks), 4 + 2 + 300 + 1);
+    }
+
+    #[test]
+    fn equal_bytes_elsewhere_are_copied() {
+        let payload = Bytes::from(vec![7u8; 8]);
+        let other = vec![7u8; 8];
+        let mut buf = ScatterBuf::new(vec![payload]);
+        buf.put_slice(&other);
+        assert_eq!(buf.finish().len(), 1);
+    }
+}

@@ -1,0 +1,817 @@
+//! The commit log: one [`PartitionLog`] per partition, made of memory-mapped segments.
+//!
+//! Layout on disk, per partition directory: `<base offset, 20 digits>.log` (preallocated
+//! to the segment size and mapped), and for sealed segments `.index` (sparse: relative
+//! offset → file position, every `index_interval_bytes`) and `.timeindex` (max timestamp
+//! so far → relative offset). The active segment's indexes live in memory and are
+//! rebuilt by the recovery scan, which has to read the active segment anyway; they are
+//! written when the segment is sealed. A missing or damaged sealed index is rebuilt.
+//!
+//! Batches are stored exactly as produced (compressed ones untouched): the broker checks
+//! the CRC-32C, patches the base offset in place and, for LogAppendTime topics, the
+//! timestamp. That copy into the mapping is the only one a produced byte ever sees.
+//!
+//! # Durability (the flush policy)
+//! Appends land in the page cache through the mapping, so an acknowledged batch survives
+//! a *process* crash (SIGKILL, panic) under every policy. Surviving *power loss* needs the
+//! pages on disk: `always` msyncs before acknowledging (survives power loss), `bytes:N`
+//! msyncs once N bytes are unflushed (loses at most N bytes), `interval:MS` msyncs from a
+//! background thread (loses at most MS of data).
+//!
+//! # Invariants
+//! - Offsets are contiguous: every batch's base offset is the previous batch's last
+//!   offset + 1; recovery cuts the log at the first batch that breaks this.
+//! - Readers see only published bytes (see [`mmap`]); a batch is published after it is
+//!   complete, patched and (under `always`) flushed.
+
+pub mod batch;
+pub mod mmap;
+
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+
+use crate::metrics;
+use batch::{BatchError, BatchHeader, LOG_OVERHEAD};
+use mmap::{SegmentFile, SegmentMap, SegmentWriter};
+
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("corrupt batch: {0}")]
+    Corrupt(#[from] BatchError),
+    #[error("empty record set")]
+    Empty,
+    #[error("batch of {size} bytes exceeds the segment size {segment}")]
+    TooLarge { size: usize, segment: usize },
+    #[error("offset {offset} out of range [{start}, {end}]")]
+    OffsetOutOfRange { offset: i64, start: i64, end: i64 },
+    #[error("producer {producer_id}: epoch {epoch} is older than {current}")]
+    ProducerFenced {
+        producer_id: i64,
+        epoch: i16,
+        current: i16,
+    },
+    #[error("producer {producer_id}: sequence {got} where {expected} was expected")]
+    OutOfOrderSequence {
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// When appended bytes are forced to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushPolicy {
+    /// msync before every acknowledgement.
+    Always,
+    /// msync from a background thread every so many milliseconds.
+    Interval(u64),
+    /// msync on the append path once this many bytes are unflushed.
+    Bytes(u64),
+}
+
+impl std::str::FromStr for FlushPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+        let num = |d: u64| -> Result<u64, String> {
+            if arg.is_empty() {
+                Ok(d)
+            } else {
+                arg.parse()
+                    .map_err(|_| format!("bad number in flush policy '{s}'"))
+            }
+        };
+        match kind {
+            "always" => Ok(FlushPolicy::Always),
+            "interval" => Ok(FlushPolicy::Interval(num(1000)?)),
+            "bytes" => Ok(FlushPolicy::Bytes(num(1 << 20)?)),
+            _ => Err(format!(
+                "unknown flush policy '{s}': use always, interval[:MS] or bytes[:N]"
+            )),
+        }
+    }
+}
+
+/// Per-partition log settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub segment_bytes: usize,
+    pub index_interval_bytes: usize,
+    pub retention_bytes: Option<u64>,
+    pub retention_ms: Option<i64>,
+    pub flush: FlushPolicy,
+    pub log_append_time: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 128 << 20,
+            index_interval_bytes: 4096,
+            retention_bytes: None,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            flush: FlushPolicy::Interval(1000),
+            log_append_time: false,
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A sealed or active segment's metadata; the bytes are in `map`.
+struct Segment {
+    base_offset: i64,
+    map: Arc<SegmentMap>,
+    /// Valid bytes.
+    size: usize,
+    /// Exclusive end offset.
+    next_offset: i64,
+    max_timestamp: i64,
+    /// (relative offset, position), ascending.
+    index: Vec<(u32, u32)>,
+    /// (max timestamp so far, relative offset), both ascending.
+    time_index: Vec<(i64, u32)>,
+    bytes_since_index: usize,
+}
+
+impl Segment {
+    fn empty(base_offset: i64, map: Arc<SegmentMap>) -> Segment {
+        Segment {
+            base_offset,
+            map,
+            size: 0,
+            next_offset: base_offset,
+            max_timestamp: -1,
+            index: Vec::new(),
+            time_index: Vec::new(),
+            bytes_since_index: 0,
+        }
+    }
+
+    fn file_stem(dir: &Path, base_offset: i64) -> PathBuf {
+        dir.join(format!("{base_offset:020}"))
+    }
+
+    /// Records a batch at `pos` in the in-memory indexes.
+    fn note_batch(&mut self, h: &BatchHeader, pos: usize, interval: usize) {
+        let rel = (h.base_offset - self.base_offset) as u32;
+        if self.index.is_empty() || self.bytes_since_index >= interval {
+            self.index.push((rel, pos as u32));
+            self.bytes_since_index = 0;
+        }
+        self.bytes_since_index += h.total_len();
+        if h.max_timestamp > self.max_timestamp {
+            self.max_timestamp = h.max_timestamp;
+            self.time_index.push((h.max_timestamp, rel));
+        }
+        self.size = pos + h.total_len();
+        self.next_offset = h.last_offset() + 1;
+    }
+
+    /// Writes the sparse indexes next to the segment (when sealing it).
+    fn write_indexes(&self, dir: &Path) -> io::Result<()> {
+        let stem = Self::file_stem(dir, self.base_offset);
+        let mut idx = Vec::with_capacity(self.index.len() * 8 + 16);
+        for (rel, pos) in &self.index {
+            idx.extend_from_slice(&rel.to_be_bytes());
+            idx.extend_from_slice(&pos.to_be_bytes());
+        }
+        fs::write(stem.with_extension("index"), idx)?;
+        let mut tidx = Vec::with_capacity(self.time_index.len() * 12);
+        for (ts, rel) in &self.time_index {
+            tidx.extend_from_slice(&ts.to_be_bytes());
+            tidx.extend_from_slice(&rel.to_be_bytes());
+        }
+        fs::write(stem.with_extension("timeindex"), tidx)
+    }
+
+    /// Position of the batch containing `offset` (which must be in this segment).
+    fn locate(&self, offset: i64) -> Option<(usize, BatchHeader)> {
+        let rel = (offset - self.base_offset) as u32;
+        let i = self.index.partition_point(|(r, _)| *r <= rel);
+        let mut pos = if i == 0 {
+            0
+        } else {
+            self.index[i - 1].1 as usize
+        };
+        let view = self.map.slice(0, self.size)?;
+        while pos < self.size {
+            let h = BatchHeader::parse(&view[pos..]).ok()?;
+            if h.last_offset() >= offset {
+                return Some((pos, h));
+            }
+            pos += h.total_len();
+        }
+        None
+    }
+}
+
+/// Idempotent-producer state of one producer id on one partition.
+#[derive(Debug, Clone)]
+struct ProducerState {
+    epoch: i16,
+    last_sequence: i32,
+    /// (first sequence, last sequence, base offset) of the last few batches, for dedup.
+    recent: VecDeque<(i32, i32, i64)>,
+}
+
+/// Result of a successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// LogAppendTime stamped on the batch, or -1.
+    pub log_append_time: i64,
+    /// The batch was a retry of one already in the log: nothing was written.
+    pub duplicate: bool,
+}
+
+/// A zero-copy read: whole batches from one segment.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    pub records: Bytes,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+}
+
+/// What the background flusher needs, taken under the lock and used outside it.
+pub struct FlushWork {
+    map: Arc<SegmentMap>,
+    from: usize,
+    to: usize,
+}
+
+impl FlushWork {
+    pub fn run(self) -> io::Result<()> {
+        self.map.flush_range(self.from, self.to)
+    }
+}
+
+/// One partition's log. Owned under a lock by the broker; see the module docs.
+pub struct PartitionLog {
+    dir: PathBuf,
+    cfg: LogConfig,
+    sealed: Vec<Segment>,
+    active: Segment,
+    writer: SegmentWriter,
+    log_start_offset: i64,
+    flushed_to: usize,
+    producers: HashMap<i64, ProducerState>,
+}
+
+/// What recovery found, for logging and the crash test.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub batches_scanned: usize,
+    pub truncated_bytes: usize,
+    pub next_offset: i64,
+}
+
+impl PartitionLog {
+    /// Opens (recovering) or creates the log in `dir`.
+    pub fn open(dir: &Path, cfg: LogConfig) -> Result<(PartitionLog, RecoveryReport), LogError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut bases: Vec<i64> = fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".log")?.parse::<i64>().ok()
+            })
+            .collect();
+        bases.sort_unstable();
+        let mut report = RecoveryReport::default();
+        if bases.is_empty() {
+            bases.push(0);
+            let path = Segment::file_stem(dir, 0).with_extension("log");
+            SegmentFile::create(&path, cfg.segment_bytes).map_err(io_err(&path))?;
+        }
+        let mut sealed = Vec::new();
+        let last = bases.len() - 1;
+        let mut expected: Option<i64> = None;
+        let mut active = None;
+        for (i, base) in bases.iter().copied().enumerate() {
+            let path = Segment::file_stem(dir, base).with_extension("log");
+            let file = SegmentFile::open(&path, cfg.segment_bytes).map_err(io_err(&path))?;
+            let is_active = i == last;
+            let (seg, writer) =
+                Self::recover_segment(dir, base, file, is_active, &cfg, &mut report)?;
+            if let Some(e) = expected {
+                if e != base {
+                    log::warn!(
+                        "{}: segment {base} does not follow offset {e}",
+                        dir.display()
+                    );
+                }
+            }
+            expected = Some(seg.next_offset);
+            report.segments += 1;
+            if is_active {
+                active = Some((seg, writer));
+            } else {
+                sealed.push(seg);
+            }
+        }
+        let Some((active, writer)) = active else {
+            return Err(LogError::Empty);
+        };
+        let log_start_offset = sealed
+            .first()
+            .map_or(active.base_offset, |s: &Segment| s.base_offset);
+        let flushed_to = writer.position();
+        let mut log = PartitionLog {
+            dir: dir.to_path_buf(),
+            cfg,
+            sealed,
+            active,
+            writer,
+            log_start_offset,
+            flushed_to,
+            producers: HashMap::new(),
+        };
+        log.rebuild_producer_state();
+        report.next_offset = log.next_offset();
+        Ok((log, report))
+    }
+
+    fn recover_segment(
+        dir: &Path,
+        base: i64,
+        mut file: SegmentFile,
+        is_active: bool,
+        cfg: &LogConfig,
+        report: &mut RecoveryReport,
+    ) -> Result<(Segment, SegmentWriter), LogError> {
+        let path = Segment::file_stem(dir, base).with_extension("log");
+        let mut pos = 0usize;
+        let mut next = base;
+        let mut stop_reason = None;
+        let mut found: Vec<(usize, BatchHeader)> = Vec::new();
+        {
+            let data = file.contents();
+            while pos < data.len() {
+                let rest = &data[pos..];
+                // The active segment may hold a torn tail: check every CRC there. Sealed
+                // segments were complete when sealed; a header walk finds their end.
+                let parsed = if is_active {
+                    BatchHeader::parse_checked(rest)
+                } else {
+                    BatchHeader::parse(rest)
+                };
+                let h = match parsed {
+                    Ok(h) => h,
+                    Err(e) => {
+                        if rest.len() >= LOG_OVERHEAD
+                            && rest[..LOG_OVERHEAD].iter().any(|b| *b != 0)
+                        {
+                            stop_reason = Some(e.to_string());
+                        }
+                        break;
+                    }
+                };
+                if h.base_offset != next {
+                    stop_reason = Some(format!(
+                        "batch at {pos} has offset {} where {next} was expected",
+                        h.base_offset
+                    ));
+                    break;
+                }
+                found.push((pos, h));
+                report.batches_scanned += 1;
+                pos += h.total_len();
+                next = h.last_offset() + 1;
+            }
+        }
+        if is_active {
+            if let Some(reason) = &stop_reason {
+                log::warn!(
+                    "{}: truncating torn tail at byte {pos}: {reason}",
+                    path.display()
+                );
+                report.truncated_bytes += file.capacity() - pos;
+            }
+            // Zero the tail even when it looks empty: a stale batch past a crash point
+            // must never be found by a later scan.
+            file = file.truncate_tail(pos).map_err(io_err(&path))?;
+        } else if let Some(reason) = &stop_reason {
+            log::warn!(
+                "{}: sealed segment ends early at byte {pos}: {reason}",
+                path.display()
+            );
+        }
+        let (map, writer) = file.into_shared(pos);
+        let mut seg = Segment::empty(base, map);
+        for (at, h) in &found {
+            seg.note_batch(h, *at, cfg.index_interval_bytes);
+        }
+        if !is_active {
+            let stem = Segment::file_stem(dir, base);
+            if !stem.with_extension("index").exists() {
+                log::info!("{}: rebuilt missing index", path.display());
+                seg.write_indexes(dir).map_err(io_err(&path))?;
+            }
+        }
+        Ok((seg, writer))
+    }
+
+    fn rebuild_producer_state(&mut self) {
+        let Some(view) = self.active.map.slice(0, self.active.size) else {
+            return;
+        };
+        let mut pos = 0;
+        while pos < view.len() {
+            let Ok(h) = BatchHeader::parse(&view[pos..]) else {
+                break;
+            };
+            if h.producer_id >= 0 && h.base_sequence >= 0 {
+                self.record_producer(&h, h.base_offset);
+            }
+            pos += h.total_len();
+        }
+    }
+
+    fn record_producer(&mut self, h: &BatchHeader, base_offset: i64) {
+        let last_seq = h.base_sequence.wrapping_add(h.last_offset_delta);
+        let st = self
+            .producers
+            .entry(h.producer_id)
+            .or_insert_with(|| ProducerState {
+                epoch: h.producer_epoch,
+                last_sequence: -1,
+                recent: VecDeque::new(),
+            });
+        if h.producer_epoch != st.epoch {
+            st.epoch = h.producer_epoch;
+            st.recent.clear();
+        }
+        st.last_sequence = last_seq;
+        st.recent
+            .push_back((h.base_sequence, last_seq, base_offset));
+        if st.recent.len() > 5 {
+            st.recent.pop_front();
+        }
+    }
+
+    /// Checks idempotent-producer sequencing. `Ok(Some(base))`: a duplicate of a batch
+    /// already at `base`.
+    fn check_sequence(&self, h: &BatchHeader) -> Result<Option<i64>, LogError> {
+        if h.producer_id < 0 || h.base_sequence < 0 {
+            return Ok(None);
+        }
+        let Some(st) = self.producers.get(&h.producer_id) else {
+            return Ok(None);
+        };
+        if h.producer_epoch < st.epoch {
+            return Err(LogError::ProducerFenced {
+                producer_id: h.producer_id,
+                epoch: h.producer_epoch,
+                current: st.epoch,
+            });
+        }
+        if h.producer_epoch > st.epoch {
+            return if h.base_sequence == 0 {
+                Ok(None)
+            } else {
+                Err(LogError::OutOfOrderSequence {
+                    producer_id: h.producer_id,
+                    expected: 0,
+                    got: h.base_sequence,
+                })
+            };
+        }
+        let last = h.base_sequence.wrapping_add(h.last_offset_delta);
+        if let Some((_, _, base)) = st
+            .recent
+            .iter()
+            .find(|(f, l, _)| *f == h.base_sequence && *l == last)
+        {
+            return Ok(Some(*base));
+        }
+        let expected = if st.last_sequence == i32::MAX {
+            0
+        } else {
+            st.last_sequence + 1
+        };
+        if h.base_sequence != expected {
+            return Err(LogError::OutOfOrderSequence {
+                producer_id: h.producer_id,
+                expected,
+                got: h.base_sequence,
+            });
+        }
+        Ok(None)
+    }
+
+    pub fn next_offset(&self) -> i64 {
+        self.active.next_offset
+    }
+
+    pub fn log_start_offset(&self) -> i64 {
+        self.log_start_offset
+    }
+
+    /// Appends the batches of one produce payload (already CRC-checked or not: checked here).
+    pub fn append(&mut self, records: &[u8]) -> Result<AppendInfo, LogError> {
+        let headers = batch::split_checked(records)?;
+        let Some(first) = headers.first() else {
+            return Err(LogError::Empty);
+        };
+        if let Some(base) = self.check_sequence(first)? {
+            let last = base + headers.iter().map(BatchHeader::offset_count).sum::<i64>() - 1;
+            return Ok(AppendInfo {
+                base_offset: base,
+                last_offset: last,
+                log_append_time: -1,
+                duplicate: true,
+            });
+        }
+        for h in &headers[1..] {
+            if self.check_sequence(h)?.is_some() {
+                return Err(LogError::OutOfOrderSequence {
+                    producer_id: h.producer_id,
+                    expected: -1,
+                    got: h.base_sequence,
+                });
+            }
+        }
+        let total = records.len();
+        if total > self.cfg.segment_bytes {
+            return Err(LogError::TooLarge {
+                size: total,
+                segment: self.cfg.segment_bytes,
+            });
+        }
+        if total > self.writer.remaining() {
+            self.roll()?;
+        }
+        let append_time = if self.cfg.log_append_time {
+            now_ms()
+        } else {
+            -1
+        };
+        let start = self.writer.position();
+        let base_offset = self.active.next_offset;
+        let mut next = base_offset;
+        {
+            let Some(dst) = self.writer.reserve(total) else {
+                return Err(LogError::TooLarge {
+                    size: total,
+                    segment: self.cfg.segment_bytes,
+                });
+            };
+            dst.copy_from_slice(records);
+            metrics::count_copy(metrics::Path::ProduceIntoLog, total);
+            let mut at = 0;
+            for h in &headers {
+                let b = &mut dst[at..at + h.total_len()];
+                batch::set_base_offset(b, next);
+                if append_time >= 0 {
+                    batch::set_log_append_time(b, append_time);
+                }
+                next += h.offset_count();
+                at += h.total_len();
+            }
+        }
+        self.writer.advance(total);
+        let mut at = start;
+        let mut off = base_offset;
+        for h in &headers {
+            let mut h = *h;
+            h.base_offset = off;
+            if append_time >= 0 {
+                h.max_timestamp = append_time;
+            }
+            self.active
+                .note_batch(&h, at, self.cfg.index_interval_bytes);
+            if h.producer_id >= 0 && h.base_sequence >= 0 {
+                self.record_producer(&h, off);
+            }
+            off += h.offset_count();
+            at += h.total_len();
+        }
+        match self.cfg.flush {
+            FlushPolicy::Always => self.flush_now()?,
+            FlushPolicy::Bytes(n) if (self.writer.position() - self.flushed_to) as u64 >= n => {
+                self.flush_now()?
+            }
+            _ => {}
+        }
+        self.writer.publish();
+        metrics::count_produced(total);
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: next - 1,
+            log_append_time: append_time,
+            duplicate: false,
+        })
+    }
+
+    fn flush_now(&mut self) -> Result<(), LogError> {
+        let to = self.writer.position();
+        self.active
+            .map
+            .flush_range(self.flushed_to, to)
+            .map_err(io_err(self.active.map.path()))?;
+        self.flushed_to = to;
+        Ok(())
+    }
+
+    /// The unflushed range, for the background flusher (the msync runs outside the lock).
+    pub fn take_flush_work(&mut self) -> Option<FlushWork> {
+        let to = self.writer.position();
+        if to <= self.flushed_to {
+            return None;
+        }
+        let work = FlushWork {
+            map: self.active.map.clone(),
+            from: self.flushed_to,
+            to,
+        };
+        self.flushed_to = to;
+        Some(work)
+    }
+
+    /// Seals the active segment and starts a new one at the next offset.
+    fn roll(&mut self) -> Result<(), LogError> {
+        let base = self.active.next_offset;
+        let path = Segment::file_stem(&self.dir, base).with_extension("log");
+        let file = SegmentFile::create(&path, self.cfg.segment_bytes).map_err(io_err(&path))?;
+        let (map, writer) = file.into_shared(0);
+        self.flush_now()?;
+        self.active
+            .write_indexes(&self.dir)
+            .map_err(io_err(&path))?;
+        let new = Segment::empty(base, map);
+        let old = std::mem::replace(&mut self.active, new);
+        self.sealed.push(old);
+        self.writer = writer;
+        self.flushed_to = 0;
+        Ok(())
+    }
+
+    fn segment_for(&self, offset: i64) -> &Segment {
+        if offset >= self.active.base_offset {
+            return &self.active;
+        }
+        let i = self.sealed.partition_point(|s| s.base_offset <= offset);
+        &self.sealed[i.saturating_sub(1)]
+    }
+
+    /// Whole batches starting with the one that contains `offset`, up to about `max_bytes`
+    /// (at least one batch, as Kafka requires, so a large message is never stuck).
+    pub fn read(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        let hw = self.next_offset();
+        if offset < self.log_start_offset || offset > hw {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: self.log_start_offset,
+                end: hw,
+            });
+        }
+        let empty = ReadResult {
+            records: Bytes::new(),
+            high_watermark: hw,
+            log_start_offset: self.log_start_offset,
+        };
+        if offset == hw {
+            return Ok(empty);
+        }
+        let seg = self.segment_for(offset);
+        let Some((start, first)) = seg.locate(offset) else {
+            return Ok(empty);
+        };
+        let Some(view) = seg.map.slice(0, seg.size) else {
+            return Ok(empty);
+        };
+        let mut end = start + first.total_len();
+        while end < seg.size {
+            let Ok(h) = BatchHeader::parse(&view[end..]) else {
+                break;
+            };
+            if end - start + h.total_len() > max_bytes {
+                break;
+            }
+            end += h.total_len();
+        }
+        Ok(ReadResult {
+            records: view.slice(start..end),
+            high_watermark: hw,
+            log_start_offset: self.log_start_offset,
+        })
+    }
+
+    /// Bytes available at or after `offset` (for fetch min_bytes), capped at `cap`.
+    pub fn bytes_after(&self, offset: i64, cap: usize) -> usize {
+        if offset >= self.next_offset() || offset < self.log_start_offset {
+            return 0;
+        }
+        let mut total = 0;
+        let first = self.sealed.partition_point(|s| s.next_offset <= offset);
+        for seg in self.sealed[first..]
+            .iter()
+            .chain(std::iter::once(&self.active))
+        {
+            let from = if seg.base_offset <= offset {
+                seg.locate(offset).map_or(seg.size, |(p, _)| p)
+            } else {
+                0
+            };
+            total += seg.size - from;
+            if total >= cap {
+                break;
+            }
+        }
+        total
+    }
+
+    /// The first offset whose batch has a timestamp at or after `ts`, or None.
+    pub fn offset_for_time(&self, ts: i64) -> Option<i64> {
+        let seg = self
+            .sealed
+            .iter()
+            .chain(std::iter::once(&self.active))
+            .find(|s| s.max_timestamp >= ts)?;
+        let i = seg.time_index.partition_point(|(t, _)| *t < ts);
+        let rel = if i == 0 { 0 } else { seg.time_index[i - 1].1 };
+        let (mut pos, _) = seg.locate(seg.base_offset + rel as i64)?;
+        let view = seg.map.slice(0, seg.size)?;
+        while pos < seg.size {
+            let h = BatchHeader::parse(&view[pos..]).ok()?;
+            if h.max_timestamp >= ts {
+                return Some(h.base_offset.max(self.log_start_offset));
+            }
+            pos += h.total_len();
+        }
+        None
+    }
+
+    /// Deletes sealed segments past the size or age limit; returns how many.
+    pub fn enforce_retention(&mut self, now_ms: i64) -> usize {
+        let mut removed = 0;
+        loop {
+            let total: u64 =
+                self.sealed.iter().map(|s| s.size as u64).sum::<u64>() + self.active.size as u64;
+            let Some(oldest) = self.sealed.first() else {
+                break;
+            };
+            let too_big = self.cfg.retention_bytes.is_some_and(|b| total > b);
+            let too_old = self
+                .cfg
+                .retention_ms
+                .is_some_and(|ms| oldest.max_timestamp >= 0 && oldest.max_timestamp < now_ms - ms);
+            if !too_big && !too_old {
+                break;
+            }
+            let seg = self.sealed.remove(0);
+            let stem = Segment::file_stem(&self.dir, seg.base_offset);
+            for ext in ["log", "index", "timeindex"] {
+                let _ = fs::remove_file(stem.with_extension(ext));
+            }
+            self.log_start_offset = self
+                .sealed
+                .first()
+                .map_or(self.active.base_offset, |s| s.base_offset);
+            removed += 1;
+        }
+        removed
+    }
+
+    /// Flushes everything (shutdown).
+    pub fn close(&mut self) -> Result<(), LogError> {
+        self.flush_now()
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.cfg
+    }
+}
+
+/// Interval of the background flusher for a policy, if it needs one.
+pub fn flusher_interval(p: FlushPolicy) -> Option<Duration> {
+    match p {
+        FlushPolicy::Interval(ms) => Some(Duration::from_millis(ms.max(1))),
+        _ => None,
+    }
+}

@@ -1,0 +1,309 @@
+//! The Kafka wire protocol: framing, version negotiation, and the request handlers.
+//!
+//! Codecs come from the `kafka-protocol` crate (generated from Kafka's JSON schemas);
+//! nothing here hand-encodes a message. This module owns what the crate does not:
+//! which APIs and versions we advertise, the frame-level checks that run before any
+//! decoder sees untrusted bytes, and turning broker state into responses.
+//!
+//! # Invariants
+//! - We advertise only APIs that are implemented for real; an API we do not serve is
+//!   never answered with a fake success (the connection is closed, as Kafka does).
+//! - Response fields are set only at versions that carry them (the crate rejects a
+//!   non-default value for a field the version lacks, and we treat that as a bug).
+
+pub mod admin;
+pub mod data;
+pub mod error;
+pub mod group;
+
+use bytes::{Buf, Bytes};
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsResponse, RequestHeader, RequestKind, ResponseHeader, ResponseKind,
+};
+use kafka_protocol::protocol::buf::ByteBufMut;
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use std::sync::Arc;
+use std::time::Instant;
+use thiserror::Error;
+
+use crate::broker::Broker;
+use crate::buffer::{IoChunks, ScatterBuf};
+pub use error::ErrorCode;
+
+/// Versions we serve: (api, min, max). Each range is intersected with what the codec
+/// crate supports. The floors exclude pre-RecordBatch-v2 message formats.
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 7),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 4),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::DescribeCluster, 0, 1),
+];
+
+/// The advertised range of `key`, if we serve it.
+pub fn version_range(key: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .and_then(|(k, lo, hi)| {
+            let v = k.valid_versions();
+            let (lo, hi) = ((*lo).max(v.min), (*hi).min(v.max));
+            (lo <= hi).then_some((lo, hi))
+        })
+}
+
+/// Why a connection must be closed (logged with the peer address).
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes is too short for a request header")]
+    ShortFrame(usize),
+    #[error("unknown API key {0}")]
+    UnknownApi(i16),
+    #[error("API {api:?} version {version} is not supported")]
+    UnsupportedVersion { api: ApiKey, version: i16 },
+    #[error("malformed {api:?} v{version} request: {reason}")]
+    Malformed {
+        api: ApiKey,
+        version: i16,
+        reason: String,
+    },
+    #[error("cannot encode {api:?} v{version} response: {reason}")]
+    Encode {
+        api: ApiKey,
+        version: i16,
+        reason: String,
+    },
+}
+
+/// Who sent a request, for handlers that need it.
+pub struct Ctx<'a> {
+    pub broker: &'a Arc<Broker>,
+    pub version: i16,
+    pub client_id: String,
+    pub client_host: String,
+    pub now: Instant,
+}
+
+/// A request waiting for something (data to arrive, a rebalance to complete).
+pub enum Parked {
+    Fetch(data::ParkedFetch),
+    Join(group::ParkedJoin),
+    Sync(group::ParkedSync),
+}
+
+/// What a handler decided.
+pub enum Outcome {
+    Respond(ResponseKind, Vec<Bytes>),
+    /// acks=0 produce: the client expects nothing back.
+    NoResponse,
+    Park(Parked),
+}
+
+impl Outcome {
+    fn respond(r: impl Into<ResponseKind>) -> Outcome {
+        Outcome::Respond(r.into(), Vec::new())
+    }
+}
+
+/// A decoded request that is being served.
+pub struct InFlight {
+    pub api: ApiKey,
+    pub version: i16,
+    pub correlation_id: i32,
+}
+
+/// Decodes one frame (without its length prefix) and runs it.
+pub fn handle_frame(
+    broker: &Arc<Broker>,
+    mut frame: Bytes,
+    client_host: &str,
+    now: Instant,
+) -> Result<(InFlight, Outcome), ProtocolError> {
+    if frame.len() < 8 {
+        return Err(ProtocolError::ShortFrame(frame.len()));
+    }
+    let raw_key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let api = ApiKey::try_from(raw_key).map_err(|_| ProtocolError::UnknownApi(raw_key))?;
+    let Some((lo, hi)) = version_range(api) else {
+        return Err(ProtocolError::UnknownApi(raw_key));
+    };
+    if version < lo || version > hi {
+        if api == ApiKey::ApiVersions {
+            // KIP-511: answer a too-new ApiVersions with v0 and UNSUPPORTED_VERSION so the
+            // client can retry with a version we both know.
+            let resp = api_versions(ErrorCode::UnsupportedVersion);
+            return Ok((
+                InFlight {
+                    api,
+                    version: 0,
+                    correlation_id,
+                },
+                Outcome::respond(resp),
+            ));
+        }
+        return Err(ProtocolError::UnsupportedVersion { api, version });
+    }
+    let malformed = |reason: String| ProtocolError::Malformed {
+        api,
+        version,
+        reason,
+    };
+    let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
+        .map_err(|e| malformed(e.to_string()))?;
+    let request =
+        RequestKind::decode(api, &mut frame, version).map_err(|e| malformed(e.to_string()))?;
+    if frame.has_remaining() {
+        log::debug!(
+            "{api:?} v{version}: {} trailing bytes ignored",
+            frame.remaining()
+        );
+    }
+    crate::metrics::count_request();
+    let ctx = Ctx {
+        broker,
+        version,
+        client_id: header.client_id.map(|s| s.to_string()).unwrap_or_default(),
+        client_host: client_host.to_string(),
+        now,
+    };
+    let outcome = match request {
+        RequestKind::ApiVersions(_) => Outcome::respond(api_versions(ErrorCode::None)),
+        RequestKind::Produce(r) => data::produce(&ctx, r),
+        RequestKind::Fetch(r) => data::fetch(&ctx, r),
+        RequestKind::ListOffsets(r) => data::list_offsets(&ctx, r),
+        RequestKind::Metadata(r) => admin::metadata(&ctx, r),
+        RequestKind::CreateTopics(r) => admin::create_topics(&ctx, r),
+        RequestKind::DeleteTopics(r) => admin::delete_topics(&ctx, r),
+        RequestKind::CreatePartitions(r) => admin::create_partitions(&ctx, r),
+        RequestKind::DescribeConfigs(r) => admin::describe_configs(&ctx, r),
+        RequestKind::DescribeCluster(r) => admin::describe_cluster(&ctx, r),
+        RequestKind::InitProducerId(r) => admin::init_producer_id(&ctx, r),
+        RequestKind::FindCoordinator(r) => group::find_coordinator(&ctx, r),
+        RequestKind::JoinGroup(r) => group::join(&ctx, r),
+        RequestKind::SyncGroup(r) => group::sync(&ctx, r),
+        RequestKind::Heartbeat(r) => group::heartbeat(&ctx, r),
+        RequestKind::LeaveGroup(r) => group::leave(&ctx, r),
+        RequestKind::OffsetCommit(r) => group::offset_commit(&ctx, r),
+        RequestKind::OffsetFetch(r) => group::offset_fetch(&ctx, r),
+        RequestKind::ListGroups(r) => group::list_groups(&ctx, r),
+        RequestKind::DescribeGroups(r) => group::describe_groups(&ctx, r),
+        _ => return Err(ProtocolError::UnknownApi(raw_key)),
+    };
+    Ok((
+        InFlight {
+            api,
+            version,
+            correlation_id,
+        },
+        outcome,
+    ))
+}
+
+/// Re-polls a parked request; `force` answers with whatever is there (deadline, shutdown).
+pub fn poll_parked(
+    broker: &Arc<Broker>,
+    parked: &Parked,
+    now: Instant,
+    force: bool,
+) -> Option<Outcome> {
+    match parked {
+        Parked::Fetch(p) => data::poll_fetch(broker, p, now, force),
+        Parked::Join(p) => group::poll_join(broker, p, force),
+        Parked::Sync(p) => group::poll_sync(broker, p, force),
+    }
+}
+
+/// When a parked request must be answered regardless.
+pub fn parked_deadline(parked: &Parked) -> Option<Instant> {
+    match parked {
+        Parked::Fetch(p) => Some(p.deadline),
+        Parked::Join(_) | Parked::Sync(_) => None,
+    }
+}
+
+fn api_versions(error: ErrorCode) -> ApiVersionsResponse {
+    let mut r = ApiVersionsResponse::default();
+    r.error_code = error.code();
+    r.api_keys = SUPPORTED
+        .iter()
+        .filter_map(|(k, _, _)| {
+            let (lo, hi) = version_range(*k)?;
+            let mut v = ApiVersion::default();
+            v.api_key = *k as i16;
+            v.min_version = lo;
+            v.max_version = hi;
+            Some(v)
+        })
+        .collect();
+    r
+}
+
+fn encode_body<B: ByteBufMut>(r: &ResponseKind, buf: &mut B, v: i16) -> anyhow::Result<()> {
+    match r {
+        ResponseKind::ApiVersions(x) => x.encode(buf, v),
+        ResponseKind::Produce(x) => x.encode(buf, v),
+        ResponseKind::Fetch(x) => x.encode(buf, v),
+        ResponseKind::ListOffsets(x) => x.encode(buf, v),
+        ResponseKind::Metadata(x) => x.encode(buf, v),
+        ResponseKind::CreateTopics(x) => x.encode(buf, v),
+        ResponseKind::DeleteTopics(x) => x.encode(buf, v),
+        ResponseKind::CreatePartitions(x) => x.encode(buf, v),
+        ResponseKind::DescribeConfigs(x) => x.encode(buf, v),
+        ResponseKind::DescribeCluster(x) => x.encode(buf, v),
+        ResponseKind::InitProducerId(x) => x.encode(buf, v),
+        ResponseKind::FindCoordinator(x) => x.encode(buf, v),
+        ResponseKind::JoinGroup(x) => x.encode(buf, v),
+        ResponseKind::SyncGroup(x) => x.encode(buf, v),
+        ResponseKind::Heartbeat(x) => x.encode(buf, v),
+        ResponseKind::LeaveGroup(x) => x.encode(buf, v),
+        ResponseKind::OffsetCommit(x) => x.encode(buf, v),
+        ResponseKind::OffsetFetch(x) => x.encode(buf, v),
+        ResponseKind::ListGroups(x) => x.encode(buf, v),
+        ResponseKind::DescribeGroups(x) => x.encode(buf, v),
+        other => anyhow::bail!("no encoder wired for {other:?}"),
+    }
+}
+
+/// Encodes a response frame (length prefix, header, body); `by_ref` are payloads that
+/// must go out by reference (fetch records straight from the log).
+pub fn encode_response(
+    req: &InFlight,
+    body: &ResponseKind,
+    by_ref: Vec<Bytes>,
+) -> Result<IoChunks, ProtocolError> {
+    let fail = |e: anyhow::Error| ProtocolError::Encode {
+        api: req.api,
+        version: req.version,
+        reason: e.to_string(),
+    };
+    let mut buf = ScatterBuf::framed(by_ref);
+    let mut header = ResponseHeader::default();
+    header.correlation_id = req.correlation_id;
+    header
+        .encode(&mut buf, req.api.response_header_version(req.version))
+        .map_err(fail)?;
+    encode_body(body, &mut buf, req.version).map_err(fail)?;
+    Ok(buf.finish_framed())
+}
+
+pub(crate) fn sb(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}

@@ -1,0 +1,121 @@
+//! The transport seam: completion-style I/O with owned buffers.
+//!
+//! The dispatch loop *submits* operations and later *collects* their completions, never
+//! borrowing a buffer across the two: a receive takes a [`BytesMut`] by value and gives
+//! it back (with the new bytes appended) in [`Completion::Received`]; a send takes an
+//! I/O vector of [`Bytes`] by value and gives it back in [`Completion::Sent`]. This is the
+//! shape io_uring needs (the kernel owns buffers in flight), the shape RDMA verbs need
+//! (posted receive buffers, work requests that complete later; `Bytes` that point into
+//! the registered log region go out by one-sided RDMA), and a polled user-space stack
+//! fits it trivially. The epoll backend ([`tcp`]) emulates completions on readiness.
+//! `docs/architecture.md` shows how each backend maps onto it.
+//!
+//! # Invariants
+//! - At most one receive is outstanding per connection; sends complete in submission
+//!   order per connection (Kafka answers pipelined requests in order).
+//! - After [`Completion::Closed`] for a connection, no further completion names it, and
+//!   every buffer it held has been dropped or returned.
+
+pub mod tcp;
+
+use bytes::{Bytes, BytesMut};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// A connection, unique within one transport instance (one core).
+pub type ConnId = u64;
+
+/// The backends, by mechanism.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// epoll readiness + non-blocking sockets: the baseline.
+    Tcp,
+    /// io_uring completions.
+    Uring,
+    /// RDMA verbs (reliable connected queue pairs).
+    Rdma,
+    /// User-space TCP/IP (smoltcp over AF_XDP).
+    Ustack,
+}
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("transport '{0:?}' is not built into this binary yet (see the open issues)")]
+    NotBuilt(TransportKind),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("transport I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum CloseReason {
+    PeerClosed,
+    Error(io::Error),
+    Local,
+}
+
+/// One finished operation or event.
+#[derive(Debug)]
+pub enum Completion {
+    Accepted {
+        conn: ConnId,
+        peer: SocketAddr,
+    },
+    /// `buf` is the buffer given to [`Transport::recv`], with `n` new bytes appended.
+    /// `n == 0` means the peer closed its side.
+    Received {
+        conn: ConnId,
+        buf: BytesMut,
+        n: usize,
+    },
+    /// The I/O vector given to [`Transport::send`], fully sent.
+    Sent {
+        conn: ConnId,
+        chunks: Vec<Bytes>,
+    },
+    Closed {
+        conn: ConnId,
+        reason: CloseReason,
+    },
+}
+
+/// Wakes a core's transport from another thread (for cross-core notifications).
+pub trait Wake: Send + Sync {
+    fn wake(&self);
+}
+
+/// A transport backend, one instance per core.
+pub trait Transport: Send {
+    fn kind(&self) -> TransportKind;
+    /// Submits a receive: new bytes are appended to `buf` (its spare capacity may grow up to
+    /// `max` bytes in all).
+    fn recv(&mut self, conn: ConnId, buf: BytesMut, max: usize);
+    /// Submits a vectored send of `chunks`, in order after earlier sends on `conn`.
+    fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>);
+    /// Closes a connection; a `Closed` completion follows.
+    fn close(&mut self, conn: ConnId);
+    /// Stops accepting new connections (graceful shutdown).
+    fn stop_accepting(&mut self);
+    /// Waits up to `timeout` (forever if `None`) for completions and appends them to `out`.
+    fn poll(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()>;
+    /// A handle that makes a blocked [`Transport::poll`] return.
+    fn waker(&self) -> Arc<dyn Wake>;
+    /// Bytes submitted for sending on `conn` and not yet completed (for backpressure).
+    fn unsent_bytes(&self, conn: ConnId) -> usize;
+}
+
+/// Builds the transport for one core, listening on `addr`.
+pub fn build(kind: TransportKind, addr: SocketAddr) -> Result<Box<dyn Transport>, TransportError> {
+    match kind {
+        TransportKind::Tcp => Ok(Box::new(tcp::TcpTransport::bind(addr)?)),
+        other => Err(TransportError::NotBuilt(other)),
+    }
+}
