@@ -11,6 +11,7 @@
 //!   transport           completion-style I/O with owned buffers: tcp (epoll) today;
 //!                       uring, ustack (AF_XDP + smoltcp), rdma plug into the same seam
 //!   buffer              scatter/gather output that carries log bytes by reference
+//!   client              a lean blocking Kafka client (tests, bench native mode)
 //! ```
 //!
 //! A produce request travels transport -> dispatch -> protocol -> log and is copied once,
@@ -24,6 +25,7 @@
 
 pub mod broker;
 pub mod buffer;
+pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod log;

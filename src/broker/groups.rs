@@ -653,11 +653,14 @@ impl Coordinator {
             if !g.members.contains_key(member_id) {
                 return Err(GroupError::UnknownMemberId);
             }
-            if g.state == GroupState::PreparingRebalance {
-                return Err(GroupError::RebalanceInProgress);
-            }
             if generation != g.generation {
                 return Err(GroupError::IllegalGeneration);
+            }
+            // As Kafka: a member of the current generation may commit while a rebalance is
+            // being prepared (that is how consumers commit on revocation); between the join
+            // and sync answers the assignment is in flux, so not then.
+            if g.state == GroupState::CompletingRebalance {
+                return Err(GroupError::RebalanceInProgress);
             }
             if let Some(m) = g.members.get_mut(member_id) {
                 m.last_seen = now;
@@ -829,6 +832,16 @@ mod tests {
                 c.commit("g", &a, 7, off(5), now),
                 Err(GroupError::IllegalGeneration)
             );
+            // Joined but not synced: the assignment is in flux.
+            assert_eq!(
+                c.commit("g", &a, 1, off(5), now),
+                Err(GroupError::RebalanceInProgress)
+            );
+            c.sync("g", &a, 1, vec![], now).unwrap();
+            c.commit("g", &a, 1, off(41), now).unwrap();
+            // A new member starts a rebalance; the current generation may still commit.
+            c.join(join_req("g", ""), now).unwrap();
+            assert_eq!(c.group("g").unwrap().state, GroupState::PreparingRebalance);
             c.commit("g", &a, 1, off(42), now).unwrap();
             c.commit("", "", -1, off(1), now).unwrap_err();
         }

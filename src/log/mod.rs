@@ -815,3 +815,169 @@ pub fn flusher_interval(p: FlushPolicy) -> Option<Duration> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::batch::{build_batch, BatchHeader};
+    use super::*;
+
+    fn cfg(segment: usize) -> LogConfig {
+        LogConfig {
+            segment_bytes: segment,
+            flush: FlushPolicy::Always,
+            ..LogConfig::default()
+        }
+    }
+
+    fn offsets_in(bytes: &[u8]) -> Vec<i64> {
+        batch::split_checked(bytes)
+            .unwrap()
+            .iter()
+            .map(|h| h.base_offset)
+            .collect()
+    }
+
+    #[test]
+    fn append_read_roll_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        for i in 0..100 {
+            let b = build_batch(0, 1000 + i, &[format!("value-{i}").as_bytes(), b"second"]);
+            let info = log.append(&b).unwrap();
+            assert_eq!(info.base_offset, i * 2);
+        }
+        assert_eq!(log.next_offset(), 200);
+        assert!(!log.sealed.is_empty(), "4 KiB segments must have rolled");
+        // A read from inside a batch returns that whole batch: no record is skipped.
+        let r = log.read(51, 1).unwrap();
+        assert_eq!(offsets_in(&r.records), vec![50]);
+        let r = log.read(0, 1 << 20).unwrap();
+        assert!(!r.records.is_empty());
+        assert_eq!(log.offset_for_time(1010), Some(20));
+        drop(log);
+        let (log, report) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        assert_eq!(report.next_offset, 200);
+        assert_eq!(offsets_in(&log.read(198, 100).unwrap().records), vec![198]);
+        assert!(matches!(
+            log.read(201, 100),
+            Err(LogError::OffsetOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn torn_tail_is_cut_at_the_last_valid_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        for _ in 0..10 {
+            log.append(&build_batch(0, 1, &[b"abcdefgh"])).unwrap();
+        }
+        let end = log.writer.position();
+        drop(log);
+        // Simulate a crash mid-write: half a batch after the valid ones.
+        let path = dir.path().join(format!("{:020}.log", 0));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut torn = build_batch(10, 1, &[b"torn batch payload"]);
+        torn.truncate(torn.len() / 2);
+        bytes[end..end + torn.len()].copy_from_slice(&torn);
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut log, report) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        assert_eq!(report.next_offset, 10);
+        assert!(report.truncated_bytes > 0);
+        assert_eq!(
+            log.append(&build_batch(0, 1, &[b"x"])).unwrap().base_offset,
+            10
+        );
+    }
+
+    #[test]
+    fn corrupt_batch_is_rejected_and_nothing_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        log.append(&build_batch(0, 1, &[b"good"])).unwrap();
+        let mut bad = build_batch(0, 1, &[b"bad"]);
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert!(matches!(log.append(&bad), Err(LogError::Corrupt(_))));
+        assert_eq!(log.next_offset(), 1);
+        assert_eq!(offsets_in(&log.read(0, 1 << 20).unwrap().records), vec![0]);
+    }
+
+    #[test]
+    fn missing_sealed_index_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        for _ in 0..60 {
+            log.append(&build_batch(0, 1, &[&[7u8; 100]])).unwrap();
+        }
+        drop(log);
+        let idx = dir.path().join(format!("{:020}.index", 0));
+        assert!(idx.exists());
+        std::fs::remove_file(&idx).unwrap();
+        let (log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        assert!(idx.exists());
+        assert_eq!(offsets_in(&log.read(3, 1).unwrap().records), vec![3]);
+    }
+
+    #[test]
+    fn retention_by_size_moves_the_log_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(4096);
+        c.retention_bytes = Some(8192);
+        let (mut log, _) = PartitionLog::open(dir.path(), c).unwrap();
+        for _ in 0..200 {
+            log.append(&build_batch(0, 1, &[&[1u8; 100]])).unwrap();
+        }
+        assert!(log.enforce_retention(now_ms()) > 0);
+        assert!(log.log_start_offset() > 0);
+        assert!(matches!(
+            log.read(0, 100),
+            Err(LogError::OffsetOutOfRange { .. })
+        ));
+        let start = log.log_start_offset();
+        assert_eq!(
+            offsets_in(&log.read(start, 1).unwrap().records),
+            vec![start]
+        );
+    }
+
+    fn idempotent_batch(pid: i64, epoch: i16, seq: i32) -> Vec<u8> {
+        let mut b = build_batch(0, 1, &[b"x"]);
+        b[43..51].copy_from_slice(&pid.to_be_bytes());
+        b[51..53].copy_from_slice(&epoch.to_be_bytes());
+        b[53..57].copy_from_slice(&seq.to_be_bytes());
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        BatchHeader::parse_checked(&b).unwrap();
+        b
+    }
+
+    #[test]
+    fn idempotent_producer_dedups_and_rejects_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        assert_eq!(
+            log.append(&idempotent_batch(7, 0, 0)).unwrap().base_offset,
+            0
+        );
+        assert_eq!(
+            log.append(&idempotent_batch(7, 0, 1)).unwrap().base_offset,
+            1
+        );
+        let dup = log.append(&idempotent_batch(7, 0, 1)).unwrap();
+        assert!(dup.duplicate);
+        assert_eq!(dup.base_offset, 1);
+        assert!(matches!(
+            log.append(&idempotent_batch(7, 0, 5)),
+            Err(LogError::OutOfOrderSequence { .. })
+        ));
+        assert_eq!(log.next_offset(), 2);
+        drop(log);
+        // Producer state is rebuilt from the active segment at recovery.
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        assert!(log.append(&idempotent_batch(7, 0, 1)).unwrap().duplicate);
+        assert_eq!(
+            log.append(&idempotent_batch(7, 0, 2)).unwrap().base_offset,
+            2
+        );
+    }
+}

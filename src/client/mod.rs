@@ -1,0 +1,224 @@
+//! A lean, blocking Kafka client: one connection, one request in flight.
+//!
+//! It exists to measure and test the broker with minimal client overhead (the bench
+//! harness's native mode, the crash and bad-input tests), not to replace a real client
+//! library: no metadata routing, no retries, no batching beyond what the caller builds.
+//! Codecs are the same `kafka-protocol` crate the broker uses.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, CreateTopicsRequest, FetchRequest, ProduceRequest, RequestHeader, ResponseHeader,
+    TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("codec: {0}")]
+    Codec(String),
+    #[error("response correlation id {got}, expected {want}")]
+    Correlation { got: i32, want: i32 },
+    #[error("response frame of {0} bytes refused")]
+    FrameTooLarge(usize),
+    #[error("broker error code {0}")]
+    Kafka(i16),
+}
+
+const MAX_RESPONSE: usize = 256 << 20;
+
+pub struct Client {
+    stream: TcpStream,
+    next_correlation: i32,
+    client_id: StrBytes,
+}
+
+/// What a produce returned.
+#[derive(Debug, Clone, Copy)]
+pub struct Produced {
+    pub base_offset: i64,
+    pub error_code: i16,
+}
+
+/// What a single-partition fetch returned.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub error_code: i16,
+    pub high_watermark: i64,
+    pub records: Bytes,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Client {
+            stream,
+            next_correlation: 1,
+            client_id: StrBytes::from_static_str("slipstream-native"),
+        })
+    }
+
+    /// Sends `req` at `version` and waits for its response.
+    pub fn call<R: Request>(&mut self, req: &R, version: i16) -> Result<R::Response, ClientError> {
+        let correlation = self.next_correlation;
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        let mut header = RequestHeader::default();
+        header.request_api_key = R::KEY;
+        header.request_api_version = version;
+        header.correlation_id = correlation;
+        header.client_id = Some(self.client_id.clone());
+        let mut buf = BytesMut::with_capacity(256);
+        buf.extend_from_slice(&[0; 4]);
+        let codec = |e: anyhow::Error| ClientError::Codec(e.to_string());
+        header
+            .encode(&mut buf, R::header_version(version))
+            .map_err(codec)?;
+        req.encode(&mut buf, version).map_err(codec)?;
+        let len = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        self.stream.write_all(&buf)?;
+        let mut frame = self.read_frame()?;
+        let resp_header = ResponseHeader::decode(&mut frame, R::Response::header_version(version))
+            .map_err(codec)?;
+        if resp_header.correlation_id != correlation {
+            return Err(ClientError::Correlation {
+                got: resp_header.correlation_id,
+                want: correlation,
+            });
+        }
+        R::Response::decode(&mut frame, version).map_err(codec)
+    }
+
+    /// Sends a produce with acks=0 (no response comes back).
+    pub fn produce_no_ack(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        records: Bytes,
+    ) -> Result<(), ClientError> {
+        let req = produce_request(topic, partition, records, 0);
+        let mut header = RequestHeader::default();
+        header.request_api_key = ApiKey::Produce as i16;
+        header.request_api_version = 9;
+        header.correlation_id = self.next_correlation;
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        let mut buf = BytesMut::with_capacity(256);
+        buf.extend_from_slice(&[0; 4]);
+        let codec = |e: anyhow::Error| ClientError::Codec(e.to_string());
+        header
+            .encode(&mut buf, ProduceRequest::header_version(9))
+            .map_err(codec)?;
+        req.encode(&mut buf, 9).map_err(codec)?;
+        let len = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        self.stream.write_all(&buf)?;
+        Ok(())
+    }
+
+    fn read_frame(&mut self) -> Result<Bytes, ClientError> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_RESPONSE {
+            return Err(ClientError::FrameTooLarge(len));
+        }
+        let mut frame = vec![0u8; len];
+        self.stream.read_exact(&mut frame)?;
+        Ok(Bytes::from(frame))
+    }
+
+    pub fn create_topic(&mut self, name: &str, partitions: i32) -> Result<i16, ClientError> {
+        let mut t = CreatableTopic::default();
+        t.name = TopicName(StrBytes::from_string(name.to_string()));
+        t.num_partitions = partitions;
+        t.replication_factor = 1;
+        let mut req = CreateTopicsRequest::default();
+        req.topics.push(t);
+        req.timeout_ms = 5000;
+        let resp = self.call(&req, 5)?;
+        Ok(resp.topics.first().map_or(-1, |t| t.error_code))
+    }
+
+    pub fn produce(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        records: Bytes,
+        acks: i16,
+    ) -> Result<Produced, ClientError> {
+        let req = produce_request(topic, partition, records, acks);
+        let resp = self.call(&req, 9)?;
+        let p = resp
+            .responses
+            .first()
+            .and_then(|t| t.partition_responses.first())
+            .ok_or_else(|| ClientError::Codec("empty produce response".into()))?;
+        Ok(Produced {
+            base_offset: p.base_offset,
+            error_code: p.error_code,
+        })
+    }
+
+    pub fn fetch(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: i32,
+        max_wait_ms: i32,
+    ) -> Result<Fetched, ClientError> {
+        let mut fp = FetchPartition::default();
+        fp.partition = partition;
+        fp.fetch_offset = offset;
+        fp.partition_max_bytes = max_bytes;
+        let mut ft = FetchTopic::default();
+        ft.topic = TopicName(StrBytes::from_string(topic.to_string()));
+        ft.partitions.push(fp);
+        let mut req = FetchRequest::default();
+        req.max_wait_ms = max_wait_ms;
+        req.min_bytes = 1;
+        req.max_bytes = max_bytes;
+        req.session_epoch = -1;
+        req.topics.push(ft);
+        let resp = self.call(&req, 12)?;
+        let p = resp
+            .responses
+            .first()
+            .and_then(|t| t.partitions.first())
+            .ok_or_else(|| ClientError::Codec("empty fetch response".into()))?;
+        Ok(Fetched {
+            error_code: p.error_code,
+            high_watermark: p.high_watermark,
+            records: p.records.clone().unwrap_or_default(),
+        })
+    }
+
+    /// The raw socket, for tests that need to misbehave.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+fn produce_request(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
+    let mut pd = PartitionProduceData::default();
+    pd.index = partition;
+    pd.records = Some(records);
+    let mut td = TopicProduceData::default();
+    td.name = TopicName(StrBytes::from_string(topic.to_string()));
+    td.partition_data.push(pd);
+    let mut req = ProduceRequest::default();
+    req.acks = acks;
+    req.timeout_ms = 30_000;
+    req.topic_data.push(td);
+    req
+}

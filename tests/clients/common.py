@@ -1,0 +1,59 @@
+"""Shared checks for the Python client suites: message shapes and verification."""
+import hashlib
+import sys
+
+N = 10_000
+N_AFTER = 500
+BIG = 1 << 20
+
+
+def value(codec, seq):
+    # Compressible but distinct; the digest proves the bytes came back intact.
+    body = f"{codec}:{seq}:".encode() + b"slipstream " * (seq % 7 + 3)
+    return body + hashlib.sha1(body).hexdigest().encode()
+
+
+def check_value(v):
+    body, digest = v[:-40], v[-40:]
+    if hashlib.sha1(body).hexdigest().encode() != digest:
+        raise AssertionError(f"corrupt message {v[:60]!r}")
+    _, seq, _ = body.split(b":", 2)
+    return int(seq)
+
+
+def big_value():
+    block = hashlib.sha256(b"big").digest()
+    return (block * (BIG // len(block) + 1))[:BIG]
+
+
+class Tracker:
+    """Checks per-partition order and collects what was seen."""
+
+    def __init__(self):
+        self.last = {}
+        self.seen = set()
+        self.first_offset = {}
+        self.next_offset = {}
+
+    def add(self, partition, offset, v):
+        seq = check_value(v)
+        if partition in self.last and seq <= self.last[partition]:
+            raise AssertionError(f"partition {partition}: seq {seq} after {self.last[partition]} (out of order)")
+        if partition in self.next_offset and offset != self.next_offset[partition]:
+            # Offsets are contiguous in a partition: a jump means a skipped record.
+            raise AssertionError(f"partition {partition}: offset {offset} after {self.next_offset[partition] - 1}")
+        self.last[partition] = seq
+        self.first_offset.setdefault(partition, offset)
+        self.next_offset[partition] = offset + 1
+        if seq in self.seen:
+            raise AssertionError(f"duplicate seq {seq}")
+        self.seen.add(seq)
+
+
+def ok(msg):
+    print(f"ok: {msg}", flush=True)
+
+
+def fail(msg):
+    print(f"FAIL: {msg}", flush=True)
+    sys.exit(1)

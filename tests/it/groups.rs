@@ -1,0 +1,16 @@
+//! Acceptance 2: a 3-member consumer group loses one member to SIGKILL; the survivors
+//! take over its partitions after the session timeout and nothing is lost.
+
+use crate::harness::{run_client, BrokerProc};
+use std::time::Duration;
+
+#[test]
+fn group_member_sigkilled_survivors_take_over() {
+    let broker = BrokerProc::start(&[]);
+    let bootstrap = broker.addr.to_string();
+    run_client(
+        "python3",
+        &["group_failover.py", "--bootstrap", &bootstrap],
+        Duration::from_secs(300),
+    );
+}

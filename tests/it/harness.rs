@@ -1,0 +1,182 @@
+//! Starts and stops `slipstream serve` as a real process, and runs client programs.
+
+use slipstream::metrics::Snapshot;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct BrokerProc {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    pub data: PathBuf,
+    log: PathBuf,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+impl BrokerProc {
+    pub fn start(extra: &[&str]) -> BrokerProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut b = BrokerProc {
+            child: None,
+            addr,
+            data: dir.path().join("data"),
+            log: dir.path().join("broker.log"),
+            _dir: dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        b.spawn();
+        b
+    }
+
+    /// Starts the process (again) on the same address and data directory; returns how long
+    /// it took until it accepted connections.
+    pub fn spawn(&mut self) -> Duration {
+        assert!(self.child.is_none(), "broker already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let started = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
+            .args(["serve", "--listen", &self.addr.to_string(), "--data-dir"])
+            .arg(&self.data)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn slipstream");
+        self.child = Some(child);
+        loop {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+                return started.elapsed();
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("broker exited at start with {status}:\n{}", self.log_tail());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "broker did not listen:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the graceful exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is
+        // our own child, which has not been reaped yet.
+        let rc = unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM)");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "broker did not stop within 15 s of SIGTERM:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stats(&self) -> Snapshot {
+        let text = std::fs::read_to_string(self.data.join("stats.json")).expect("stats.json");
+        serde_json::from_str(&text).expect("stats.json parses")
+    }
+
+    pub fn log_tail(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("clients")
+}
+
+/// Runs a client program in `tests/clients`, failing the test (with its output) unless it
+/// exits 0 within `timeout` and prints `done`.
+pub fn run_client(program: &str, args: &[&str], timeout: Duration) -> String {
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(clients_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} (is the client installed? see README): {e}")
+        });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    print!("{out}");
+    assert!(
+        status.success() && out.contains("done"),
+        "{program} {args:?} failed ({status}, {:.0?}):\n{out}\n{err}",
+        started.elapsed()
+    );
+    out
+}

@@ -1,0 +1,7 @@
+//! slipstream's integration tests: one binary, real processes, real clients.
+
+mod bad_input;
+mod clients;
+mod crash;
+mod groups;
+mod harness;
