@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the test suite drives: kcat (Debian's, librdkafka 2.0.2), the Python
+# clients (confluent-kafka bundles librdkafka 2.x; kafka-python is pure Python) and
+# kafkajs (pure JavaScript). Idempotent; needs root for apt (CI and the dev machines are).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v kcat >/dev/null || need_apt+=(kcat)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+echo "setup: pip install -r tests/clients/requirements.txt"
+# Debian's own python3 refuses system-wide pip installs (PEP 668); a pyenv one does not.
+python3 -m pip install -q --disable-pip-version-check -r tests/clients/requirements.txt 2>/dev/null \
+  || python3 -m pip install -q --disable-pip-version-check --break-system-packages -r tests/clients/requirements.txt
+
+echo "setup: npm ci (kafkajs)"
+(cd tests/clients && npm ci --no-audit --no-fund --loglevel=error)
