@@ -38,13 +38,7 @@ pub struct ScatterBuf {
 impl ScatterBuf {
     /// `by_ref`: payloads to pass by reference, in the order the encoder will meet them.
     pub fn new(by_ref: Vec<Bytes>) -> Self {
-        ScatterBuf {
-            head: None,
-            inline: BytesMut::with_capacity(256),
-            chunks: Vec::new(),
-            by_ref,
-            next_ref: 0,
-        }
+        ScatterBuf { head: None, inline: BytesMut::with_capacity(256), chunks: Vec::new(), by_ref, next_ref: 0 }
     }
 
     /// Like [`ScatterBuf::new`], with room for a 4-byte big-endian length prefix that

@@ -14,21 +14,11 @@ use crate::transport::TransportKind;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid {what} '{value}': {why}")]
-    Invalid {
-        what: &'static str,
-        value: String,
-        why: String,
-    },
+    Invalid { what: &'static str, value: String, why: String },
 }
 
 /// Flags of `slipstream serve`; every one may also be set in the `--config` file under
@@ -100,11 +90,7 @@ pub struct ServeConfig {
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
-    ConfigError::Invalid {
-        what,
-        value: value.to_string(),
-        why: why.to_string(),
-    }
+    ConfigError::Invalid { what, value: value.to_string(), why: why.to_string() }
 }
 
 macro_rules! merge {
@@ -115,12 +101,9 @@ impl ServeArgs {
     /// Flags, then the file, then defaults.
     pub fn resolve(mut self) -> Result<ServeConfig, ConfigError> {
         if let Some(path) = self.config.clone() {
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let file: ServeArgs =
-                toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let file: ServeArgs = toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
             merge!(
                 self,
                 file,
@@ -151,28 +134,17 @@ impl ServeArgs {
         let (host, port) = advertised
             .rsplit_once(':')
             .ok_or_else(|| invalid("advertised listener", &advertised, "expected HOST:PORT"))?;
-        let port: i32 = port
-            .parse()
-            .map_err(|e| invalid("advertised listener port", port, e))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let port: i32 = port.parse().map_err(|e| invalid("advertised listener port", port, e))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let flush: FlushPolicy = self
             .flush
             .as_deref()
             .unwrap_or("interval:1000")
             .parse()
-            .map_err(|e: String| {
-                invalid("flush policy", self.flush.clone().unwrap_or_default(), e)
-            })?;
+            .map_err(|e: String| invalid("flush policy", self.flush.clone().unwrap_or_default(), e))?;
         let segment_bytes = self.segment_bytes.unwrap_or(128 << 20);
         if segment_bytes < 4096 || segment_bytes > u32::MAX as usize {
-            return Err(invalid(
-                "segment size",
-                segment_bytes,
-                "must be 4096..=4294967295 bytes",
-            ));
+            return Err(invalid("segment size", segment_bytes, "must be 4096..=4294967295 bytes"));
         }
         let max_request_bytes = self.max_request_bytes.unwrap_or(100 << 20);
         let cores = self.cores.unwrap_or(1);
@@ -181,11 +153,7 @@ impl ServeArgs {
         }
         let default_partitions = self.default_partitions.unwrap_or(1);
         if default_partitions < 1 {
-            return Err(invalid(
-                "default partitions",
-                default_partitions,
-                "must be at least 1",
-            ));
+            return Err(invalid("default partitions", default_partitions, "must be at least 1"));
         }
         let log = LogConfig {
             segment_bytes,
@@ -213,9 +181,7 @@ impl ServeArgs {
                 auto_create_topics: self.auto_create_topics.unwrap_or(true),
                 log,
                 max_request_bytes,
-                group_initial_rebalance_delay_ms: self
-                    .group_initial_rebalance_delay_ms
-                    .unwrap_or(0),
+                group_initial_rebalance_delay_ms: self.group_initial_rebalance_delay_ms.unwrap_or(0),
             },
         })
     }
@@ -238,16 +204,8 @@ mod tests {
     fn file_is_overridden_by_flags() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("s.toml");
-        std::fs::write(
-            &f,
-            "listen = \"127.0.0.1:9999\"\ncores = 2\nflush = \"always\"\n",
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(f),
-            cores: Some(1),
-            ..Default::default()
-        };
+        std::fs::write(&f, "listen = \"127.0.0.1:9999\"\ncores = 2\nflush = \"always\"\n").unwrap();
+        let args = ServeArgs { config: Some(f), cores: Some(1), ..Default::default() };
         let c = args.resolve().unwrap();
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.cores, 1);
@@ -256,12 +214,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let e = ServeArgs {
-            flush: Some("sometimes".into()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err();
+        let e = ServeArgs { flush: Some("sometimes".into()), ..Default::default() }.resolve().unwrap_err();
         assert!(e.to_string().contains("flush policy"));
     }
 }

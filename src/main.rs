@@ -5,11 +5,7 @@ use clap::{Parser, Subcommand};
 use slipstream::config::ServeArgs;
 
 #[derive(Parser)]
-#[command(
-    name = "slipstream",
-    version,
-    about = "Kafka-compatible broker data path on a memory-mapped commit log"
-)]
+#[command(name = "slipstream", version, about = "Kafka-compatible broker data path on a memory-mapped commit log")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

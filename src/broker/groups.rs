@@ -79,11 +79,7 @@ pub struct Member {
 
 impl Member {
     pub fn metadata_for(&self, protocol: &str) -> Bytes {
-        self.protocols
-            .iter()
-            .find(|(n, _)| n == protocol)
-            .map(|(_, m)| m.clone())
-            .unwrap_or_default()
+        self.protocols.iter().find(|(n, _)| n == protocol).map(|(_, m)| m.clone()).unwrap_or_default()
     }
 }
 
@@ -132,12 +128,7 @@ impl Group {
         if self.state != GroupState::PreparingRebalance {
             let was_empty = self.state == GroupState::Empty;
             self.state = GroupState::PreparingRebalance;
-            let timeout = self
-                .members
-                .values()
-                .map(|m| m.rebalance_timeout)
-                .max()
-                .unwrap_or(Duration::from_secs(30));
+            let timeout = self.members.values().map(|m| m.rebalance_timeout).max().unwrap_or(Duration::from_secs(30));
             self.rebalance_deadline = Some(now + timeout);
             self.rebalance_not_before = was_empty.then_some(now + initial_delay);
         }
@@ -156,10 +147,7 @@ impl Group {
         }
         self.members.retain(|id, m| {
             if !m.awaiting_join {
-                log::info!(
-                    "group {}: member {id} did not rejoin in time, removed",
-                    self.id
-                );
+                log::info!("group {}: member {id} did not rejoin in time, removed", self.id);
             }
             m.awaiting_join
         });
@@ -172,11 +160,7 @@ impl Group {
             self.leader = None;
             return true;
         }
-        if !self
-            .leader
-            .as_ref()
-            .is_some_and(|l| self.members.contains_key(l))
-        {
+        if !self.leader.as_ref().is_some_and(|l| self.members.contains_key(l)) {
             self.leader = self.members.keys().next().cloned();
         }
         let leader = self.leader.as_ref().and_then(|l| self.members.get(l));
@@ -184,11 +168,7 @@ impl Group {
             l.protocols
                 .iter()
                 .map(|(n, _)| n)
-                .find(|n| {
-                    self.members
-                        .values()
-                        .all(|m| m.protocols.iter().any(|(p, _)| p == *n))
-                })
+                .find(|n| self.members.values().all(|m| m.protocols.iter().any(|(p, _)| p == *n)))
                 .cloned()
         });
         for m in self.members.values_mut() {
@@ -287,9 +267,7 @@ impl Coordinator {
                     continue;
                 };
                 records += 1;
-                let g = groups
-                    .entry(r.g.clone())
-                    .or_insert_with(|| Group::new(&r.g));
+                let g = groups.entry(r.g.clone()).or_insert_with(|| Group::new(&r.g));
                 match r.c {
                     Some(c) => g.offsets.insert((r.t, r.p), c),
                     None => g.offsets.remove(&(r.t, r.p)),
@@ -317,12 +295,7 @@ impl Coordinator {
         let mut n = 0;
         for g in self.groups.values() {
             for ((t, p), c) in &g.offsets {
-                let r = OffsetRecord {
-                    g: g.id.clone(),
-                    t: t.clone(),
-                    p: *p,
-                    c: Some(c.clone()),
-                };
+                let r = OffsetRecord { g: g.id.clone(), t: t.clone(), p: *p, c: Some(c.clone()) };
                 serde_json::to_writer(&mut out, &r)?;
                 out.write_all(b"\n")?;
                 n += 1;
@@ -356,27 +329,15 @@ impl Coordinator {
             return Err(GroupError::InvalidSessionTimeout);
         }
         let delay = self.initial_delay;
-        let g = self
-            .groups
-            .entry(req.group.clone())
-            .or_insert_with(|| Group::new(&req.group));
+        let g = self.groups.entry(req.group.clone()).or_insert_with(|| Group::new(&req.group));
         let compatible = g.protocol_type.as_deref() == Some(req.protocol_type.as_str())
-            && req.protocols.iter().any(|(n, _)| {
-                g.members
-                    .values()
-                    .all(|m| m.protocols.iter().any(|(p, _)| p == n))
-            });
+            && req.protocols.iter().any(|(n, _)| g.members.values().all(|m| m.protocols.iter().any(|(p, _)| p == n)));
         if g.state != GroupState::Empty && !compatible {
             return Err(GroupError::InconsistentGroupProtocol);
         }
         let member_id = if req.member_id.is_empty() {
             g.next_member += 1;
-            let id = format!(
-                "{}-{}-{}",
-                req.client_id,
-                g.generation,
-                uuid::Uuid::new_v4()
-            );
+            let id = format!("{}-{}-{}", req.client_id, g.generation, uuid::Uuid::new_v4());
             if req.require_known_member_id {
                 // The member retries with this id; it is admitted then.
                 return Ok(JoinStep::MemberIdRequired(id));
@@ -385,17 +346,11 @@ impl Coordinator {
         } else {
             req.member_id.clone()
         };
-        if !req.member_id.is_empty()
-            && !g.members.contains_key(&member_id)
-            && !req.require_known_member_id
-        {
+        if !req.member_id.is_empty() && !g.members.contains_key(&member_id) && !req.require_known_member_id {
             return Err(GroupError::UnknownMemberId);
         }
-        let rebalance_timeout_ms = if req.rebalance_timeout_ms > 0 {
-            req.rebalance_timeout_ms
-        } else {
-            req.session_timeout_ms
-        };
+        let rebalance_timeout_ms =
+            if req.rebalance_timeout_ms > 0 { req.rebalance_timeout_ms } else { req.session_timeout_ms };
         let member = Member {
             id: member_id.clone(),
             instance_id: req.instance_id,
@@ -419,11 +374,7 @@ impl Coordinator {
     }
 
     /// The answer to a parked JoinGroup, once its rebalance completed.
-    pub fn join_poll(
-        &self,
-        group: &str,
-        member_id: &str,
-    ) -> Option<Result<JoinResult, GroupError>> {
+    pub fn join_poll(&self, group: &str, member_id: &str) -> Option<Result<JoinResult, GroupError>> {
         let Some(g) = self.groups.get(group) else {
             return Some(Err(GroupError::UnknownMemberId));
         };
@@ -437,10 +388,7 @@ impl Coordinator {
         let protocol = g.protocol.clone();
         let members = if leader == member_id {
             let p = protocol.clone().unwrap_or_default();
-            g.members
-                .values()
-                .map(|m| (m.id.clone(), m.instance_id.clone(), m.metadata_for(&p)))
-                .collect()
+            g.members.values().map(|m| (m.id.clone(), m.instance_id.clone(), m.metadata_for(&p))).collect()
         } else {
             Vec::new()
         };
@@ -463,10 +411,7 @@ impl Coordinator {
         assignments: Vec<(String, Bytes)>,
         now: Instant,
     ) -> Result<Option<Bytes>, GroupError> {
-        let g = self
-            .groups
-            .get_mut(group)
-            .ok_or(GroupError::UnknownMemberId)?;
+        let g = self.groups.get_mut(group).ok_or(GroupError::UnknownMemberId)?;
         g.check_member(member_id, generation)?;
         if let Some(m) = g.members.get_mut(member_id) {
             m.last_seen = now;
@@ -491,12 +436,7 @@ impl Coordinator {
         }
     }
 
-    pub fn sync_poll(
-        &self,
-        group: &str,
-        member_id: &str,
-        generation: i32,
-    ) -> Option<Result<Bytes, GroupError>> {
+    pub fn sync_poll(&self, group: &str, member_id: &str, generation: i32) -> Option<Result<Bytes, GroupError>> {
         let Some(g) = self.groups.get(group) else {
             return Some(Err(GroupError::UnknownMemberId));
         };
@@ -505,30 +445,14 @@ impl Coordinator {
         }
         match g.state {
             GroupState::CompletingRebalance => None,
-            GroupState::Stable => Some(Ok(g
-                .members
-                .get(member_id)
-                .map(|m| m.assignment.clone())
-                .unwrap_or_default())),
+            GroupState::Stable => Some(Ok(g.members.get(member_id).map(|m| m.assignment.clone()).unwrap_or_default())),
             _ => Some(Err(GroupError::RebalanceInProgress)),
         }
     }
 
-    pub fn heartbeat(
-        &mut self,
-        group: &str,
-        member_id: &str,
-        generation: i32,
-        now: Instant,
-    ) -> Result<(), GroupError> {
-        let g = self
-            .groups
-            .get_mut(group)
-            .ok_or(GroupError::UnknownMemberId)?;
-        let m = g
-            .members
-            .get_mut(member_id)
-            .ok_or(GroupError::UnknownMemberId)?;
+    pub fn heartbeat(&mut self, group: &str, member_id: &str, generation: i32, now: Instant) -> Result<(), GroupError> {
+        let g = self.groups.get_mut(group).ok_or(GroupError::UnknownMemberId)?;
+        let m = g.members.get_mut(member_id).ok_or(GroupError::UnknownMemberId)?;
         m.last_seen = now;
         match g.state {
             GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress),
@@ -538,33 +462,17 @@ impl Coordinator {
     }
 
     /// Removes members; returns per-member results.
-    pub fn leave(
-        &mut self,
-        group: &str,
-        members: &[String],
-        now: Instant,
-    ) -> Vec<Result<(), GroupError>> {
+    pub fn leave(&mut self, group: &str, members: &[String], now: Instant) -> Vec<Result<(), GroupError>> {
         let delay = self.initial_delay;
         let Some(g) = self.groups.get_mut(group) else {
-            return members
-                .iter()
-                .map(|_| Err(GroupError::UnknownMemberId))
-                .collect();
+            return members.iter().map(|_| Err(GroupError::UnknownMemberId)).collect();
         };
         let out: Vec<_> = members
             .iter()
-            .map(|id| {
-                g.members
-                    .shift_remove(id)
-                    .map(|_| ())
-                    .ok_or(GroupError::UnknownMemberId)
-            })
+            .map(|id| g.members.shift_remove(id).map(|_| ()).ok_or(GroupError::UnknownMemberId))
             .collect();
         if out.iter().any(Result::is_ok) {
-            log::info!(
-                "group {group}: {} member(s) left",
-                out.iter().filter(|r| r.is_ok()).count()
-            );
+            log::info!("group {group}: {} member(s) left", out.iter().filter(|r| r.is_ok()).count());
             if g.members.is_empty() && g.state != GroupState::PreparingRebalance {
                 g.state = GroupState::Empty;
                 g.generation += 1;
@@ -591,10 +499,7 @@ impl Coordinator {
                 .map(|m| m.id.clone())
                 .collect();
             for id in &expired {
-                log::info!(
-                    "group {}: member {id} missed its session timeout, removed",
-                    g.id
-                );
+                log::info!("group {}: member {id} missed its session timeout, removed", g.id);
                 g.members.shift_remove(id);
             }
             if !expired.is_empty() {
@@ -645,10 +550,7 @@ impl Coordinator {
         if group.is_empty() {
             return Err(GroupError::InvalidGroupId);
         }
-        let g = self
-            .groups
-            .entry(group.to_string())
-            .or_insert_with(|| Group::new(group));
+        let g = self.groups.entry(group.to_string()).or_insert_with(|| Group::new(group));
         if generation >= 0 || !member_id.is_empty() {
             if !g.members.contains_key(member_id) {
                 return Err(GroupError::UnknownMemberId);
@@ -668,12 +570,7 @@ impl Coordinator {
         }
         let mut line = Vec::new();
         for (t, p, c) in offsets {
-            let r = OffsetRecord {
-                g: group.to_string(),
-                t: t.clone(),
-                p,
-                c: Some(c.clone()),
-            };
+            let r = OffsetRecord { g: group.to_string(), t: t.clone(), p, c: Some(c.clone()) };
             if serde_json::to_writer(&mut line, &r).is_ok() {
                 line.push(b'\n');
             }
@@ -689,10 +586,7 @@ impl Coordinator {
     }
 
     pub fn committed(&self, group: &str, topic: &str, partition: i32) -> Option<&Committed> {
-        self.groups
-            .get(group)?
-            .offsets
-            .get(&(topic.to_string(), partition))
+        self.groups.get(group)?.offsets.get(&(topic.to_string(), partition))
     }
 
     /// All committed (topic, partition) of a group.
@@ -700,11 +594,7 @@ impl Coordinator {
         let Some(g) = self.groups.get(group) else {
             return Vec::new();
         };
-        let mut v: Vec<_> = g
-            .offsets
-            .iter()
-            .map(|((t, p), c)| (t.clone(), *p, c.clone()))
-            .collect();
+        let mut v: Vec<_> = g.offsets.iter().map(|((t, p), c)| (t.clone(), *p, c.clone())).collect();
         v.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         v
     }
@@ -717,12 +607,7 @@ impl Coordinator {
         let keys: Vec<_> = g.offsets.keys().cloned().collect();
         let mut line = Vec::new();
         for (t, p) in keys {
-            let r = OffsetRecord {
-                g: group.to_string(),
-                t,
-                p,
-                c: None,
-            };
+            let r = OffsetRecord { g: group.to_string(), t, p, c: None };
             if serde_json::to_writer(&mut line, &r).is_ok() {
                 line.push(b'\n');
             }
@@ -765,45 +650,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Coordinator::open(dir.path(), 0).unwrap();
         let t0 = Instant::now();
-        let JoinStep::Pending(a) = c.join(join_req("g", ""), t0).unwrap() else {
-            panic!()
-        };
+        let JoinStep::Pending(a) = c.join(join_req("g", ""), t0).unwrap() else { panic!() };
         let ja = c.join_poll("g", &a).unwrap().unwrap();
         assert_eq!(ja.generation, 1);
         assert_eq!(ja.leader, a);
-        assert_eq!(
-            c.sync("g", &a, 1, vec![(a.clone(), Bytes::from_static(b"A"))], t0)
-                .unwrap()
-                .unwrap(),
-            "A"
-        );
+        assert_eq!(c.sync("g", &a, 1, vec![(a.clone(), Bytes::from_static(b"A"))], t0).unwrap().unwrap(), "A");
         // b joins: a learns of the rebalance on its heartbeat and rejoins.
-        let JoinStep::Pending(b) = c.join(join_req("g", ""), t0).unwrap() else {
-            panic!()
-        };
+        let JoinStep::Pending(b) = c.join(join_req("g", ""), t0).unwrap() else { panic!() };
         assert!(c.join_poll("g", &b).is_none());
-        assert_eq!(
-            c.heartbeat("g", &a, 1, t0),
-            Err(GroupError::RebalanceInProgress)
-        );
+        assert_eq!(c.heartbeat("g", &a, 1, t0), Err(GroupError::RebalanceInProgress));
         c.join(join_req("g", &a), t0).unwrap();
         let jb = c.join_poll("g", &b).unwrap().unwrap();
         assert_eq!(jb.generation, 2);
         assert!(jb.members.is_empty());
         assert_eq!(c.join_poll("g", &a).unwrap().unwrap().members.len(), 2);
         assert!(c.sync("g", &b, 2, vec![], t0).unwrap().is_none());
-        c.sync("g", &a, 2, vec![(b.clone(), Bytes::from_static(b"B"))], t0)
-            .unwrap();
+        c.sync("g", &a, 2, vec![(b.clone(), Bytes::from_static(b"B"))], t0).unwrap();
         assert_eq!(c.sync_poll("g", &b, 2).unwrap().unwrap(), "B");
         // b stops heartbeating; a keeps going; after b's session timeout it is removed.
         let later = t0 + Duration::from_secs(7);
-        c.heartbeat("g", &a, 2, t0 + Duration::from_secs(5))
-            .unwrap();
+        c.heartbeat("g", &a, 2, t0 + Duration::from_secs(5)).unwrap();
         assert!(c.tick(later));
-        assert_eq!(
-            c.heartbeat("g", &a, 2, later),
-            Err(GroupError::RebalanceInProgress)
-        );
+        assert_eq!(c.heartbeat("g", &a, 2, later), Err(GroupError::RebalanceInProgress));
         c.join(join_req("g", &a), later).unwrap();
         assert_eq!(c.join_poll("g", &a).unwrap().unwrap().generation, 3);
     }
@@ -814,29 +682,11 @@ mod tests {
         let now = Instant::now();
         {
             let mut c = Coordinator::open(dir.path(), 0).unwrap();
-            let JoinStep::Pending(a) = c.join(join_req("g", ""), now).unwrap() else {
-                panic!()
-            };
-            let off = |o| {
-                vec![(
-                    "t".to_string(),
-                    0,
-                    Committed {
-                        offset: o,
-                        leader_epoch: -1,
-                        metadata: None,
-                    },
-                )]
-            };
-            assert_eq!(
-                c.commit("g", &a, 7, off(5), now),
-                Err(GroupError::IllegalGeneration)
-            );
+            let JoinStep::Pending(a) = c.join(join_req("g", ""), now).unwrap() else { panic!() };
+            let off = |o| vec![("t".to_string(), 0, Committed { offset: o, leader_epoch: -1, metadata: None })];
+            assert_eq!(c.commit("g", &a, 7, off(5), now), Err(GroupError::IllegalGeneration));
             // Joined but not synced: the assignment is in flux.
-            assert_eq!(
-                c.commit("g", &a, 1, off(5), now),
-                Err(GroupError::RebalanceInProgress)
-            );
+            assert_eq!(c.commit("g", &a, 1, off(5), now), Err(GroupError::RebalanceInProgress));
             c.sync("g", &a, 1, vec![], now).unwrap();
             c.commit("g", &a, 1, off(41), now).unwrap();
             // A new member starts a rebalance; the current generation may still commit.

@@ -1,25 +1,36 @@
-//! Broker state shared by the cores: the topic catalog, partitions and their logs, the
-//! group coordinator and the producer-id allocator.
+//! Broker state: the topic catalog, the per-core partition shards, the group coordinator
+//! and the producer-id allocator.
 //!
-//! A partition's log sits under its own mutex. Appends to one partition are serialised
-//! there (Kafka orders a partition anyway); different partitions never contend, and a
-//! fetch holds the lock only to locate its bytes, then sends them from the mmap unlocked.
+//! Thread-per-core ownership: every partition belongs to one core (its *owner*, a pure
+//! function of the partition key and the core count). Only the owner touches the
+//! partition's [`PartitionLog`], held in its [`shard::Shard`] without a lock; other cores
+//! send it [`shard::PartOp`]s. What every core may read without asking — the catalog and
+//! each partition's offsets and byte count — is published lock-free: the catalog through
+//! an [`ArcSwap`], the offsets through atomics in [`PartitionShared`].
+//!
+//! # Invariants
+//! - A partition's log is opened, appended to, read and closed only by its owner core.
+//! - Topics live in `topics/<topic id>/` so that a topic deleted and re-created under the
+//!   same name never shares files with a log its old owner has not dropped yet.
 
 pub mod groups;
+pub mod shard;
 
-use parking_lot::{Mutex, RwLock};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 use uuid::Uuid;
 
 use crate::log::{LogConfig, LogError, PartitionLog};
 use crate::transport::Wake;
+use shard::Shard;
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -38,10 +49,7 @@ pub enum BrokerError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BrokerError + '_ {
-    move |source| BrokerError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| BrokerError::Io { path: path.to_path_buf(), source }
 }
 
 /// Settings the broker needs at run time (from the command line / config file).
@@ -62,52 +70,105 @@ pub struct BrokerSettings {
 /// Per-topic settings persisted in `topic.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TopicMeta {
+    pub name: String,
     pub id: Uuid,
     pub partitions: i32,
     #[serde(default)]
     pub configs: HashMap<String, String>,
 }
 
-pub struct Partition {
-    pub topic: String,
-    pub index: i32,
-    pub log: Mutex<PartitionLog>,
+/// Identifies a partition across the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PartKey {
+    pub topic_id: Uuid,
+    pub partition: i32,
 }
 
-pub struct Topic {
-    pub name: String,
-    pub meta: TopicMeta,
-    pub partitions: Vec<Arc<Partition>>,
+/// What any core may read about a partition without asking its owner. Updated by the
+/// owner after each append and retention pass.
+#[derive(Debug, Default)]
+pub struct PartitionShared {
+    next_offset: AtomicI64,
+    log_start: AtomicI64,
+    /// Bytes ever appended (for long-poll fetches waiting on `min_bytes`).
+    appended: AtomicU64,
 }
 
-impl Topic {
-    pub fn partition(&self, i: i32) -> Option<&Arc<Partition>> {
-        usize::try_from(i).ok().and_then(|i| self.partitions.get(i))
+impl PartitionShared {
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+    pub fn log_start(&self) -> i64 {
+        self.log_start.load(Ordering::Acquire)
+    }
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Acquire)
+    }
+    pub(crate) fn publish(&self, log: &PartitionLog, added_bytes: u64) {
+        self.log_start.store(log.log_start_offset(), Ordering::Release);
+        self.appended.fetch_add(added_bytes, Ordering::AcqRel);
+        self.next_offset.store(log.next_offset(), Ordering::Release);
     }
 }
 
-/// Wakes the cores that have parked requests (long-poll fetches, joins) when something
-/// they wait for may have happened.
+pub struct Topic {
+    pub meta: TopicMeta,
+    pub dir: PathBuf,
+    pub log: LogConfig,
+    pub partitions: Vec<Arc<PartitionShared>>,
+}
+
+impl Topic {
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+    pub fn key(&self, partition: i32) -> Option<PartKey> {
+        (partition >= 0 && partition < self.meta.partitions).then_some(PartKey { topic_id: self.meta.id, partition })
+    }
+    pub fn shared(&self, partition: i32) -> Option<&Arc<PartitionShared>> {
+        usize::try_from(partition).ok().and_then(|i| self.partitions.get(i))
+    }
+    pub fn partition_dir(&self, partition: i32) -> PathBuf {
+        self.dir.join(partition.to_string())
+    }
+}
+
+/// The set of topics, replaced whole on every change (read far more often than written).
+#[derive(Default, Clone)]
+pub struct Catalog {
+    by_name: HashMap<String, Arc<Topic>>,
+    by_id: HashMap<Uuid, Arc<Topic>>,
+}
+
+impl Catalog {
+    fn insert(&mut self, t: Arc<Topic>) {
+        self.by_id.insert(t.meta.id, t.clone());
+        self.by_name.insert(t.meta.name.clone(), t);
+    }
+}
+
 /// A core's waker and its has-parked-work flag.
 type CoreHandle = (Arc<dyn Wake>, Arc<AtomicBool>);
 
+/// Wakes the cores that have parked requests (long-poll fetches, joins) when something
+/// they wait for may have happened.
 #[derive(Default)]
 pub struct Notifier {
-    cores: RwLock<Vec<CoreHandle>>,
+    cores: OnceLock<Vec<CoreHandle>>,
     epoch: AtomicU64,
 }
 
 impl Notifier {
-    /// Registers a core; the returned flag is set by the core while it has parked work.
-    pub fn register(&self, waker: Arc<dyn Wake>) -> Arc<AtomicBool> {
-        let flag = Arc::new(AtomicBool::new(false));
-        self.cores.write().push((waker, flag.clone()));
-        flag
+    /// Installs the cores, once, before they start.
+    pub fn install(&self, cores: Vec<CoreHandle>) {
+        if self.cores.set(cores).is_err() {
+            log::error!("notifier installed twice");
+        }
     }
 
     pub fn notify(&self) {
-        self.epoch.fetch_add(1, Ordering::Release);
-        for (w, parked) in self.cores.read().iter() {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        for (w, parked) in self.cores.get().into_iter().flatten() {
             if parked.load(Ordering::Acquire) {
                 w.wake();
             }
@@ -121,7 +182,10 @@ impl Notifier {
 
 pub struct Broker {
     pub settings: BrokerSettings,
-    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    cores: usize,
+    catalog: ArcSwap<Catalog>,
+    /// Serialises catalog writers (admin requests); readers never take it.
+    admin: Mutex<()>,
     pub groups: Mutex<groups::Coordinator>,
     next_producer_id: AtomicI64,
     producer_id_file: PathBuf,
@@ -133,9 +197,7 @@ pub fn valid_topic_name(name: &str) -> bool {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// Topic-level overrides we honour, mapped onto the log config.
@@ -144,16 +206,10 @@ fn log_config_for(base: &LogConfig, configs: &HashMap<String, String>) -> LogCon
     if let Some(v) = configs.get("segment.bytes").and_then(|v| v.parse().ok()) {
         c.segment_bytes = v;
     }
-    if let Some(v) = configs
-        .get("retention.bytes")
-        .and_then(|v| v.parse::<i64>().ok())
-    {
+    if let Some(v) = configs.get("retention.bytes").and_then(|v| v.parse::<i64>().ok()) {
         c.retention_bytes = u64::try_from(v).ok();
     }
-    if let Some(v) = configs
-        .get("retention.ms")
-        .and_then(|v| v.parse::<i64>().ok())
-    {
+    if let Some(v) = configs.get("retention.ms").and_then(|v| v.parse::<i64>().ok()) {
         c.retention_ms = (v >= 0).then_some(v);
     }
     if let Some(v) = configs.get("message.timestamp.type") {
@@ -162,31 +218,15 @@ fn log_config_for(base: &LogConfig, configs: &HashMap<String, String>) -> LogCon
     c
 }
 
-/// The topic configs we report in DescribeConfigs, with their effective values.
-pub fn effective_configs(
-    base: &LogConfig,
-    configs: &HashMap<String, String>,
-) -> Vec<(String, String, bool)> {
+/// The topic configs we report in DescribeConfigs, with their effective values and
+/// whether each is the default.
+pub fn effective_configs(base: &LogConfig, configs: &HashMap<String, String>) -> Vec<(String, String, bool)> {
     let c = log_config_for(base, configs);
     let mut out = vec![
         ("segment.bytes".to_string(), c.segment_bytes.to_string()),
-        (
-            "retention.bytes".to_string(),
-            c.retention_bytes.map_or("-1".into(), |v| v.to_string()),
-        ),
-        (
-            "retention.ms".to_string(),
-            c.retention_ms.map_or("-1".into(), |v| v.to_string()),
-        ),
-        (
-            "message.timestamp.type".to_string(),
-            if c.log_append_time {
-                "LogAppendTime"
-            } else {
-                "CreateTime"
-            }
-            .to_string(),
-        ),
+        ("retention.bytes".to_string(), c.retention_bytes.map_or("-1".into(), |v| v.to_string())),
+        ("retention.ms".to_string(), c.retention_ms.map_or("-1".into(), |v| v.to_string())),
+        ("message.timestamp.type".to_string(), if c.log_append_time { "LogAppendTime" } else { "CreateTime" }.into()),
         ("cleanup.policy".to_string(), "delete".to_string()),
     ];
     out.sort();
@@ -199,78 +239,79 @@ pub fn effective_configs(
 }
 
 impl Broker {
-    /// Opens the data directory, recovering every partition log.
-    pub fn open(settings: BrokerSettings) -> Result<Broker, BrokerError> {
+    /// Opens the data directory, recovering every partition log into the shard of its
+    /// owner core. Returns the broker and one shard per core.
+    pub fn open(settings: BrokerSettings, cores: usize) -> Result<(Broker, Vec<Shard>), BrokerError> {
         let topics_dir = settings.data_dir.join("topics");
         fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
-        let mut topics = HashMap::new();
+        let mut catalog = Catalog::default();
+        let mut shards: Vec<Shard> = (0..cores).map(Shard::new).collect();
         let started = std::time::Instant::now();
-        let mut batches = 0usize;
+        let (mut batches, mut truncated) = (0usize, 0usize);
         for entry in fs::read_dir(&topics_dir).map_err(io_err(&topics_dir))? {
             let entry = entry.map_err(io_err(&topics_dir))?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
             let meta_path = entry.path().join("topic.json");
-            let Ok(text) = fs::read_to_string(&meta_path) else {
-                log::warn!("{}: no topic.json, skipped", entry.path().display());
-                continue;
-            };
-            let meta: TopicMeta = match serde_json::from_str(&text) {
-                Ok(m) => m,
-                Err(e) => {
+            let meta: TopicMeta = match fs::read_to_string(&meta_path).map(|t| serde_json::from_str(&t)) {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
                     log::warn!("{}: unreadable ({e}), skipped", meta_path.display());
                     continue;
                 }
+                Err(e) => {
+                    log::warn!("{}: {e}, skipped", meta_path.display());
+                    continue;
+                }
             };
-            let cfg = log_config_for(&settings.log, &meta.configs);
-            let mut parts = Vec::new();
-            for p in 0..meta.partitions {
-                let (log, report) =
-                    PartitionLog::open(&entry.path().join(p.to_string()), cfg.clone())?;
+            let topic = Arc::new(Topic {
+                log: log_config_for(&settings.log, &meta.configs),
+                dir: entry.path(),
+                partitions: (0..meta.partitions).map(|_| Arc::default()).collect(),
+                meta,
+            });
+            for p in 0..topic.meta.partitions {
+                let (log, report) = PartitionLog::open(&topic.partition_dir(p), topic.log.clone())?;
                 batches += report.batches_scanned;
-                parts.push(Arc::new(Partition {
-                    topic: name.clone(),
-                    index: p,
-                    log: Mutex::new(log),
-                }));
+                truncated += report.truncated_bytes;
+                if let Some(shared) = topic.shared(p) {
+                    shared.publish(&log, 0);
+                }
+                let key = PartKey { topic_id: topic.meta.id, partition: p };
+                shards[owner_of(key, cores)].adopt(key, log);
             }
-            topics.insert(
-                name.clone(),
-                Arc::new(Topic {
-                    name,
-                    meta,
-                    partitions: parts,
-                }),
-            );
+            catalog.insert(topic);
         }
         log::info!(
-            "recovered {} topics ({batches} batches scanned) in {:.1} ms",
-            topics.len(),
+            "recovered {} topics ({batches} batches scanned, {truncated} bytes of torn tails cut) in {:.1} ms",
+            catalog.by_id.len(),
             started.elapsed().as_secs_f64() * 1e3
         );
-        let groups = groups::Coordinator::open(
-            &settings.data_dir,
-            settings.group_initial_rebalance_delay_ms,
-        )
-        .map_err(io_err(&settings.data_dir))?;
+        let groups = groups::Coordinator::open(&settings.data_dir, settings.group_initial_rebalance_delay_ms)
+            .map_err(io_err(&settings.data_dir))?;
         let producer_id_file = settings.data_dir.join("producer_ids");
         // Producer ids are handed out in blocks; a restart skips the rest of the block, so
         // an id is never reused even if the process dies mid-block.
-        let next = fs::read_to_string(&producer_id_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .unwrap_or(0);
+        let next = fs::read_to_string(&producer_id_file).ok().and_then(|s| s.trim().parse::<i64>().ok()).unwrap_or(0);
         let broker = Broker {
             settings,
-            topics: RwLock::new(topics),
+            cores,
+            catalog: ArcSwap::from_pointee(catalog),
+            admin: Mutex::new(()),
             groups: Mutex::new(groups),
             next_producer_id: AtomicI64::new(next),
             producer_id_file,
             notifier: Notifier::default(),
         };
         broker.reserve_producer_ids(next)?;
-        Ok(broker)
+        Ok((broker, shards))
+    }
+
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+
+    /// The core that owns `key`.
+    pub fn owner(&self, key: PartKey) -> usize {
+        owner_of(key, self.cores)
     }
 
     const PRODUCER_ID_BLOCK: i64 = 1000;
@@ -290,25 +331,17 @@ impl Broker {
     }
 
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
-        self.topics.read().get(name).cloned()
-    }
-
-    pub fn topics(&self) -> Vec<Arc<Topic>> {
-        let mut v: Vec<_> = self.topics.read().values().cloned().collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+        self.catalog.load().by_name.get(name).cloned()
     }
 
     pub fn topic_by_id(&self, id: Uuid) -> Option<Arc<Topic>> {
-        self.topics
-            .read()
-            .values()
-            .find(|t| t.meta.id == id)
-            .cloned()
+        self.catalog.load().by_id.get(&id).cloned()
     }
 
-    fn topic_dir(&self, name: &str) -> PathBuf {
-        self.settings.data_dir.join("topics").join(name)
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        let mut v: Vec<_> = self.catalog.load().by_name.values().cloned().collect();
+        v.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        v
     }
 
     pub fn create_topic(
@@ -321,138 +354,91 @@ impl Broker {
         if !valid_topic_name(name) {
             return Err(BrokerError::InvalidTopic(name.to_string()));
         }
-        let partitions = if partitions <= 0 {
-            self.settings.default_partitions
-        } else {
-            partitions
-        };
+        let partitions = if partitions <= 0 { self.settings.default_partitions } else { partitions };
         if !(1..=10_000).contains(&partitions) {
             return Err(BrokerError::InvalidPartitions(partitions));
         }
-        let mut topics = self.topics.write();
-        if topics.contains_key(name) {
+        let _admin = self.admin.lock();
+        if self.topic(name).is_some() {
             return Err(BrokerError::TopicExists(name.to_string()));
         }
-        let meta = TopicMeta {
-            id: Uuid::new_v4(),
-            partitions,
-            configs,
-        };
-        if validate_only {
-            return Ok(Arc::new(Topic {
-                name: name.to_string(),
-                meta,
-                partitions: Vec::new(),
-            }));
-        }
-        let dir = self.topic_dir(name);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let cfg = log_config_for(&self.settings.log, &meta.configs);
-        let mut parts = Vec::new();
-        for p in 0..partitions {
-            let (log, _) = PartitionLog::open(&dir.join(p.to_string()), cfg.clone())?;
-            parts.push(Arc::new(Partition {
-                topic: name.to_string(),
-                index: p,
-                log: Mutex::new(log),
-            }));
-        }
-        write_meta(&dir, &meta)?;
+        let meta = TopicMeta { name: name.to_string(), id: Uuid::new_v4(), partitions, configs };
+        let dir = self.settings.data_dir.join("topics").join(meta.id.simple().to_string());
         let topic = Arc::new(Topic {
-            name: name.to_string(),
+            log: log_config_for(&self.settings.log, &meta.configs),
+            dir,
+            partitions: (0..partitions).map(|_| Arc::default()).collect(),
             meta,
-            partitions: parts,
         });
-        topics.insert(name.to_string(), topic.clone());
+        if validate_only {
+            return Ok(topic);
+        }
+        // Partition logs are opened by their owner cores on first use.
+        fs::create_dir_all(&topic.dir).map_err(io_err(&topic.dir))?;
+        write_meta(&topic.dir, &topic.meta)?;
+        let mut next = Catalog::clone(&self.catalog.load());
+        next.insert(topic.clone());
+        self.catalog.store(Arc::new(next));
         log::info!("created topic {name} with {partitions} partitions");
         Ok(topic)
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
-        let topic = self
-            .topics
-            .write()
-            .remove(name)
-            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
-        let dir = self.topic_dir(name);
-        // Open mappings stay valid for readers still holding them; the files go now.
-        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        let _admin = self.admin.lock();
+        let topic = self.topic(name).ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
+        let mut next = Catalog::clone(&self.catalog.load());
+        next.by_name.remove(name);
+        next.by_id.remove(&topic.meta.id);
+        self.catalog.store(Arc::new(next));
+        // Owners drop their logs when they see the topic gone; open mappings stay valid
+        // for readers still holding them. The files go now.
+        fs::remove_dir_all(&topic.dir).map_err(io_err(&topic.dir))?;
         self.groups.lock().forget_topic(name);
         log::info!("deleted topic {name}");
         Ok(topic)
     }
 
-    pub fn create_partitions(
-        &self,
-        name: &str,
-        count: i32,
-        validate_only: bool,
-    ) -> Result<(), BrokerError> {
-        let mut topics = self.topics.write();
-        let old = topics
-            .get(name)
-            .cloned()
-            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
+    pub fn create_partitions(&self, name: &str, count: i32, validate_only: bool) -> Result<(), BrokerError> {
+        let _admin = self.admin.lock();
+        let old = self.topic(name).ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
         if count <= old.meta.partitions || count > 10_000 {
             return Err(BrokerError::InvalidPartitions(count));
         }
         if validate_only {
             return Ok(());
         }
-        let dir = self.topic_dir(name);
-        let cfg = log_config_for(&self.settings.log, &old.meta.configs);
-        let mut parts = old.partitions.clone();
-        for p in old.meta.partitions..count {
-            let (log, _) = PartitionLog::open(&dir.join(p.to_string()), cfg.clone())?;
-            parts.push(Arc::new(Partition {
-                topic: name.to_string(),
-                index: p,
-                log: Mutex::new(log),
-            }));
-        }
         let mut meta = old.meta.clone();
         meta.partitions = count;
-        write_meta(&dir, &meta)?;
-        topics.insert(
-            name.to_string(),
-            Arc::new(Topic {
-                name: name.to_string(),
-                meta,
-                partitions: parts,
-            }),
-        );
+        write_meta(&old.dir, &meta)?;
+        let mut partitions = old.partitions.clone();
+        partitions.resize_with(count as usize, Arc::default);
+        let topic = Arc::new(Topic { meta, dir: old.dir.clone(), log: old.log.clone(), partitions });
+        let mut next = Catalog::clone(&self.catalog.load());
+        next.insert(topic);
+        self.catalog.store(Arc::new(next));
         Ok(())
     }
 
-    /// Every partition (for the flusher, retention and shutdown).
-    pub fn all_partitions(&self) -> Vec<Arc<Partition>> {
-        self.topics
-            .read()
-            .values()
-            .flat_map(|t| t.partitions.iter().cloned())
-            .collect()
-    }
-
-    /// Flushes every log and the group state (graceful shutdown).
+    /// Flushes the group state (graceful shutdown; the shards flush their own logs).
     pub fn close(&self) {
-        for p in self.all_partitions() {
-            if let Err(e) = p.log.lock().close() {
-                log::error!("flushing {}-{}: {e}", p.topic, p.index);
-            }
-        }
         if let Err(e) = self.groups.lock().sync_file() {
             log::error!("flushing group offsets: {e}");
         }
     }
 }
 
+/// Spreads a topic's partitions round-robin over the cores, starting at a core chosen by
+/// the topic id (so single-partition topics do not all land on core 0).
+fn owner_of(key: PartKey, cores: usize) -> usize {
+    let start = key.topic_id.as_u64_pair().0 as usize;
+    start.wrapping_add(key.partition as usize) % cores.max(1)
+}
+
 fn write_meta(dir: &Path, meta: &TopicMeta) -> Result<(), BrokerError> {
     let path = dir.join("topic.json");
     let tmp = dir.join("topic.json.tmp");
-    let text = serde_json::to_string_pretty(meta).map_err(|e| BrokerError::Io {
-        path: path.clone(),
-        source: e.into(),
-    })?;
+    let text =
+        serde_json::to_string_pretty(meta).map_err(|e| BrokerError::Io { path: path.clone(), source: e.into() })?;
     fs::write(&tmp, text).map_err(io_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(io_err(&path))
 }

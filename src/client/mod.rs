@@ -10,8 +10,7 @@ use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    ApiKey, CreateTopicsRequest, FetchRequest, ProduceRequest, RequestHeader, ResponseHeader,
-    TopicName,
+    ApiKey, CreateTopicsRequest, FetchRequest, ProduceRequest, RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use std::io::{self, Read, Write};
@@ -61,11 +60,7 @@ impl Client {
         let stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Client {
-            stream,
-            next_correlation: 1,
-            client_id: StrBytes::from_static_str("slipstream-native"),
-        })
+        Ok(Client { stream, next_correlation: 1, client_id: StrBytes::from_static_str("slipstream-native") })
     }
 
     /// Sends `req` at `version` and waits for its response.
@@ -80,32 +75,21 @@ impl Client {
         let mut buf = BytesMut::with_capacity(256);
         buf.extend_from_slice(&[0; 4]);
         let codec = |e: anyhow::Error| ClientError::Codec(e.to_string());
-        header
-            .encode(&mut buf, R::header_version(version))
-            .map_err(codec)?;
+        header.encode(&mut buf, R::header_version(version)).map_err(codec)?;
         req.encode(&mut buf, version).map_err(codec)?;
         let len = (buf.len() - 4) as u32;
         buf[..4].copy_from_slice(&len.to_be_bytes());
         self.stream.write_all(&buf)?;
         let mut frame = self.read_frame()?;
-        let resp_header = ResponseHeader::decode(&mut frame, R::Response::header_version(version))
-            .map_err(codec)?;
+        let resp_header = ResponseHeader::decode(&mut frame, R::Response::header_version(version)).map_err(codec)?;
         if resp_header.correlation_id != correlation {
-            return Err(ClientError::Correlation {
-                got: resp_header.correlation_id,
-                want: correlation,
-            });
+            return Err(ClientError::Correlation { got: resp_header.correlation_id, want: correlation });
         }
         R::Response::decode(&mut frame, version).map_err(codec)
     }
 
     /// Sends a produce with acks=0 (no response comes back).
-    pub fn produce_no_ack(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        records: Bytes,
-    ) -> Result<(), ClientError> {
+    pub fn produce_no_ack(&mut self, topic: &str, partition: i32, records: Bytes) -> Result<(), ClientError> {
         let req = produce_request(topic, partition, records, 0);
         let mut header = RequestHeader::default();
         header.request_api_key = ApiKey::Produce as i16;
@@ -115,9 +99,7 @@ impl Client {
         let mut buf = BytesMut::with_capacity(256);
         buf.extend_from_slice(&[0; 4]);
         let codec = |e: anyhow::Error| ClientError::Codec(e.to_string());
-        header
-            .encode(&mut buf, ProduceRequest::header_version(9))
-            .map_err(codec)?;
+        header.encode(&mut buf, ProduceRequest::header_version(9)).map_err(codec)?;
         req.encode(&mut buf, 9).map_err(codec)?;
         let len = (buf.len() - 4) as u32;
         buf[..4].copy_from_slice(&len.to_be_bytes());
@@ -149,13 +131,7 @@ impl Client {
         Ok(resp.topics.first().map_or(-1, |t| t.error_code))
     }
 
-    pub fn produce(
-        &mut self,
-        topic: &str,
-        partition: i32,
-        records: Bytes,
-        acks: i16,
-    ) -> Result<Produced, ClientError> {
+    pub fn produce(&mut self, topic: &str, partition: i32, records: Bytes, acks: i16) -> Result<Produced, ClientError> {
         let req = produce_request(topic, partition, records, acks);
         let resp = self.call(&req, 9)?;
         let p = resp
@@ -163,10 +139,7 @@ impl Client {
             .first()
             .and_then(|t| t.partition_responses.first())
             .ok_or_else(|| ClientError::Codec("empty produce response".into()))?;
-        Ok(Produced {
-            base_offset: p.base_offset,
-            error_code: p.error_code,
-        })
+        Ok(Produced { base_offset: p.base_offset, error_code: p.error_code })
     }
 
     pub fn fetch(

@@ -1,39 +1,115 @@
 //! The dispatch loop: thread-per-core, run-to-completion.
 //!
 //! Each core owns one transport instance (its own listener, via `SO_REUSEPORT`), the
-//! connections the kernel gave it, and their request queues. A completion is handled to
-//! the end on the core that received it: frames are cut from the receive buffer, each
-//! request is decoded and run, and its response is queued in the connection's order.
-//! Responses ready at the head of a connection's queue are coalesced into one vectored
-//! send. Requests that must wait (long-poll fetch, group joins) are *parked* in their
-//! slot and re-polled when the broker's notifier wakes the core or their deadline passes.
+//! connections the kernel gave it with their request queues, and a [`Shard`]: the
+//! partitions it owns. A completion is handled to the end on the core that received it:
+//! frames are cut from the receive buffer, each request is decoded and run, and its
+//! response is queued in the connection's order. Partition work is run inline when this
+//! core owns the partition and otherwise sent to the owner as a [`CoreMsg::Op`]; the
+//! request waits in a *gathering* slot until every result is back. Requests that must wait
+//! for data or a rebalance are *parked* and re-polled when the broker's notifier wakes the
+//! core or their deadline passes. Ready responses at the head of a connection's queue are
+//! coalesced into one vectored send.
+//!
+//! Slow file-system work (msync for the `interval` flush policy, sealed-segment indexes,
+//! retention's unlinks, creating the next segment file) is handed to the I/O thread, so
+//! an append never waits for it.
 //!
 //! # Invariants
-//! - Responses leave in request order per connection (Kafka pipelining): a parked slot
-//!   holds back every slot behind it.
+//! - Responses leave in request order per connection (Kafka pipelining): a parked or
+//!   gathering slot holds back every slot behind it.
+//! - A partition's log is touched only by its owner core's [`Shard`].
 //! - A connection that sends bad input is closed alone, after any responses already
 //!   queued for it; nothing it sent after the bad frame is executed.
 
 use bytes::{Buf, Bytes, BytesMut};
+use crossbeam_channel::{Receiver, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::Broker;
+use crate::broker::shard::{PartOp, PartResult, Shard, SpareRequest};
+use crate::broker::{Broker, PartKey};
+use crate::log::mmap::SegmentFile;
+use crate::log::{now_ms, IoWork};
 use crate::metrics;
+use crate::protocol::kafka::data::{self, Then};
 use crate::protocol::kafka::{self, InFlight, Outcome, Parked};
-use crate::transport::{CloseReason, Completion, ConnId, Transport};
+use crate::transport::{CloseReason, Completion, ConnId, Transport, Wake};
 
 /// Stop reading from a connection while this much is queued for it unsent.
 const MAX_UNSENT: usize = 32 << 20;
 /// ...or while this many of its requests wait for answers.
 const MAX_PIPELINED: usize = 1024;
+/// How often a core does its housekeeping (background flush, retention checks...).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+const RETENTION_EVERY: Duration = Duration::from_secs(5);
+
+/// Messages between cores.
+pub enum CoreMsg {
+    /// Run `op` on a partition this core owns and answer `from` with [`CoreMsg::Done`].
+    Op {
+        from: usize,
+        ticket: u64,
+        idx: usize,
+        key: PartKey,
+        op: PartOp,
+    },
+    Done {
+        ticket: u64,
+        idx: usize,
+        result: PartResult,
+    },
+    /// A spare segment file the I/O thread made for one of this core's partitions.
+    Spare {
+        key: PartKey,
+        file: SegmentFile,
+    },
+}
+
+/// Work for the I/O thread.
+pub enum IoJob {
+    Work(IoWork),
+    Spare { req: SpareRequest, core: usize },
+}
+
+/// How to reach a core from another thread.
+#[derive(Clone)]
+pub struct Peer {
+    tx: Sender<CoreMsg>,
+    waker: Arc<dyn Wake>,
+    sleeping: Arc<AtomicBool>,
+}
+
+impl Peer {
+    pub fn new(tx: Sender<CoreMsg>, waker: Arc<dyn Wake>, sleeping: Arc<AtomicBool>) -> Peer {
+        Peer { tx, waker, sleeping }
+    }
+
+    /// Queues `msg` and wakes the core if it is asleep in its poll. (The core raises its
+    /// flag before checking its inbox one last time, and we check the flag after queueing:
+    /// one of the two always sees the other.)
+    pub fn send(&self, msg: CoreMsg) {
+        if self.tx.send(msg).is_ok() && self.sleeping.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
+}
 
 enum Slot {
     Ready(Vec<Bytes>),
     Parked(Box<(InFlight, Parked)>),
+    Gathering(Box<Gathering>),
+}
+
+struct Gathering {
+    ticket: u64,
+    req: InFlight,
+    then: Then,
+    results: Vec<Option<PartResult>>,
+    pending: usize,
 }
 
 struct Conn {
@@ -51,7 +127,15 @@ pub struct Core {
     id: usize,
     broker: Arc<Broker>,
     transport: Box<dyn Transport>,
+    shard: Shard,
+    inbox: Receiver<CoreMsg>,
+    peers: Vec<Peer>,
+    sleeping: Arc<AtomicBool>,
+    io: Sender<IoJob>,
     conns: HashMap<ConnId, Conn>,
+    /// Gathering tickets and the connection they belong to.
+    tickets: HashMap<u64, ConnId>,
+    next_ticket: u64,
     parked: usize,
     parked_flag: Arc<AtomicBool>,
     seen_epoch: u64,
@@ -60,30 +144,41 @@ pub struct Core {
     drives_groups: bool,
 }
 
+/// What a core needs besides its transport; see [`Core::new`].
+pub struct CoreParts {
+    pub shard: Shard,
+    pub inbox: Receiver<CoreMsg>,
+    pub peers: Vec<Peer>,
+    pub sleeping: Arc<AtomicBool>,
+    pub io: Sender<IoJob>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
 impl Core {
-    pub fn new(
-        id: usize,
-        broker: Arc<Broker>,
-        transport: Box<dyn Transport>,
-        shutdown: Arc<AtomicBool>,
-    ) -> Core {
-        let parked_flag = broker.notifier.register(transport.waker());
+    pub fn new(id: usize, broker: Arc<Broker>, transport: Box<dyn Transport>, parts: CoreParts) -> Core {
         Core {
             id,
             broker,
             transport,
+            shard: parts.shard,
+            inbox: parts.inbox,
+            peers: parts.peers,
+            sleeping: parts.sleeping,
+            io: parts.io,
             conns: HashMap::new(),
+            tickets: HashMap::new(),
+            next_ticket: 0,
             parked: 0,
-            parked_flag,
+            parked_flag: Arc::new(AtomicBool::new(false)),
             seen_epoch: 0,
-            shutdown,
+            shutdown: parts.shutdown,
             drives_groups: id == 0,
         }
     }
 
-    /// A handle that wakes this core's poll from another thread.
-    pub fn waker(&self) -> Arc<dyn crate::transport::Wake> {
-        self.transport.waker()
+    /// This core's waker and has-parked-work flag, for the broker's notifier.
+    pub fn notify_handle(&self) -> (Arc<dyn Wake>, Arc<AtomicBool>) {
+        (self.transport.waker(), self.parked_flag.clone())
     }
 
     fn max_frame(&self) -> usize {
@@ -94,31 +189,32 @@ impl Core {
     pub fn run(mut self) {
         let mut completions = Vec::with_capacity(256);
         let mut drain_deadline: Option<Instant> = None;
+        let mut next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
+        let mut next_retention = Instant::now() + RETENTION_EVERY;
         loop {
             if self.shutdown.load(Ordering::Acquire) && drain_deadline.is_none() {
-                log::info!(
-                    "core {}: stopping; answering {} parked requests",
-                    self.id,
-                    self.parked
-                );
+                log::info!("core {}: stopping; answering {} parked requests", self.id, self.parked);
                 self.transport.stop_accepting();
                 drain_deadline = Some(Instant::now() + Duration::from_secs(5));
                 self.repoll_parked(true);
             }
             if let Some(d) = drain_deadline {
                 let idle = self.conns.values().all(|c| c.queue.is_empty());
-                let unsent: usize = self
-                    .conns
-                    .keys()
-                    .map(|id| self.transport.unsent_bytes(*id))
-                    .sum();
+                let unsent: usize = self.conns.keys().map(|id| self.transport.unsent_bytes(*id)).sum();
                 if (idle && unsent == 0) || Instant::now() >= d {
                     break;
                 }
             }
-            let timeout = self.next_timeout(drain_deadline.is_some());
+            self.drain_inbox();
+            let mut timeout = self.next_timeout(drain_deadline.is_some(), next_housekeeping);
+            self.sleeping.store(true, Ordering::SeqCst);
+            if !self.inbox.is_empty() {
+                timeout = Some(Duration::ZERO);
+            }
             completions.clear();
-            if let Err(e) = self.transport.poll(timeout, &mut completions) {
+            let polled = self.transport.poll(timeout, &mut completions);
+            self.sleeping.store(false, Ordering::SeqCst);
+            if let Err(e) = polled {
                 log::error!("core {}: transport poll failed: {e}", self.id);
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
@@ -127,6 +223,7 @@ impl Core {
             for c in completions.drain(..) {
                 self.on_completion(c, now);
             }
+            self.drain_inbox();
             if self.drives_groups && self.broker.groups.lock().tick(now) {
                 self.broker.notifier.notify();
             }
@@ -137,45 +234,77 @@ impl Core {
             }
             self.seen_epoch = epoch;
             self.parked_flag.store(self.parked > 0, Ordering::Release);
+            if now >= next_housekeeping {
+                let retention = now >= next_retention;
+                if retention {
+                    next_retention = now + RETENTION_EVERY;
+                }
+                self.housekeeping(retention);
+                next_housekeeping = now + HOUSEKEEPING_EVERY;
+            }
         }
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             self.transport.close(id);
         }
+        self.shard.close();
     }
 
-    fn next_timeout(&self, draining: bool) -> Option<Duration> {
+    fn housekeeping(&mut self, retention: bool) {
+        let (work, spares) = self.shard.housekeeping(&self.broker, now_ms(), retention);
+        for w in work {
+            if self.io.send(IoJob::Work(w)).is_err() {
+                log::error!("core {}: I/O thread gone", self.id);
+            }
+        }
+        for req in spares {
+            let _ = self.io.send(IoJob::Spare { req, core: self.id });
+        }
+    }
+
+    fn next_timeout(&self, draining: bool, housekeeping: Instant) -> Option<Duration> {
         let now = Instant::now();
-        let mut t: Option<Instant> = None;
-        let mut consider = |d: Instant| t = Some(t.map_or(d, |x| x.min(d)));
+        let mut t = housekeeping;
         for c in self.conns.values() {
             for s in &c.queue {
                 if let Slot::Parked(b) = s {
-                    let p = &b.1;
-                    if let Some(d) = kafka::parked_deadline(p) {
-                        consider(d);
+                    if let Some(d) = kafka::parked_deadline(&b.1) {
+                        t = t.min(d);
                     }
                 }
             }
         }
         if self.drives_groups {
             if let Some(d) = self.broker.groups.lock().next_deadline() {
-                consider(d);
+                t = t.min(d);
             }
         }
         // Wake at least this often: shutdown flag, parked joins, coordinator timers.
-        let cap = if draining {
-            Duration::from_millis(10)
-        } else {
-            Duration::from_millis(250)
-        };
-        Some(t.map_or(cap, |d| d.saturating_duration_since(now).min(cap)))
+        let cap = if draining { Duration::from_millis(10) } else { Duration::from_millis(250) };
+        Some(t.saturating_duration_since(now).min(cap))
     }
 
     fn any_deadline_passed(&self, now: Instant) -> bool {
         self.conns.values().any(|c| {
-            c.queue.iter().any(|s| matches!(s, Slot::Parked(b) if kafka::parked_deadline(&b.1).is_some_and(|d| d <= now)))
+            c.queue
+                .iter()
+                .any(|s| matches!(s, Slot::Parked(b) if kafka::parked_deadline(&b.1).is_some_and(|d| d <= now)))
         })
+    }
+
+    fn drain_inbox(&mut self) {
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                CoreMsg::Op { from, ticket, idx, key, op } => {
+                    let result = self.shard.execute(&self.broker, key, op);
+                    if let Some(p) = self.peers.get(from) {
+                        p.send(CoreMsg::Done { ticket, idx, result });
+                    }
+                }
+                CoreMsg::Done { ticket, idx, result } => self.on_done(ticket, idx, result),
+                CoreMsg::Spare { key, file } => self.shard.set_spare(key, file),
+            }
+        }
     }
 
     fn on_completion(&mut self, c: Completion, now: Instant) {
@@ -184,17 +313,10 @@ impl Core {
                 log::debug!("core {}: connection {conn} from {peer}", self.id);
                 self.conns.insert(
                     conn,
-                    Conn {
-                        peer,
-                        host: peer.ip().to_string(),
-                        rx: None,
-                        queue: VecDeque::new(),
-                        closing: false,
-                    },
+                    Conn { peer, host: peer.ip().to_string(), rx: None, queue: VecDeque::new(), closing: false },
                 );
                 let max = self.max_frame() + 4;
-                self.transport
-                    .recv(conn, BytesMut::with_capacity(64 * 1024), max);
+                self.transport.recv(conn, BytesMut::with_capacity(64 * 1024), max);
             }
             Completion::Received { conn, buf, n } => {
                 if n == 0 {
@@ -203,21 +325,21 @@ impl Core {
                 }
                 self.on_bytes(conn, buf, now);
             }
-            Completion::Sent { conn, .. } => {
-                self.maybe_resume(conn);
-            }
+            Completion::Sent { conn, .. } => self.maybe_resume(conn),
             Completion::Closed { conn, reason } => {
                 if let Some(c) = self.conns.remove(&conn) {
-                    let parked = c
-                        .queue
-                        .iter()
-                        .filter(|s| matches!(s, Slot::Parked(..)))
-                        .count();
-                    self.parked -= parked;
-                    match reason {
-                        CloseReason::Error(e) => {
-                            log::debug!("connection from {} ended: {e}", c.peer)
+                    for s in &c.queue {
+                        match s {
+                            Slot::Parked(_) => self.parked -= 1,
+                            Slot::Gathering(g) => {
+                                // Results still on their way are dropped on arrival.
+                                self.tickets.remove(&g.ticket);
+                            }
+                            Slot::Ready(_) => {}
                         }
+                    }
+                    match reason {
+                        CloseReason::Error(e) => log::debug!("connection from {} ended: {e}", c.peer),
                         _ => log::debug!("connection from {} closed", c.peer),
                     }
                 }
@@ -246,12 +368,16 @@ impl Core {
             }
             buf.advance(4);
             let frame = buf.split_to(len).freeze();
-            let Some(c) = self.conns.get(&conn) else {
-                return;
-            };
+            let Some(c) = self.conns.get(&conn) else { return };
             let host = c.host.clone();
             match kafka::handle_frame(&self.broker, frame, &host, now) {
-                Ok((req, outcome)) => self.enqueue(conn, req, outcome),
+                Ok((req, outcome)) => {
+                    if let Some(slot) = self.slot_for(conn, req, outcome, now) {
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            c.queue.push_back(slot);
+                        }
+                    }
+                }
                 Err(e) => {
                     self.bad_input(conn, &e.to_string());
                     return;
@@ -276,32 +402,91 @@ impl Core {
         self.transport.close(conn);
     }
 
-    fn enqueue(&mut self, conn: ConnId, req: InFlight, outcome: Outcome) {
-        let slot = match outcome {
-            Outcome::NoResponse => return,
+    /// Turns a handler's outcome into a queue slot (`None`: nothing to answer).
+    fn slot_for(&mut self, conn: ConnId, req: InFlight, outcome: Outcome, now: Instant) -> Option<Slot> {
+        match outcome {
+            Outcome::NoResponse => None,
             Outcome::Respond(body, by_ref) => match kafka::encode_response(&req, &body, by_ref) {
-                Ok(chunks) => Slot::Ready(chunks),
+                Ok(chunks) => Some(Slot::Ready(chunks)),
                 Err(e) => {
+                    // A response we cannot encode is our bug: say so and drop the client
+                    // rather than leave it waiting forever.
                     log::error!("{e}");
-                    self.bad_input(conn, "response could not be encoded");
-                    return;
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.closing = true;
+                    }
+                    self.transport.close(conn);
+                    None
                 }
             },
             Outcome::Park(p) => {
                 self.parked += 1;
-                Slot::Parked(Box::new((req, p)))
+                Some(Slot::Parked(Box::new((req, p))))
             }
-        };
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.queue.push_back(slot);
+            Outcome::Gather(g) => self.start_gather(conn, req, g, now),
         }
+    }
+
+    /// Runs a gather's partition operations: inline for partitions this core owns, on
+    /// their owners for the rest.
+    fn start_gather(&mut self, conn: ConnId, req: InFlight, g: data::Gather, now: Instant) -> Option<Slot> {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let mut results: Vec<Option<PartResult>> = Vec::with_capacity(g.ops.len());
+        let mut pending = 0;
+        for (idx, (key, op)) in g.ops.into_iter().enumerate() {
+            let owner = self.broker.owner(key);
+            if owner == self.id {
+                results.push(Some(self.shard.execute(&self.broker, key, op)));
+            } else {
+                results.push(None);
+                pending += 1;
+                self.peers[owner].send(CoreMsg::Op { from: self.id, ticket, idx, key, op });
+            }
+        }
+        if pending == 0 {
+            let results = results.into_iter().flatten().collect();
+            let host = self.conns.get(&conn).map(|c| c.host.clone()).unwrap_or_default();
+            let outcome = data::finish(g.then, results, &host, now);
+            return self.slot_for(conn, req, outcome, now);
+        }
+        self.tickets.insert(ticket, conn);
+        Some(Slot::Gathering(Box::new(Gathering { ticket, req, then: g.then, results, pending })))
+    }
+
+    fn on_done(&mut self, ticket: u64, idx: usize, result: PartResult) {
+        let Some(&conn) = self.tickets.get(&ticket) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(pos) = c.queue.iter().position(|s| matches!(s, Slot::Gathering(g) if g.ticket == ticket)) else {
+            return;
+        };
+        let Some(Slot::Gathering(g)) = c.queue.get_mut(pos) else { return };
+        if let Some(r) = g.results.get_mut(idx) {
+            if r.is_none() {
+                g.pending -= 1;
+            }
+            *r = Some(result);
+        }
+        if g.pending > 0 {
+            return;
+        }
+        self.tickets.remove(&ticket);
+        let host = c.host.clone();
+        let Slot::Gathering(g) = std::mem::replace(&mut c.queue[pos], Slot::Ready(Vec::new())) else { return };
+        let Gathering { req, then, results, .. } = *g;
+        let now = Instant::now();
+        let outcome = data::finish(then, results.into_iter().flatten().collect(), &host, now);
+        let slot = self.slot_for(conn, req, outcome, now).unwrap_or(Slot::Ready(Vec::new()));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.queue[pos] = slot;
+        }
+        self.flush(conn);
+        self.maybe_resume(conn);
     }
 
     /// Sends the ready responses at the head of `conn`'s queue as one vectored write.
     fn flush(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
         let mut out: Vec<Bytes> = Vec::new();
         while let Some(Slot::Ready(_)) = c.queue.front() {
             if let Some(Slot::Ready(chunks)) = c.queue.pop_front() {
@@ -317,9 +502,7 @@ impl Core {
     fn maybe_resume(&mut self, conn: ConnId) {
         let unsent = self.transport.unsent_bytes(conn);
         let max = self.max_frame() + 4;
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
         if c.closing || unsent > MAX_UNSENT || c.queue.len() > MAX_PIPELINED {
             return;
         }
@@ -333,28 +516,23 @@ impl Core {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             let mut progressed = false;
-            if let Some(c) = self.conns.get_mut(&id) {
-                for slot in c.queue.iter_mut() {
-                    let Slot::Parked(b) = slot else { continue };
-                    let (req, p) = &**b;
-                    let force_this = force || kafka::parked_deadline(p).is_some_and(|d| d <= now);
-                    let Some(outcome) = kafka::poll_parked(&self.broker, p, now, force_this) else {
-                        continue;
-                    };
-                    self.parked -= 1;
-                    progressed = true;
-                    *slot = match outcome {
-                        Outcome::Respond(body, by_ref) => {
-                            match kafka::encode_response(req, &body, by_ref) {
-                                Ok(chunks) => Slot::Ready(chunks),
-                                Err(e) => {
-                                    log::error!("{e}");
-                                    Slot::Ready(Vec::new())
-                                }
-                            }
-                        }
-                        Outcome::NoResponse | Outcome::Park(_) => Slot::Ready(Vec::new()),
-                    };
+            let len = self.conns.get(&id).map_or(0, |c| c.queue.len());
+            for pos in 0..len {
+                let outcome = {
+                    let Some(c) = self.conns.get(&id) else { break };
+                    let Some(Slot::Parked(b)) = c.queue.get(pos) else { continue };
+                    let force_this = force || kafka::parked_deadline(&b.1).is_some_and(|d| d <= now);
+                    kafka::poll_parked(&self.broker, &b.1, now, force_this)
+                };
+                let Some(outcome) = outcome else { continue };
+                let Some(c) = self.conns.get_mut(&id) else { break };
+                let Slot::Parked(b) = std::mem::replace(&mut c.queue[pos], Slot::Ready(Vec::new())) else { continue };
+                self.parked -= 1;
+                progressed = true;
+                let (req, _) = *b;
+                let slot = self.slot_for(id, req, outcome, now).unwrap_or(Slot::Ready(Vec::new()));
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.queue[pos] = slot;
                 }
             }
             if progressed {

@@ -68,10 +68,7 @@ impl BatchHeader {
     /// whole batch (as its length says) lies within `buf`.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         if buf.len() < HEADER_LEN {
-            return Err(BatchError::Truncated {
-                have: buf.len(),
-                need: HEADER_LEN,
-            });
+            return Err(BatchError::Truncated { have: buf.len(), need: HEADER_LEN });
         }
         let batch_length = be_i32(buf, 8);
         if batch_length < (HEADER_LEN - LOG_OVERHEAD) as i32 {
@@ -83,10 +80,7 @@ impl BatchHeader {
         }
         let total = LOG_OVERHEAD + batch_length as usize;
         if buf.len() < total {
-            return Err(BatchError::Truncated {
-                have: buf.len(),
-                need: total,
-            });
+            return Err(BatchError::Truncated { have: buf.len(), need: total });
         }
         let h = BatchHeader {
             base_offset: be_i64(buf, 0),
@@ -113,10 +107,7 @@ impl BatchHeader {
         let h = Self::parse(buf)?;
         let computed = crc32c::crc32c(&buf[ATTRIBUTES_OFFSET..h.total_len()]);
         if computed != h.crc {
-            return Err(BatchError::Crc {
-                stored: h.crc,
-                computed,
-            });
+            return Err(BatchError::Crc { stored: h.crc, computed });
         }
         Ok(h)
     }
@@ -229,15 +220,9 @@ mod tests {
     fn detects_corruption_and_truncation() {
         let mut b = build_batch(0, 1, &[b"hello"]);
         let n = b.len();
-        assert!(matches!(
-            BatchHeader::parse_checked(&b[..n - 1]),
-            Err(BatchError::Truncated { .. })
-        ));
+        assert!(matches!(BatchHeader::parse_checked(&b[..n - 1]), Err(BatchError::Truncated { .. })));
         b[n - 2] ^= 0xff;
-        assert!(matches!(
-            BatchHeader::parse_checked(&b),
-            Err(BatchError::Crc { .. })
-        ));
+        assert!(matches!(BatchHeader::parse_checked(&b), Err(BatchError::Crc { .. })));
         b[16] = 1;
         assert_eq!(BatchHeader::parse(&b), Err(BatchError::BadMagic(1)));
     }

@@ -34,11 +34,7 @@ pub struct SegmentFile {
 impl SegmentFile {
     /// Creates a new, zero-filled segment of `capacity` bytes. Fails if it exists.
     pub fn create(path: &Path, capacity: usize) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
         file.set_len(capacity as u64)?;
         Self::map(path, file, capacity)
     }
@@ -57,12 +53,7 @@ impl SegmentFile {
 
     fn map(path: &Path, file: File, capacity: usize) -> io::Result<Self> {
         let map = MmapOptions::new().len(capacity).map_raw(&file)?;
-        Ok(SegmentFile {
-            path: path.to_path_buf(),
-            file,
-            map,
-            capacity,
-        })
+        Ok(SegmentFile { path: path.to_path_buf(), file, map, capacity })
     }
 
     pub fn capacity(&self) -> usize {
@@ -80,17 +71,19 @@ impl SegmentFile {
     /// Zeroes everything from `at` to the end (a torn or invalid tail), so that no stale
     /// batch past the cut can ever be mistaken for data by a later scan.
     pub fn truncate_tail(self, at: usize) -> io::Result<Self> {
-        let SegmentFile {
-            path,
-            file,
-            map,
-            capacity,
-        } = self;
+        let SegmentFile { path, file, map, capacity } = self;
         drop(map);
         file.set_len(at as u64)?;
         file.set_len(capacity as u64)?;
         file.sync_all()?;
         Self::map(&path, file, capacity)
+    }
+
+    /// Renames the (unshared) file, e.g. a spare segment taking its final name.
+    pub fn rename(mut self, to: &Path) -> io::Result<Self> {
+        std::fs::rename(&self.path, to)?;
+        self.path = to.to_path_buf();
+        Ok(self)
     }
 
     /// Shares the mapping: `len` valid bytes become visible to readers.
@@ -102,13 +95,7 @@ impl SegmentFile {
             capacity: self.capacity,
             published: AtomicUsize::new(len),
         });
-        (
-            shared.clone(),
-            SegmentWriter {
-                map: shared,
-                pos: len,
-            },
-        )
+        (shared.clone(), SegmentWriter { map: shared, pos: len })
     }
 }
 
@@ -137,11 +124,7 @@ impl SegmentMap {
         if end > self.published() {
             return None;
         }
-        Some(Bytes::from_owner(MappedSlice {
-            map: self.clone(),
-            start,
-            len,
-        }))
+        Some(Bytes::from_owner(MappedSlice { map: self.clone(), start, len }))
     }
 
     /// Flushes `[start, end)` to stable storage (msync).
@@ -197,9 +180,7 @@ impl SegmentWriter {
         }
         // SAFETY: `[pos, pos + len)` lies inside the mapping (checked above) and at or past
         // `published`, so no reader looks at it; `&mut self` makes this the only writer.
-        Some(unsafe {
-            std::slice::from_raw_parts_mut(self.map.map.as_mut_ptr().add(self.pos), len)
-        })
+        Some(unsafe { std::slice::from_raw_parts_mut(self.map.map.as_mut_ptr().add(self.pos), len) })
     }
 
     /// Moves the write position past `len` reserved bytes (not yet visible to readers).

@@ -51,26 +51,15 @@ pub enum LogError {
     #[error("offset {offset} out of range [{start}, {end}]")]
     OffsetOutOfRange { offset: i64, start: i64, end: i64 },
     #[error("producer {producer_id}: epoch {epoch} is older than {current}")]
-    ProducerFenced {
-        producer_id: i64,
-        epoch: i16,
-        current: i16,
-    },
+    ProducerFenced { producer_id: i64, epoch: i16, current: i16 },
     #[error("producer {producer_id}: sequence {got} where {expected} was expected")]
-    OutOfOrderSequence {
-        producer_id: i64,
-        expected: i32,
-        got: i32,
-    },
+    OutOfOrderSequence { producer_id: i64, expected: i32, got: i32 },
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
-    move |source| LogError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| LogError::Io { path: path.to_path_buf(), source }
 }
 
 /// When appended bytes are forced to stable storage.
@@ -93,17 +82,14 @@ impl std::str::FromStr for FlushPolicy {
             if arg.is_empty() {
                 Ok(d)
             } else {
-                arg.parse()
-                    .map_err(|_| format!("bad number in flush policy '{s}'"))
+                arg.parse().map_err(|_| format!("bad number in flush policy '{s}'"))
             }
         };
         match kind {
             "always" => Ok(FlushPolicy::Always),
             "interval" => Ok(FlushPolicy::Interval(num(1000)?)),
             "bytes" => Ok(FlushPolicy::Bytes(num(1 << 20)?)),
-            _ => Err(format!(
-                "unknown flush policy '{s}': use always, interval[:MS] or bytes[:N]"
-            )),
+            _ => Err(format!("unknown flush policy '{s}': use always, interval[:MS] or bytes[:N]")),
         }
     }
 }
@@ -133,10 +119,7 @@ impl Default for LogConfig {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// A sealed or active segment's metadata; the bytes are in `map`.
@@ -192,29 +175,31 @@ impl Segment {
     /// Writes the sparse indexes next to the segment (when sealing it).
     fn write_indexes(&self, dir: &Path) -> io::Result<()> {
         let stem = Self::file_stem(dir, self.base_offset);
+        let (idx, tidx) = self.index_files();
+        fs::write(stem.with_extension("index"), idx)?;
+        fs::write(stem.with_extension("timeindex"), tidx)
+    }
+
+    /// The bytes of the `.index` and `.timeindex` files.
+    fn index_files(&self) -> (Vec<u8>, Vec<u8>) {
         let mut idx = Vec::with_capacity(self.index.len() * 8 + 16);
         for (rel, pos) in &self.index {
             idx.extend_from_slice(&rel.to_be_bytes());
             idx.extend_from_slice(&pos.to_be_bytes());
         }
-        fs::write(stem.with_extension("index"), idx)?;
         let mut tidx = Vec::with_capacity(self.time_index.len() * 12);
         for (ts, rel) in &self.time_index {
             tidx.extend_from_slice(&ts.to_be_bytes());
             tidx.extend_from_slice(&rel.to_be_bytes());
         }
-        fs::write(stem.with_extension("timeindex"), tidx)
+        (idx, tidx)
     }
 
     /// Position of the batch containing `offset` (which must be in this segment).
     fn locate(&self, offset: i64) -> Option<(usize, BatchHeader)> {
         let rel = (offset - self.base_offset) as u32;
         let i = self.index.partition_point(|(r, _)| *r <= rel);
-        let mut pos = if i == 0 {
-            0
-        } else {
-            self.index[i - 1].1 as usize
-        };
+        let mut pos = if i == 0 { 0 } else { self.index[i - 1].1 as usize };
         let view = self.map.slice(0, self.size)?;
         while pos < self.size {
             let h = BatchHeader::parse(&view[pos..]).ok()?;
@@ -255,18 +240,37 @@ pub struct ReadResult {
     pub log_start_offset: i64,
 }
 
-/// What the background flusher needs, taken under the lock and used outside it.
-pub struct FlushWork {
-    map: Arc<SegmentMap>,
-    from: usize,
-    to: usize,
+/// Slow file-system work the log hands off, so that rolls, retention and background
+/// flushes never make an append wait (the owner core ships it to an I/O thread).
+pub enum IoWork {
+    /// msync a range of a segment.
+    Flush { map: Arc<SegmentMap>, from: usize, to: usize },
+    /// Write a whole small file (a sealed segment's index).
+    Write { path: PathBuf, bytes: Vec<u8> },
+    /// Unlink files (segments removed by retention).
+    Remove(Vec<PathBuf>),
 }
 
-impl FlushWork {
+impl IoWork {
     pub fn run(self) -> io::Result<()> {
-        self.map.flush_range(self.from, self.to)
+        match self {
+            IoWork::Flush { map, from, to } => map.flush_range(from, to),
+            IoWork::Write { path, bytes } => fs::write(path, bytes),
+            IoWork::Remove(paths) => {
+                for p in paths {
+                    match fs::remove_file(&p) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 }
+
+/// Extension of a segment file made ahead of time, not yet part of the log.
+const SPARE_SUFFIX: &str = "spare";
 
 /// One partition's log. Owned under a lock by the broker; see the module docs.
 pub struct PartitionLog {
@@ -278,6 +282,10 @@ pub struct PartitionLog {
     log_start_offset: i64,
     flushed_to: usize,
     producers: HashMap<i64, ProducerState>,
+    /// A preallocated, mapped file for the next segment (see [`Self::wants_spare`]).
+    spare: Option<SegmentFile>,
+    spare_requested: bool,
+    io: Vec<IoWork>,
 }
 
 /// What recovery found, for logging and the crash test.
@@ -293,6 +301,12 @@ impl PartitionLog {
     /// Opens (recovering) or creates the log in `dir`.
     pub fn open(dir: &Path, cfg: LogConfig) -> Result<(PartitionLog, RecoveryReport), LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        for e in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+            if e.path().extension().is_some_and(|x| x == SPARE_SUFFIX) {
+                // Made ahead of a roll that never happened: not part of the log.
+                let _ = fs::remove_file(e.path());
+            }
+        }
         let mut bases: Vec<i64> = fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(|e| e.ok())
@@ -316,14 +330,10 @@ impl PartitionLog {
             let path = Segment::file_stem(dir, base).with_extension("log");
             let file = SegmentFile::open(&path, cfg.segment_bytes).map_err(io_err(&path))?;
             let is_active = i == last;
-            let (seg, writer) =
-                Self::recover_segment(dir, base, file, is_active, &cfg, &mut report)?;
+            let (seg, writer) = Self::recover_segment(dir, base, file, is_active, &cfg, &mut report)?;
             if let Some(e) = expected {
                 if e != base {
-                    log::warn!(
-                        "{}: segment {base} does not follow offset {e}",
-                        dir.display()
-                    );
+                    log::warn!("{}: segment {base} does not follow offset {e}", dir.display());
                 }
             }
             expected = Some(seg.next_offset);
@@ -337,9 +347,7 @@ impl PartitionLog {
         let Some((active, writer)) = active else {
             return Err(LogError::Empty);
         };
-        let log_start_offset = sealed
-            .first()
-            .map_or(active.base_offset, |s: &Segment| s.base_offset);
+        let log_start_offset = sealed.first().map_or(active.base_offset, |s: &Segment| s.base_offset);
         let flushed_to = writer.position();
         let mut log = PartitionLog {
             dir: dir.to_path_buf(),
@@ -350,6 +358,9 @@ impl PartitionLog {
             log_start_offset,
             flushed_to,
             producers: HashMap::new(),
+            spare: None,
+            spare_requested: false,
+            io: Vec::new(),
         };
         log.rebuild_producer_state();
         report.next_offset = log.next_offset();
@@ -375,27 +386,19 @@ impl PartitionLog {
                 let rest = &data[pos..];
                 // The active segment may hold a torn tail: check every CRC there. Sealed
                 // segments were complete when sealed; a header walk finds their end.
-                let parsed = if is_active {
-                    BatchHeader::parse_checked(rest)
-                } else {
-                    BatchHeader::parse(rest)
-                };
+                let parsed = if is_active { BatchHeader::parse_checked(rest) } else { BatchHeader::parse(rest) };
                 let h = match parsed {
                     Ok(h) => h,
                     Err(e) => {
-                        if rest.len() >= LOG_OVERHEAD
-                            && rest[..LOG_OVERHEAD].iter().any(|b| *b != 0)
-                        {
+                        if rest.len() >= LOG_OVERHEAD && rest[..LOG_OVERHEAD].iter().any(|b| *b != 0) {
                             stop_reason = Some(e.to_string());
                         }
                         break;
                     }
                 };
                 if h.base_offset != next {
-                    stop_reason = Some(format!(
-                        "batch at {pos} has offset {} where {next} was expected",
-                        h.base_offset
-                    ));
+                    stop_reason =
+                        Some(format!("batch at {pos} has offset {} where {next} was expected", h.base_offset));
                     break;
                 }
                 found.push((pos, h));
@@ -406,20 +409,14 @@ impl PartitionLog {
         }
         if is_active {
             if let Some(reason) = &stop_reason {
-                log::warn!(
-                    "{}: truncating torn tail at byte {pos}: {reason}",
-                    path.display()
-                );
+                log::warn!("{}: truncating torn tail at byte {pos}: {reason}", path.display());
                 report.truncated_bytes += file.capacity() - pos;
             }
             // Zero the tail even when it looks empty: a stale batch past a crash point
             // must never be found by a later scan.
             file = file.truncate_tail(pos).map_err(io_err(&path))?;
         } else if let Some(reason) = &stop_reason {
-            log::warn!(
-                "{}: sealed segment ends early at byte {pos}: {reason}",
-                path.display()
-            );
+            log::warn!("{}: sealed segment ends early at byte {pos}: {reason}", path.display());
         }
         let (map, writer) = file.into_shared(pos);
         let mut seg = Segment::empty(base, map);
@@ -454,21 +451,17 @@ impl PartitionLog {
 
     fn record_producer(&mut self, h: &BatchHeader, base_offset: i64) {
         let last_seq = h.base_sequence.wrapping_add(h.last_offset_delta);
-        let st = self
-            .producers
-            .entry(h.producer_id)
-            .or_insert_with(|| ProducerState {
-                epoch: h.producer_epoch,
-                last_sequence: -1,
-                recent: VecDeque::new(),
-            });
+        let st = self.producers.entry(h.producer_id).or_insert_with(|| ProducerState {
+            epoch: h.producer_epoch,
+            last_sequence: -1,
+            recent: VecDeque::new(),
+        });
         if h.producer_epoch != st.epoch {
             st.epoch = h.producer_epoch;
             st.recent.clear();
         }
         st.last_sequence = last_seq;
-        st.recent
-            .push_back((h.base_sequence, last_seq, base_offset));
+        st.recent.push_back((h.base_sequence, last_seq, base_offset));
         if st.recent.len() > 5 {
             st.recent.pop_front();
         }
@@ -494,32 +487,16 @@ impl PartitionLog {
             return if h.base_sequence == 0 {
                 Ok(None)
             } else {
-                Err(LogError::OutOfOrderSequence {
-                    producer_id: h.producer_id,
-                    expected: 0,
-                    got: h.base_sequence,
-                })
+                Err(LogError::OutOfOrderSequence { producer_id: h.producer_id, expected: 0, got: h.base_sequence })
             };
         }
         let last = h.base_sequence.wrapping_add(h.last_offset_delta);
-        if let Some((_, _, base)) = st
-            .recent
-            .iter()
-            .find(|(f, l, _)| *f == h.base_sequence && *l == last)
-        {
+        if let Some((_, _, base)) = st.recent.iter().find(|(f, l, _)| *f == h.base_sequence && *l == last) {
             return Ok(Some(*base));
         }
-        let expected = if st.last_sequence == i32::MAX {
-            0
-        } else {
-            st.last_sequence + 1
-        };
+        let expected = if st.last_sequence == i32::MAX { 0 } else { st.last_sequence + 1 };
         if h.base_sequence != expected {
-            return Err(LogError::OutOfOrderSequence {
-                producer_id: h.producer_id,
-                expected,
-                got: h.base_sequence,
-            });
+            return Err(LogError::OutOfOrderSequence { producer_id: h.producer_id, expected, got: h.base_sequence });
         }
         Ok(None)
     }
@@ -540,12 +517,7 @@ impl PartitionLog {
         };
         if let Some(base) = self.check_sequence(first)? {
             let last = base + headers.iter().map(BatchHeader::offset_count).sum::<i64>() - 1;
-            return Ok(AppendInfo {
-                base_offset: base,
-                last_offset: last,
-                log_append_time: -1,
-                duplicate: true,
-            });
+            return Ok(AppendInfo { base_offset: base, last_offset: last, log_append_time: -1, duplicate: true });
         }
         for h in &headers[1..] {
             if self.check_sequence(h)?.is_some() {
@@ -558,28 +530,18 @@ impl PartitionLog {
         }
         let total = records.len();
         if total > self.cfg.segment_bytes {
-            return Err(LogError::TooLarge {
-                size: total,
-                segment: self.cfg.segment_bytes,
-            });
+            return Err(LogError::TooLarge { size: total, segment: self.cfg.segment_bytes });
         }
         if total > self.writer.remaining() {
             self.roll()?;
         }
-        let append_time = if self.cfg.log_append_time {
-            now_ms()
-        } else {
-            -1
-        };
+        let append_time = if self.cfg.log_append_time { now_ms() } else { -1 };
         let start = self.writer.position();
         let base_offset = self.active.next_offset;
         let mut next = base_offset;
         {
             let Some(dst) = self.writer.reserve(total) else {
-                return Err(LogError::TooLarge {
-                    size: total,
-                    segment: self.cfg.segment_bytes,
-                });
+                return Err(LogError::TooLarge { size: total, segment: self.cfg.segment_bytes });
             };
             dst.copy_from_slice(records);
             metrics::count_copy(metrics::Path::ProduceIntoLog, total);
@@ -603,8 +565,7 @@ impl PartitionLog {
             if append_time >= 0 {
                 h.max_timestamp = append_time;
             }
-            self.active
-                .note_batch(&h, at, self.cfg.index_interval_bytes);
+            self.active.note_batch(&h, at, self.cfg.index_interval_bytes);
             if h.producer_id >= 0 && h.base_sequence >= 0 {
                 self.record_producer(&h, off);
             }
@@ -613,56 +574,68 @@ impl PartitionLog {
         }
         match self.cfg.flush {
             FlushPolicy::Always => self.flush_now()?,
-            FlushPolicy::Bytes(n) if (self.writer.position() - self.flushed_to) as u64 >= n => {
-                self.flush_now()?
-            }
+            FlushPolicy::Bytes(n) if (self.writer.position() - self.flushed_to) as u64 >= n => self.flush_now()?,
             _ => {}
         }
         self.writer.publish();
         metrics::count_produced(total);
-        Ok(AppendInfo {
-            base_offset,
-            last_offset: next - 1,
-            log_append_time: append_time,
-            duplicate: false,
-        })
+        Ok(AppendInfo { base_offset, last_offset: next - 1, log_append_time: append_time, duplicate: false })
     }
 
     fn flush_now(&mut self) -> Result<(), LogError> {
         let to = self.writer.position();
-        self.active
-            .map
-            .flush_range(self.flushed_to, to)
-            .map_err(io_err(self.active.map.path()))?;
+        self.active.map.flush_range(self.flushed_to, to).map_err(io_err(self.active.map.path()))?;
         self.flushed_to = to;
         Ok(())
     }
 
-    /// The unflushed range, for the background flusher (the msync runs outside the lock).
-    pub fn take_flush_work(&mut self) -> Option<FlushWork> {
+    /// Queues an msync of the unflushed range (the `interval` policy's background flush).
+    pub fn schedule_flush(&mut self) {
         let to = self.writer.position();
-        if to <= self.flushed_to {
+        if to > self.flushed_to {
+            self.io.push(IoWork::Flush { map: self.active.map.clone(), from: self.flushed_to, to });
+            self.flushed_to = to;
+        }
+    }
+
+    /// File-system work queued by appends, rolls and retention, for an I/O thread.
+    pub fn take_io_work(&mut self) -> Vec<IoWork> {
+        std::mem::take(&mut self.io)
+    }
+
+    /// Where to create the next segment ahead of time, once the active one is half full
+    /// (so the roll itself is a rename, not a file creation on the append path).
+    pub fn wants_spare(&mut self) -> Option<(PathBuf, usize)> {
+        if self.spare.is_some() || self.spare_requested || self.writer.position() < self.cfg.segment_bytes / 2 {
             return None;
         }
-        let work = FlushWork {
-            map: self.active.map.clone(),
-            from: self.flushed_to,
-            to,
-        };
-        self.flushed_to = to;
-        Some(work)
+        self.spare_requested = true;
+        let path = self.dir.join(format!("{}.{SPARE_SUFFIX}", self.active.base_offset));
+        Some((path, self.cfg.segment_bytes))
+    }
+
+    /// Hands over a segment file made on [`Self::wants_spare`]'s request.
+    pub fn set_spare(&mut self, file: SegmentFile) {
+        self.spare = Some(file);
+        self.spare_requested = false;
     }
 
     /// Seals the active segment and starts a new one at the next offset.
     fn roll(&mut self) -> Result<(), LogError> {
         let base = self.active.next_offset;
         let path = Segment::file_stem(&self.dir, base).with_extension("log");
-        let file = SegmentFile::create(&path, self.cfg.segment_bytes).map_err(io_err(&path))?;
+        let file = match self.spare.take() {
+            Some(spare) if spare.capacity() == self.cfg.segment_bytes => spare.rename(&path).map_err(io_err(&path))?,
+            _ => SegmentFile::create(&path, self.cfg.segment_bytes).map_err(io_err(&path))?,
+        };
+        self.spare_requested = false;
         let (map, writer) = file.into_shared(0);
-        self.flush_now()?;
-        self.active
-            .write_indexes(&self.dir)
-            .map_err(io_err(&path))?;
+        // The sealed segment's last msync and its index files go to the I/O thread.
+        self.schedule_flush();
+        let (idx, tidx) = self.active.index_files();
+        let stem = Segment::file_stem(&self.dir, self.active.base_offset);
+        self.io.push(IoWork::Write { path: stem.with_extension("index"), bytes: idx });
+        self.io.push(IoWork::Write { path: stem.with_extension("timeindex"), bytes: tidx });
         let new = Segment::empty(base, map);
         let old = std::mem::replace(&mut self.active, new);
         self.sealed.push(old);
@@ -684,17 +657,9 @@ impl PartitionLog {
     pub fn read(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
         let hw = self.next_offset();
         if offset < self.log_start_offset || offset > hw {
-            return Err(LogError::OffsetOutOfRange {
-                offset,
-                start: self.log_start_offset,
-                end: hw,
-            });
+            return Err(LogError::OffsetOutOfRange { offset, start: self.log_start_offset, end: hw });
         }
-        let empty = ReadResult {
-            records: Bytes::new(),
-            high_watermark: hw,
-            log_start_offset: self.log_start_offset,
-        };
+        let empty = ReadResult { records: Bytes::new(), high_watermark: hw, log_start_offset: self.log_start_offset };
         if offset == hw {
             return Ok(empty);
         }
@@ -715,11 +680,7 @@ impl PartitionLog {
             }
             end += h.total_len();
         }
-        Ok(ReadResult {
-            records: view.slice(start..end),
-            high_watermark: hw,
-            log_start_offset: self.log_start_offset,
-        })
+        Ok(ReadResult { records: view.slice(start..end), high_watermark: hw, log_start_offset: self.log_start_offset })
     }
 
     /// Bytes available at or after `offset` (for fetch min_bytes), capped at `cap`.
@@ -729,15 +690,8 @@ impl PartitionLog {
         }
         let mut total = 0;
         let first = self.sealed.partition_point(|s| s.next_offset <= offset);
-        for seg in self.sealed[first..]
-            .iter()
-            .chain(std::iter::once(&self.active))
-        {
-            let from = if seg.base_offset <= offset {
-                seg.locate(offset).map_or(seg.size, |(p, _)| p)
-            } else {
-                0
-            };
+        for seg in self.sealed[first..].iter().chain(std::iter::once(&self.active)) {
+            let from = if seg.base_offset <= offset { seg.locate(offset).map_or(seg.size, |(p, _)| p) } else { 0 };
             total += seg.size - from;
             if total >= cap {
                 break;
@@ -748,11 +702,7 @@ impl PartitionLog {
 
     /// The first offset whose batch has a timestamp at or after `ts`, or None.
     pub fn offset_for_time(&self, ts: i64) -> Option<i64> {
-        let seg = self
-            .sealed
-            .iter()
-            .chain(std::iter::once(&self.active))
-            .find(|s| s.max_timestamp >= ts)?;
+        let seg = self.sealed.iter().chain(std::iter::once(&self.active)).find(|s| s.max_timestamp >= ts)?;
         let i = seg.time_index.partition_point(|(t, _)| *t < ts);
         let rel = if i == 0 { 0 } else { seg.time_index[i - 1].1 };
         let (mut pos, _) = seg.locate(seg.base_offset + rel as i64)?;
@@ -767,32 +717,26 @@ impl PartitionLog {
         None
     }
 
-    /// Deletes sealed segments past the size or age limit; returns how many.
+    /// Drops sealed segments past the size or age limit (their files are queued for the
+    /// I/O thread, see [`Self::take_io_work`]); returns how many.
     pub fn enforce_retention(&mut self, now_ms: i64) -> usize {
         let mut removed = 0;
         loop {
-            let total: u64 =
-                self.sealed.iter().map(|s| s.size as u64).sum::<u64>() + self.active.size as u64;
+            let total: u64 = self.sealed.iter().map(|s| s.size as u64).sum::<u64>() + self.active.size as u64;
             let Some(oldest) = self.sealed.first() else {
                 break;
             };
             let too_big = self.cfg.retention_bytes.is_some_and(|b| total > b);
-            let too_old = self
-                .cfg
-                .retention_ms
-                .is_some_and(|ms| oldest.max_timestamp >= 0 && oldest.max_timestamp < now_ms - ms);
+            let too_old =
+                self.cfg.retention_ms.is_some_and(|ms| oldest.max_timestamp >= 0 && oldest.max_timestamp < now_ms - ms);
             if !too_big && !too_old {
                 break;
             }
             let seg = self.sealed.remove(0);
             let stem = Segment::file_stem(&self.dir, seg.base_offset);
-            for ext in ["log", "index", "timeindex"] {
-                let _ = fs::remove_file(stem.with_extension(ext));
-            }
-            self.log_start_offset = self
-                .sealed
-                .first()
-                .map_or(self.active.base_offset, |s| s.base_offset);
+            self.io
+                .push(IoWork::Remove(["log", "index", "timeindex"].iter().map(|x| stem.with_extension(x)).collect()));
+            self.log_start_offset = self.sealed.first().map_or(self.active.base_offset, |s| s.base_offset);
             removed += 1;
         }
         removed
@@ -822,19 +766,11 @@ mod tests {
     use super::*;
 
     fn cfg(segment: usize) -> LogConfig {
-        LogConfig {
-            segment_bytes: segment,
-            flush: FlushPolicy::Always,
-            ..LogConfig::default()
-        }
+        LogConfig { segment_bytes: segment, flush: FlushPolicy::Always, ..LogConfig::default() }
     }
 
     fn offsets_in(bytes: &[u8]) -> Vec<i64> {
-        batch::split_checked(bytes)
-            .unwrap()
-            .iter()
-            .map(|h| h.base_offset)
-            .collect()
+        batch::split_checked(bytes).unwrap().iter().map(|h| h.base_offset).collect()
     }
 
     #[test]
@@ -858,10 +794,7 @@ mod tests {
         let (log, report) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
         assert_eq!(report.next_offset, 200);
         assert_eq!(offsets_in(&log.read(198, 100).unwrap().records), vec![198]);
-        assert!(matches!(
-            log.read(201, 100),
-            Err(LogError::OffsetOutOfRange { .. })
-        ));
+        assert!(matches!(log.read(201, 100), Err(LogError::OffsetOutOfRange { .. })));
     }
 
     #[test]
@@ -883,10 +816,7 @@ mod tests {
         let (mut log, report) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
         assert_eq!(report.next_offset, 10);
         assert!(report.truncated_bytes > 0);
-        assert_eq!(
-            log.append(&build_batch(0, 1, &[b"x"])).unwrap().base_offset,
-            10
-        );
+        assert_eq!(log.append(&build_batch(0, 1, &[b"x"])).unwrap().base_offset, 10);
     }
 
     #[test]
@@ -909,6 +839,9 @@ mod tests {
         for _ in 0..60 {
             log.append(&build_batch(0, 1, &[&[7u8; 100]])).unwrap();
         }
+        for w in log.take_io_work() {
+            w.run().unwrap();
+        }
         drop(log);
         let idx = dir.path().join(format!("{:020}.index", 0));
         assert!(idx.exists());
@@ -928,16 +861,14 @@ mod tests {
             log.append(&build_batch(0, 1, &[&[1u8; 100]])).unwrap();
         }
         assert!(log.enforce_retention(now_ms()) > 0);
+        for w in log.take_io_work() {
+            w.run().unwrap();
+        }
+        assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
         assert!(log.log_start_offset() > 0);
-        assert!(matches!(
-            log.read(0, 100),
-            Err(LogError::OffsetOutOfRange { .. })
-        ));
+        assert!(matches!(log.read(0, 100), Err(LogError::OffsetOutOfRange { .. })));
         let start = log.log_start_offset();
-        assert_eq!(
-            offsets_in(&log.read(start, 1).unwrap().records),
-            vec![start]
-        );
+        assert_eq!(offsets_in(&log.read(start, 1).unwrap().records), vec![start]);
     }
 
     fn idempotent_batch(pid: i64, epoch: i16, seq: i32) -> Vec<u8> {
@@ -955,30 +886,18 @@ mod tests {
     fn idempotent_producer_dedups_and_rejects_gaps() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
-        assert_eq!(
-            log.append(&idempotent_batch(7, 0, 0)).unwrap().base_offset,
-            0
-        );
-        assert_eq!(
-            log.append(&idempotent_batch(7, 0, 1)).unwrap().base_offset,
-            1
-        );
+        assert_eq!(log.append(&idempotent_batch(7, 0, 0)).unwrap().base_offset, 0);
+        assert_eq!(log.append(&idempotent_batch(7, 0, 1)).unwrap().base_offset, 1);
         let dup = log.append(&idempotent_batch(7, 0, 1)).unwrap();
         assert!(dup.duplicate);
         assert_eq!(dup.base_offset, 1);
-        assert!(matches!(
-            log.append(&idempotent_batch(7, 0, 5)),
-            Err(LogError::OutOfOrderSequence { .. })
-        ));
+        assert!(matches!(log.append(&idempotent_batch(7, 0, 5)), Err(LogError::OutOfOrderSequence { .. })));
         assert_eq!(log.next_offset(), 2);
         drop(log);
         // Producer state is rebuilt from the active segment at recovery.
         let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
         assert!(log.append(&idempotent_batch(7, 0, 1)).unwrap().duplicate);
-        assert_eq!(
-            log.append(&idempotent_batch(7, 0, 2)).unwrap().base_offset,
-            2
-        );
+        assert_eq!(log.append(&idempotent_batch(7, 0, 2)).unwrap().base_offset, 2);
     }
 
     /// The deterministic sibling of `fuzz/fuzz_targets/log_recovery.rs`: a damaged active
@@ -989,12 +908,7 @@ mod tests {
         let (mut log, _) = PartitionLog::open(src.path(), cfg(1 << 16)).unwrap();
         let mut ends = Vec::new(); // (end position, next offset) after each batch
         for i in 0..40 {
-            log.append(&build_batch(
-                0,
-                i,
-                &[format!("record {i}").as_bytes(), b"two"],
-            ))
-            .unwrap();
+            log.append(&build_batch(0, i, &[format!("record {i}").as_bytes(), b"two"])).unwrap();
             ends.push((log.writer.position(), log.next_offset()));
         }
         drop(log);
@@ -1018,17 +932,8 @@ mod tests {
             let Some(first) = damaged.iter().zip(&image).position(|(a, b)| a != b) else {
                 continue;
             };
-            let batch_start = ends
-                .iter()
-                .map(|(e, _)| *e)
-                .take_while(|e| *e <= first)
-                .last()
-                .unwrap_or(0);
-            let last = damaged
-                .iter()
-                .zip(&image)
-                .rposition(|(a, b)| a != b)
-                .unwrap_or(first);
+            let batch_start = ends.iter().map(|(e, _)| *e).take_while(|e| *e <= first).last().unwrap_or(0);
+            let last = damaged.iter().zip(&image).rposition(|(a, b)| a != b).unwrap_or(first);
             if (12..16).contains(&(first - batch_start)) && last < batch_start + 16 {
                 // Only partitionLeaderEpoch changed: it lies outside the CRC (as in Kafka),
                 // so this damage is undetectable by design.
@@ -1039,27 +944,38 @@ mod tests {
             std::fs::write(dir.path().join(format!("{:020}.log", 0)), &damaged).unwrap();
             let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
             // Batches wholly before the damage survive; the damaged one and later do not.
-            let expect = ends
-                .iter()
-                .take_while(|(end, _)| *end <= at)
-                .last()
-                .map_or(0, |(_, next)| *next);
-            assert_eq!(
-                log.next_offset(),
-                expect,
-                "damage at byte {at} (batch-relative {})",
-                at - batch_start
-            );
+            let expect = ends.iter().take_while(|(end, _)| *end <= at).last().map_or(0, |(_, next)| *next);
+            assert_eq!(log.next_offset(), expect, "damage at byte {at} (batch-relative {})", at - batch_start);
             if expect > 0 {
                 let r = log.read(0, 1 << 20).unwrap();
                 assert_eq!(&r.records[..], &image[..r.records.len()]);
             }
-            assert_eq!(
-                log.append(&build_batch(0, 1, &[b"next"]))
-                    .unwrap()
-                    .base_offset,
-                expect
-            );
+            assert_eq!(log.append(&build_batch(0, 1, &[b"next"])).unwrap().base_offset, expect);
         }
+    }
+
+    #[test]
+    fn roll_takes_the_spare_made_ahead_of_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(8192)).unwrap();
+        while log.wants_spare().is_none() {
+            log.append(&build_batch(0, 1, &[&[3u8; 200]])).unwrap();
+        }
+        assert!(log.wants_spare().is_none(), "asked twice");
+        let spare_path = dir.path().join(format!("0.{SPARE_SUFFIX}"));
+        log.set_spare(SegmentFile::create(&spare_path, 8192).unwrap());
+        let before = log.sealed.len();
+        while log.sealed.len() == before {
+            log.append(&build_batch(0, 1, &[&[3u8; 200]])).unwrap();
+        }
+        assert!(!spare_path.exists(), "the spare became the new segment");
+        assert!(dir.path().join(format!("{:020}.log", log.active.base_offset)).exists());
+        // A spare left behind by a crash is not mistaken for a segment.
+        std::fs::write(dir.path().join(format!("9.{SPARE_SUFFIX}")), [1u8; 64]).unwrap();
+        let next = log.next_offset();
+        drop(log);
+        let (log, _) = PartitionLog::open(dir.path(), cfg(8192)).unwrap();
+        assert_eq!(log.next_offset(), next);
+        assert!(!dir.path().join(format!("9.{SPARE_SUFFIX}")).exists());
     }
 }

@@ -29,9 +29,7 @@ use thiserror::Error;
 pub type ConnId = u64;
 
 /// The backends, by mechanism.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
     /// epoll readiness + non-blocking sockets: the baseline.

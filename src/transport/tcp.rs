@@ -74,11 +74,9 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 impl TcpTransport {
     pub fn bind(addr: SocketAddr) -> Result<Self, TransportError> {
         let poll = Poll::new()?;
-        let std_listener =
-            reuseport_listener(addr).map_err(|source| TransportError::Listen { addr, source })?;
+        let std_listener = reuseport_listener(addr).map_err(|source| TransportError::Listen { addr, source })?;
         let mut listener = TcpListener::from_std(std_listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(MioWake(Waker::new(poll.registry(), WAKER)?));
         Ok(TcpTransport {
             poll,
@@ -187,11 +185,7 @@ impl TcpTransport {
         if let Some(e) = result {
             self.close_now(id, CloseReason::Error(e));
         } else if got > 0 || eof {
-            self.ready.push(Completion::Received {
-                conn: id,
-                buf,
-                n: got,
-            });
+            self.ready.push(Completion::Received { conn: id, buf, n: got });
             if eof && got > 0 {
                 // Deliver the data first; the peer's close is seen on the next receive.
                 if let Some(c) = self.conns.get_mut(&id) {
@@ -226,10 +220,7 @@ impl TcpTransport {
             }
             match c.stream.write_vectored(&slices) {
                 Ok(0) => {
-                    error = Some(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "socket accepted no bytes",
-                    ));
+                    error = Some(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
                     break;
                 }
                 Ok(mut n) => {

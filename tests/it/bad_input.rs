@@ -15,18 +15,14 @@ use std::time::{Duration, Instant};
 
 /// True if the broker closed the connection (EOF or reset) within a few seconds.
 fn closed_by_broker(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue, // an error response may come first
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
                 return false
             }
             Err(_) => return true,
@@ -72,19 +68,9 @@ fn bad_input_costs_only_the_sender() {
             let mut n = 0i64;
             while !stop.load(Ordering::Relaxed) || n < 200 {
                 let v = format!("good-{n}");
-                let p = c
-                    .produce(
-                        "good",
-                        0,
-                        Bytes::from(build_batch(0, n, &[v.as_bytes()])),
-                        -1,
-                    )
-                    .expect("good produce");
-                assert_eq!(
-                    (p.error_code, p.base_offset),
-                    (0, n),
-                    "good client's produce disturbed"
-                );
+                let p =
+                    c.produce("good", 0, Bytes::from(build_batch(0, n, &[v.as_bytes()])), -1).expect("good produce");
+                assert_eq!((p.error_code, p.base_offset), (0, n), "good client's produce disturbed");
                 let f = c.fetch("good", 0, n, 1 << 20, 0).expect("good fetch");
                 assert_eq!(f.error_code, 0);
                 assert!(
@@ -101,36 +87,18 @@ fn bad_input_costs_only_the_sender() {
     //    waits for its bytes, as Kafka does; out-of-range prefixes are tested below).
     let mut junk = 4092u32.to_be_bytes().to_vec();
     junk.extend((0..4092u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8));
-    assert!(
-        closed_by_broker(&mut raw(addr, &junk)),
-        "garbage: connection left open"
-    );
+    assert!(closed_by_broker(&mut raw(addr, &junk)), "garbage: connection left open");
     // 2. A 2 GiB length prefix.
-    assert!(
-        closed_by_broker(&mut raw(addr, &[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0])),
-        "2 GiB prefix: left open"
-    );
+    assert!(closed_by_broker(&mut raw(addr, &[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0])), "2 GiB prefix: left open");
     // 3. A negative length prefix.
-    assert!(
-        closed_by_broker(&mut raw(addr, &[0xff, 0xff, 0xff, 0xfe])),
-        "negative prefix: left open"
-    );
+    assert!(closed_by_broker(&mut raw(addr, &[0xff, 0xff, 0xff, 0xfe])), "negative prefix: left open");
     // 4. A truncated frame, then the sender goes away.
     drop(raw(addr, &frame(18, 0, &[])[..7]));
     // 5. A frame too short for a header.
-    assert!(
-        closed_by_broker(&mut raw(addr, &[0, 0, 0, 3, 0, 18, 0])),
-        "short frame: left open"
-    );
+    assert!(closed_by_broker(&mut raw(addr, &[0, 0, 0, 3, 0, 18, 0])), "short frame: left open");
     // 6. Unknown API key; unsupported version of a known one.
-    assert!(
-        closed_by_broker(&mut raw(addr, &frame(999, 0, &[]))),
-        "unknown api: left open"
-    );
-    assert!(
-        closed_by_broker(&mut raw(addr, &frame(0, 99, &[]))),
-        "produce v99: left open"
-    );
+    assert!(closed_by_broker(&mut raw(addr, &frame(999, 0, &[]))), "unknown api: left open");
+    assert!(closed_by_broker(&mut raw(addr, &frame(0, 99, &[]))), "produce v99: left open");
     // 7. Malformed body: a produce v3 whose topic array claims 2^31-1 entries in 4 bytes
     //    (a decoder that reserved from that count would abort the whole process).
     let mut body = Vec::new();
@@ -138,29 +106,17 @@ fn bad_input_costs_only_the_sender() {
     body.extend_from_slice(&(-1i16).to_be_bytes()); // acks
     body.extend_from_slice(&1000i32.to_be_bytes()); // timeout
     body.extend_from_slice(&i32::MAX.to_be_bytes()); // topic count
-    assert!(
-        closed_by_broker(&mut raw(addr, &frame(0, 3, &body))),
-        "hostile array count: left open"
-    );
+    assert!(closed_by_broker(&mut raw(addr, &frame(0, 3, &body))), "hostile array count: left open");
     // 8. ApiVersions from the future gets UNSUPPORTED_VERSION (v0 body), not a close.
     {
         let mut s = raw(addr, &frame(18, 99, &[]));
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let mut len = [0u8; 4];
         s.read_exact(&mut len).expect("ApiVersions answer");
         let mut resp = vec![0u8; u32::from_be_bytes(len) as usize];
         s.read_exact(&mut resp).expect("ApiVersions body");
-        assert_eq!(
-            i32::from_be_bytes([resp[0], resp[1], resp[2], resp[3]]),
-            7,
-            "correlation id"
-        );
-        assert_eq!(
-            i16::from_be_bytes([resp[4], resp[5]]),
-            35,
-            "UNSUPPORTED_VERSION"
-        );
+        assert_eq!(i32::from_be_bytes([resp[0], resp[1], resp[2], resp[3]]), 7, "correlation id");
+        assert_eq!(i16::from_be_bytes([resp[4], resp[5]]), 35, "UNSUPPORTED_VERSION");
     }
     // 9. A batch with a bad CRC: CORRUPT_MESSAGE, nothing stored, connection still usable.
     {
@@ -168,21 +124,11 @@ fn bad_input_costs_only_the_sender() {
         let mut bad = build_batch(0, 1, &[b"tampered"]);
         let n = bad.len();
         bad[n - 3] ^= 0x55;
-        let p = c
-            .produce("victim", 0, Bytes::from(bad), -1)
-            .expect("answer");
+        let p = c.produce("victim", 0, Bytes::from(bad), -1).expect("answer");
         assert_eq!(p.error_code, 2, "bad CRC must be CORRUPT_MESSAGE");
-        let p = c
-            .produce("victim", 0, Bytes::from(build_batch(0, 1, &[b"fine"])), -1)
-            .expect("answer");
-        assert_eq!(
-            (p.error_code, p.base_offset),
-            (0, 0),
-            "the bad batch took an offset"
-        );
-        let _ = c
-            .call(&ApiVersionsRequest::default(), 3)
-            .expect("connection still serves");
+        let p = c.produce("victim", 0, Bytes::from(build_batch(0, 1, &[b"fine"])), -1).expect("answer");
+        assert_eq!((p.error_code, p.base_offset), (0, 0), "the bad batch took an offset");
+        let _ = c.call(&ApiVersionsRequest::default(), 3).expect("connection still serves");
     }
     stop.store(true, Ordering::Relaxed);
     let rounds = good.join().expect("the well-behaved client failed");
@@ -190,14 +136,7 @@ fn bad_input_costs_only_the_sender() {
     let mut broker = broker;
     assert!(broker.is_running(), "broker died:\n{}", broker.log_tail());
     let log = broker.log_text();
-    assert!(
-        log.contains("closing connection from"),
-        "no logged reason for the closes:\n{log}"
-    );
+    assert!(log.contains("closing connection from"), "no logged reason for the closes:\n{log}");
     assert!(broker.terminate().success());
-    assert!(
-        broker.stats().connections_closed_bad_input >= 7,
-        "{:?}",
-        broker.stats()
-    );
+    assert!(broker.stats().connections_closed_bad_input >= 7, "{:?}", broker.stats());
 }

@@ -7,50 +7,38 @@ use std::time::Duration;
 const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn suite(program: &str, script: &str) {
-    let mut broker = BrokerProc::start(&["--default-partitions", "3"]);
+    suite_with(program, script, &[]);
+}
+
+fn suite_with(program: &str, script: &str, broker_args: &[&str]) {
+    let mut args = vec!["--default-partitions", "3"];
+    args.extend_from_slice(broker_args);
+    let mut broker = BrokerProc::start(&args);
     let bootstrap = broker.addr.to_string();
-    run_client(
-        program,
-        &[script, "--bootstrap", &bootstrap, "--phase", "1"],
-        SUITE_TIMEOUT,
-    );
-    assert!(
-        broker.terminate().success(),
-        "graceful stop failed:\n{}",
-        broker.log_tail()
-    );
+    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "1"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
     broker.spawn();
-    run_client(
-        program,
-        &[script, "--bootstrap", &bootstrap, "--phase", "2"],
-        SUITE_TIMEOUT,
-    );
-    assert!(
-        broker.terminate().success(),
-        "graceful stop failed:\n{}",
-        broker.log_tail()
-    );
+    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "2"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
     // Zero-copy dispatch: fetched record bytes left by reference, produced bytes were
     // copied once (into the log). Counters are per process: the second run's figures.
     let s = broker.stats();
     println!("copy counters after phase 2: {s:?}");
-    assert!(
-        s.fetch_bytes_zero_copy > 0,
-        "nothing was fetched by reference: {s:?}"
-    );
-    assert_eq!(
-        s.fetch_bytes_copied, 0,
-        "fetch payload was copied in user space: {s:?}"
-    );
-    assert_eq!(
-        s.produce_bytes_copied, s.produce_payload_bytes,
-        "produce payload copied more than once: {s:?}"
-    );
+    assert!(s.fetch_bytes_zero_copy > 0, "nothing was fetched by reference: {s:?}");
+    assert_eq!(s.fetch_bytes_copied, 0, "fetch payload was copied in user space: {s:?}");
+    assert_eq!(s.produce_bytes_copied, s.produce_payload_bytes, "produce payload copied more than once: {s:?}");
 }
 
 #[test]
 fn confluent_kafka_librdkafka_2x() {
     suite("python3", "confluent_suite.py");
+}
+
+/// Three cores: partitions are spread over them, so most requests arriving on one
+/// connection run partly on other cores (forwarded operations, gathered replies).
+#[test]
+fn confluent_kafka_three_cores() {
+    suite_with("python3", "confluent_suite.py", &["--cores", "3"]);
 }
 
 #[test]

@@ -6,11 +6,7 @@ use std::time::Duration;
 
 #[test]
 fn group_member_sigkilled_survivors_take_over() {
-    let broker = BrokerProc::start(&[]);
+    let broker = BrokerProc::start(&["--cores", "2"]);
     let bootstrap = broker.addr.to_string();
-    run_client(
-        "python3",
-        &["group_failover.py", "--bootstrap", &bootstrap],
-        Duration::from_secs(300),
-    );
+    run_client("python3", &["group_failover.py", "--bootstrap", &bootstrap], Duration::from_secs(300));
 }

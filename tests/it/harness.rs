@@ -42,11 +42,7 @@ impl BrokerProc {
     /// it took until it accepted connections.
     pub fn spawn(&mut self) -> Duration {
         assert!(self.child.is_none(), "broker already running");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let started = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
             .args(["serve", "--listen", &self.addr.to_string(), "--data-dir"])
@@ -65,11 +61,7 @@ impl BrokerProc {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("broker exited at start with {status}:\n{}", self.log_tail());
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "broker did not listen:\n{}",
-                self.log_tail()
-            );
+            assert!(started.elapsed() < Duration::from_secs(20), "broker did not listen:\n{}", self.log_tail());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -100,10 +92,7 @@ impl BrokerProc {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!(
-                    "broker did not stop within 15 s of SIGTERM:\n{}",
-                    self.log_tail()
-                );
+                panic!("broker did not stop within 15 s of SIGTERM:\n{}", self.log_tail());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -135,9 +124,7 @@ impl Drop for BrokerProc {
 }
 
 pub fn clients_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("clients")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("clients")
 }
 
 /// Runs a client program in `tests/clients`, failing the test (with its output) unless it
@@ -149,9 +136,7 @@ pub fn run_client(program: &str, args: &[&str], timeout: Duration) -> String {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program} (is the client installed? see README): {e}")
-        });
+        .unwrap_or_else(|e| panic!("cannot run {program} (is the client installed? see README): {e}"));
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {

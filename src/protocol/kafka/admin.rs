@@ -2,23 +2,18 @@
 //! CreatePartitions, DescribeConfigs, DescribeCluster, InitProducerId.
 
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
-use kafka_protocol::messages::create_topics_response::{
-    CreatableTopicConfigs, CreatableTopicResult,
-};
+use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
-use kafka_protocol::messages::describe_configs_response::{
-    DescribeConfigsResourceResult, DescribeConfigsResult,
-};
+use kafka_protocol::messages::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
 use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    BrokerId, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
-    CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse, DescribeClusterRequest,
-    DescribeClusterResponse, DescribeConfigsRequest, DescribeConfigsResponse,
-    InitProducerIdRequest, InitProducerIdResponse, MetadataRequest, MetadataResponse, ProducerId,
-    TopicName,
+    BrokerId, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
+    DeleteTopicsRequest, DeleteTopicsResponse, DescribeClusterRequest, DescribeClusterResponse, DescribeConfigsRequest,
+    DescribeConfigsResponse, InitProducerIdRequest, InitProducerIdResponse, MetadataRequest, MetadataResponse,
+    ProducerId, TopicName,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,13 +31,13 @@ fn topic_metadata(ctx: &Ctx<'_>, t: &Topic) -> MetadataResponseTopic {
     let v = ctx.version;
     let node = ctx.broker.settings.node_id;
     let mut mt = MetadataResponseTopic::default();
-    mt.name = Some(TopicName(sb(&t.name)));
+    mt.name = Some(TopicName(sb(t.name())));
     if v >= 10 {
         mt.topic_id = t.meta.id;
     }
-    for p in &t.partitions {
+    for p in 0..t.meta.partitions {
         let mut mp = MetadataResponsePartition::default();
-        mp.partition_index = p.index;
+        mp.partition_index = p;
         mp.leader_id = BrokerId(node);
         if v >= 7 {
             mp.leader_epoch = 0;
@@ -91,19 +86,14 @@ pub fn metadata(ctx: &Ctx<'_>, req: MetadataRequest) -> Outcome {
                 };
                 let topic = match (topic, &rt.name) {
                     (Some(t), _) => Ok(t),
-                    (None, Some(n)) if !valid_topic_name(n) => {
-                        Err(ErrorCode::InvalidTopicException)
-                    }
-                    (None, Some(n)) if allow => {
-                        match ctx.broker.create_topic(n, -1, HashMap::new(), false) {
-                            Ok(t) => Ok(t),
-                            Err(BrokerError::TopicExists(_)) => ctx
-                                .broker
-                                .topic(n)
-                                .ok_or(ErrorCode::UnknownTopicOrPartition),
-                            Err(e) => Err(ErrorCode::from(&e)),
+                    (None, Some(n)) if !valid_topic_name(n) => Err(ErrorCode::InvalidTopicException),
+                    (None, Some(n)) if allow => match ctx.broker.create_topic(n, -1, HashMap::new(), false) {
+                        Ok(t) => Ok(t),
+                        Err(BrokerError::TopicExists(_)) => {
+                            ctx.broker.topic(n).ok_or(ErrorCode::UnknownTopicOrPartition)
                         }
-                    }
+                        Err(e) => Err(ErrorCode::from(&e)),
+                    },
                     (None, Some(_)) => Err(ErrorCode::UnknownTopicOrPartition),
                     (None, None) => Err(ErrorCode::UnknownTopicId),
                 };
@@ -131,21 +121,15 @@ pub fn create_topics(ctx: &Ctx<'_>, req: CreateTopicsRequest) -> Outcome {
     for ct in req.topics {
         let mut r = CreatableTopicResult::default();
         r.name = ct.name.clone();
-        let configs: HashMap<String, String> = ct
-            .configs
-            .iter()
-            .filter_map(|c| Some((c.name.to_string(), c.value.as_ref()?.to_string())))
-            .collect();
+        let configs: HashMap<String, String> =
+            ct.configs.iter().filter_map(|c| Some((c.name.to_string(), c.value.as_ref()?.to_string()))).collect();
         let result = if ct.replication_factor > 1 {
             Err((
                 ErrorCode::InvalidReplicationFactor,
                 format!("replication factor {} > 1 broker", ct.replication_factor),
             ))
         } else if !ct.assignments.is_empty() {
-            Err((
-                ErrorCode::InvalidRequest,
-                "manual replica assignment is not supported".to_string(),
-            ))
+            Err((ErrorCode::InvalidRequest, "manual replica assignment is not supported".to_string()))
         } else {
             ctx.broker
                 .create_topic(&ct.name, ct.num_partitions, configs, req.validate_only)
@@ -163,11 +147,7 @@ pub fn create_topics(ctx: &Ctx<'_>, req: CreateTopicsRequest) -> Outcome {
                                 let mut c = CreatableTopicConfigs::default();
                                 c.name = sb(&k);
                                 c.value = Some(sb(&val));
-                                c.config_source = if is_default {
-                                    SOURCE_DEFAULT
-                                } else {
-                                    SOURCE_DYNAMIC_TOPIC
-                                };
+                                c.config_source = if is_default { SOURCE_DEFAULT } else { SOURCE_DYNAMIC_TOPIC };
                                 c
                             })
                             .collect(),
@@ -197,15 +177,9 @@ pub fn delete_topics(ctx: &Ctx<'_>, req: DeleteTopicsRequest) -> Outcome {
     let v = ctx.version;
     let mut resp = DeleteTopicsResponse::default();
     let targets: Vec<(Option<TopicName>, uuid::Uuid)> = if v >= 6 {
-        req.topics
-            .into_iter()
-            .map(|t| (t.name, t.topic_id))
-            .collect()
+        req.topics.into_iter().map(|t| (t.name, t.topic_id)).collect()
     } else {
-        req.topic_names
-            .into_iter()
-            .map(|n| (Some(n), uuid::Uuid::nil()))
-            .collect()
+        req.topic_names.into_iter().map(|n| (Some(n), uuid::Uuid::nil())).collect()
     };
     for (name, id) in targets {
         let mut r = DeletableTopicResult::default();
@@ -213,25 +187,14 @@ pub fn delete_topics(ctx: &Ctx<'_>, req: DeleteTopicsRequest) -> Outcome {
             Some(n) => ctx.broker.topic(n),
             None => ctx.broker.topic_by_id(id),
         };
-        r.name = name
-            .clone()
-            .or_else(|| resolved.as_ref().map(|t| TopicName(sb(&t.name))));
+        r.name = name.clone().or_else(|| resolved.as_ref().map(|t| TopicName(sb(t.name()))));
         if v >= 6 {
             r.topic_id = resolved.as_ref().map_or(id, |t| t.meta.id);
         }
         let result = match resolved {
-            None if name.is_none() => {
-                Err((ErrorCode::UnknownTopicId, "unknown topic id".to_string()))
-            }
-            None => Err((
-                ErrorCode::UnknownTopicOrPartition,
-                "unknown topic".to_string(),
-            )),
-            Some(t) => ctx
-                .broker
-                .delete_topic(&t.name)
-                .map(|_| ())
-                .map_err(|e| (ErrorCode::from(&e), e.to_string())),
+            None if name.is_none() => Err((ErrorCode::UnknownTopicId, "unknown topic id".to_string())),
+            None => Err((ErrorCode::UnknownTopicOrPartition, "unknown topic".to_string())),
+            Some(t) => ctx.broker.delete_topic(t.name()).map(|_| ()).map_err(|e| (ErrorCode::from(&e), e.to_string())),
         };
         if let Err((code, msg)) = result {
             r.error_code = code.code();
@@ -249,10 +212,7 @@ pub fn create_partitions(ctx: &Ctx<'_>, req: CreatePartitionsRequest) -> Outcome
     for t in req.topics {
         let mut r = CreatePartitionsTopicResult::default();
         r.name = t.name.clone();
-        if let Err(e) = ctx
-            .broker
-            .create_partitions(&t.name, t.count, req.validate_only)
-        {
+        if let Err(e) = ctx.broker.create_partitions(&t.name, t.count, req.validate_only) {
             r.error_code = ErrorCode::from(&e).code();
             r.error_message = Some(sb(&e.to_string()));
         }
@@ -272,50 +232,17 @@ pub fn describe_configs(ctx: &Ctx<'_>, req: DescribeConfigsRequest) -> Outcome {
             RESOURCE_TOPIC => match ctx.broker.topic(&res.resource_name) {
                 Some(t) => Ok(effective_configs(&s.log, &t.meta.configs)
                     .into_iter()
-                    .map(|(k, v, d)| {
-                        (
-                            k,
-                            v,
-                            if d {
-                                SOURCE_DEFAULT
-                            } else {
-                                SOURCE_DYNAMIC_TOPIC
-                            },
-                        )
-                    })
+                    .map(|(k, v, d)| (k, v, if d { SOURCE_DEFAULT } else { SOURCE_DYNAMIC_TOPIC }))
                     .collect()),
                 None => Err(ErrorCode::UnknownTopicOrPartition),
             },
-            RESOURCE_BROKER
-                if res.resource_name.as_str() == s.node_id.to_string()
-                    || res.resource_name.is_empty() =>
-            {
+            RESOURCE_BROKER if res.resource_name.as_str() == s.node_id.to_string() || res.resource_name.is_empty() => {
                 Ok(vec![
-                    (
-                        "broker.id".into(),
-                        s.node_id.to_string(),
-                        SOURCE_STATIC_BROKER,
-                    ),
-                    (
-                        "num.partitions".into(),
-                        s.default_partitions.to_string(),
-                        SOURCE_STATIC_BROKER,
-                    ),
-                    (
-                        "auto.create.topics.enable".into(),
-                        s.auto_create_topics.to_string(),
-                        SOURCE_STATIC_BROKER,
-                    ),
-                    (
-                        "message.max.bytes".into(),
-                        s.max_request_bytes.to_string(),
-                        SOURCE_STATIC_BROKER,
-                    ),
-                    (
-                        "log.segment.bytes".into(),
-                        s.log.segment_bytes.to_string(),
-                        SOURCE_STATIC_BROKER,
-                    ),
+                    ("broker.id".into(), s.node_id.to_string(), SOURCE_STATIC_BROKER),
+                    ("num.partitions".into(), s.default_partitions.to_string(), SOURCE_STATIC_BROKER),
+                    ("auto.create.topics.enable".into(), s.auto_create_topics.to_string(), SOURCE_STATIC_BROKER),
+                    ("message.max.bytes".into(), s.max_request_bytes.to_string(), SOURCE_STATIC_BROKER),
+                    ("log.segment.bytes".into(), s.log.segment_bytes.to_string(), SOURCE_STATIC_BROKER),
                 ])
             }
             _ => Err(ErrorCode::InvalidRequest),

@@ -1,68 +1,104 @@
 //! The data path: Produce, Fetch (with long-poll) and ListOffsets.
+//!
+//! These handlers do not touch logs. They turn a request into a [`Gather`]: the
+//! partition operations it needs (run by each partition's owner core, see
+//! [`crate::broker::shard`]) and a plan that [`finish`] turns into the response once every
+//! result is in. With one core, or partitions owned by the receiving core, the dispatch
+//! loop runs the operations inline and finishes at once.
 
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::list_offsets_response::{
-    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
-};
+use kafka_protocol::messages::list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse};
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest,
-    ProduceResponse, TopicName,
+    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest, ProduceResponse, TopicName,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 use super::{sb, Ctx, ErrorCode, Outcome, Parked};
-use crate::broker::{Broker, Topic};
+use crate::broker::shard::{PartOp, PartResult};
+use crate::broker::{PartKey, PartitionShared};
 use crate::log::LogError;
 
+/// Partition operations to run on their owners, and what to do with the results.
+pub struct Gather {
+    pub ops: Vec<(PartKey, PartOp)>,
+    pub then: Then,
+}
+
+pub enum Then {
+    Produce(ProducePlan),
+    Fetch(Box<FetchPlan>),
+    ListOffsets(ListOffsetsPlan),
+}
+
+/// Where a partition's answer comes from: an operation's result, or an error found
+/// before any operation was needed.
+#[derive(Clone, Copy)]
+enum Slot {
+    Op(usize),
+    Error(ErrorCode),
+}
+
+pub struct ProducePlan {
+    version: i16,
+    acks: i16,
+    topics: Vec<(TopicName, Vec<(i32, Slot)>)>,
+}
+
 pub fn produce(ctx: &Ctx<'_>, req: ProduceRequest) -> Outcome {
-    let v = ctx.version;
-    let mut resp = ProduceResponse::default();
-    let mut appended = false;
+    let mut ops = Vec::new();
+    let mut topics = Vec::new();
     for td in req.topic_data {
         let topic = ctx.broker.topic(&td.name);
-        let mut tr = TopicProduceResponse::default();
-        tr.name = td.name.clone();
+        let mut parts = Vec::new();
         for pd in td.partition_data {
-            let mut pr = PartitionProduceResponse::default();
-            pr.index = pd.index;
-            pr.base_offset = -1;
-            pr.log_append_time_ms = -1;
-            let part = topic.as_ref().and_then(|t| t.partition(pd.index));
-            let result = match (part, pd.records) {
-                (None, _) => Err(ErrorCode::UnknownTopicOrPartition),
-                (Some(_), None) => Err(ErrorCode::CorruptMessage),
+            let slot = match (topic.as_ref().and_then(|t| t.key(pd.index)), pd.records) {
+                (None, _) => Slot::Error(ErrorCode::UnknownTopicOrPartition),
+                (Some(_), None) => Slot::Error(ErrorCode::CorruptMessage),
+                // Transactions are not implemented (and not advertised).
                 (Some(_), Some(_)) if req.transactional_id.is_some() => {
-                    // Transactions are not implemented (and not advertised).
-                    Err(ErrorCode::TransactionalIdAuthorizationFailed)
+                    Slot::Error(ErrorCode::TransactionalIdAuthorizationFailed)
                 }
-                (Some(p), Some(records)) => {
-                    let mut log = p.log.lock();
-                    let r = log
-                        .append(&records)
-                        .map(|info| (info, log.log_start_offset()));
-                    drop(log);
-                    r.map_err(|e| {
-                        if !matches!(
-                            e,
-                            LogError::OutOfOrderSequence { .. } | LogError::ProducerFenced { .. }
-                        ) {
-                            log::warn!(
-                                "produce to {}-{} from {} rejected: {e}",
-                                p.topic,
-                                p.index,
-                                ctx.client_host
-                            );
-                        }
-                        ErrorCode::from(&e)
-                    })
+                (Some(key), Some(records)) => {
+                    ops.push((key, PartOp::Append { records }));
+                    Slot::Op(ops.len() - 1)
                 }
             };
-            match result {
+            parts.push((pd.index, slot));
+        }
+        topics.push((td.name, parts));
+    }
+    Outcome::Gather(Gather { ops, then: Then::Produce(ProducePlan { version: ctx.version, acks: req.acks, topics }) })
+}
+
+fn finish_produce(plan: ProducePlan, results: &[PartResult], client: &str) -> Outcome {
+    let v = plan.version;
+    let mut resp = ProduceResponse::default();
+    for (name, parts) in plan.topics {
+        let mut tr = TopicProduceResponse::default();
+        for (index, slot) in parts {
+            let mut pr = PartitionProduceResponse::default();
+            pr.index = index;
+            pr.base_offset = -1;
+            pr.log_append_time_ms = -1;
+            let outcome = match slot {
+                Slot::Error(code) => Err(code),
+                Slot::Op(i) => match &results[i] {
+                    PartResult::Appended(info, start) => Ok((*info, *start)),
+                    PartResult::Failed { error, .. } => {
+                        if !matches!(error, LogError::OutOfOrderSequence { .. } | LogError::ProducerFenced { .. }) {
+                            log::warn!("produce to {}-{index} from {client} rejected: {error}", name.as_str());
+                        }
+                        Err(ErrorCode::from(error))
+                    }
+                    _ => Err(ErrorCode::UnknownTopicOrPartition),
+                },
+            };
+            match outcome {
                 Ok((info, start)) => {
-                    appended |= !info.duplicate;
                     pr.base_offset = info.base_offset;
                     pr.log_append_time_ms = info.log_append_time;
                     if v >= 5 {
@@ -78,160 +114,178 @@ pub fn produce(ctx: &Ctx<'_>, req: ProduceRequest) -> Outcome {
             }
             tr.partition_responses.push(pr);
         }
+        tr.name = name;
         resp.responses.push(tr);
     }
-    if appended {
-        ctx.broker.notifier.notify();
-    }
-    if req.acks == 0 {
+    if plan.acks == 0 {
         Outcome::NoResponse
     } else {
         Outcome::respond(resp)
     }
 }
 
-/// A fetch waiting for `min_bytes` or its deadline.
-pub struct ParkedFetch {
-    pub version: i16,
-    pub req: FetchRequest,
-    pub deadline: Instant,
+struct FetchTarget {
+    name: TopicName,
+    topic_id: Uuid,
+    partition: i32,
+    offset: i64,
+    max_bytes: usize,
+    key: Option<PartKey>,
+    shared: Option<Arc<PartitionShared>>,
 }
 
-/// Resolved fetch targets: (topic name, topic, partition, offset, max bytes).
-fn targets<'a>(
-    broker: &Broker,
-    req: &'a FetchRequest,
-) -> Vec<(
-    TopicName,
-    Option<Arc<Topic>>,
-    &'a kafka_protocol::messages::fetch_request::FetchPartition,
-)> {
-    let mut out = Vec::new();
-    for t in &req.topics {
-        let topic = if t.topic.is_empty() {
-            broker.topic_by_id(t.topic_id)
-        } else {
-            broker.topic(&t.topic)
-        };
-        let name = topic
-            .as_ref()
-            .map_or(t.topic.clone(), |tp| TopicName(sb(&tp.name)));
-        for p in &t.partitions {
-            out.push((name.clone(), topic.clone(), p));
-        }
+pub struct FetchPlan {
+    version: i16,
+    min_bytes: usize,
+    max_bytes: usize,
+    deadline: Instant,
+    /// Answer with whatever the reads return (deadline passed, or enough data seen).
+    force: bool,
+    targets: Vec<FetchTarget>,
+}
+
+impl FetchPlan {
+    fn gather(self: Box<Self>) -> Gather {
+        let ops = self
+            .targets
+            .iter()
+            .filter_map(|t| Some((t.key?, PartOp::Read { offset: t.offset, max_bytes: t.max_bytes })))
+            .collect();
+        Gather { ops, then: Then::Fetch(self) }
     }
-    out
+}
+
+/// A fetch waiting for `min_bytes` or its deadline. Re-polled from the partitions'
+/// lock-free counters, without asking their owners.
+pub struct ParkedFetch {
+    plan: Box<FetchPlan>,
+    /// Bytes ever appended to each target when the fetch parked.
+    appended_at_park: Vec<u64>,
+    available_at_park: usize,
+}
+
+impl ParkedFetch {
+    pub fn deadline(&self) -> Instant {
+        self.plan.deadline
+    }
 }
 
 pub fn fetch(ctx: &Ctx<'_>, req: FetchRequest) -> Outcome {
     let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64);
-    let parked = ParkedFetch {
+    let mut targets = Vec::new();
+    for t in &req.topics {
+        let topic = if t.topic.is_empty() { ctx.broker.topic_by_id(t.topic_id) } else { ctx.broker.topic(&t.topic) };
+        let name = topic.as_ref().map_or(t.topic.clone(), |tp| TopicName(sb(tp.name())));
+        for p in &t.partitions {
+            targets.push(FetchTarget {
+                name: name.clone(),
+                topic_id: topic.as_ref().map_or(t.topic_id, |tp| tp.meta.id),
+                partition: p.partition,
+                offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes.max(0) as usize,
+                key: topic.as_ref().and_then(|tp| tp.key(p.partition)),
+                shared: topic.as_ref().and_then(|tp| tp.shared(p.partition).cloned()),
+            });
+        }
+    }
+    let plan = FetchPlan {
         version: ctx.version,
+        min_bytes: req.min_bytes.max(1) as usize,
+        max_bytes: if req.max_bytes > 0 { req.max_bytes as usize } else { usize::MAX },
         deadline: ctx.now + wait,
-        req,
+        force: wait.is_zero(),
+        targets,
     };
-    match poll_fetch(ctx.broker, &parked, ctx.now, wait.is_zero()) {
-        Some(outcome) => outcome,
-        None => Outcome::Park(Parked::Fetch(parked)),
-    }
+    Outcome::Gather(Box::new(plan).gather())
 }
 
-/// Answers the fetch if enough bytes are there (or `force`), else `None`.
-pub fn poll_fetch(
-    broker: &Arc<Broker>,
-    p: &ParkedFetch,
-    now: Instant,
-    force: bool,
-) -> Option<Outcome> {
-    let req = &p.req;
-    let targets = targets(broker, req);
-    if !force && now < p.deadline {
-        let min = req.min_bytes.max(1) as usize;
-        let mut available = 0usize;
-        for (_, topic, fp) in &targets {
-            let Some(part) = topic.as_ref().and_then(|t| t.partition(fp.partition)) else {
-                return Some(build_fetch(p, &targets)); // errors are answered at once
-            };
-            let log = part.log.lock();
-            if fp.fetch_offset < log.log_start_offset() || fp.fetch_offset > log.next_offset() {
-                drop(log);
-                return Some(build_fetch(p, &targets));
-            }
-            available += log.bytes_after(fp.fetch_offset, min);
-            if available >= min {
-                break;
-            }
-        }
-        if available < min {
-            return None;
-        }
+/// Re-polls a parked fetch: `Some` (a gather that answers) once enough bytes arrived,
+/// at the deadline, or when forced.
+pub fn poll_fetch(p: &ParkedFetch, now: Instant, force: bool) -> Option<Outcome> {
+    let grown: u64 = p
+        .plan
+        .targets
+        .iter()
+        .zip(&p.appended_at_park)
+        .map(|(t, at)| t.shared.as_ref().map_or(0, |s| s.appended().saturating_sub(*at)))
+        .sum();
+    let ready = p.available_at_park as u64 + grown >= p.plan.min_bytes as u64;
+    if !(ready || force || now >= p.plan.deadline) {
+        return None;
     }
-    Some(build_fetch(p, &targets))
+    let mut plan = Box::new(FetchPlan {
+        version: p.plan.version,
+        min_bytes: p.plan.min_bytes,
+        max_bytes: p.plan.max_bytes,
+        deadline: p.plan.deadline,
+        force: true,
+        targets: Vec::with_capacity(p.plan.targets.len()),
+    });
+    for t in &p.plan.targets {
+        plan.targets.push(FetchTarget {
+            name: t.name.clone(),
+            topic_id: t.topic_id,
+            partition: t.partition,
+            offset: t.offset,
+            max_bytes: t.max_bytes,
+            key: t.key,
+            shared: t.shared.clone(),
+        });
+    }
+    Some(Outcome::Gather(plan.gather()))
 }
 
-fn build_fetch(
-    p: &ParkedFetch,
-    targets: &[(
-        TopicName,
-        Option<Arc<Topic>>,
-        &kafka_protocol::messages::fetch_request::FetchPartition,
-    )],
-) -> Outcome {
-    let v = p.version;
-    let req = &p.req;
+fn finish_fetch(plan: Box<FetchPlan>, results: Vec<PartResult>, now: Instant) -> Outcome {
+    let v = plan.version;
+    let total: usize = results.iter().map(|r| if let PartResult::Read(r) = r { r.records.len() } else { 0 }).sum();
+    let any_error =
+        results.iter().any(|r| !matches!(r, PartResult::Read(_))) || plan.targets.iter().any(|t| t.key.is_none());
+    if !plan.force && !any_error && total < plan.min_bytes && now < plan.deadline {
+        let appended_at_park = plan.targets.iter().map(|t| t.shared.as_ref().map_or(0, |s| s.appended())).collect();
+        return Outcome::Park(Parked::Fetch(ParkedFetch { plan, appended_at_park, available_at_park: total }));
+    }
     let mut resp = FetchResponse::default();
     let mut by_ref: Vec<Bytes> = Vec::new();
-    let mut budget = if req.max_bytes > 0 {
-        req.max_bytes as usize
-    } else {
-        usize::MAX
-    };
-    for (name, topic, fp) in targets {
-        if resp
-            .responses
-            .last()
-            .is_none_or(|t: &FetchableTopicResponse| &t.topic != name)
-        {
+    let mut budget = plan.max_bytes;
+    let mut results = results.into_iter();
+    for t in plan.targets {
+        if resp.responses.last().is_none_or(|r: &FetchableTopicResponse| r.topic != t.name) {
             let mut tr = FetchableTopicResponse::default();
-            tr.topic = name.clone();
+            tr.topic = t.name.clone();
             if v >= 13 {
-                tr.topic_id = topic.as_ref().map(|t| t.meta.id).unwrap_or_default();
+                tr.topic_id = t.topic_id;
             }
             resp.responses.push(tr);
         }
         let mut pd = PartitionData::default();
-        pd.partition_index = fp.partition;
+        pd.partition_index = t.partition;
         pd.high_watermark = -1;
         pd.last_stable_offset = -1;
         pd.log_start_offset = -1;
-        match topic.as_ref().and_then(|t| t.partition(fp.partition)) {
-            None => pd.error_code = ErrorCode::UnknownTopicOrPartition.code(),
-            Some(part) => {
-                let max = (fp.partition_max_bytes.max(0) as usize).min(budget);
-                let read = part.log.lock().read(fp.fetch_offset, max);
-                match read {
-                    Ok(r) => {
-                        pd.high_watermark = r.high_watermark;
-                        pd.last_stable_offset = r.high_watermark;
-                        pd.log_start_offset = r.log_start_offset;
-                        budget = budget.saturating_sub(r.records.len());
-                        if !r.records.is_empty() {
-                            by_ref.push(r.records.clone());
-                        }
-                        pd.records = Some(r.records);
-                    }
-                    Err(e) => {
-                        let log = part.log.lock();
-                        pd.high_watermark = log.next_offset();
-                        pd.last_stable_offset = log.next_offset();
-                        pd.log_start_offset = log.log_start_offset();
-                        pd.error_code = ErrorCode::from(&e).code();
-                    }
+        pd.records = Some(Bytes::new());
+        let result = if t.key.is_some() { results.next() } else { None };
+        match result {
+            None | Some(PartResult::Unknown) | Some(PartResult::Appended(..)) | Some(PartResult::Offset(_)) => {
+                pd.error_code = ErrorCode::UnknownTopicOrPartition.code();
+            }
+            Some(PartResult::Failed { error, high_watermark, log_start }) => {
+                pd.error_code = ErrorCode::from(&error).code();
+                pd.high_watermark = high_watermark;
+                pd.last_stable_offset = high_watermark;
+                pd.log_start_offset = log_start;
+            }
+            Some(PartResult::Read(r)) => {
+                pd.high_watermark = r.high_watermark;
+                pd.last_stable_offset = r.high_watermark;
+                pd.log_start_offset = r.log_start_offset;
+                // The response-wide max_bytes: later partitions give way, but the first
+                // non-empty one always goes out whole (as Kafka, so big batches progress).
+                if !r.records.is_empty() && (by_ref.is_empty() || r.records.len() <= budget) {
+                    budget = budget.saturating_sub(r.records.len());
+                    by_ref.push(r.records.clone());
+                    pd.records = Some(r.records);
                 }
             }
-        }
-        if pd.records.is_none() {
-            pd.records = Some(Bytes::new());
         }
         if let Some(tr) = resp.responses.last_mut() {
             tr.partitions.push(pd);
@@ -240,49 +294,85 @@ fn build_fetch(
     Outcome::Respond(resp.into(), by_ref)
 }
 
+/// One partition of a ListOffsets: its index, the requested timestamp, and the answer
+/// known now as (offset, timestamp), or where it will come from.
+type OffsetQuery = (i32, i64, Result<(i64, i64), Slot>);
+
+pub struct ListOffsetsPlan {
+    version: i16,
+    topics: Vec<(TopicName, Vec<OffsetQuery>)>,
+}
+
 pub fn list_offsets(ctx: &Ctx<'_>, req: ListOffsetsRequest) -> Outcome {
-    let v = ctx.version;
-    let mut resp = ListOffsetsResponse::default();
+    let mut ops = Vec::new();
+    let mut topics = Vec::new();
     for t in req.topics {
         let topic = ctx.broker.topic(&t.name);
-        let mut tr = ListOffsetsTopicResponse::default();
-        tr.name = t.name.clone();
+        let mut parts = Vec::new();
         for p in t.partitions {
+            let key = topic.as_ref().and_then(|tp| tp.key(p.partition_index));
+            let shared = topic.as_ref().and_then(|tp| tp.shared(p.partition_index));
+            // Earliest and latest come from the lock-free counters; only a timestamp
+            // lookup needs the owner's indexes.
+            let answer = match (key, shared, p.timestamp) {
+                (Some(_), Some(s), -2) => Ok((s.log_start(), -1)),
+                (Some(_), Some(s), -1) => Ok((s.next_offset(), -1)),
+                // -3 (max timestamp) needs v7, which we do not advertise.
+                (Some(_), Some(_), ts) if ts < 0 => Err(Slot::Error(ErrorCode::InvalidRequest)),
+                (Some(key), Some(_), ts) => {
+                    ops.push((key, PartOp::OffsetForTime { timestamp: ts }));
+                    Err(Slot::Op(ops.len() - 1))
+                }
+                _ => Err(Slot::Error(ErrorCode::UnknownTopicOrPartition)),
+            };
+            parts.push((p.partition_index, p.timestamp, answer));
+        }
+        topics.push((t.name, parts));
+    }
+    Outcome::Gather(Gather { ops, then: Then::ListOffsets(ListOffsetsPlan { version: ctx.version, topics }) })
+}
+
+fn finish_list_offsets(plan: ListOffsetsPlan, results: &[PartResult]) -> Outcome {
+    let mut resp = ListOffsetsResponse::default();
+    for (name, parts) in plan.topics {
+        let mut tr = ListOffsetsTopicResponse::default();
+        tr.name = name;
+        for (index, requested, answer) in parts {
             let mut pr = ListOffsetsPartitionResponse::default();
-            pr.partition_index = p.partition_index;
+            pr.partition_index = index;
             pr.timestamp = -1;
             pr.offset = -1;
-            if v >= 4 {
+            if plan.version >= 4 {
                 pr.leader_epoch = 0;
             }
-            match topic
-                .as_ref()
-                .and_then(|tp| tp.partition(p.partition_index))
-            {
-                None => pr.error_code = ErrorCode::UnknownTopicOrPartition.code(),
-                Some(part) => {
-                    let log = part.log.lock();
-                    pr.offset = match p.timestamp {
-                        -2 => log.log_start_offset(),
-                        -1 => log.next_offset(),
-                        // -3 (max timestamp) needs v7, which we do not advertise.
-                        ts if ts < 0 => {
-                            pr.error_code = ErrorCode::InvalidRequest.code();
-                            -1
-                        }
-                        ts => match log.offset_for_time(ts) {
-                            Some(o) => {
-                                pr.timestamp = ts;
-                                o
-                            }
-                            None => -1,
-                        },
-                    };
+            match answer {
+                Ok((offset, ts)) => {
+                    pr.offset = offset;
+                    pr.timestamp = ts;
                 }
+                Err(Slot::Error(code)) => pr.error_code = code.code(),
+                Err(Slot::Op(i)) => match &results[i] {
+                    PartResult::Offset(Some(o)) => {
+                        pr.offset = *o;
+                        pr.timestamp = requested;
+                    }
+                    PartResult::Offset(None) => {}
+                    PartResult::Failed { error, .. } => pr.error_code = ErrorCode::from(error).code(),
+                    _ => pr.error_code = ErrorCode::UnknownTopicOrPartition.code(),
+                },
             }
             tr.partitions.push(pr);
         }
         resp.topics.push(tr);
     }
     Outcome::respond(resp)
+}
+
+/// Builds the outcome of a gather once every operation's result is in (in `ops` order).
+pub fn finish(then: Then, results: Vec<PartResult>, client: &str, now: Instant) -> Outcome {
+    match then {
+        Then::Produce(plan) => finish_produce(plan, &results, client),
+        Then::Fetch(plan) => finish_fetch(plan, results, now),
+        Then::ListOffsets(plan) => finish_list_offsets(plan, &results),
+    }
 }

@@ -6,18 +6,15 @@ use kafka_protocol::messages::find_coordinator_response::Coordinator as Coordina
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_response::MemberResponse;
 use kafka_protocol::messages::list_groups_response::ListedGroup;
-use kafka_protocol::messages::offset_commit_response::{
-    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
-};
+use kafka_protocol::messages::offset_commit_response::{OffsetCommitResponsePartition, OffsetCommitResponseTopic};
 use kafka_protocol::messages::offset_fetch_response::{
-    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
-    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions, OffsetFetchResponseTopic,
+    OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::{
-    BrokerId, DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest,
-    FindCoordinatorResponse, GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
-    JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest,
-    ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+    BrokerId, DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse, GroupId,
+    HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
+    ListGroupsRequest, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
     OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
 };
 use std::sync::Arc;
@@ -32,11 +29,7 @@ pub fn find_coordinator(ctx: &Ctx<'_>, req: FindCoordinatorRequest) -> Outcome {
     let v = ctx.version;
     let s = &ctx.broker.settings;
     let mut resp = FindCoordinatorResponse::default();
-    let error = if req.key_type == KEY_TYPE_GROUP {
-        ErrorCode::None
-    } else {
-        ErrorCode::CoordinatorNotAvailable
-    };
+    let error = if req.key_type == KEY_TYPE_GROUP { ErrorCode::None } else { ErrorCode::CoordinatorNotAvailable };
     if v >= 4 {
         for key in req.coordinator_keys {
             let mut c = CoordinatorEntry::default();
@@ -126,17 +119,9 @@ pub fn join(ctx: &Ctx<'_>, req: JoinGroupRequest) -> Outcome {
         client_id: ctx.client_id.clone(),
         client_host: format!("/{}", ctx.client_host),
         session_timeout_ms: req.session_timeout_ms,
-        rebalance_timeout_ms: if v >= 1 {
-            req.rebalance_timeout_ms
-        } else {
-            req.session_timeout_ms
-        },
+        rebalance_timeout_ms: if v >= 1 { req.rebalance_timeout_ms } else { req.session_timeout_ms },
         protocol_type: req.protocol_type.to_string(),
-        protocols: req
-            .protocols
-            .into_iter()
-            .map(|p| (p.name.to_string(), p.metadata))
-            .collect(),
+        protocols: req.protocols.into_iter().map(|p| (p.name.to_string(), p.metadata)).collect(),
         require_known_member_id: v >= 4,
     };
     let group = jr.group.clone();
@@ -144,15 +129,9 @@ pub fn join(ctx: &Ctx<'_>, req: JoinGroupRequest) -> Outcome {
     ctx.broker.notifier.notify();
     match step {
         Err(e) => Outcome::respond(join_response(v, &req.member_id, Err(e.into()))),
-        Ok(JoinStep::MemberIdRequired(id)) => {
-            Outcome::respond(join_response(v, &id, Err(ErrorCode::MemberIdRequired)))
-        }
+        Ok(JoinStep::MemberIdRequired(id)) => Outcome::respond(join_response(v, &id, Err(ErrorCode::MemberIdRequired))),
         Ok(JoinStep::Pending(member_id)) => {
-            let parked = ParkedJoin {
-                version: v,
-                group,
-                member_id,
-            };
+            let parked = ParkedJoin { version: v, group, member_id };
             poll_join(ctx.broker, &parked, false).unwrap_or(Outcome::Park(Parked::Join(parked)))
         }
     }
@@ -161,16 +140,10 @@ pub fn join(ctx: &Ctx<'_>, req: JoinGroupRequest) -> Outcome {
 pub fn poll_join(broker: &Arc<Broker>, p: &ParkedJoin, force: bool) -> Option<Outcome> {
     let r = broker.groups.lock().join_poll(&p.group, &p.member_id);
     match r {
-        Some(r) => Some(Outcome::respond(join_response(
-            p.version,
-            &p.member_id,
-            r.map_err(ErrorCode::from),
-        ))),
-        None if force => Some(Outcome::respond(join_response(
-            p.version,
-            &p.member_id,
-            Err(ErrorCode::RebalanceInProgress),
-        ))),
+        Some(r) => Some(Outcome::respond(join_response(p.version, &p.member_id, r.map_err(ErrorCode::from)))),
+        None if force => {
+            Some(Outcome::respond(join_response(p.version, &p.member_id, Err(ErrorCode::RebalanceInProgress))))
+        }
         None => None,
     }
 }
@@ -191,23 +164,12 @@ fn sync_response(p: &ParkedSync, r: Result<Bytes, ErrorCode>) -> SyncGroupRespon
 pub fn sync(ctx: &Ctx<'_>, req: SyncGroupRequest) -> Outcome {
     let group = req.group_id.to_string();
     let member_id = req.member_id.to_string();
-    let assignments = req
-        .assignments
-        .into_iter()
-        .map(|a| (a.member_id.to_string(), a.assignment))
-        .collect();
-    let result =
-        ctx.broker
-            .groups
-            .lock()
-            .sync(&group, &member_id, req.generation_id, assignments, ctx.now);
+    let assignments = req.assignments.into_iter().map(|a| (a.member_id.to_string(), a.assignment)).collect();
+    let result = ctx.broker.groups.lock().sync(&group, &member_id, req.generation_id, assignments, ctx.now);
     let (protocol_type, protocol_name) = {
         let groups = ctx.broker.groups.lock();
         let g = groups.group(&group);
-        (
-            g.and_then(|g| g.protocol_type.clone()),
-            g.and_then(|g| g.protocol.clone()),
-        )
+        (g.and_then(|g| g.protocol_type.clone()), g.and_then(|g| g.protocol.clone()))
     };
     let parked = ParkedSync {
         version: ctx.version,
@@ -228,30 +190,16 @@ pub fn sync(ctx: &Ctx<'_>, req: SyncGroupRequest) -> Outcome {
 }
 
 pub fn poll_sync(broker: &Arc<Broker>, p: &ParkedSync, force: bool) -> Option<Outcome> {
-    let r = broker
-        .groups
-        .lock()
-        .sync_poll(&p.group, &p.member_id, p.generation);
+    let r = broker.groups.lock().sync_poll(&p.group, &p.member_id, p.generation);
     match r {
-        Some(r) => Some(Outcome::respond(sync_response(
-            p,
-            r.map_err(ErrorCode::from),
-        ))),
-        None if force => Some(Outcome::respond(sync_response(
-            p,
-            Err(ErrorCode::RebalanceInProgress),
-        ))),
+        Some(r) => Some(Outcome::respond(sync_response(p, r.map_err(ErrorCode::from)))),
+        None if force => Some(Outcome::respond(sync_response(p, Err(ErrorCode::RebalanceInProgress)))),
         None => None,
     }
 }
 
 pub fn heartbeat(ctx: &Ctx<'_>, req: HeartbeatRequest) -> Outcome {
-    let r = ctx.broker.groups.lock().heartbeat(
-        &req.group_id,
-        &req.member_id,
-        req.generation_id,
-        ctx.now,
-    );
+    let r = ctx.broker.groups.lock().heartbeat(&req.group_id, &req.member_id, req.generation_id, ctx.now);
     let mut resp = HeartbeatResponse::default();
     if let Err(e) = r {
         resp.error_code = ErrorCode::from(e).code();
@@ -262,10 +210,7 @@ pub fn heartbeat(ctx: &Ctx<'_>, req: HeartbeatRequest) -> Outcome {
 pub fn leave(ctx: &Ctx<'_>, req: LeaveGroupRequest) -> Outcome {
     let v = ctx.version;
     let ids: Vec<String> = if v >= 3 {
-        req.members
-            .iter()
-            .map(|m| m.member_id.to_string())
-            .collect()
+        req.members.iter().map(|m| m.member_id.to_string()).collect()
     } else {
         vec![req.member_id.to_string()]
     };
@@ -296,11 +241,7 @@ pub fn offset_commit(ctx: &Ctx<'_>, req: OffsetCommitRequest) -> Outcome {
         let topic = ctx.broker.topic(&t.name);
         let mut tc = Vec::new();
         for p in &t.partitions {
-            if topic
-                .as_ref()
-                .and_then(|tp| tp.partition(p.partition_index))
-                .is_none()
-            {
+            if topic.as_ref().and_then(|tp| tp.key(p.partition_index)).is_none() {
                 tc.push(ErrorCode::UnknownTopicOrPartition);
             } else {
                 tc.push(ErrorCode::None);
@@ -309,11 +250,7 @@ pub fn offset_commit(ctx: &Ctx<'_>, req: OffsetCommitRequest) -> Outcome {
                     p.partition_index,
                     Committed {
                         offset: p.committed_offset,
-                        leader_epoch: if ctx.version >= 6 {
-                            p.committed_leader_epoch
-                        } else {
-                            -1
-                        },
+                        leader_epoch: if ctx.version >= 6 { p.committed_leader_epoch } else { -1 },
                         metadata: p.committed_metadata.as_ref().map(|m| m.to_string()),
                     },
                 ));
@@ -350,20 +287,13 @@ pub fn offset_commit(ctx: &Ctx<'_>, req: OffsetCommitRequest) -> Outcome {
 /// Committed offsets per topic: (partition, committed if any).
 type CommittedByTopic = Vec<(TopicName, Vec<(i32, Option<Committed>)>)>;
 
-fn committed_for(
-    broker: &Broker,
-    group: &str,
-    topics: Option<Vec<(TopicName, Vec<i32>)>>,
-) -> CommittedByTopic {
+fn committed_for(broker: &Broker, group: &str, topics: Option<Vec<(TopicName, Vec<i32>)>>) -> CommittedByTopic {
     let groups = broker.groups.lock();
     match topics {
         Some(list) => list
             .into_iter()
             .map(|(t, parts)| {
-                let ps = parts
-                    .into_iter()
-                    .map(|p| (p, groups.committed(group, &t, p).cloned()))
-                    .collect();
+                let ps = parts.into_iter().map(|p| (p, groups.committed(group, &t, p).cloned())).collect();
                 (t, ps)
             })
             .collect(),
@@ -386,21 +316,13 @@ pub fn offset_fetch(ctx: &Ctx<'_>, req: OffsetFetchRequest) -> Outcome {
     let mut resp = OffsetFetchResponse::default();
     let fill = |c: &Option<Committed>| -> (i64, i32, String) {
         match c {
-            Some(c) => (
-                c.offset,
-                c.leader_epoch,
-                c.metadata.clone().unwrap_or_default(),
-            ),
+            Some(c) => (c.offset, c.leader_epoch, c.metadata.clone().unwrap_or_default()),
             None => (-1, -1, String::new()),
         }
     };
     if v >= 8 {
         for g in req.groups {
-            let topics = g.topics.map(|ts| {
-                ts.into_iter()
-                    .map(|t| (t.name, t.partition_indexes))
-                    .collect()
-            });
+            let topics = g.topics.map(|ts| ts.into_iter().map(|t| (t.name, t.partition_indexes)).collect());
             let mut gr = OffsetFetchResponseGroup::default();
             gr.group_id = g.group_id.clone();
             for (t, parts) in committed_for(ctx.broker, &g.group_id, topics) {
@@ -420,11 +342,7 @@ pub fn offset_fetch(ctx: &Ctx<'_>, req: OffsetFetchRequest) -> Outcome {
             resp.groups.push(gr);
         }
     } else {
-        let topics = req.topics.map(|ts| {
-            ts.into_iter()
-                .map(|t| (t.name, t.partition_indexes))
-                .collect()
-        });
+        let topics = req.topics.map(|ts| ts.into_iter().map(|t| (t.name, t.partition_indexes)).collect());
         for (t, parts) in committed_for(ctx.broker, &req.group_id, topics) {
             let mut tr = OffsetFetchResponseTopic::default();
             tr.name = t;
@@ -451,10 +369,7 @@ pub fn list_groups(ctx: &Ctx<'_>, req: ListGroupsRequest) -> Outcome {
     let groups = ctx.broker.groups.lock();
     for g in groups.groups() {
         let state = g.state.name();
-        if v >= 4
-            && !req.states_filter.is_empty()
-            && !req.states_filter.iter().any(|s| s.as_str() == state)
-        {
+        if v >= 4 && !req.states_filter.is_empty() && !req.states_filter.iter().any(|s| s.as_str() == state) {
             continue;
         }
         let mut lg = ListedGroup::default();

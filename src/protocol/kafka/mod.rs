@@ -18,9 +18,7 @@ pub mod group;
 
 use bytes::{Buf, Bytes};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
-use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, RequestHeader, RequestKind, ResponseHeader, ResponseKind,
-};
+use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestHeader, RequestKind, ResponseHeader, ResponseKind};
 use kafka_protocol::protocol::buf::ByteBufMut;
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use std::sync::Arc;
@@ -58,14 +56,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
 
 /// The advertised range of `key`, if we serve it.
 pub fn version_range(key: ApiKey) -> Option<(i16, i16)> {
-    SUPPORTED
-        .iter()
-        .find(|(k, _, _)| *k == key)
-        .and_then(|(k, lo, hi)| {
-            let v = k.valid_versions();
-            let (lo, hi) = ((*lo).max(v.min), (*hi).min(v.max));
-            (lo <= hi).then_some((lo, hi))
-        })
+    SUPPORTED.iter().find(|(k, _, _)| *k == key).and_then(|(k, lo, hi)| {
+        let v = k.valid_versions();
+        let (lo, hi) = ((*lo).max(v.min), (*hi).min(v.max));
+        (lo <= hi).then_some((lo, hi))
+    })
 }
 
 /// Why a connection must be closed (logged with the peer address).
@@ -78,17 +73,9 @@ pub enum ProtocolError {
     #[error("API {api:?} version {version} is not supported")]
     UnsupportedVersion { api: ApiKey, version: i16 },
     #[error("malformed {api:?} v{version} request: {reason}")]
-    Malformed {
-        api: ApiKey,
-        version: i16,
-        reason: String,
-    },
+    Malformed { api: ApiKey, version: i16, reason: String },
     #[error("cannot encode {api:?} v{version} response: {reason}")]
-    Encode {
-        api: ApiKey,
-        version: i16,
-        reason: String,
-    },
+    Encode { api: ApiKey, version: i16, reason: String },
 }
 
 /// Who sent a request, for handlers that need it.
@@ -113,6 +100,8 @@ pub enum Outcome {
     /// acks=0 produce: the client expects nothing back.
     NoResponse,
     Park(Parked),
+    /// Partition operations for their owner cores; [`data::finish`] completes it.
+    Gather(data::Gather),
 }
 
 impl Outcome {
@@ -160,42 +149,19 @@ pub fn decode_frame(mut frame: Bytes) -> Result<Decoded, ProtocolError> {
     };
     if version < lo || version > hi {
         if api == ApiKey::ApiVersions {
-            let req = InFlight {
-                api,
-                version: 0,
-                correlation_id,
-            };
-            return Ok(Decoded::Answer {
-                req,
-                body: api_versions(ErrorCode::UnsupportedVersion),
-            });
+            let req = InFlight { api, version: 0, correlation_id };
+            return Ok(Decoded::Answer { req, body: api_versions(ErrorCode::UnsupportedVersion) });
         }
         return Err(ProtocolError::UnsupportedVersion { api, version });
     }
-    let malformed = |reason: String| ProtocolError::Malformed {
-        api,
-        version,
-        reason,
-    };
-    let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
-        .map_err(|e| malformed(e.to_string()))?;
-    let body =
-        RequestKind::decode(api, &mut frame, version).map_err(|e| malformed(e.to_string()))?;
+    let malformed = |reason: String| ProtocolError::Malformed { api, version, reason };
+    let header =
+        RequestHeader::decode(&mut frame, api.request_header_version(version)).map_err(|e| malformed(e.to_string()))?;
+    let body = RequestKind::decode(api, &mut frame, version).map_err(|e| malformed(e.to_string()))?;
     if frame.has_remaining() {
-        log::debug!(
-            "{api:?} v{version}: {} trailing bytes ignored",
-            frame.remaining()
-        );
+        log::debug!("{api:?} v{version}: {} trailing bytes ignored", frame.remaining());
     }
-    Ok(Decoded::Request {
-        req: InFlight {
-            api,
-            version,
-            correlation_id,
-        },
-        header,
-        body,
-    })
+    Ok(Decoded::Request { req: InFlight { api, version, correlation_id }, header, body })
 }
 
 /// Decodes one frame (without its length prefix) and runs it.
@@ -245,14 +211,9 @@ pub fn handle_frame(
 }
 
 /// Re-polls a parked request; `force` answers with whatever is there (deadline, shutdown).
-pub fn poll_parked(
-    broker: &Arc<Broker>,
-    parked: &Parked,
-    now: Instant,
-    force: bool,
-) -> Option<Outcome> {
+pub fn poll_parked(broker: &Arc<Broker>, parked: &Parked, now: Instant, force: bool) -> Option<Outcome> {
     match parked {
-        Parked::Fetch(p) => data::poll_fetch(broker, p, now, force),
+        Parked::Fetch(p) => data::poll_fetch(p, now, force),
         Parked::Join(p) => group::poll_join(broker, p, force),
         Parked::Sync(p) => group::poll_sync(broker, p, force),
     }
@@ -261,7 +222,7 @@ pub fn poll_parked(
 /// When a parked request must be answered regardless.
 pub fn parked_deadline(parked: &Parked) -> Option<Instant> {
     match parked {
-        Parked::Fetch(p) => Some(p.deadline),
+        Parked::Fetch(p) => Some(p.deadline()),
         Parked::Join(_) | Parked::Sync(_) => None,
     }
 }
@@ -311,22 +272,12 @@ fn encode_body<B: ByteBufMut>(r: &ResponseKind, buf: &mut B, v: i16) -> anyhow::
 
 /// Encodes a response frame (length prefix, header, body); `by_ref` are payloads that
 /// must go out by reference (fetch records straight from the log).
-pub fn encode_response(
-    req: &InFlight,
-    body: &ResponseKind,
-    by_ref: Vec<Bytes>,
-) -> Result<IoChunks, ProtocolError> {
-    let fail = |e: anyhow::Error| ProtocolError::Encode {
-        api: req.api,
-        version: req.version,
-        reason: e.to_string(),
-    };
+pub fn encode_response(req: &InFlight, body: &ResponseKind, by_ref: Vec<Bytes>) -> Result<IoChunks, ProtocolError> {
+    let fail = |e: anyhow::Error| ProtocolError::Encode { api: req.api, version: req.version, reason: e.to_string() };
     let mut buf = ScatterBuf::framed(by_ref);
     let mut header = ResponseHeader::default();
     header.correlation_id = req.correlation_id;
-    header
-        .encode(&mut buf, req.api.response_header_version(req.version))
-        .map_err(fail)?;
+    header.encode(&mut buf, req.api.response_header_version(req.version)).map_err(fail)?;
     encode_body(body, &mut buf, req.version).map_err(fail)?;
     Ok(buf.finish_framed())
 }
@@ -343,11 +294,7 @@ mod tests {
 
     /// Valid frames of every API and version we serve (default-valued bodies).
     fn seed_frames() -> Vec<Vec<u8>> {
-        fn frame<R: Encodable + kafka_protocol::protocol::HeaderVersion>(
-            key: ApiKey,
-            v: i16,
-            body: &R,
-        ) -> Vec<u8> {
+        fn frame<R: Encodable + kafka_protocol::protocol::HeaderVersion>(key: ApiKey, v: i16, body: &R) -> Vec<u8> {
             let mut h = RequestHeader::default();
             h.request_api_key = key as i16;
             h.request_api_version = v;
@@ -369,8 +316,7 @@ mod tests {
                         let mut r = ProduceRequest::default();
                         let mut t = produce_request::TopicProduceData::default();
                         let mut p = produce_request::PartitionProduceData::default();
-                        p.records =
-                            Some(Bytes::from(crate::log::batch::build_batch(0, 1, &[b"v"])));
+                        p.records = Some(Bytes::from(crate::log::batch::build_batch(0, 1, &[b"v"])));
                         t.name = TopicName(sb("t"));
                         t.partition_data.push(p);
                         r.topic_data.push(t);
@@ -408,10 +354,7 @@ mod tests {
         let seeds = seed_frames();
         assert!(seeds.len() > 100);
         for f in seeds {
-            assert!(matches!(
-                decode_frame(Bytes::from(f)),
-                Ok(Decoded::Request { .. })
-            ));
+            assert!(matches!(decode_frame(Bytes::from(f)), Ok(Decoded::Request { .. })));
         }
     }
 
@@ -434,9 +377,7 @@ mod tests {
                 match rand() % 5 {
                     0 => f[at] ^= 1 << (rand() % 8),
                     1 => f.truncate(at),
-                    2 if at + 4 <= f.len() => {
-                        f[at..at + 4].copy_from_slice(&i32::MAX.to_be_bytes())
-                    }
+                    2 if at + 4 <= f.len() => f[at..at + 4].copy_from_slice(&i32::MAX.to_be_bytes()),
                     3 if at + 4 <= f.len() => f[at..at + 4].copy_from_slice(&(-2i32).to_be_bytes()),
                     _ => f.insert(at.min(f.len()), rand() as u8),
                 }

@@ -1,0 +1,152 @@
+//! A core's partitions: the logs it owns, and the operations other cores ask it to run.
+
+use bytes::Bytes;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::{Broker, PartKey};
+use crate::log::mmap::SegmentFile;
+use crate::log::{AppendInfo, FlushPolicy, IoWork, LogError, PartitionLog, ReadResult};
+
+/// An operation on one partition, run by its owner core.
+#[derive(Debug)]
+pub enum PartOp {
+    Append { records: Bytes },
+    Read { offset: i64, max_bytes: usize },
+    OffsetForTime { timestamp: i64 },
+}
+
+/// The answer to a [`PartOp`].
+#[derive(Debug)]
+pub enum PartResult {
+    /// The append and the log start offset after it.
+    Appended(AppendInfo, i64),
+    Read(ReadResult),
+    Offset(Option<i64>),
+    /// The partition (or its topic) does not exist (any more).
+    Unknown,
+    /// The log refused; the high watermark and log start are given for the response.
+    Failed {
+        error: LogError,
+        high_watermark: i64,
+        log_start: i64,
+    },
+}
+
+/// A request for a spare segment file, to be made off the core (see
+/// [`PartitionLog::wants_spare`]).
+#[derive(Debug)]
+pub struct SpareRequest {
+    pub key: PartKey,
+    pub path: PathBuf,
+    pub size: usize,
+}
+
+/// The partitions one core owns. Not shared: no lock.
+pub struct Shard {
+    core: usize,
+    logs: HashMap<PartKey, PartitionLog>,
+}
+
+impl Shard {
+    pub fn new(core: usize) -> Shard {
+        Shard { core, logs: HashMap::new() }
+    }
+
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    pub fn adopt(&mut self, key: PartKey, log: PartitionLog) {
+        self.logs.insert(key, log);
+    }
+
+    /// Runs `op` on the partition `key`, opening its log on first use.
+    pub fn execute(&mut self, broker: &Broker, key: PartKey, op: PartOp) -> PartResult {
+        let Some(topic) = broker.topic_by_id(key.topic_id) else { return PartResult::Unknown };
+        let Some(shared) = topic.shared(key.partition).cloned() else { return PartResult::Unknown };
+        let log = match self.logs.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => match PartitionLog::open(&topic.partition_dir(key.partition), topic.log.clone()) {
+                Ok((log, _)) => {
+                    shared.publish(&log, 0);
+                    e.insert(log)
+                }
+                Err(error) => return PartResult::Failed { error, high_watermark: -1, log_start: -1 },
+            },
+        };
+        let fail = |error, log: &PartitionLog| PartResult::Failed {
+            error,
+            high_watermark: log.next_offset(),
+            log_start: log.log_start_offset(),
+        };
+        match op {
+            PartOp::Append { records } => match log.append(&records) {
+                Ok(info) => {
+                    if !info.duplicate {
+                        shared.publish(log, records.len() as u64);
+                        broker.notifier.notify();
+                    }
+                    PartResult::Appended(info, log.log_start_offset())
+                }
+                Err(e) => fail(e, log),
+            },
+            PartOp::Read { offset, max_bytes } => match log.read(offset, max_bytes) {
+                Ok(r) => PartResult::Read(r),
+                Err(e) => fail(e, log),
+            },
+            PartOp::OffsetForTime { timestamp } => PartResult::Offset(log.offset_for_time(timestamp)),
+        }
+    }
+
+    /// Periodic upkeep: background flushes, retention, spare segments, dropping logs of
+    /// deleted topics. Returns the file-system work and spare requests for the I/O thread.
+    pub fn housekeeping(&mut self, broker: &Broker, now_ms: i64, retention: bool) -> (Vec<IoWork>, Vec<SpareRequest>) {
+        self.logs.retain(|key, _| broker.topic_by_id(key.topic_id).is_some());
+        let mut io = Vec::new();
+        let mut spares = Vec::new();
+        for (key, log) in self.logs.iter_mut() {
+            if matches!(log.config().flush, FlushPolicy::Interval(_)) {
+                log.schedule_flush();
+            }
+            if retention && log.enforce_retention(now_ms) > 0 {
+                if let Some(shared) = broker.topic_by_id(key.topic_id).and_then(|t| t.shared(key.partition).cloned()) {
+                    shared.publish(log, 0);
+                }
+                log::info!(
+                    "retention: partition {} of topic {} now starts at {}",
+                    key.partition,
+                    key.topic_id,
+                    log.log_start_offset()
+                );
+            }
+            if let Some((path, size)) = log.wants_spare() {
+                spares.push(SpareRequest { key: *key, path, size });
+            }
+            io.append(&mut log.take_io_work());
+        }
+        (io, spares)
+    }
+
+    pub fn set_spare(&mut self, key: PartKey, file: SegmentFile) {
+        match self.logs.get_mut(&key) {
+            Some(log) => log.set_spare(file),
+            None => drop(file),
+        }
+    }
+
+    /// Flushes every log and finishes its queued file work (shutdown).
+    pub fn close(&mut self) {
+        for log in self.logs.values_mut() {
+            if let Err(e) = log.close() {
+                log::error!("flushing a log at shutdown: {e}");
+            }
+            for w in log.take_io_work() {
+                if let Err(e) = w.run() {
+                    log::error!("finishing log file work at shutdown: {e}");
+                }
+            }
+        }
+    }
+}
