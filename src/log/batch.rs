@@ -16,6 +16,8 @@ const MAX_TIMESTAMP_OFFSET: usize = 35;
 /// Attribute bit: timestamps are LogAppendTime.
 pub const TIMESTAMP_TYPE_BIT: i16 = 0x08;
 pub const TRANSACTIONAL_BIT: i16 = 0x10;
+/// Attribute bits naming the compression codec (0: none).
+pub const COMPRESSION_MASK: i16 = 0x07;
 pub const CONTROL_BIT: i16 = 0x20;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -131,6 +133,43 @@ impl BatchHeader {
     }
 }
 
+/// Reads a zig-zag varint (Kafka record fields); `None` if truncated or over-long.
+fn varint(buf: &[u8], pos: &mut usize) -> Option<i64> {
+    let mut v: u64 = 0;
+    for shift in (0..70).step_by(7) {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some((v >> 1) as i64 ^ -((v & 1) as i64));
+        }
+    }
+    None
+}
+
+/// The offset of the first record in `batch` whose timestamp is at or after `ts`
+/// (ListOffsets by time). Uncompressed CreateTime batches are searched record by record;
+/// for compressed or LogAppendTime batches (one timestamp for all) the batch's base
+/// offset is the answer, as it is for anything that does not parse.
+pub fn first_offset_at_or_after(batch: &[u8], h: &BatchHeader, ts: i64) -> i64 {
+    if h.attributes & (COMPRESSION_MASK | TIMESTAMP_TYPE_BIT) != 0 {
+        return h.base_offset;
+    }
+    let mut pos = HEADER_LEN;
+    for _ in 0..h.records_count {
+        let Some(len) = varint(batch, &mut pos) else { break };
+        let start = pos;
+        let mut p = pos + 1; // attributes
+        let (Some(ts_delta), Some(off_delta)) = (varint(batch, &mut p), varint(batch, &mut p)) else { break };
+        if h.base_timestamp.saturating_add(ts_delta) >= ts {
+            return h.base_offset + off_delta;
+        }
+        let Some(next) = usize::try_from(len).ok().and_then(|l| start.checked_add(l)) else { break };
+        pos = next;
+    }
+    h.base_offset
+}
+
 /// Iterates the batches of a produce payload (or a log region), checking each CRC.
 pub fn split_checked(mut buf: &[u8]) -> Result<Vec<BatchHeader>, BatchError> {
     let mut out = Vec::new();
@@ -174,7 +213,7 @@ pub fn build_batch(base_offset: i64, timestamp_ms: i64, values: &[&[u8]]) -> Vec
     for (i, v) in values.iter().enumerate() {
         let mut r = Vec::new();
         r.push(0u8); // attributes
-        varint(&mut r, 0); // timestamp delta
+        varint(&mut r, i as i64); // timestamp delta: record i is i ms after the first
         varint(&mut r, i as i64); // offset delta
         varint(&mut r, -1); // key: null
         varint(&mut r, v.len() as i64);
@@ -192,7 +231,7 @@ pub fn build_batch(base_offset: i64, timestamp_ms: i64, values: &[&[u8]]) -> Vec
     b.extend_from_slice(&0i16.to_be_bytes()); // attributes
     b.extend_from_slice(&((values.len() as i32 - 1).max(0)).to_be_bytes());
     b.extend_from_slice(&timestamp_ms.to_be_bytes());
-    b.extend_from_slice(&timestamp_ms.to_be_bytes());
+    b.extend_from_slice(&(timestamp_ms + (values.len() as i64 - 1).max(0)).to_be_bytes());
     b.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
     b.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
     b.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
@@ -236,6 +275,22 @@ mod tests {
         let h = BatchHeader::parse_checked(&b).unwrap();
         assert_eq!(h.max_timestamp, 99);
         assert!(h.attributes & TIMESTAMP_TYPE_BIT != 0);
+    }
+
+    #[test]
+    fn timestamp_search_finds_the_record_inside_a_batch() {
+        let mut b = build_batch(0, 1000, &[b"a", b"b", b"c", b"d"]);
+        set_base_offset(&mut b, 40);
+        let h = BatchHeader::parse_checked(&b).unwrap();
+        assert_eq!(h.max_timestamp, 1003);
+        assert_eq!(first_offset_at_or_after(&b, &h, 0), 40);
+        assert_eq!(first_offset_at_or_after(&b, &h, 1002), 42);
+        assert_eq!(first_offset_at_or_after(&b, &h, 1003), 43);
+        // Damaged record bytes fall back to the batch start instead of panicking.
+        let n = b.len();
+        for cut in HEADER_LEN..n {
+            let _ = first_offset_at_or_after(&b[..cut], &h, 1003);
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! # Invariants
 //! - Bytes below `published` are never written again while the mapping lives: readers
 //!   hold `&[u8]` views of them without synchronisation.
-//! - Only the one [`SegmentWriter`] (not `Clone`, owned under the partition lock) writes,
+//! - Only the one [`SegmentWriter`] (not `Clone`, owned by the partition's owner core) writes,
 //!   and only at or past `published`; `publish` is a `Release` store that readers pair with
 //!   an `Acquire` load, so a reader that sees a length sees the bytes under it.
 //! - The file is never shrunk while mapped: truncation at recovery happens on a

@@ -272,7 +272,7 @@ impl IoWork {
 /// Extension of a segment file made ahead of time, not yet part of the log.
 const SPARE_SUFFIX: &str = "spare";
 
-/// One partition's log. Owned under a lock by the broker; see the module docs.
+/// One partition's log, owned by one core's shard (no lock); see the module docs.
 pub struct PartitionLog {
     dir: PathBuf,
     cfg: LogConfig,
@@ -710,7 +710,8 @@ impl PartitionLog {
         while pos < seg.size {
             let h = BatchHeader::parse(&view[pos..]).ok()?;
             if h.max_timestamp >= ts {
-                return Some(h.base_offset.max(self.log_start_offset));
+                let exact = batch::first_offset_at_or_after(&view[pos..pos + h.total_len()], &h, ts);
+                return Some(exact.max(self.log_start_offset));
             }
             pos += h.total_len();
         }
@@ -789,7 +790,8 @@ mod tests {
         assert_eq!(offsets_in(&r.records), vec![50]);
         let r = log.read(0, 1 << 20).unwrap();
         assert!(!r.records.is_empty());
-        assert_eq!(log.offset_for_time(1010), Some(20));
+        // Batch i holds records stamped 1000+i and 1001+i: offset 19 is the first at 1010.
+        assert_eq!(log.offset_for_time(1010), Some(19));
         drop(log);
         let (log, report) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
         assert_eq!(report.next_offset, 200);
