@@ -55,3 +55,12 @@ fn kcat_librdkafka_2_0_2() {
 fn kafkajs_pure_javascript() {
     suite("node", "kafkajs_suite.js");
 }
+
+/// Admin and offset APIs through confluent-kafka's AdminClient: CreateTopics errors,
+/// DescribeConfigs, CreatePartitions, DescribeCluster, ListOffsets by time, acks=0,
+/// ListGroups, DescribeGroups, OffsetFetch, DeleteTopics.
+#[test]
+fn admin_apis_confluent_kafka() {
+    let broker = BrokerProc::start(&["--cores", "2"]);
+    run_client("python3", &["admin_suite.py", "--bootstrap", &broker.addr.to_string()], SUITE_TIMEOUT);
+}

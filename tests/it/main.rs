@@ -5,3 +5,4 @@ mod clients;
 mod crash;
 mod groups;
 mod harness;
+mod long_poll;
