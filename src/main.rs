@@ -1,5 +1,8 @@
 //! The `slipstream` command.
 
+#[path = "../bench/harness/mod.rs"]
+mod bench;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use slipstream::config::ServeArgs;
@@ -15,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the broker (embedded default: Kafka on 127.0.0.1:9092, data in ./data, tcp).
     Serve(ServeArgs),
+    /// Run latency/throughput workloads against slipstream and other Kafka brokers.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -25,6 +30,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve().context("invalid settings")?;
             slipstream::server::serve(cfg).context("slipstream serve failed")?;
         }
+        Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
 }

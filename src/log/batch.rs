@@ -170,6 +170,38 @@ pub fn first_offset_at_or_after(batch: &[u8], h: &BatchHeader, ts: i64) -> i64 {
     h.base_offset
 }
 
+/// Calls `f` with each record value of an uncompressed batch, in order; stops quietly at
+/// anything that does not parse. Returns how many values it saw.
+pub fn for_each_value(batch: &[u8], h: &BatchHeader, mut f: impl FnMut(&[u8])) -> usize {
+    if h.attributes & COMPRESSION_MASK != 0 {
+        return 0;
+    }
+    let mut pos = HEADER_LEN;
+    let mut seen = 0;
+    for _ in 0..h.records_count {
+        let Some(len) = varint(batch, &mut pos) else { break };
+        let Some(end) = usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|e| *e <= batch.len()) else {
+            break;
+        };
+        let mut p = pos + 1; // attributes
+        let parsed = (|| {
+            varint(batch, &mut p)?; // timestamp delta
+            varint(batch, &mut p)?; // offset delta
+            let key_len = varint(batch, &mut p)?;
+            if key_len > 0 {
+                p = p.checked_add(key_len as usize)?;
+            }
+            let value_len = usize::try_from(varint(batch, &mut p)?).ok()?;
+            batch.get(p..p.checked_add(value_len)?)
+        })();
+        let Some(value) = parsed.filter(|_| p <= end) else { break };
+        f(value);
+        seen += 1;
+        pos = end;
+    }
+    seen
+}
+
 /// Iterates the batches of a produce payload (or a log region), checking each CRC.
 pub fn split_checked(mut buf: &[u8]) -> Result<Vec<BatchHeader>, BatchError> {
     let mut out = Vec::new();
@@ -290,6 +322,18 @@ mod tests {
         let n = b.len();
         for cut in HEADER_LEN..n {
             let _ = first_offset_at_or_after(&b[..cut], &h, 1003);
+        }
+    }
+
+    #[test]
+    fn values_come_back_in_order() {
+        let b = build_batch(0, 1, &[b"one", b"", b"three"]);
+        let h = BatchHeader::parse_checked(&b).unwrap();
+        let mut got = Vec::new();
+        assert_eq!(for_each_value(&b, &h, |v| got.push(v.to_vec())), 3);
+        assert_eq!(got, vec![b"one".to_vec(), vec![], b"three".to_vec()]);
+        for cut in 0..b.len() {
+            let _ = for_each_value(&b[..cut], &h, |_| {});
         }
     }
 

@@ -110,6 +110,11 @@ pub trait Transport: Send {
     fn unsent_bytes(&self, conn: ConnId) -> usize;
 }
 
+/// The backends built into this binary.
+pub fn built() -> Vec<TransportKind> {
+    vec![TransportKind::Tcp]
+}
+
 /// Builds the transport for one core, listening on `addr`.
 pub fn build(kind: TransportKind, addr: SocketAddr) -> Result<Box<dyn Transport>, TransportError> {
     match kind {

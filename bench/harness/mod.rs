@@ -1,0 +1,302 @@
+//! `slipstream bench`: OpenMessaging-Benchmark-style workloads at microsecond resolution.
+//!
+//! Runs workloads (`bench/workloads/*.toml`) against targets — slipstream itself on each
+//! transport (started and stopped by the harness, per repetition) or any Kafka bootstrap
+//! address — interleaving repetitions so that machine drift hits every target alike, and
+//! measures the machine's own limit (raw TCP ping-pong) in the same run. Writes a JSON
+//! file, an HTML report and a terminal table.
+
+pub mod native;
+pub mod rawtcp;
+pub mod report;
+pub mod stats;
+pub mod workload;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use report::{Limit, Machine, Report, TargetResult, WorkloadResult};
+use slipstream::transport::TransportKind;
+use stats::Recorder;
+use workload::Workload;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientKind {
+    /// The lean native client (one request in flight per connection).
+    Native,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Workload name (from bench/workloads) or file; repeatable [default: latency-128b].
+    #[arg(long = "workload")]
+    pub workloads: Vec<String>,
+    /// Target: `slipstream:TRANSPORT` (started by the harness) or `NAME=HOST:PORT[,pid=PID]`
+    /// (any Kafka-compatible broker; the pid enables its CPU figures). Repeatable.
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
+    /// Add slipstream on every transport built into this binary to the targets.
+    #[arg(long)]
+    pub matrix: bool,
+    /// Repetitions per target, interleaved across targets.
+    #[arg(long, default_value_t = 1)]
+    pub repetitions: usize,
+    #[arg(long, value_enum, default_value_t = ClientKind::Native)]
+    pub client: ClientKind,
+    /// Override every workload's measured duration (seconds).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Override every workload's warm-up (seconds).
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// Consumers' fetch max wait (ms). Brokers that sleep the full wait even when data is
+    /// there (Tansu) need it low for a fair end-to-end figure.
+    #[arg(long, default_value_t = 100)]
+    pub fetch_wait_ms: i32,
+    /// Dispatch cores for the slipstream targets the harness starts.
+    #[arg(long, default_value_t = 1)]
+    pub broker_cores: usize,
+    /// Skip the raw TCP limit measurement.
+    #[arg(long)]
+    pub no_limit: bool,
+    /// Where results.json, report.html and the broker logs go.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// A note to print in the report (repeatable), e.g. how a peer was configured.
+    #[arg(long = "note")]
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Slipstream(TransportKind),
+    External { name: String, addr: SocketAddr, pid: Option<u32> },
+}
+
+impl Target {
+    fn parse(spec: &str) -> anyhow::Result<Target> {
+        if let Some(t) = spec.strip_prefix("slipstream:") {
+            let kind = TransportKind::from_str(t, true).map_err(|e| anyhow::anyhow!("target '{spec}': {e}"))?;
+            return Ok(Target::Slipstream(kind));
+        }
+        let Some((name, rest)) = spec.split_once('=') else {
+            bail!("target '{spec}': expected slipstream:TRANSPORT or NAME=HOST:PORT[,pid=PID]");
+        };
+        let mut parts = rest.split(',');
+        let addr_s = parts.next().unwrap_or_default();
+        let addr = addr_s
+            .to_socket_addrs()
+            .with_context(|| format!("target '{spec}': bad address"))?
+            .next()
+            .with_context(|| format!("target '{spec}': address resolves to nothing"))?;
+        let mut pid = None;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("pid", v)) => pid = Some(v.parse().with_context(|| format!("target '{spec}': bad pid"))?),
+                _ => bail!("target '{spec}': unknown option '{p}'"),
+            }
+        }
+        Ok(Target::External { name: name.to_string(), addr, pid })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Target::Slipstream(k) => format!("slipstream {}", format!("{k:?}").to_lowercase()),
+            Target::External { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// A slipstream broker the harness started; stopped (SIGTERM) on drop.
+struct Spawned {
+    child: Child,
+    addr: SocketAddr,
+    _data: tempfile::TempDir,
+}
+
+impl Spawned {
+    fn start(kind: TransportKind, cores: usize, log: &Path) -> anyhow::Result<Spawned> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let data = tempfile::tempdir()?;
+        let exe = std::env::current_exe().context("locating the slipstream binary")?;
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = Command::new(exe)
+            .args(["serve", "--listen", &addr.to_string(), "--cores", &cores.to_string(), "--transport"])
+            .arg(format!("{kind:?}").to_lowercase())
+            .arg("--data-dir")
+            .arg(data.path())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .context("starting slipstream serve")?;
+        let mut s = Spawned { child, addr, _data: data };
+        let started = Instant::now();
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                bail!("slipstream serve --transport {kind:?} exited at start ({status}); see {}", log.display());
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!("slipstream serve did not listen within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(s)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with our own child's pid; no memory involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Default)]
+struct Accum {
+    recorder: Recorder,
+    per_second: Vec<u64>,
+    measured_s: f64,
+    cpu_s: Option<f64>,
+    reps: usize,
+    bootstrap: String,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let workload_names =
+        if args.workloads.is_empty() { vec!["latency-128b".to_string()] } else { args.workloads.clone() };
+    let workloads: Vec<Workload> = workload_names
+        .iter()
+        .map(|n| Workload::find(n).map(|w| w.scaled(args.duration, args.warmup)))
+        .collect::<anyhow::Result<_>>()?;
+    let mut targets: Vec<Target> = args.targets.iter().map(|s| Target::parse(s)).collect::<anyhow::Result<_>>()?;
+    if args.matrix {
+        for k in slipstream::transport::built() {
+            if !targets.iter().any(|t| matches!(t, Target::Slipstream(x) if *x == k)) {
+                targets.push(Target::Slipstream(k));
+            }
+        }
+    }
+    if targets.is_empty() {
+        targets.push(Target::Slipstream(TransportKind::Tcp));
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let broker_log = args.out.join("brokers.log");
+    let mut results = Vec::new();
+    for w in &workloads {
+        let per_run = (w.duration_s.ceil() as u64).max(1);
+        let bar = ProgressBar::new(per_run * (targets.len() * args.repetitions) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} s  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        let mut accums: Vec<Accum> = targets.iter().map(|_| Accum::default()).collect();
+        // Interleaved: rep 0 of every target, then rep 1 of every target, ...
+        for rep in 0..args.repetitions {
+            for (ti, target) in targets.iter().enumerate() {
+                bar.set_prefix(format!("{} #{}", target.name(), rep + 1));
+                let topic = format!("bench-{}-{}", w.name, uuid::Uuid::new_v4().simple());
+                let (out, bootstrap) = match target {
+                    Target::Slipstream(kind) => {
+                        let s = Spawned::start(*kind, args.broker_cores, &broker_log)?;
+                        let out = native::run(s.addr, w, &topic, args.fetch_wait_ms, Some(s.child.id()), &bar)?;
+                        (out, s.addr.to_string())
+                    }
+                    Target::External { addr, pid, .. } => {
+                        (native::run(*addr, w, &topic, args.fetch_wait_ms, *pid, &bar)?, addr.to_string())
+                    }
+                };
+                let a = &mut accums[ti];
+                a.recorder.merge(&out.recorder);
+                a.per_second.extend(out.per_second);
+                a.measured_s += out.measured_s;
+                a.cpu_s = match (a.cpu_s, out.broker_cpu_s) {
+                    (prev, Some(c)) => Some(prev.unwrap_or(0.0) + c),
+                    (prev, None) => prev,
+                };
+                a.reps += 1;
+                a.bootstrap = bootstrap;
+            }
+        }
+        bar.finish_and_clear();
+        let mut limits = Vec::new();
+        if !args.no_limit {
+            let d = Duration::from_secs_f64(w.duration_s.clamp(0.5, 5.0));
+            eprintln!("measuring the raw TCP limit ({} B ping-pong, {:.1} s each)...", w.message_size, d.as_secs_f64());
+            limits.push(Limit {
+                name: "raw TCP ping-pong".into(),
+                round_trip: rawtcp::ping_pong(w.message_size, d, false)?.summary(),
+            });
+            limits.push(Limit {
+                name: "raw TCP busy-poll".into(),
+                round_trip: rawtcp::ping_pong(w.message_size, d, true)?.summary(),
+            });
+        }
+        let targets_out = targets
+            .iter()
+            .zip(accums)
+            .map(|(t, a)| {
+                let publish = a.recorder.publish.summary();
+                let ratio = limits.iter().map(|l| (l.name.clone(), publish.p("p50") / l.round_trip.p("p50"))).collect();
+                let msgs = a.recorder.messages_sent;
+                TargetResult {
+                    name: t.name(),
+                    bootstrap: a.bootstrap,
+                    repetitions: a.reps,
+                    measured_s: a.measured_s,
+                    messages_sent: msgs,
+                    messages_received: a.recorder.messages_received,
+                    errors: a.recorder.errors,
+                    throughput_msgs_per_s: msgs as f64 / a.measured_s.max(1e-9),
+                    throughput_mb_per_s: a.recorder.bytes_sent as f64 / a.measured_s.max(1e-9) / 1e6,
+                    publish,
+                    publish_delay: a.recorder.publish_delay.summary(),
+                    end_to_end: a.recorder.end_to_end.summary(),
+                    broker_cpu_s: a.cpu_s,
+                    broker_cpu_s_per_million_msgs: a.cpu_s.filter(|_| msgs > 0).map(|c| c / msgs as f64 * 1e6),
+                    publish_p50_over_limit: ratio,
+                    per_second: a.per_second,
+                }
+            })
+            .collect();
+        results.push(WorkloadResult { workload: w.clone(), limits, targets: targets_out });
+    }
+    let mut notes = args.notes.clone();
+    notes.push(format!(
+        "Consumers long-poll with fetch max wait {} ms; slipstream answers a parked fetch as soon as data arrives.",
+        args.fetch_wait_ms
+    ));
+    let report = Report {
+        slipstream_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        machine: Machine::describe(),
+        client: match args.client {
+            ClientKind::Native => "native".into(),
+        },
+        notes,
+        workloads: results,
+    };
+    let json = args.out.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let html = args.out.join("report.html");
+    std::fs::write(&html, report::html(&report)).with_context(|| format!("writing {}", html.display()))?;
+    print!("{}", report::table(&report));
+    println!("\nwrote {} and {}", json.display(), html.display());
+    Ok(())
+}

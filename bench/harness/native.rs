@@ -1,0 +1,274 @@
+//! The lean native client mode: the broker measured with minimal client overhead.
+//!
+//! Producers are blocking connections with one request in flight; each message value
+//! starts with the monotonic send time (ns since the run's epoch) so consumers in the same
+//! process measure end-to-end latency. Consumers long-poll every partition from offset 0
+//! of a fresh topic, one connection per (group, partition).
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use indicatif::ProgressBar;
+use slipstream::client::Client;
+use slipstream::log::batch::{build_batch, for_each_value, BatchHeader};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::stats::{Recorder, Schedule};
+use super::workload::Workload;
+
+/// What a run produced.
+pub struct RunOutput {
+    pub recorder: Recorder,
+    /// Messages acknowledged in each second of the measured window.
+    pub per_second: Vec<u64>,
+    pub measured_s: f64,
+    /// Broker CPU seconds (user + system) in the measured window, if its pid is known.
+    pub broker_cpu_s: Option<f64>,
+}
+
+/// The run's clock: nanoseconds since a shared epoch, the same in every thread.
+#[derive(Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Clock {
+    pub fn ns(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz.max(1.0))
+}
+
+fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
+    Client::connect(addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))
+}
+
+pub fn run(
+    addr: SocketAddr,
+    w: &Workload,
+    topic: &str,
+    fetch_wait_ms: i32,
+    broker_pid: Option<u32>,
+    bar: &ProgressBar,
+) -> anyhow::Result<RunOutput> {
+    let mut admin = connect(addr)?;
+    match admin.create_topic(topic, w.partitions).context("CreateTopics")? {
+        0 | 36 => {}
+        code => bail!("creating topic {topic}: error {code}"),
+    }
+    let clock = Clock(Instant::now());
+    let warmup_ns = (w.warmup_s * 1e9) as u64;
+    let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;
+    let stop_producing = Arc::new(AtomicBool::new(false));
+    let stop_consuming = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let produced_total = Arc::new(AtomicU64::new(0));
+
+    let mut consumers = Vec::new();
+    for _group in 0..w.consumer_groups {
+        for partition in 0..w.partitions {
+            let stop = stop_consuming.clone();
+            let produced = produced_total.clone();
+            let topic = topic.to_string();
+            let c = connect(addr)?;
+            let partitions = w.partitions as u64;
+            consumers.push(thread::spawn(move || {
+                consume(c, &topic, partition, clock, warmup_ns, fetch_wait_ms, &stop, &produced, partitions)
+            }));
+        }
+    }
+    let mut producers = Vec::new();
+    let rate = (w.rate > 0.0).then(|| w.rate / w.producers as f64);
+    for k in 0..w.producers {
+        let stop = stop_producing.clone();
+        let acked = acked.clone();
+        let produced = produced_total.clone();
+        let topic = topic.to_string();
+        let w = w.clone();
+        let c = connect(addr)?;
+        producers
+            .push(thread::spawn(move || produce(c, &topic, k, &w, rate, clock, warmup_ns, &stop, &acked, &produced)));
+    }
+
+    // Warm-up, then sample throughput once a second over the measured window.
+    let sleep_until = |t_ns: u64| {
+        let now = clock.ns();
+        if t_ns > now {
+            thread::sleep(Duration::from_nanos(t_ns - now));
+        }
+    };
+    sleep_until(warmup_ns);
+    let cpu_start = broker_pid.and_then(process_cpu_s);
+    let measure_start = clock.ns();
+    let mut per_second = Vec::new();
+    let mut last = acked.load(Ordering::Relaxed);
+    let mut next = measure_start + 1_000_000_000;
+    while next <= end_ns {
+        sleep_until(next);
+        let now = acked.load(Ordering::Relaxed);
+        per_second.push(now - last);
+        bar.set_message(format!("{} msg/s", now - last));
+        bar.inc(1);
+        last = now;
+        next += 1_000_000_000;
+    }
+    sleep_until(end_ns);
+    let measured_s = (clock.ns() - measure_start) as f64 / 1e9;
+    let cpu_end = broker_pid.and_then(process_cpu_s);
+    stop_producing.store(true, Ordering::Relaxed);
+    let mut recorder = Recorder::default();
+    for p in producers {
+        let r = p.join().map_err(|_| anyhow::anyhow!("a producer thread panicked"))??;
+        recorder.merge(&r);
+    }
+    // Let consumers catch up with everything produced, then stop them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    stop_consuming.store(true, Ordering::Relaxed);
+    for c in consumers {
+        let r = c.join().map_err(|_| anyhow::anyhow!("a consumer thread panicked"))??;
+        recorder.merge(&r);
+    }
+    if Instant::now() > deadline {
+        log::warn!("consumers took more than 10 s to drain");
+    }
+    let broker_cpu_s = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    Ok(RunOutput { recorder, per_second, measured_s, broker_cpu_s })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn produce(
+    mut c: Client,
+    topic: &str,
+    k: usize,
+    w: &Workload,
+    rate: Option<f64>,
+    clock: Clock,
+    warmup_ns: u64,
+    stop: &AtomicBool,
+    acked: &AtomicU64,
+    produced: &AtomicU64,
+) -> anyhow::Result<Recorder> {
+    let mut r = Recorder::default();
+    let per_request = w.batch_messages as u64;
+    // Messages per request count against the rate.
+    let mut schedule = Schedule::new(clock.ns(), rate.map(|r| r / per_request as f64));
+    let mut values = vec![vec![0u8; w.message_size]; w.batch_messages];
+    let mut i = k as i64;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(t) = schedule.next_intended() {
+            let now = clock.ns();
+            if t > now + 200_000 {
+                thread::sleep(Duration::from_nanos(t - now - 100_000));
+            }
+            while clock.ns() < t {
+                std::hint::spin_loop();
+            }
+        }
+        let partition = (i % w.partitions as i64) as i32;
+        i += 1;
+        let sent = clock.ns();
+        for v in values.iter_mut() {
+            v[..8].copy_from_slice(&sent.to_be_bytes());
+        }
+        let refs: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
+        let batch = Bytes::from(build_batch(0, (sent / 1_000_000) as i64, &refs));
+        let delay = schedule.sent(per_request, sent);
+        let measuring = sent >= warmup_ns;
+        if w.acks == 0 {
+            c.produce_no_ack(topic, partition, batch)?;
+        } else {
+            let p = c.produce(topic, partition, batch, w.acks)?;
+            if p.error_code != 0 {
+                r.errors += 1;
+                continue;
+            }
+        }
+        let done = clock.ns();
+        produced.fetch_add(per_request, Ordering::Relaxed);
+        if measuring {
+            if w.acks != 0 {
+                r.publish.record_ns_n(done - sent, per_request);
+            }
+            r.publish_delay.record_ns_n(delay, per_request);
+            r.messages_sent += per_request;
+            r.bytes_sent += per_request * w.message_size as u64;
+            acked.fetch_add(per_request, Ordering::Relaxed);
+        }
+    }
+    Ok(r)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn consume(
+    mut c: Client,
+    topic: &str,
+    partition: i32,
+    clock: Clock,
+    warmup_ns: u64,
+    fetch_wait_ms: i32,
+    stop: &AtomicBool,
+    produced: &AtomicU64,
+    partitions: u64,
+) -> anyhow::Result<Recorder> {
+    let mut r = Recorder::default();
+    let mut offset = 0i64;
+    let mut seen = 0u64;
+    let mut stop_seen_at: Option<Instant> = None;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            let since = *stop_seen_at.get_or_insert_with(Instant::now);
+            // Every partition gets about its share; stop once this one looks drained.
+            let share = produced.load(Ordering::Relaxed) / partitions.max(1);
+            if seen >= share.saturating_sub(1) || since.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+        }
+        let f = c.fetch(topic, partition, offset, 4 << 20, fetch_wait_ms)?;
+        if f.error_code != 0 {
+            r.errors += 1;
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let now = clock.ns();
+        let mut pos = 0;
+        while pos < f.records.len() {
+            let Ok(h) = BatchHeader::parse(&f.records[pos..]) else { break };
+            let batch = &f.records[pos..pos + h.total_len()];
+            if h.last_offset() >= offset {
+                let skip = (offset - h.base_offset).max(0) as usize;
+                let mut idx = 0usize;
+                for_each_value(batch, &h, |v| {
+                    if idx >= skip && v.len() >= 8 {
+                        let mut ts = [0u8; 8];
+                        ts.copy_from_slice(&v[..8]);
+                        let sent = u64::from_be_bytes(ts);
+                        seen += 1;
+                        if sent >= warmup_ns {
+                            r.end_to_end.record_ns(now.saturating_sub(sent));
+                            r.messages_received += 1;
+                        }
+                    }
+                    idx += 1;
+                });
+                offset = h.last_offset() + 1;
+            }
+            pos += h.total_len();
+        }
+    }
+    Ok(r)
+}
