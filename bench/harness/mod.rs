@@ -8,6 +8,8 @@
 
 pub mod native;
 pub mod rawtcp;
+#[cfg(feature = "rdkafka-client")]
+pub mod rdk;
 pub mod report;
 pub mod stats;
 pub mod workload;
@@ -29,6 +31,35 @@ use workload::Workload;
 pub enum ClientKind {
     /// The lean native client (one request in flight per connection).
     Native,
+    /// librdkafka, as users of librdkafka-based clients see the broker.
+    #[cfg(feature = "rdkafka-client")]
+    Rdkafka,
+}
+
+impl ClientKind {
+    fn name(self) -> &'static str {
+        match self {
+            ClientKind::Native => "native",
+            #[cfg(feature = "rdkafka-client")]
+            ClientKind::Rdkafka => "rdkafka (librdkafka)",
+        }
+    }
+
+    fn run(
+        self,
+        addr: SocketAddr,
+        w: &Workload,
+        topic: &str,
+        fetch_wait_ms: i32,
+        pid: Option<u32>,
+        bar: &ProgressBar,
+    ) -> anyhow::Result<native::RunOutput> {
+        match self {
+            ClientKind::Native => native::run(addr, w, topic, fetch_wait_ms, pid, bar),
+            #[cfg(feature = "rdkafka-client")]
+            ClientKind::Rdkafka => rdk::run(addr, w, topic, fetch_wait_ms, pid, bar),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -214,11 +245,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let (out, bootstrap) = match target {
                     Target::Slipstream(kind) => {
                         let s = Spawned::start(*kind, args.broker_cores, &broker_log)?;
-                        let out = native::run(s.addr, w, &topic, args.fetch_wait_ms, Some(s.child.id()), &bar)?;
+                        let out = args.client.run(s.addr, w, &topic, args.fetch_wait_ms, Some(s.child.id()), &bar)?;
                         (out, s.addr.to_string())
                     }
                     Target::External { addr, pid, .. } => {
-                        (native::run(*addr, w, &topic, args.fetch_wait_ms, *pid, &bar)?, addr.to_string())
+                        (args.client.run(*addr, w, &topic, args.fetch_wait_ms, *pid, &bar)?, addr.to_string())
                     }
                 };
                 let a = &mut accums[ti];
@@ -285,9 +316,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         slipstream_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         machine: Machine::describe(),
-        client: match args.client {
-            ClientKind::Native => "native".into(),
-        },
+        client: args.client.name().into(),
         notes,
         workloads: results,
     };

@@ -33,6 +33,12 @@ pub struct RunOutput {
 #[derive(Clone, Copy)]
 pub struct Clock(Instant);
 
+impl Default for Clock {
+    fn default() -> Self {
+        Clock(Instant::now())
+    }
+}
+
 impl Clock {
     pub fn ns(&self) -> u64 {
         self.0.elapsed().as_nanos() as u64

@@ -166,7 +166,9 @@ fn percentile_svg(series: &[(String, &Summary)]) -> String {
     };
     let values: Vec<f64> =
         series.iter().flat_map(|(_, s)| s.curve.iter().map(|(_, v)| *v)).filter(|v| *v > 0.0).collect();
-    let lo = values.iter().cloned().fold(f64::INFINITY, f64::min).max(0.1).log10().floor();
+    // Decades spanning the data (1 µs .. 10 µs when there is none).
+    let lo = values.iter().cloned().fold(f64::INFINITY, f64::min);
+    let lo = if lo.is_finite() { lo.max(0.1).log10().floor() } else { 0.0 };
     let hi = values.iter().cloned().fold(0.0, f64::max).max(1.0).log10().ceil().max(lo + 1.0);
     let ys = |v: f64| -> f64 { h - b - (v.max(0.1).log10() - lo) / (hi - lo) * (h - b - 20.0) };
     let mut svg = format!(
