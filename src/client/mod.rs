@@ -33,6 +33,11 @@ pub enum ClientError {
 }
 
 const MAX_RESPONSE: usize = 256 << 20;
+/// Non-flexible versions (no tagged fields): peers disagree on which tagged fields a
+/// version may carry (Tansu 0.6 sends one in Fetch v12 that v12 does not define), and
+/// these versions carry everything the tests and the bench need.
+const PRODUCE_VERSION: i16 = 8;
+const FETCH_VERSION: i16 = 11;
 
 pub struct Client {
     stream: TcpStream,
@@ -93,14 +98,14 @@ impl Client {
         let req = produce_request(topic, partition, records, 0);
         let mut header = RequestHeader::default();
         header.request_api_key = ApiKey::Produce as i16;
-        header.request_api_version = 9;
+        header.request_api_version = PRODUCE_VERSION;
         header.correlation_id = self.next_correlation;
         self.next_correlation = self.next_correlation.wrapping_add(1);
         let mut buf = BytesMut::with_capacity(256);
         buf.extend_from_slice(&[0; 4]);
         let codec = |e: anyhow::Error| ClientError::Codec(e.to_string());
-        header.encode(&mut buf, ProduceRequest::header_version(9)).map_err(codec)?;
-        req.encode(&mut buf, 9).map_err(codec)?;
+        header.encode(&mut buf, ProduceRequest::header_version(PRODUCE_VERSION)).map_err(codec)?;
+        req.encode(&mut buf, PRODUCE_VERSION).map_err(codec)?;
         let len = (buf.len() - 4) as u32;
         buf[..4].copy_from_slice(&len.to_be_bytes());
         self.stream.write_all(&buf)?;
@@ -133,7 +138,7 @@ impl Client {
 
     pub fn produce(&mut self, topic: &str, partition: i32, records: Bytes, acks: i16) -> Result<Produced, ClientError> {
         let req = produce_request(topic, partition, records, acks);
-        let resp = self.call(&req, 9)?;
+        let resp = self.call(&req, PRODUCE_VERSION)?;
         let p = resp
             .responses
             .first()
@@ -163,7 +168,7 @@ impl Client {
         req.max_bytes = max_bytes;
         req.session_epoch = -1;
         req.topics.push(ft);
-        let resp = self.call(&req, 12)?;
+        let resp = self.call(&req, FETCH_VERSION)?;
         let p = resp
             .responses
             .first()

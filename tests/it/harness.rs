@@ -132,6 +132,9 @@ pub fn clients_dir() -> PathBuf {
 pub fn run_client(program: &str, args: &[&str], timeout: Duration) -> String {
     let mut child = Command::new(program)
         .args(args)
+        // `cargo test` puts build-script library dirs on LD_LIBRARY_PATH; rdkafka-sys's own
+        // librdkafka there would shadow the system one kcat is meant to test.
+        .env_remove("LD_LIBRARY_PATH")
         .current_dir(clients_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
