@@ -9,7 +9,8 @@ use thiserror::Error;
 
 use crate::broker::BrokerSettings;
 use crate::log::{FlushPolicy, LogConfig};
-use crate::transport::TransportKind;
+use crate::transport::uring::{UringOptions, DEFAULT_ZC_THRESHOLD};
+use crate::transport::{TransportKind, TransportOptions};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -74,6 +75,16 @@ pub struct ServeArgs {
     /// Stamp LogAppendTime on every batch instead of keeping the producer's CreateTime.
     #[arg(long)]
     pub log_append_time: Option<bool>,
+    /// io_uring: sends of at least this many bytes use zero-copy SENDMSG_ZC [default: 16384].
+    #[arg(long)]
+    pub uring_zc_threshold: Option<usize>,
+    /// Latency mode: cores never sleep in their poll, they spin on it (the completion queue
+    /// for io_uring, epoll with a zero timeout for tcp), trading a core each for microseconds.
+    #[arg(long)]
+    pub busy_poll: Option<bool>,
+    /// io_uring: kernel-side submission polling (SQPOLL), trading a core for fewer syscalls.
+    #[arg(long)]
+    pub uring_sqpoll: Option<bool>,
     /// Wait this long after the first member joins an empty group before completing the
     /// rebalance, so members starting together land in one generation [default: 0].
     #[arg(long)]
@@ -83,8 +94,10 @@ pub struct ServeArgs {
 /// Fully resolved settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    pub busy_poll: bool,
     pub listen: SocketAddr,
     pub transport: TransportKind,
+    pub transport_options: TransportOptions,
     pub cores: usize,
     pub broker: BrokerSettings,
 }
@@ -121,7 +134,10 @@ impl ServeArgs {
                 flush,
                 max_request_bytes,
                 log_append_time,
-                group_initial_rebalance_delay_ms
+                group_initial_rebalance_delay_ms,
+                uring_zc_threshold,
+                uring_sqpoll,
+                busy_poll
             );
         }
         let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:9092".into());
@@ -168,8 +184,15 @@ impl ServeArgs {
             log_append_time: self.log_append_time.unwrap_or(false),
         };
         Ok(ServeConfig {
+            busy_poll: self.busy_poll.unwrap_or(false),
             listen,
             transport: self.transport.unwrap_or(TransportKind::Tcp),
+            transport_options: TransportOptions {
+                uring: UringOptions {
+                    zc_threshold: self.uring_zc_threshold.unwrap_or(DEFAULT_ZC_THRESHOLD),
+                    sqpoll: self.uring_sqpoll.unwrap_or(false),
+                },
+            },
             cores,
             broker: BrokerSettings {
                 node_id: self.node_id.unwrap_or(0),

@@ -21,6 +21,7 @@ static PRODUCE_COPIED: AtomicU64 = AtomicU64::new(0);
 static FETCH_COPIED: AtomicU64 = AtomicU64::new(0);
 static FETCH_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static PRODUCE_BYTES: AtomicU64 = AtomicU64::new(0);
+static KERNEL_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 static CONNECTIONS_CLOSED_BAD_INPUT: AtomicU64 = AtomicU64::new(0);
 
@@ -34,6 +35,12 @@ pub fn count_copy(path: Path, bytes: usize) {
 
 pub fn count_zero_copy(bytes: usize) {
     FETCH_ZERO_COPY.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+/// Bytes a transport sent with kernel zero-copy (io_uring `SENDMSG_ZC`): the kernel did
+/// not copy them into socket buffers either.
+pub fn count_kernel_zero_copy(bytes: usize) {
+    KERNEL_ZERO_COPY.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
 pub fn count_produced(bytes: usize) {
@@ -55,6 +62,8 @@ pub struct Snapshot {
     pub produce_bytes_copied: u64,
     pub fetch_bytes_copied: u64,
     pub fetch_bytes_zero_copy: u64,
+    #[serde(default)]
+    pub kernel_zero_copy_send_bytes: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
 }
@@ -65,6 +74,7 @@ pub fn snapshot() -> Snapshot {
         produce_bytes_copied: PRODUCE_COPIED.load(Ordering::Relaxed),
         fetch_bytes_copied: FETCH_COPIED.load(Ordering::Relaxed),
         fetch_bytes_zero_copy: FETCH_ZERO_COPY.load(Ordering::Relaxed),
+        kernel_zero_copy_send_bytes: KERNEL_ZERO_COPY.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
     }

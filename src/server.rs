@@ -52,12 +52,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let (io_tx, io_rx) = crossbeam_channel::unbounded::<IoJob>();
 
     // Transports first: every core needs every other core's waker.
+    let listener = transport::bind_listener(cfg.listen)?;
     let mut transports = Vec::new();
     let mut peers = Vec::new();
     let mut inboxes = Vec::new();
     let mut sleeping_flags = Vec::new();
     for _ in 0..cfg.cores {
-        let t = transport::build(cfg.transport, cfg.listen)?;
+        let t = transport::build(cfg.transport, &listener, &cfg.transport_options)?;
         let (tx, rx) = crossbeam_channel::unbounded::<CoreMsg>();
         let sleeping = Arc::new(AtomicBool::new(false));
         peers.push(Peer::new(tx, t.waker(), sleeping.clone()));
@@ -65,12 +66,21 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         sleeping_flags.push(sleeping);
         transports.push(t);
     }
+    // Each core holds its own clone; ours closes now.
+    drop(listener);
     let mut cores = Vec::new();
     for (id, ((t, shard), (inbox, sleeping))) in
         transports.into_iter().zip(shards).zip(inboxes.into_iter().zip(sleeping_flags)).enumerate()
     {
-        let parts =
-            CoreParts { shard, inbox, peers: peers.clone(), sleeping, io: io_tx.clone(), shutdown: shutdown.clone() };
+        let parts = CoreParts {
+            shard,
+            inbox,
+            peers: peers.clone(),
+            sleeping,
+            io: io_tx.clone(),
+            shutdown: shutdown.clone(),
+            busy_poll: cfg.busy_poll,
+        };
         cores.push(Core::new(id, broker.clone(), t, parts));
     }
     broker.notifier.install(cores.iter().map(Core::notify_handle).collect());

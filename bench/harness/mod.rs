@@ -295,6 +295,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     errors: a.recorder.errors,
                     throughput_msgs_per_s: msgs as f64 / a.measured_s.max(1e-9),
                     throughput_mb_per_s: a.recorder.bytes_sent as f64 / a.measured_s.max(1e-9) / 1e6,
+                    consume_msgs_per_s: a.recorder.messages_received as f64
+                        / a.measured_s.max(1e-9)
+                        / w.consumer_groups.max(1) as f64,
                     publish,
                     publish_delay: a.recorder.publish_delay.summary(),
                     end_to_end: a.recorder.end_to_end.summary(),

@@ -61,6 +61,8 @@ pub struct TargetResult {
     pub errors: u64,
     pub throughput_msgs_per_s: f64,
     pub throughput_mb_per_s: f64,
+    /// Messages the consumers received per measured second, per consumer group.
+    pub consume_msgs_per_s: f64,
     pub publish: Summary,
     pub publish_delay: Summary,
     pub end_to_end: Summary,

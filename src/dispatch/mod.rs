@@ -1,6 +1,6 @@
 //! The dispatch loop: thread-per-core, run-to-completion.
 //!
-//! Each core owns one transport instance (its own listener, via `SO_REUSEPORT`), the
+//! Each core owns one transport instance (with its clone of the broker's listening socket), the
 //! connections the kernel gave it with their request queues, and a [`Shard`]: the
 //! partitions it owns. A completion is handled to the end on the core that received it:
 //! frames are cut from the receive buffer, each request is decoded and run, and its
@@ -142,6 +142,7 @@ pub struct Core {
     shutdown: Arc<AtomicBool>,
     /// Core 0 drives the group coordinator's timers.
     drives_groups: bool,
+    busy_poll: bool,
 }
 
 /// What a core needs besides its transport; see [`Core::new`].
@@ -152,6 +153,8 @@ pub struct CoreParts {
     pub sleeping: Arc<AtomicBool>,
     pub io: Sender<IoJob>,
     pub shutdown: Arc<AtomicBool>,
+    /// Spin on the transport's poll instead of sleeping in it.
+    pub busy_poll: bool,
 }
 
 impl Core {
@@ -173,6 +176,7 @@ impl Core {
             seen_epoch: 0,
             shutdown: parts.shutdown,
             drives_groups: id == 0,
+            busy_poll: parts.busy_poll,
         }
     }
 
@@ -207,8 +211,9 @@ impl Core {
             }
             self.drain_inbox();
             let mut timeout = self.next_timeout(drain_deadline.is_some(), next_housekeeping);
-            self.sleeping.store(true, Ordering::SeqCst);
-            if !self.inbox.is_empty() {
+            // A busy-polling core never sleeps, so peers never need to wake it.
+            self.sleeping.store(!self.busy_poll, Ordering::SeqCst);
+            if self.busy_poll || !self.inbox.is_empty() {
                 timeout = Some(Duration::ZERO);
             }
             completions.clear();

@@ -17,8 +17,10 @@
 //!   every buffer it held has been dropped or returned.
 
 pub mod tcp;
+pub mod uring;
 
 use bytes::{Bytes, BytesMut};
+use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub enum TransportKind {
 pub enum TransportError {
     #[error("transport '{0:?}' is not built into this binary yet (see the open issues)")]
     NotBuilt(TransportKind),
+    #[error("transport not supported here: {0}")]
+    Unsupported(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
     #[error("transport I/O error: {0}")]
@@ -112,13 +116,50 @@ pub trait Transport: Send {
 
 /// The backends built into this binary.
 pub fn built() -> Vec<TransportKind> {
-    vec![TransportKind::Tcp]
+    vec![TransportKind::Tcp, TransportKind::Uring]
 }
 
-/// Builds the transport for one core, listening on `addr`.
-pub fn build(kind: TransportKind, addr: SocketAddr) -> Result<Box<dyn Transport>, TransportError> {
+/// Backend-specific settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TransportOptions {
+    pub uring: uring::UringOptions,
+}
+
+/// Binds the broker's one listening socket. Deliberately *not* `SO_REUSEPORT`: a port must
+/// never be shared with another process — a killed broker's io_uring is torn down
+/// asynchronously, and its lingering listener would be handed (and then reset) some of a
+/// restarted broker's connections. If such a listener still holds the port, retry a
+/// little while it goes away.
+pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, TransportError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut logged = false;
+    loop {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_reuse_address(true)?;
+        match sock.bind(&addr.into()).and_then(|()| sock.listen(1024)) {
+            Ok(()) => return Ok(sock.into()),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                if !logged {
+                    log::warn!("{addr} is still in use (a previous process's listener?); retrying");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => return Err(TransportError::Listen { addr, source }),
+        }
+    }
+}
+
+/// Builds the transport for one core, accepting from its clone of the broker's listener.
+pub fn build(
+    kind: TransportKind,
+    listener: &std::net::TcpListener,
+    opts: &TransportOptions,
+) -> Result<Box<dyn Transport>, TransportError> {
+    let l = listener.try_clone()?;
     match kind {
-        TransportKind::Tcp => Ok(Box::new(tcp::TcpTransport::bind(addr)?)),
+        TransportKind::Tcp => Ok(Box::new(tcp::TcpTransport::new(l)?)),
+        TransportKind::Uring => Ok(Box::new(uring::UringTransport::new(l, opts.uring)?)),
         other => Err(TransportError::NotBuilt(other)),
     }
 }

@@ -1,6 +1,6 @@
 //! The baseline backend: epoll readiness (through mio) on non-blocking kernel sockets,
-//! emulating completions. Every core binds its own listener with `SO_REUSEPORT`, so the
-//! kernel spreads connections over cores and no core hands a socket to another.
+//! emulating completions. Every core watches its clone of the broker's listening socket
+//! and accepts what it can; a connection then stays on the core that accepted it.
 //!
 //! Sends go out with `writev` over the chunk list, so record bytes that point into the
 //! mmap'd log reach the socket without a user-space copy.
@@ -8,10 +8,8 @@
 use bytes::{Bytes, BytesMut};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,21 +59,13 @@ pub struct TcpTransport {
     ready: Vec<Completion>,
 }
 
-fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    sock.listen(1024)?;
-    Ok(sock.into())
-}
-
 impl TcpTransport {
-    pub fn bind(addr: SocketAddr) -> Result<Self, TransportError> {
+    /// Serves connections accepted from `listener` (this core's clone of the broker's one
+    /// listening socket).
+    pub fn new(listener: std::net::TcpListener) -> Result<Self, TransportError> {
         let poll = Poll::new()?;
-        let std_listener = reuseport_listener(addr).map_err(|source| TransportError::Listen { addr, source })?;
-        let mut listener = TcpListener::from_std(std_listener);
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(MioWake(Waker::new(poll.registry(), WAKER)?));
         Ok(TcpTransport {

@@ -56,6 +56,7 @@ fn bench_smoke_run_writes_every_field() {
             "errors",
             "throughput_msgs_per_s",
             "throughput_mb_per_s",
+            "consume_msgs_per_s",
             "broker_cpu_s",
             "broker_cpu_s_per_million_msgs",
             "publish_p50_over_limit",

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
 
-fn suite(program: &str, script: &str) {
-    suite_with(program, script, &[]);
+fn suite(program: &str, script: &str, transport: &str) {
+    suite_with(program, script, &["--transport", transport]);
 }
 
 fn suite_with(program: &str, script: &str, broker_args: &[&str]) {
@@ -27,40 +27,32 @@ fn suite_with(program: &str, script: &str, broker_args: &[&str]) {
     assert!(s.fetch_bytes_zero_copy > 0, "nothing was fetched by reference: {s:?}");
     assert_eq!(s.fetch_bytes_copied, 0, "fetch payload was copied in user space: {s:?}");
     assert_eq!(s.produce_bytes_copied, s.produce_payload_bytes, "produce payload copied more than once: {s:?}");
+    if broker_args.contains(&"uring") {
+        // Large fetch responses went out with SENDMSG_ZC: not even the kernel copied them.
+        assert!(s.kernel_zero_copy_send_bytes > 0, "no zero-copy sends on io_uring: {s:?}");
+    }
 }
 
-#[test]
-fn confluent_kafka_librdkafka_2x() {
-    suite("python3", "confluent_suite.py");
-}
+per_transport!(confluent_kafka_librdkafka_2x, |t| suite("python3", "confluent_suite.py", t));
 
-/// Three cores: partitions are spread over them, so most requests arriving on one
-/// connection run partly on other cores (forwarded operations, gathered replies).
-#[test]
-fn confluent_kafka_three_cores() {
-    suite_with("python3", "confluent_suite.py", &["--cores", "3"]);
-}
+// Three cores: partitions are spread over them, so most requests arriving on one
+// connection run partly on other cores (forwarded operations, gathered replies).
+per_transport!(confluent_kafka_three_cores, |t| suite_with(
+    "python3",
+    "confluent_suite.py",
+    &["--cores", "3", "--transport", t]
+));
 
-#[test]
-fn kafka_python_pure_python() {
-    suite("python3", "kafka_python_suite.py");
-}
+per_transport!(kafka_python_pure_python, |t| suite("python3", "kafka_python_suite.py", t));
 
-#[test]
-fn kcat_librdkafka_2_0_2() {
-    suite("python3", "kcat_suite.py");
-}
+per_transport!(kcat_librdkafka_2_0_2, |t| suite("python3", "kcat_suite.py", t));
 
-#[test]
-fn kafkajs_pure_javascript() {
-    suite("node", "kafkajs_suite.js");
-}
+per_transport!(kafkajs_pure_javascript, |t| suite("node", "kafkajs_suite.js", t));
 
-/// Admin and offset APIs through confluent-kafka's AdminClient: CreateTopics errors,
-/// DescribeConfigs, CreatePartitions, DescribeCluster, ListOffsets by time, acks=0,
-/// ListGroups, DescribeGroups, OffsetFetch, DeleteTopics.
-#[test]
-fn admin_apis_confluent_kafka() {
-    let broker = BrokerProc::start(&["--cores", "2"]);
+// Admin and offset APIs through confluent-kafka's AdminClient: CreateTopics errors,
+// DescribeConfigs, CreatePartitions, DescribeCluster, ListOffsets by time, acks=0,
+// ListGroups, DescribeGroups, OffsetFetch, DeleteTopics.
+per_transport!(admin_apis_confluent_kafka, |t| {
+    let broker = BrokerProc::start(&["--cores", "2", "--transport", t]);
     run_client("python3", &["admin_suite.py", "--bootstrap", &broker.addr.to_string()], SUITE_TIMEOUT);
-}
+});

@@ -43,17 +43,27 @@ fn read_all(addr: std::net::SocketAddr, partition: i32) -> BTreeMap<i64, Bytes> 
     }
 }
 
-#[test]
-fn sigkill_mid_stream_20_times_loses_no_acknowledged_batch() {
-    crash_rounds(&["--flush", "always", "--segment-bytes", "1048576"]);
-}
+per_transport!(sigkill_mid_stream_20_times_loses_no_acknowledged_batch, |t| crash_rounds(&[
+    "--flush",
+    "always",
+    "--segment-bytes",
+    "1048576",
+    "--transport",
+    t
+]));
 
-/// The same with two cores and more partitions than cores, so the producer's connection
-/// and the partition's owner differ for some runs.
-#[test]
-fn sigkill_mid_stream_two_cores() {
-    crash_rounds(&["--flush", "always", "--segment-bytes", "1048576", "--cores", "2"]);
-}
+// The same with two cores and more partitions than cores, so the producer's connection
+// and the partition's owner differ for some runs.
+per_transport!(sigkill_mid_stream_two_cores, |t| crash_rounds(&[
+    "--flush",
+    "always",
+    "--segment-bytes",
+    "1048576",
+    "--cores",
+    "2",
+    "--transport",
+    t
+]));
 
 fn crash_rounds(args: &[&str]) {
     let mut broker = BrokerProc::start(args);

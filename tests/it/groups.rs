@@ -4,9 +4,10 @@
 use crate::harness::{run_client, BrokerProc};
 use std::time::Duration;
 
-#[test]
-fn group_member_sigkilled_survivors_take_over() {
-    let broker = BrokerProc::start(&["--cores", "2"]);
+per_transport!(group_member_sigkilled_survivors_take_over, group_failover);
+
+fn group_failover(transport: &str) {
+    let broker = BrokerProc::start(&["--cores", "2", "--transport", transport]);
     let bootstrap = broker.addr.to_string();
     run_client("python3", &["group_failover.py", "--bootstrap", &bootstrap], Duration::from_secs(300));
 }

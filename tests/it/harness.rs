@@ -1,9 +1,30 @@
 //! Starts and stops `slipstream serve` as a real process, and runs client programs.
 
+/// Instantiates a test once per transport: `per_transport!(name, |transport| ...)` makes
+/// `name::tcp` and `name::uring`, each calling the body with `"tcp"` or `"uring"`.
+macro_rules! per_transport {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[test]
+            fn tcp() {
+                ($body)("tcp")
+            }
+
+            #[test]
+            fn uring() {
+                ($body)("uring")
+            }
+        }
+    };
+}
+
 use slipstream::metrics::Snapshot;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +36,14 @@ pub struct BrokerProc {
     pub data: PathBuf,
     log: PathBuf,
     extra: Vec<String>,
+}
+
+fn serves_api_versions(addr: SocketAddr) -> bool {
+    let Ok(mut c) = slipstream::client::Client::connect(addr, Duration::from_millis(100)) else { return false };
+    if c.stream().set_read_timeout(Some(Duration::from_millis(200))).is_err() {
+        return false;
+    }
+    c.call(&kafka_protocol::messages::ApiVersionsRequest::default(), 0).is_ok()
 }
 
 fn free_port() -> u16 {
@@ -55,7 +84,10 @@ impl BrokerProc {
             .expect("spawn slipstream");
         self.child = Some(child);
         loop {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+            // Serving, not merely listening: a killed io_uring broker's listener can linger
+            // a moment (the kernel tears its ring down asynchronously) and complete TCP
+            // handshakes nobody will ever answer.
+            if serves_api_versions(self.addr) {
                 return started.elapsed();
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {

@@ -8,9 +8,10 @@ use slipstream::client::Client;
 use slipstream::log::batch::build_batch;
 use std::time::{Duration, Instant};
 
-#[test]
-fn long_poll_fetch_answers_when_data_arrives() {
-    let broker = BrokerProc::start(&["--cores", "2"]);
+per_transport!(long_poll_fetch_answers_when_data_arrives, long_poll_fetch_answers_when_data_arrives);
+
+fn long_poll_fetch_answers_when_data_arrives(transport: &str) {
+    let broker = BrokerProc::start(&["--cores", "2", "--transport", transport]);
     let addr = broker.addr;
     let mut admin = Client::connect(addr, Duration::from_secs(5)).expect("connect");
     assert_eq!(admin.create_topic("lp", 2).expect("create"), 0);

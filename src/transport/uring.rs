@@ -1,0 +1,607 @@
+//! The io_uring backend: the seam's completions are the kernel's own.
+//!
+//! - **Accept**: one multishot `ACCEPT` on the core's clone of the broker's listening
+//!   socket (single-shot and re-armed if the kernel lacks multishot).
+//! - **Receive**: a `RECV` straight into the spare capacity of the `BytesMut` the dispatch
+//!   loop handed over; the buffer lives in the op table until its completion.
+//! - **Send**: queued sends of a connection are coalesced into one `SENDMSG` whose iovecs
+//!   point at the chunks (fetch payloads point into the mmap'd log). At or above the
+//!   zero-copy threshold the op is `SENDMSG_ZC`: the NIC/loopback reads the pages directly,
+//!   and the chunks stay owned by the op until the kernel's *notification* completion says
+//!   it is done with them. One send per connection is in flight at a time, so bytes leave
+//!   in order without linked SQEs (a short send is resubmitted for the rest).
+//! - **Wake-ups**: an eventfd with a `READ` always armed.
+//!
+//! Features are probed at start; a missing one is logged once and degrades (no zero-copy
+//! send, single-shot accept). No io_uring at all fails `bind` with a message.
+//!
+//! # Invariants
+//! - Every pointer in a submitted SQE points into memory owned by an entry of `ops`
+//!   (boxed, so it does not move) that is removed only when the kernel posted the op's
+//!   final completion (for zero-copy sends: the notification). Safe code cannot reach a
+//!   buffer while the kernel may touch it.
+//! - A connection's socket is closed (dropped) only when no op referencing its fd is in
+//!   flight, so a recycled fd number can never receive a stale op.
+#![allow(unsafe_code)]
+
+use bytes::{Bytes, BytesMut};
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind, Wake};
+use crate::metrics;
+
+/// Options of the io_uring backend.
+#[derive(Debug, Clone, Copy)]
+pub struct UringOptions {
+    /// Sends of at least this many bytes use `SENDMSG_ZC`.
+    pub zc_threshold: usize,
+    /// Kernel-side submission polling (trades a core for fewer syscalls).
+    pub sqpoll: bool,
+}
+
+impl Default for UringOptions {
+    fn default() -> Self {
+        UringOptions { zc_threshold: DEFAULT_ZC_THRESHOLD, sqpoll: false }
+    }
+}
+
+/// Below this, copying into the socket buffer is cheaper than pinning pages and waiting
+/// for a notification. See `docs/architecture.md` for how it was chosen.
+pub const DEFAULT_ZC_THRESHOLD: usize = 16 * 1024;
+const RING_ENTRIES: u32 = 1024;
+const MAX_IOV: usize = 512;
+const READ_CHUNK: usize = 64 * 1024;
+
+enum Op {
+    Accept,
+    Recv {
+        conn: ConnId,
+        buf: BytesMut,
+    },
+    Send(Box<SendOp>),
+    /// The eventfd counter the kernel reads into (kept alive, never read by us).
+    Wake(#[allow(dead_code)] Box<[u8; 8]>),
+    Cancel,
+}
+
+/// A `SENDMSG`/`SENDMSG_ZC` in flight: the chunks, and the iovecs and header that point at
+/// them (boxed so their addresses stay put).
+struct SendOp {
+    conn: ConnId,
+    /// The messages this op carries, handed back one `Sent` each when done.
+    msgs: Vec<Vec<Bytes>>,
+    /// The byte ranges actually submitted (a resubmission carries only what is left).
+    parts: Vec<Bytes>,
+    /// The iovecs `hdr` points at: owned for the kernel, not read by us.
+    #[allow(dead_code)]
+    iov: Box<[libc::iovec]>,
+    hdr: Box<libc::msghdr>,
+    len: usize,
+    zc: bool,
+    /// Zero-copy: the result arrived, the notification not yet.
+    awaiting_notif: bool,
+}
+
+// SAFETY: the raw pointers in `iov`/`hdr` point into `parts`, which this op owns; moving
+// the op between threads moves the owner with them.
+unsafe impl Send for SendOp {}
+
+struct UConn {
+    sock: TcpStream,
+    inflight: u32,
+    recv_armed: bool,
+    sending: bool,
+    tx: VecDeque<Vec<Bytes>>,
+    unsent: usize,
+    /// `close` was asked for: finish sending, then shut down.
+    closing: bool,
+    /// Shut down; waiting for in-flight ops before the fd is closed.
+    shut: bool,
+    reason: Option<CloseReason>,
+}
+
+struct EventFdWake(OwnedFd);
+
+impl Wake for EventFdWake {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an eventfd we own.
+        let rc = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                log::warn!("waking an io_uring core failed: {e}");
+            }
+        }
+    }
+}
+
+pub struct UringTransport {
+    ring: IoUring,
+    listener: Option<TcpListener>,
+    accept_multishot: bool,
+    send_zc: bool,
+    opts: UringOptions,
+    waker: Arc<EventFdWake>,
+    ops: HashMap<u64, Op>,
+    next_op: u64,
+    conns: HashMap<ConnId, UConn>,
+    next_conn: u64,
+    ready: Vec<Completion>,
+}
+
+impl UringTransport {
+    /// Serves connections accepted from `listener` (this core's clone of the broker's one
+    /// listening socket).
+    pub fn new(listener: TcpListener, opts: UringOptions) -> Result<Self, TransportError> {
+        let mut builder = IoUring::builder();
+        if opts.sqpoll {
+            builder.setup_sqpoll(50);
+        }
+        let ring = builder.build(RING_ENTRIES).map_err(|e| {
+            TransportError::Unsupported(format!("io_uring_setup failed ({e}): this kernel or sandbox has no io_uring"))
+        })?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        let send_zc = probe.is_supported(opcode::SendMsgZc::CODE);
+        if !send_zc {
+            log::warn!("io_uring: SENDMSG_ZC not supported by this kernel; sends will copy into the socket buffer");
+        }
+        // Multishot accept came with 5.19 as a flag of ACCEPT; SENDMSG_ZC (6.1) implies it.
+        let accept_multishot = send_zc;
+        if !accept_multishot {
+            log::warn!("io_uring: multishot accept not available; re-arming single accepts");
+        }
+        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: `efd` is a fresh descriptor nobody else owns.
+        let waker = Arc::new(EventFdWake(unsafe { OwnedFd::from_raw_fd(efd) }));
+        let mut t = UringTransport {
+            ring,
+            listener: Some(listener),
+            accept_multishot,
+            send_zc,
+            opts,
+            waker,
+            ops: HashMap::new(),
+            next_op: 1,
+            conns: HashMap::new(),
+            next_conn: 1,
+            ready: Vec::new(),
+        };
+        t.arm_accept()?;
+        t.arm_wake()?;
+        Ok(t)
+    }
+
+    /// Pushes an SQE for `op`, which keeps every buffer the SQE points at.
+    ///
+    /// # Safety
+    /// `entry` may only point into memory owned by `op` (or into memory that outlives the
+    /// ring, like a listener fd number).
+    unsafe fn push(&mut self, entry: squeue::Entry, op: Op) -> io::Result<u64> {
+        let id = self.next_op;
+        self.next_op += 1;
+        let entry = entry.user_data(id);
+        self.ops.insert(id, op);
+        loop {
+            // SAFETY: the caller guarantees the SQE's pointers stay valid while `op` is in
+            // `self.ops`, which lasts until the op's final completion.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(id);
+            }
+            // Submission queue full: hand what is there to the kernel and retry.
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_accept(&mut self) -> io::Result<()> {
+        let Some(l) = &self.listener else { return Ok(()) };
+        let fd = types::Fd(l.as_raw_fd());
+        let entry = if self.accept_multishot {
+            opcode::AcceptMulti::new(fd).flags(libc::SOCK_CLOEXEC).build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut()).flags(libc::SOCK_CLOEXEC).build()
+        };
+        // SAFETY: no pointers; the listener outlives the op (it is dropped only after the
+        // accept's cancellation completes, see `stop_accepting`).
+        unsafe { self.push(entry, Op::Accept) }.map(|_| ())
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let mut buf = Box::new([0u8; 8]);
+        let entry = opcode::Read::new(types::Fd(self.waker.0.as_raw_fd()), buf.as_mut_ptr(), 8).build();
+        // SAFETY: the 8-byte target is the boxed buffer moved into the op.
+        unsafe { self.push(entry, Op::Wake(buf)) }.map(|_| ())
+    }
+
+    fn arm_recv(&mut self, conn: ConnId, mut buf: BytesMut, max: usize) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.shut || c.closing {
+            return;
+        }
+        let want = (max.saturating_sub(buf.len())).clamp(1, READ_CHUNK);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        let room = (buf.capacity() - buf.len()).min(max.saturating_sub(buf.len()).max(1)) as u32;
+        let fd = types::Fd(c.sock.as_raw_fd());
+        c.inflight += 1;
+        c.recv_armed = true;
+        // SAFETY: the pointer is the start of `buf`'s spare capacity, `room` bytes of which
+        // exist; `buf` moves into the op (its heap block does not move) until completion.
+        let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
+        let entry = opcode::Recv::new(fd, ptr, room).build();
+        // SAFETY: see above.
+        if let Err(e) = unsafe { self.push(entry, Op::Recv { conn, buf }) } {
+            self.fail(conn, e);
+        }
+    }
+
+    /// Submits the queued sends of `conn` as one op, if none is in flight.
+    fn start_send(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.sending || c.tx.is_empty() || c.shut {
+            return;
+        }
+        let mut msgs = Vec::new();
+        let mut parts = Vec::new();
+        while let Some(m) = c.tx.front() {
+            if !parts.is_empty() && parts.len() + m.len() > MAX_IOV {
+                break;
+            }
+            let Some(m) = c.tx.pop_front() else { break };
+            parts.extend(m.iter().filter(|b| !b.is_empty()).cloned());
+            msgs.push(m);
+        }
+        c.sending = true;
+        let fd = c.sock.as_raw_fd();
+        self.submit_send(conn, fd, msgs, parts);
+    }
+
+    fn submit_send(&mut self, conn: ConnId, fd: RawFd, msgs: Vec<Vec<Bytes>>, parts: Vec<Bytes>) {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        let zc = self.send_zc && len >= self.opts.zc_threshold;
+        let iov: Box<[libc::iovec]> =
+            parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() }).collect();
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        hdr.msg_iov = iov.as_ptr() as *mut _;
+        hdr.msg_iovlen = iov.len();
+        let op = Box::new(SendOp { conn, msgs, parts, iov, hdr, len, zc, awaiting_notif: false });
+        let hdr_ptr: *const libc::msghdr = &*op.hdr;
+        let flags = libc::MSG_NOSIGNAL as u32 | libc::MSG_WAITALL as u32;
+        let entry = if zc {
+            opcode::SendMsgZc::new(types::Fd(fd), hdr_ptr).flags(flags).build()
+        } else {
+            opcode::SendMsg::new(types::Fd(fd), hdr_ptr).flags(flags).build()
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.inflight += 1;
+        }
+        // SAFETY: the header, its iovecs and the bytes they point at are all owned by `op`
+        // (boxed or refcounted: none moves), which the op table keeps until completion.
+        if let Err(e) = unsafe { self.push(entry, Op::Send(op)) } {
+            self.fail(conn, e);
+        }
+    }
+
+    fn on_cqe(&mut self, id: u64, res: i32, flags: u32) {
+        match self.ops.get(&id) {
+            None => {}
+            Some(Op::Accept) => self.on_accept(id, res, flags),
+            Some(Op::Wake(_)) => {
+                self.ops.remove(&id);
+                if let Err(e) = self.arm_wake() {
+                    log::error!("io_uring: re-arming the waker failed: {e}");
+                }
+            }
+            Some(Op::Cancel) => {
+                self.ops.remove(&id);
+            }
+            Some(Op::Recv { .. }) => {
+                let Some(Op::Recv { conn, mut buf }) = self.ops.remove(&id) else { return };
+                self.op_done(conn);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.recv_armed = false;
+                }
+                match res {
+                    n if n >= 0 => {
+                        let n = n as usize;
+                        // SAFETY: the kernel wrote `n` bytes into the spare capacity that
+                        // the op pointed at, right after the buffer's length.
+                        unsafe { buf.set_len(buf.len() + n) };
+                        if self.conns.get(&conn).is_some_and(|c| !c.shut) {
+                            self.ready.push(Completion::Received { conn, buf, n });
+                        }
+                    }
+                    e if -e == libc::ECANCELED => {}
+                    e => self.fail(conn, io::Error::from_raw_os_error(-e)),
+                }
+                self.reap(conn);
+            }
+            Some(Op::Send(_)) => self.on_send_cqe(id, res, flags),
+        }
+    }
+
+    fn on_accept(&mut self, id: u64, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.ops.remove(&id);
+            if self.listener.is_some() {
+                if let Err(e) = self.arm_accept() {
+                    log::error!("io_uring: re-arming accept failed: {e}");
+                }
+            }
+        }
+        if res < 0 {
+            if -res != libc::ECANCELED {
+                log::warn!("accept failed: {}", io::Error::from_raw_os_error(-res));
+            }
+            return;
+        }
+        // SAFETY: the kernel just created this descriptor for us; nothing else owns it.
+        let sock = unsafe { TcpStream::from_raw_fd(res) };
+        let peer = match sock.peer_addr() {
+            Ok(p) => p,
+            Err(e) => {
+                log::debug!("accepted connection vanished: {e}");
+                return;
+            }
+        };
+        if let Err(e) = sock.set_nodelay(true) {
+            log::debug!("TCP_NODELAY on {peer}: {e}");
+        }
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            conn,
+            UConn {
+                sock,
+                inflight: 0,
+                recv_armed: false,
+                sending: false,
+                tx: VecDeque::new(),
+                unsent: 0,
+                closing: false,
+                shut: false,
+                reason: None,
+            },
+        );
+        self.ready.push(Completion::Accepted { conn, peer });
+    }
+
+    fn on_send_cqe(&mut self, id: u64, res: i32, flags: u32) {
+        let Some(Op::Send(op)) = self.ops.get_mut(&id) else { return };
+        let conn = op.conn;
+        if op.zc && cqueue::notif(flags) {
+            // The kernel no longer reads the pages: the buffers may go.
+            self.ops.remove(&id);
+            self.op_done(conn);
+            self.reap(conn);
+            return;
+        }
+        // The send's result. A zero-copy op with F_MORE still has a notification to come.
+        let keep_for_notif = op.zc && cqueue::more(flags);
+        op.awaiting_notif = keep_for_notif;
+        let len = op.len;
+        let msgs = std::mem::take(&mut op.msgs);
+        let parts = if keep_for_notif { op.parts.clone() } else { std::mem::take(&mut op.parts) };
+        let zc = op.zc;
+        if !keep_for_notif {
+            self.ops.remove(&id);
+            self.op_done(conn);
+        }
+        if res < 0 {
+            self.fail(conn, io::Error::from_raw_os_error(-res));
+            self.reap(conn);
+            return;
+        }
+        let sent = res as usize;
+        if zc {
+            metrics::count_kernel_zero_copy(sent);
+        }
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if sent < len {
+            // Short send: resubmit exactly the rest (slices of the same buffers, no copy).
+            let mut skip = sent;
+            let mut rest = Vec::new();
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                } else {
+                    rest.push(p.slice(skip..));
+                    skip = 0;
+                }
+            }
+            c.unsent -= sent;
+            let fd = c.sock.as_raw_fd();
+            self.submit_send(conn, fd, msgs, rest);
+            return;
+        }
+        c.unsent -= len;
+        c.sending = false;
+        for chunks in msgs {
+            self.ready.push(Completion::Sent { conn, chunks });
+        }
+        let closing = c.closing && c.tx.is_empty();
+        if closing {
+            self.shutdown(conn, CloseReason::Local);
+        } else {
+            self.start_send(conn);
+        }
+        self.reap(conn);
+    }
+
+    fn op_done(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.inflight = c.inflight.saturating_sub(1);
+        }
+    }
+
+    fn fail(&mut self, conn: ConnId, e: io::Error) {
+        self.shutdown(conn, CloseReason::Error(e));
+    }
+
+    /// Shuts the socket down (pending ops complete promptly); the fd closes in `reap`.
+    fn shutdown(&mut self, conn: ConnId, reason: CloseReason) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.shut {
+            return;
+        }
+        c.shut = true;
+        c.reason = Some(reason);
+        let _ = c.sock.shutdown(std::net::Shutdown::Both);
+        self.reap(conn);
+    }
+
+    /// Closes a shut connection once nothing in flight refers to its fd.
+    fn reap(&mut self, conn: ConnId) {
+        let done = self.conns.get(&conn).is_some_and(|c| c.shut && c.inflight == 0);
+        if done {
+            if let Some(mut c) = self.conns.remove(&conn) {
+                let reason = c.reason.take().unwrap_or(CloseReason::Local);
+                self.ready.push(Completion::Closed { conn, reason });
+            }
+        }
+    }
+
+    fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let r = match timeout {
+            // Nothing to hand over and no wait: just reap the CQ (busy-poll mode spins
+            // here without a syscall).
+            Some(t) if t.is_zero() && self.ring.submission().is_empty() => Ok(()),
+            Some(t) if t.is_zero() => self.ring.submit().map(|_| ()),
+            Some(t) => {
+                let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args).map(|_| ())
+            }
+            None => self.ring.submit_and_wait(1).map(|_| ()),
+        };
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn drain_cq(&mut self) {
+        let cqes: Vec<(u64, i32, u32)> =
+            self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
+        for (id, res, flags) in cqes {
+            self.on_cqe(id, res, flags);
+        }
+    }
+}
+
+impl Transport for UringTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Uring
+    }
+
+    fn recv(&mut self, conn: ConnId, buf: BytesMut, max: usize) {
+        self.arm_recv(conn, buf, max);
+    }
+
+    fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.unsent += chunks.iter().map(Bytes::len).sum::<usize>();
+        c.tx.push_back(chunks);
+        self.start_send(conn);
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.sending || !c.tx.is_empty() {
+            // Let queued responses (e.g. an error answer) go out first.
+            c.closing = true;
+        } else {
+            self.shutdown(conn, CloseReason::Local);
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        let ids: Vec<u64> = self.ops.iter().filter(|(_, o)| matches!(o, Op::Accept)).map(|(id, _)| *id).collect();
+        for id in ids {
+            let entry = opcode::AsyncCancel::new(id).build();
+            // SAFETY: no pointers.
+            if let Err(e) = unsafe { self.push(entry, Op::Cancel) } {
+                log::warn!("io_uring: cancelling accept failed: {e}");
+            }
+        }
+        // The accept op holds its own reference to the listening file; closing our fd now
+        // takes the socket away once the cancel lands (the ring held its own reference).
+        self.listener = None;
+    }
+
+    fn poll(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
+        let wait = if self.ready.is_empty() { timeout } else { Some(Duration::ZERO) };
+        self.submit_and_wait(wait)?;
+        self.drain_cq();
+        // Completions handled above may have queued new SQEs (re-armed ops, sends).
+        if !self.ring.submission().is_empty() {
+            self.ring.submit()?;
+        }
+        out.append(&mut self.ready);
+        Ok(())
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        self.waker.clone()
+    }
+
+    fn unsent_bytes(&self, conn: ConnId) -> usize {
+        self.conns.get(&conn).map_or(0, |c| c.unsent)
+    }
+}
+
+impl Drop for UringTransport {
+    fn drop(&mut self) {
+        // Buffers of ops still in flight must not be freed under the kernel: cancel
+        // everything and wait (bounded) for the final completions.
+        for c in self.conns.values() {
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+        }
+        let ids: Vec<u64> = self.ops.keys().copied().collect();
+        for id in ids {
+            let entry = opcode::AsyncCancel::new(id).build();
+            // SAFETY: no pointers.
+            let _ = unsafe { self.push(entry, Op::Cancel) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.ops.values().any(|o| !matches!(o, Op::Cancel)) && Instant::now() < deadline {
+            if self.submit_and_wait(Some(Duration::from_millis(50))).is_err() {
+                break;
+            }
+            let cqes: Vec<(u64, u32)> = self.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
+            for (id, flags) in cqes {
+                let final_cqe = match self.ops.get_mut(&id) {
+                    Some(Op::Accept) => !cqueue::more(flags),
+                    // A zero-copy send's result with F_MORE: its notification is still to come.
+                    Some(Op::Send(op)) if op.zc && !cqueue::notif(flags) && cqueue::more(flags) => {
+                        op.awaiting_notif = true;
+                        false
+                    }
+                    _ => true,
+                };
+                if final_cqe {
+                    self.ops.remove(&id);
+                }
+            }
+        }
+        if self.ops.values().any(|o| !matches!(o, Op::Cancel)) {
+            // Never free memory the kernel may still write: leak what is left.
+            log::warn!("io_uring: {} ops still in flight at shutdown; leaking their buffers", self.ops.len());
+            std::mem::forget(std::mem::take(&mut self.ops));
+        }
+    }
+}
