@@ -75,7 +75,8 @@ pub struct ServeArgs {
     /// Stamp LogAppendTime on every batch instead of keeping the producer's CreateTime.
     #[arg(long)]
     pub log_append_time: Option<bool>,
-    /// io_uring: sends of at least this many bytes use zero-copy SENDMSG_ZC [default: 16384].
+    /// io_uring: sends of at least this many bytes use zero-copy SENDMSG_ZC [default: off;
+    /// measured to lose over loopback, see docs/architecture.md].
     #[arg(long)]
     pub uring_zc_threshold: Option<usize>,
     /// Latency mode: cores never sleep in their poll, they spin on it (the completion queue
