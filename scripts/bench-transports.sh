@@ -11,3 +11,13 @@ cargo build --release
   --workload latency-128b --workload latency-128b-64conn --workload max-throughput-1k \
   --repetitions "${REPS:-3}" --duration "${DURATION:-10}" \
   --out docs/bench/transports
+
+# The latency modes, measured the same way: busy-polling cores (both backends) and
+# kernel submission polling (io_uring).
+./target/release/slipstream bench --client native \
+  --target slipstream:tcp --target slipstream:uring \
+  --target slipstream:tcp,--busy-poll=true --target slipstream:uring,--busy-poll=true \
+  --target slipstream:uring,--uring-sqpoll=true \
+  --workload latency-128b \
+  --repetitions "${REPS:-3}" --duration "${DURATION:-10}" \
+  --out docs/bench/latency-modes

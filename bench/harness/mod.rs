@@ -67,8 +67,10 @@ pub struct BenchArgs {
     /// Workload name (from bench/workloads) or file; repeatable [default: latency-128b].
     #[arg(long = "workload")]
     pub workloads: Vec<String>,
-    /// Target: `slipstream:TRANSPORT` (started by the harness) or `NAME=HOST:PORT[,pid=PID]`
-    /// (any Kafka-compatible broker; the pid enables its CPU figures). Repeatable.
+    /// Target: `slipstream:TRANSPORT[,FLAG...]` (started by the harness with those extra
+    /// `serve` flags, e.g. `slipstream:uring,--busy-poll=true`) or
+    /// `NAME=HOST:PORT[,pid=PID]` (any Kafka-compatible broker; the pid enables its CPU
+    /// figures). Repeatable.
     #[arg(long = "target")]
     pub targets: Vec<String>,
     /// Add slipstream on every transport built into this binary to the targets.
@@ -98,6 +100,10 @@ pub struct BenchArgs {
     /// Where results.json, report.html and the broker logs go.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
+    /// Re-render `report.html` (and print the table) from an existing results.json
+    /// instead of running anything.
+    #[arg(long)]
+    pub render: Option<PathBuf>,
     /// A note to print in the report (repeatable), e.g. how a peer was configured.
     #[arg(long = "note")]
     pub notes: Vec<String>,
@@ -105,15 +111,21 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone)]
 enum Target {
-    Slipstream(TransportKind),
+    Slipstream(TransportKind, Vec<String>),
     External { name: String, addr: SocketAddr, pid: Option<u32> },
 }
 
 impl Target {
     fn parse(spec: &str) -> anyhow::Result<Target> {
-        if let Some(t) = spec.strip_prefix("slipstream:") {
+        if let Some(rest) = spec.strip_prefix("slipstream:") {
+            let mut parts = rest.split(',');
+            let t = parts.next().unwrap_or_default();
             let kind = TransportKind::from_str(t, true).map_err(|e| anyhow::anyhow!("target '{spec}': {e}"))?;
-            return Ok(Target::Slipstream(kind));
+            let flags: Vec<String> = parts.map(str::to_string).collect();
+            if let Some(bad) = flags.iter().find(|f| !f.starts_with("--")) {
+                bail!("target '{spec}': '{bad}' is not a flag (write --name=value)");
+            }
+            return Ok(Target::Slipstream(kind, flags));
         }
         let Some((name, rest)) = spec.split_once('=') else {
             bail!("target '{spec}': expected slipstream:TRANSPORT or NAME=HOST:PORT[,pid=PID]");
@@ -137,7 +149,14 @@ impl Target {
 
     fn name(&self) -> String {
         match self {
-            Target::Slipstream(k) => format!("slipstream {}", format!("{k:?}").to_lowercase()),
+            Target::Slipstream(k, flags) => {
+                let mut n = format!("slipstream {}", format!("{k:?}").to_lowercase());
+                for f in flags {
+                    n.push(' ');
+                    n.push_str(f.trim_start_matches("--"));
+                }
+                n
+            }
             Target::External { name, .. } => name.clone(),
         }
     }
@@ -151,7 +170,7 @@ struct Spawned {
 }
 
 impl Spawned {
-    fn start(kind: TransportKind, cores: usize, log: &Path) -> anyhow::Result<Spawned> {
+    fn start(kind: TransportKind, flags: &[String], cores: usize, log: &Path) -> anyhow::Result<Spawned> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let data = tempfile::tempdir()?;
@@ -162,6 +181,7 @@ impl Spawned {
             .arg(format!("{kind:?}").to_lowercase())
             .arg("--data-dir")
             .arg(data.path())
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -208,6 +228,15 @@ struct Accum {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(json) = &args.render {
+        let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let report: Report = serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+        let html = json.with_file_name("report.html");
+        std::fs::write(&html, report::html(&report)).with_context(|| format!("writing {}", html.display()))?;
+        print!("{}", report::table(&report));
+        println!("\nwrote {}", html.display());
+        return Ok(());
+    }
     let workload_names =
         if args.workloads.is_empty() { vec!["latency-128b".to_string()] } else { args.workloads.clone() };
     let workloads: Vec<Workload> = workload_names
@@ -217,13 +246,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut targets: Vec<Target> = args.targets.iter().map(|s| Target::parse(s)).collect::<anyhow::Result<_>>()?;
     if args.matrix {
         for k in slipstream::transport::built() {
-            if !targets.iter().any(|t| matches!(t, Target::Slipstream(x) if *x == k)) {
-                targets.push(Target::Slipstream(k));
+            if !targets.iter().any(|t| matches!(t, Target::Slipstream(x, f) if *x == k && f.is_empty())) {
+                targets.push(Target::Slipstream(k, Vec::new()));
             }
         }
     }
     if targets.is_empty() {
-        targets.push(Target::Slipstream(TransportKind::Tcp));
+        targets.push(Target::Slipstream(TransportKind::Tcp, Vec::new()));
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let broker_log = args.out.join("brokers.log");
@@ -243,8 +272,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 bar.set_prefix(format!("{} #{}", target.name(), rep + 1));
                 let topic = format!("bench-{}-{}", w.name, uuid::Uuid::new_v4().simple());
                 let (out, bootstrap) = match target {
-                    Target::Slipstream(kind) => {
-                        let s = Spawned::start(*kind, args.broker_cores, &broker_log)?;
+                    Target::Slipstream(kind, flags) => {
+                        let s = Spawned::start(*kind, flags, args.broker_cores, &broker_log)?;
                         let out = args.client.run(s.addr, w, &topic, args.fetch_wait_ms, Some(s.child.id()), &bar)?;
                         (out, s.addr.to_string())
                     }

@@ -176,8 +176,17 @@ fn percentile_svg(series: &[(String, &Summary)]) -> String {
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
     );
-    for (i, label) in ["50%", "90%", "99%", "99.9%", "99.99%", "99.999%", "max"].iter().enumerate() {
-        let x = l + i as f64 / 6.0 * (w - l - 20.0);
+    for (p, label) in [
+        (0.0, "0%"),
+        (50.0, "50%"),
+        (90.0, "90%"),
+        (99.0, "99%"),
+        (99.9, "99.9%"),
+        (99.99, "99.99%"),
+        (99.999, "99.999%"),
+        (100.0, "max"),
+    ] {
+        let x = xs(p);
         let _ = write!(
             svg,
             r##"<line x1="{x}" y1="20" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{label}</text>"##,
