@@ -187,16 +187,21 @@ pub fn run(
                     match p.send(record) {
                         Ok(()) => break,
                         Err((_, back)) => {
-                            // Queue full: let deliveries drain, then retry.
+                            // Queue full: let deliveries drain (a zero-timeout poll: a timed
+                            // one always waits its whole timeout), then retry.
                             record = back;
-                            p.poll(Duration::from_millis(1));
+                            p.poll(Duration::ZERO);
+                            thread::yield_now();
                         }
                     }
                 }
                 p.context().outstanding.fetch_add(1, Ordering::Relaxed);
                 if closed_loop {
+                    // rdkafka's BaseProducer::poll(t) keeps polling until `t` has passed even
+                    // after it served the delivery report, so wait with zero-timeout polls.
                     while p.context().outstanding.load(Ordering::Relaxed) > 0 {
-                        p.poll(Duration::from_millis(1));
+                        p.poll(Duration::ZERO);
+                        std::hint::spin_loop();
                     }
                 } else {
                     p.poll(Duration::ZERO);
