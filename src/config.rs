@@ -83,6 +83,9 @@ pub struct ServeArgs {
     /// for io_uring, epoll with a zero timeout for tcp), trading a core each for microseconds.
     #[arg(long)]
     pub busy_poll: Option<bool>,
+    /// io_uring: register connection sockets in the ring's fixed-file table [default: true].
+    #[arg(long)]
+    pub uring_fixed_files: Option<bool>,
     /// io_uring: kernel-side submission polling (SQPOLL), trading a core for fewer syscalls.
     #[arg(long)]
     pub uring_sqpoll: Option<bool>,
@@ -138,6 +141,7 @@ impl ServeArgs {
                 group_initial_rebalance_delay_ms,
                 uring_zc_threshold,
                 uring_sqpoll,
+                uring_fixed_files,
                 busy_poll
             );
         }
@@ -192,6 +196,7 @@ impl ServeArgs {
                 uring: UringOptions {
                     zc_threshold: self.uring_zc_threshold.unwrap_or(DEFAULT_ZC_THRESHOLD),
                     sqpoll: self.uring_sqpoll.unwrap_or(false),
+                    fixed_files: self.uring_fixed_files.unwrap_or(true),
                 },
             },
             cores,

@@ -28,7 +28,7 @@ fn cpu_s() -> f64 {
 fn run(size: usize, total: usize, zc: bool) -> anyhow::Result<(f64, f64)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
-    let opts = UringOptions { zc_threshold: if zc { 1 } else { usize::MAX }, sqpoll: false };
+    let opts = UringOptions { zc_threshold: if zc { 1 } else { usize::MAX }, ..UringOptions::default() };
     let mut t = UringTransport::new(listener, opts)?;
     let reader = std::thread::spawn(move || -> std::io::Result<usize> {
         let mut s = TcpStream::connect(addr)?;

@@ -10,6 +10,8 @@
 //!   and the chunks stay owned by the op until the kernel's *notification* completion says
 //!   it is done with them. One send per connection is in flight at a time, so bytes leave
 //!   in order without linked SQEs (a short send is resubmitted for the rest).
+//! - **Registered files**: each accepted socket goes into the ring's fixed-file table
+//!   (`--uring-fixed-files`, on by default), and its ops name the slot, not the fd.
 //! - **Wake-ups**: an eventfd with a `READ` always armed.
 //!
 //! Features are probed at start; a missing one is logged once and degrades (no zero-copy
@@ -43,11 +45,14 @@ pub struct UringOptions {
     pub zc_threshold: usize,
     /// Kernel-side submission polling (trades a core for fewer syscalls).
     pub sqpoll: bool,
+    /// Register connection sockets in the ring's fixed-file table, so ops skip the
+    /// per-op file lookup and reference counting.
+    pub fixed_files: bool,
 }
 
 impl Default for UringOptions {
     fn default() -> Self {
-        UringOptions { zc_threshold: DEFAULT_ZC_THRESHOLD, sqpoll: false }
+        UringOptions { zc_threshold: DEFAULT_ZC_THRESHOLD, sqpoll: false, fixed_files: true }
     }
 }
 
@@ -58,6 +63,8 @@ impl Default for UringOptions {
 /// crossover is around 16 KiB). Figures in `docs/architecture.md`.
 pub const DEFAULT_ZC_THRESHOLD: usize = usize::MAX;
 const RING_ENTRIES: u32 = 1024;
+/// Slots in the fixed-file table; connections past this use plain descriptors.
+const FIXED_SLOTS: u32 = 4096;
 const MAX_IOV: usize = 512;
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -95,8 +102,17 @@ struct SendOp {
 // the op between threads moves the owner with them.
 unsafe impl Send for SendOp {}
 
+/// How ops name a connection's socket: its registered slot, or its descriptor.
+#[derive(Clone, Copy)]
+enum Target {
+    Fd(RawFd),
+    Fixed(u32),
+}
+
 struct UConn {
     sock: TcpStream,
+    /// Its slot in the ring's fixed-file table, if registered.
+    slot: Option<u32>,
     inflight: u32,
     recv_armed: bool,
     sending: bool,
@@ -107,6 +123,12 @@ struct UConn {
     /// Shut down; waiting for in-flight ops before the fd is closed.
     shut: bool,
     reason: Option<CloseReason>,
+}
+
+impl UConn {
+    fn target(&self) -> Target {
+        self.slot.map_or(Target::Fd(self.sock.as_raw_fd()), Target::Fixed)
+    }
 }
 
 struct EventFdWake(OwnedFd);
@@ -130,6 +152,8 @@ pub struct UringTransport {
     listener: Option<TcpListener>,
     accept_multishot: bool,
     send_zc: bool,
+    /// Free slots of the fixed-file table (`None`: not registered).
+    fixed_free: Option<Vec<u32>>,
     opts: UringOptions,
     waker: Arc<EventFdWake>,
     ops: HashMap<u64, Op>,
@@ -161,6 +185,17 @@ impl UringTransport {
         if !accept_multishot {
             log::warn!("io_uring: multishot accept not available; re-arming single accepts");
         }
+        let fixed_free = if opts.fixed_files {
+            match ring.submitter().register_files_sparse(FIXED_SLOTS) {
+                Ok(()) => Some((0..FIXED_SLOTS).rev().collect()),
+                Err(e) => {
+                    log::warn!("io_uring: cannot register a fixed-file table ({e}); ops will use plain descriptors");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // SAFETY: eventfd(2) with valid flags; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -173,6 +208,7 @@ impl UringTransport {
             listener: Some(listener),
             accept_multishot,
             send_zc,
+            fixed_free,
             opts,
             waker,
             ops: HashMap::new(),
@@ -237,13 +273,16 @@ impl UringTransport {
             buf.reserve(want);
         }
         let room = (buf.capacity() - buf.len()).min(max.saturating_sub(buf.len()).max(1)) as u32;
-        let fd = types::Fd(c.sock.as_raw_fd());
+        let target = c.target();
         c.inflight += 1;
         c.recv_armed = true;
         // SAFETY: the pointer is the start of `buf`'s spare capacity, `room` bytes of which
         // exist; `buf` moves into the op (its heap block does not move) until completion.
         let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
-        let entry = opcode::Recv::new(fd, ptr, room).build();
+        let entry = match target {
+            Target::Fd(fd) => opcode::Recv::new(types::Fd(fd), ptr, room).build(),
+            Target::Fixed(i) => opcode::Recv::new(types::Fixed(i), ptr, room).build(),
+        };
         // SAFETY: see above.
         if let Err(e) = unsafe { self.push(entry, Op::Recv { conn, buf }) } {
             self.fail(conn, e);
@@ -267,11 +306,11 @@ impl UringTransport {
             msgs.push(m);
         }
         c.sending = true;
-        let fd = c.sock.as_raw_fd();
-        self.submit_send(conn, fd, msgs, parts);
+        let target = c.target();
+        self.submit_send(conn, target, msgs, parts);
     }
 
-    fn submit_send(&mut self, conn: ConnId, fd: RawFd, msgs: Vec<Vec<Bytes>>, parts: Vec<Bytes>) {
+    fn submit_send(&mut self, conn: ConnId, target: Target, msgs: Vec<Vec<Bytes>>, parts: Vec<Bytes>) {
         let len: usize = parts.iter().map(Bytes::len).sum();
         let zc = self.send_zc && len >= self.opts.zc_threshold;
         let iov: Box<[libc::iovec]> =
@@ -283,10 +322,11 @@ impl UringTransport {
         let op = Box::new(SendOp { conn, msgs, parts, iov, hdr, len, zc, awaiting_notif: false });
         let hdr_ptr: *const libc::msghdr = &*op.hdr;
         let flags = libc::MSG_NOSIGNAL as u32 | libc::MSG_WAITALL as u32;
-        let entry = if zc {
-            opcode::SendMsgZc::new(types::Fd(fd), hdr_ptr).flags(flags).build()
-        } else {
-            opcode::SendMsg::new(types::Fd(fd), hdr_ptr).flags(flags).build()
+        let entry = match (zc, target) {
+            (true, Target::Fd(fd)) => opcode::SendMsgZc::new(types::Fd(fd), hdr_ptr).flags(flags).build(),
+            (true, Target::Fixed(i)) => opcode::SendMsgZc::new(types::Fixed(i), hdr_ptr).flags(flags).build(),
+            (false, Target::Fd(fd)) => opcode::SendMsg::new(types::Fd(fd), hdr_ptr).flags(flags).build(),
+            (false, Target::Fixed(i)) => opcode::SendMsg::new(types::Fixed(i), hdr_ptr).flags(flags).build(),
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.inflight += 1;
@@ -363,12 +403,14 @@ impl UringTransport {
         if let Err(e) = sock.set_nodelay(true) {
             log::debug!("TCP_NODELAY on {peer}: {e}");
         }
+        let slot = self.register(sock.as_raw_fd());
         let conn = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(
             conn,
             UConn {
                 sock,
+                slot,
                 inflight: 0,
                 recv_armed: false,
                 sending: false,
@@ -426,8 +468,8 @@ impl UringTransport {
                 }
             }
             c.unsent -= sent;
-            let fd = c.sock.as_raw_fd();
-            self.submit_send(conn, fd, msgs, rest);
+            let target = c.target();
+            self.submit_send(conn, target, msgs, rest);
             return;
         }
         c.unsent -= len;
@@ -442,6 +484,19 @@ impl UringTransport {
             self.start_send(conn);
         }
         self.reap(conn);
+    }
+
+    /// Puts `fd` in a free fixed-file slot, if there is a table and a free slot.
+    fn register(&mut self, fd: RawFd) -> Option<u32> {
+        let slot = self.fixed_free.as_mut()?.pop()?;
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(_) => Some(slot),
+            Err(e) => {
+                log::debug!("io_uring: fixed-file registration failed ({e}); using the descriptor");
+                self.fixed_free.as_mut()?.push(slot);
+                None
+            }
+        }
     }
 
     fn op_done(&mut self, conn: ConnId) {
@@ -471,6 +526,14 @@ impl UringTransport {
         let done = self.conns.get(&conn).is_some_and(|c| c.shut && c.inflight == 0);
         if done {
             if let Some(mut c) = self.conns.remove(&conn) {
+                if let Some(slot) = c.slot {
+                    // Nothing in flight names the slot any more: empty it before the
+                    // socket closes, then reuse it.
+                    match self.ring.submitter().register_files_update(slot, &[-1]) {
+                        Ok(_) => self.fixed_free.get_or_insert_with(Vec::new).push(slot),
+                        Err(e) => log::warn!("io_uring: clearing fixed-file slot {slot}: {e}"),
+                    }
+                }
                 let reason = c.reason.take().unwrap_or(CloseReason::Local);
                 self.ready.push(Completion::Closed { conn, reason });
             }
