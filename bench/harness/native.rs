@@ -57,6 +57,44 @@ pub fn process_cpu_s(pid: u32) -> Option<f64> {
     Some(ticks / hz.max(1.0))
 }
 
+/// Sleeps through the warm-up, then samples `acked` once a second until `end_ns`.
+/// Returns the per-second counts, the measured seconds and the broker's CPU seconds over
+/// that window (if its pid is known).
+pub fn measure_window(
+    clock: Clock,
+    warmup_ns: u64,
+    end_ns: u64,
+    acked: &AtomicU64,
+    broker_pid: Option<u32>,
+    bar: &ProgressBar,
+) -> (Vec<u64>, f64, Option<f64>) {
+    let sleep_until = |t_ns: u64| {
+        let now = clock.ns();
+        if t_ns > now {
+            thread::sleep(Duration::from_nanos(t_ns - now));
+        }
+    };
+    sleep_until(warmup_ns);
+    let cpu_start = broker_pid.and_then(process_cpu_s);
+    let measure_start = clock.ns();
+    let mut per_second = Vec::new();
+    let mut last = acked.load(Ordering::Relaxed);
+    let mut next = measure_start + 1_000_000_000;
+    while next <= end_ns {
+        sleep_until(next);
+        let now = acked.load(Ordering::Relaxed);
+        per_second.push(now - last);
+        bar.set_message(format!("{} msg/s", now - last));
+        bar.inc(1);
+        last = now;
+        next += 1_000_000_000;
+    }
+    sleep_until(end_ns);
+    let measured_s = (clock.ns() - measure_start) as f64 / 1e9;
+    let cpu = cpu_start.zip(broker_pid.and_then(process_cpu_s)).map(|(a, b)| b - a);
+    (per_second, measured_s, cpu)
+}
+
 fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
     Client::connect(addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))
 }
@@ -108,31 +146,7 @@ pub fn run(
             .push(thread::spawn(move || produce(c, &topic, k, &w, rate, clock, warmup_ns, &stop, &acked, &produced)));
     }
 
-    // Warm-up, then sample throughput once a second over the measured window.
-    let sleep_until = |t_ns: u64| {
-        let now = clock.ns();
-        if t_ns > now {
-            thread::sleep(Duration::from_nanos(t_ns - now));
-        }
-    };
-    sleep_until(warmup_ns);
-    let cpu_start = broker_pid.and_then(process_cpu_s);
-    let measure_start = clock.ns();
-    let mut per_second = Vec::new();
-    let mut last = acked.load(Ordering::Relaxed);
-    let mut next = measure_start + 1_000_000_000;
-    while next <= end_ns {
-        sleep_until(next);
-        let now = acked.load(Ordering::Relaxed);
-        per_second.push(now - last);
-        bar.set_message(format!("{} msg/s", now - last));
-        bar.inc(1);
-        last = now;
-        next += 1_000_000_000;
-    }
-    sleep_until(end_ns);
-    let measured_s = (clock.ns() - measure_start) as f64 / 1e9;
-    let cpu_end = broker_pid.and_then(process_cpu_s);
+    let (per_second, measured_s, broker_cpu_s) = measure_window(clock, warmup_ns, end_ns, &acked, broker_pid, bar);
     stop_producing.store(true, Ordering::Relaxed);
     let mut recorder = Recorder::default();
     for p in producers {
@@ -149,10 +163,6 @@ pub fn run(
     if Instant::now() > deadline {
         log::warn!("consumers took more than 10 s to drain");
     }
-    let broker_cpu_s = match (cpu_start, cpu_end) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
     Ok(RunOutput { recorder, per_second, measured_s, broker_cpu_s })
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::native::{process_cpu_s, Clock, RunOutput};
+use super::native::{measure_window, Clock, RunOutput};
 use super::stats::{Recorder, Schedule};
 use super::workload::Workload;
 
@@ -214,30 +214,7 @@ pub fn run(
         }));
     }
 
-    let sleep_until = |t_ns: u64| {
-        let now = clock.ns();
-        if t_ns > now {
-            thread::sleep(Duration::from_nanos(t_ns - now));
-        }
-    };
-    sleep_until(warmup_ns);
-    let cpu_start = broker_pid.and_then(process_cpu_s);
-    let measure_start = clock.ns();
-    let mut per_second = Vec::new();
-    let mut last = acked.load(Ordering::Relaxed);
-    let mut next = measure_start + 1_000_000_000;
-    while next <= end_ns {
-        sleep_until(next);
-        let now = acked.load(Ordering::Relaxed);
-        per_second.push(now - last);
-        bar.set_message(format!("{} msg/s", now - last));
-        bar.inc(1);
-        last = now;
-        next += 1_000_000_000;
-    }
-    sleep_until(end_ns);
-    let measured_s = (clock.ns() - measure_start) as f64 / 1e9;
-    let cpu_end = broker_pid.and_then(process_cpu_s);
+    let (per_second, measured_s, broker_cpu_s) = measure_window(clock, warmup_ns, end_ns, &acked, broker_pid, bar);
     stop.store(true, Ordering::Relaxed);
     let mut recorder = Recorder::default();
     for p in producers {
@@ -246,6 +223,5 @@ pub fn run(
     for c in consumers {
         recorder.merge(&c.join().map_err(|_| anyhow::anyhow!("a consumer thread panicked"))?);
     }
-    let broker_cpu_s = cpu_start.zip(cpu_end).map(|(a, b)| b - a);
     Ok(RunOutput { recorder, per_second, measured_s, broker_cpu_s })
 }

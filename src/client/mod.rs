@@ -10,7 +10,7 @@ use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    ApiKey, CreateTopicsRequest, FetchRequest, ProduceRequest, RequestHeader, ResponseHeader, TopicName,
+    CreateTopicsRequest, FetchRequest, ProduceRequest, RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use std::io::{self, Read, Write};
@@ -68,8 +68,8 @@ impl Client {
         Ok(Client { stream, next_correlation: 1, client_id: StrBytes::from_static_str("slipstream-native") })
     }
 
-    /// Sends `req` at `version` and waits for its response.
-    pub fn call<R: Request>(&mut self, req: &R, version: i16) -> Result<R::Response, ClientError> {
+    /// Writes one request frame; returns its correlation id.
+    fn send_request<R: Request>(&mut self, req: &R, version: i16) -> Result<i32, ClientError> {
         let correlation = self.next_correlation;
         self.next_correlation = self.next_correlation.wrapping_add(1);
         let mut header = RequestHeader::default();
@@ -79,12 +79,17 @@ impl Client {
         header.client_id = Some(self.client_id.clone());
         let mut buf = BytesMut::with_capacity(256);
         buf.extend_from_slice(&[0; 4]);
-        let codec = |e: anyhow::Error| ClientError::Codec(e.to_string());
         header.encode(&mut buf, R::header_version(version)).map_err(codec)?;
         req.encode(&mut buf, version).map_err(codec)?;
         let len = (buf.len() - 4) as u32;
         buf[..4].copy_from_slice(&len.to_be_bytes());
         self.stream.write_all(&buf)?;
+        Ok(correlation)
+    }
+
+    /// Sends `req` at `version` and waits for its response.
+    pub fn call<R: Request>(&mut self, req: &R, version: i16) -> Result<R::Response, ClientError> {
+        let correlation = self.send_request(req, version)?;
         let mut frame = self.read_frame()?;
         let resp_header = ResponseHeader::decode(&mut frame, R::Response::header_version(version)).map_err(codec)?;
         if resp_header.correlation_id != correlation {
@@ -95,21 +100,7 @@ impl Client {
 
     /// Sends a produce with acks=0 (no response comes back).
     pub fn produce_no_ack(&mut self, topic: &str, partition: i32, records: Bytes) -> Result<(), ClientError> {
-        let req = produce_request(topic, partition, records, 0);
-        let mut header = RequestHeader::default();
-        header.request_api_key = ApiKey::Produce as i16;
-        header.request_api_version = PRODUCE_VERSION;
-        header.correlation_id = self.next_correlation;
-        self.next_correlation = self.next_correlation.wrapping_add(1);
-        let mut buf = BytesMut::with_capacity(256);
-        buf.extend_from_slice(&[0; 4]);
-        let codec = |e: anyhow::Error| ClientError::Codec(e.to_string());
-        header.encode(&mut buf, ProduceRequest::header_version(PRODUCE_VERSION)).map_err(codec)?;
-        req.encode(&mut buf, PRODUCE_VERSION).map_err(codec)?;
-        let len = (buf.len() - 4) as u32;
-        buf[..4].copy_from_slice(&len.to_be_bytes());
-        self.stream.write_all(&buf)?;
-        Ok(())
+        self.send_request(&produce_request(topic, partition, records, 0), PRODUCE_VERSION).map(drop)
     }
 
     fn read_frame(&mut self) -> Result<Bytes, ClientError> {
@@ -185,6 +176,10 @@ impl Client {
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream
     }
+}
+
+fn codec(e: anyhow::Error) -> ClientError {
+    ClientError::Codec(e.to_string())
 }
 
 fn produce_request(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {

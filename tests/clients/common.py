@@ -50,6 +50,19 @@ class Tracker:
         self.seen.add(seq)
 
 
+def check_resumed(topic, t, committed):
+    """Phase 2: the group got exactly the N_AFTER new messages, each partition starting
+    at its committed offset (`committed`: partition -> offset, or None when the client
+    cannot read committed offsets)."""
+    if len(t.seen) != N_AFTER or min(t.seen, default=None) != N:
+        fail(f"{topic}: after restart got {len(t.seen)} messages, lowest seq {min(t.seen, default=None)}")
+    for part, first in t.first_offset.items():
+        if committed is not None and committed.get(part) != first:
+            fail(f"{topic}: partition {part} resumed at {first}, committed {committed.get(part)}")
+    how = f"exactly after the committed offsets {committed}" if committed is not None else "after its committed offsets"
+    ok(f"{topic}: resumed {how} and got the {N_AFTER} new messages")
+
+
 def ok(msg):
     print(f"ok: {msg}", flush=True)
 

@@ -12,7 +12,7 @@ import time
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from common import BIG, N, N_AFTER, Tracker, big_value, check_value, fail, ok, value
+from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, value
 
 CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
@@ -142,12 +142,7 @@ def phase2(bs):
         committed = {tp.partition: tp.offset for tp in c.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)}
         c.close()
         t, _ = consume_group(bs, topic, f"ck-g-{codec}", N_AFTER)
-        if len(t.seen) != N_AFTER or min(t.seen) != N:
-            fail(f"{topic}: after restart got {len(t.seen)} messages, lowest seq {min(t.seen, default=None)}")
-        for part, first in t.first_offset.items():
-            if committed.get(part) != first:
-                fail(f"{topic}: partition {part} resumed at {first}, committed {committed.get(part)}")
-        ok(f"{topic}: resumed exactly after the committed offsets {committed} and got the {N_AFTER} new messages")
+        check_resumed(topic, t, committed)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import time
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from common import BIG, N, N_AFTER, Tracker, big_value, check_value, fail, ok, value
+from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, value
 
 CODECS = [None, "gzip", "snappy", "lz4", "zstd"]
 
@@ -110,12 +110,7 @@ def phase2(bs):
         committed = {p: c.committed(TopicPartition(topic, p)) for p in range(3)}
         c.close()
         t, _ = consume_group(bs, topic, f"kp-g-{codec}", N_AFTER)
-        if len(t.seen) != N_AFTER or min(t.seen) != N:
-            fail(f"{topic}: after restart got {len(t.seen)} messages, lowest seq {min(t.seen, default=None)}")
-        for part, first in t.first_offset.items():
-            if committed.get(part) != first:
-                fail(f"{topic}: partition {part} resumed at {first}, committed {committed.get(part)}")
-        ok(f"{topic}: resumed exactly after the committed offsets {committed} and got the {N_AFTER} new messages")
+        check_resumed(topic, t, committed)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ auto-created by the producer's metadata request. Same phases as confluent_suite.
 import argparse
 import subprocess
 
-from common import BIG, N, N_AFTER, Tracker, big_value, check_value, fail, ok, value
+from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, value
 
 CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
@@ -72,10 +72,8 @@ def phase2(bs):
     for codec in CODECS:
         topic = f"kc-{codec}"
         produce(bs, topic, codec, range(N, N + N_AFTER))
-        t = consume_group(bs, topic, f"kc-g-{codec}", N_AFTER)
-        if min(t.seen) != N:
-            fail(f"{topic}: resumed at seq {min(t.seen)}")
-        ok(f"{topic}: group resumed after its committed offsets: exactly the {N_AFTER} new messages")
+        # kcat cannot read committed offsets; getting exactly the new messages shows it.
+        check_resumed(topic, consume_group(bs, topic, f"kc-g-{codec}", N_AFTER), None)
 
 
 if __name__ == "__main__":
