@@ -542,9 +542,9 @@ impl UringTransport {
 
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let r = match timeout {
-            // Nothing to hand over and no wait: just reap the CQ (busy-poll mode spins
-            // here without a syscall).
-            Some(t) if t.is_zero() && self.ring.submission().is_empty() => Ok(()),
+            // No wait, but still enter the kernel: socket completions are posted by task
+            // work that runs on the way back from a syscall, so a busy-polling core that
+            // only peeked at the CQ would see them late.
             Some(t) if t.is_zero() => self.ring.submit().map(|_| ()),
             Some(t) => {
                 let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
