@@ -51,6 +51,7 @@ impl ScatterBuf {
 
     /// The chunks of a frame started with [`ScatterBuf::framed`], its prefix filled in.
     pub fn finish_framed(mut self) -> IoChunks {
+        self.count_copied_payloads();
         let total = self.len();
         let mut head = match self.head.take() {
             Some(h) => h,
@@ -65,6 +66,20 @@ impl ScatterBuf {
             out.push(self.inline.freeze());
         }
         out
+    }
+
+    /// Registered payloads the encoder did not hand over by identity went through
+    /// `extend_from_slice`: they were copied, and the copy counter must say so.
+    fn count_copied_payloads(&self) {
+        let copied = self.unmatched_bytes();
+        if copied > 0 {
+            metrics::count_copy(metrics::Path::FetchOut, copied);
+        }
+    }
+
+    /// Bytes of registered payloads not (yet) kept by reference.
+    pub fn unmatched_bytes(&self) -> usize {
+        self.by_ref[self.next_ref..].iter().map(Bytes::len).sum()
     }
 
     fn close_inline(&mut self) {
@@ -91,6 +106,7 @@ impl ScatterBuf {
 
     /// The chunks, in order.
     pub fn finish(mut self) -> IoChunks {
+        self.count_copied_payloads();
         self.close_inline();
         let mut out: IoChunks = self.head.take().map(BytesMut::freeze).into_iter().collect();
         out.append(&mut self.chunks);
@@ -161,6 +177,7 @@ mod tests {
         buf.put_i32(1000);
         buf.put_slice(&payload);
         buf.put_slice(b"tail");
+        assert_eq!(buf.unmatched_bytes(), 0);
         let chunks = buf.finish();
         assert_eq!(chunks.len(), 3);
         assert_eq!(chunks[1].as_ptr(), payload.as_ptr());
@@ -186,6 +203,8 @@ mod tests {
         let other = vec![7u8; 8];
         let mut buf = ScatterBuf::new(vec![payload]);
         buf.put_slice(&other);
+        // The registered payload was not met by identity: it counts as copied.
+        assert_eq!(buf.unmatched_bytes(), 8);
         assert_eq!(buf.finish().len(), 1);
     }
 }
