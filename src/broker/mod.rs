@@ -245,7 +245,7 @@ impl Broker {
         let topics_dir = settings.data_dir.join("topics");
         fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
         let mut catalog = Catalog::default();
-        let mut shards: Vec<Shard> = (0..cores).map(Shard::new).collect();
+        let mut shards: Vec<Shard> = (0..cores).map(|_| Shard::default()).collect();
         let started = std::time::Instant::now();
         let (mut batches, mut truncated) = (0usize, 0usize);
         for entry in fs::read_dir(&topics_dir).map_err(io_err(&topics_dir))? {
@@ -303,10 +303,6 @@ impl Broker {
         };
         broker.reserve_producer_ids(next)?;
         Ok((broker, shards))
-    }
-
-    pub fn cores(&self) -> usize {
-        self.cores
     }
 
     /// The core that owns `key`.

@@ -44,20 +44,12 @@ pub struct SpareRequest {
 }
 
 /// The partitions one core owns. Not shared: no lock.
+#[derive(Default)]
 pub struct Shard {
-    core: usize,
     logs: HashMap<PartKey, PartitionLog>,
 }
 
 impl Shard {
-    pub fn new(core: usize) -> Shard {
-        Shard { core, logs: HashMap::new() }
-    }
-
-    pub fn core(&self) -> usize {
-        self.core
-    }
-
     pub fn adopt(&mut self, key: PartKey, log: PartitionLog) {
         self.logs.insert(key, log);
     }

@@ -15,10 +15,8 @@ const ATTRIBUTES_OFFSET: usize = 21;
 const MAX_TIMESTAMP_OFFSET: usize = 35;
 /// Attribute bit: timestamps are LogAppendTime.
 pub const TIMESTAMP_TYPE_BIT: i16 = 0x08;
-pub const TRANSACTIONAL_BIT: i16 = 0x10;
 /// Attribute bits naming the compression codec (0: none).
 pub const COMPRESSION_MASK: i16 = 0x07;
-pub const CONTROL_BIT: i16 = 0x20;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BatchError {
@@ -126,10 +124,6 @@ impl BatchHeader {
 
     pub fn last_offset(&self) -> i64 {
         self.base_offset + self.last_offset_delta as i64
-    }
-
-    pub fn is_control(&self) -> bool {
-        self.attributes & CONTROL_BIT != 0
     }
 }
 

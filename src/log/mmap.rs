@@ -159,10 +159,6 @@ pub struct SegmentWriter {
 }
 
 impl SegmentWriter {
-    pub fn shared(&self) -> &Arc<SegmentMap> {
-        &self.map
-    }
-
     /// Where the next append goes (equal to `published` between appends).
     pub fn position(&self) -> usize {
         self.pos

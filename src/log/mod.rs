@@ -33,7 +33,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
 use crate::metrics;
@@ -750,14 +750,6 @@ impl PartitionLog {
 
     pub fn config(&self) -> &LogConfig {
         &self.cfg
-    }
-}
-
-/// Interval of the background flusher for a policy, if it needs one.
-pub fn flusher_interval(p: FlushPolicy) -> Option<Duration> {
-    match p {
-        FlushPolicy::Interval(ms) => Some(Duration::from_millis(ms.max(1))),
-        _ => None,
     }
 }
 

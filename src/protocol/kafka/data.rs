@@ -124,6 +124,7 @@ fn finish_produce(plan: ProducePlan, results: &[PartResult], client: &str) -> Ou
     }
 }
 
+#[derive(Clone)]
 struct FetchTarget {
     name: TopicName,
     topic_id: Uuid,
@@ -134,6 +135,7 @@ struct FetchTarget {
     shared: Option<Arc<PartitionShared>>,
 }
 
+#[derive(Clone)]
 pub struct FetchPlan {
     version: i16,
     min_bytes: usize,
@@ -213,25 +215,8 @@ pub fn poll_fetch(p: &ParkedFetch, now: Instant, force: bool) -> Option<Outcome>
     if !(ready || force || now >= p.plan.deadline) {
         return None;
     }
-    let mut plan = Box::new(FetchPlan {
-        version: p.plan.version,
-        min_bytes: p.plan.min_bytes,
-        max_bytes: p.plan.max_bytes,
-        deadline: p.plan.deadline,
-        force: true,
-        targets: Vec::with_capacity(p.plan.targets.len()),
-    });
-    for t in &p.plan.targets {
-        plan.targets.push(FetchTarget {
-            name: t.name.clone(),
-            topic_id: t.topic_id,
-            partition: t.partition,
-            offset: t.offset,
-            max_bytes: t.max_bytes,
-            key: t.key,
-            shared: t.shared.clone(),
-        });
-    }
+    let mut plan = p.plan.clone();
+    plan.force = true;
     Some(Outcome::Gather(plan.gather()))
 }
 
