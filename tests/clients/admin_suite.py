@@ -11,23 +11,26 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, Ne
 from common import fail, ok
 
 
+def expect_error(code, what, fn):
+    """`fn` must fail with the Kafka error named `code`."""
+    try:
+        fn()
+    except KafkaException as e:
+        if e.args[0].name() != code:
+            fail(f"{what}: {e} (wanted {code})")
+        return
+    fail(f"{what} succeeded")
+
+
 def main(bs):
     admin = AdminClient({"bootstrap.servers": bs})
     fs = admin.create_topics([NewTopic("adm-a", 2, 1, config={"retention.ms": "3600000"}), NewTopic("adm-b", 1, 1)])
     for f in fs.values():
         f.result(10)
-    try:
-        admin.create_topics([NewTopic("adm-a", 2, 1)])["adm-a"].result(10)
-        fail("creating an existing topic succeeded")
-    except KafkaException as e:
-        if e.args[0].name() != "TOPIC_ALREADY_EXISTS":
-            fail(f"duplicate create: {e}")
-    try:
-        admin.create_topics([NewTopic("adm-rf", 1, 3)])["adm-rf"].result(10)
-        fail("replication factor 3 on one broker succeeded")
-    except KafkaException as e:
-        if e.args[0].name() != "INVALID_REPLICATION_FACTOR":
-            fail(f"rf 3: {e}")
+    expect_error("TOPIC_ALREADY_EXISTS", "creating an existing topic",
+                 lambda: admin.create_topics([NewTopic("adm-a", 2, 1)])["adm-a"].result(10))
+    expect_error("INVALID_REPLICATION_FACTOR", "replication factor 3 on one broker",
+                 lambda: admin.create_topics([NewTopic("adm-rf", 1, 3)])["adm-rf"].result(10))
     ok("CreateTopics: created, duplicate and impossible replication refused with their codes")
 
     res = admin.describe_configs([ConfigResource("topic", "adm-a")])
@@ -40,12 +43,8 @@ def main(bs):
     md = admin.list_topics("adm-a", timeout=10)
     if len(md.topics["adm-a"].partitions) != 4:
         fail(f"CreatePartitions: metadata shows {len(md.topics['adm-a'].partitions)}")
-    try:
-        admin.create_partitions([NewPartitions("adm-a", 2)])["adm-a"].result(10)
-        fail("shrinking partitions succeeded")
-    except KafkaException as e:
-        if e.args[0].name() != "INVALID_PARTITIONS":
-            fail(f"shrink: {e}")
+    expect_error("INVALID_PARTITIONS", "shrinking partitions",
+                 lambda: admin.create_partitions([NewPartitions("adm-a", 2)])["adm-a"].result(10))
     ok("CreatePartitions: 2 -> 4, shrinking refused")
 
     cluster = admin.describe_cluster().result(10)
@@ -106,12 +105,8 @@ def main(bs):
     admin.delete_topics(["adm-a"])["adm-a"].result(10)
     if "adm-a" in admin.list_topics(timeout=10).topics:
         fail("DeleteTopics: still listed")
-    try:
-        admin.delete_topics(["adm-a"])["adm-a"].result(10)
-        fail("deleting a missing topic succeeded")
-    except KafkaException as e:
-        if e.args[0].name() != "UNKNOWN_TOPIC_OR_PART":
-            fail(f"delete missing: {e}")
+    expect_error("UNKNOWN_TOPIC_OR_PART", "deleting a missing topic",
+                 lambda: admin.delete_topics(["adm-a"])["adm-a"].result(10))
     ok("DeleteTopics: gone from metadata; deleting again is UNKNOWN_TOPIC_OR_PARTITION")
 
 

@@ -1,4 +1,5 @@
 """Shared checks for the Python client suites: message shapes and verification."""
+import argparse
 import hashlib
 import sys
 
@@ -70,3 +71,13 @@ def ok(msg):
 def fail(msg):
     print(f"FAIL: {msg}", flush=True)
     sys.exit(1)
+
+
+def run_phases(phase1, phase2):
+    """The suites' command line: --bootstrap HOST:PORT --phase 1|2; prints `done`."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--phase", type=int, choices=(1, 2), required=True)
+    a = ap.parse_args()
+    (phase1 if a.phase == 1 else phase2)(a.bootstrap)
+    print("done", flush=True)

@@ -6,13 +6,12 @@ phase 1: per codec, create a 3-partition topic, produce 10k messages with acks=a
 phase 2: (after a broker restart) produce 500 more per codec; the group resumes exactly
          after its committed offsets.
 """
-import argparse
 import time
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, value
+from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, run_phases, value
 
 CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
@@ -146,9 +145,4 @@ def phase2(bs):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--phase", type=int, required=True)
-    a = ap.parse_args()
-    (phase1 if a.phase == 1 else phase2)(a.bootstrap)
-    print("done", flush=True)
+    run_phases(phase1, phase2)

@@ -1,11 +1,10 @@
 """kafka-python (pure Python) against slipstream; same phases as confluent_suite.py."""
-import argparse
 import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, value
+from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, run_phases, value
 
 CODECS = [None, "gzip", "snappy", "lz4", "zstd"]
 
@@ -114,9 +113,4 @@ def phase2(bs):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--phase", type=int, required=True)
-    a = ap.parse_args()
-    (phase1 if a.phase == 1 else phase2)(a.bootstrap)
-    print("done", flush=True)
+    run_phases(phase1, phase2)

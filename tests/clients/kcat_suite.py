@@ -3,10 +3,9 @@
 kcat cannot create topics: the broker runs with --default-partitions 3 and topics are
 auto-created by the producer's metadata request. Same phases as confluent_suite.py.
 """
-import argparse
 import subprocess
 
-from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, value
+from common import BIG, N, N_AFTER, Tracker, big_value, check_resumed, check_value, fail, ok, run_phases, value
 
 CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
@@ -77,9 +76,4 @@ def phase2(bs):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--phase", type=int, required=True)
-    a = ap.parse_args()
-    (phase1 if a.phase == 1 else phase2)(a.bootstrap)
-    print("done", flush=True)
+    run_phases(phase1, phase2)
