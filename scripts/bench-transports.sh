@@ -21,3 +21,18 @@ cargo build --release
   --workload latency-128b \
   --repetitions "${REPS:-3}" --duration "${DURATION:-10}" \
   --out docs/bench/latency-modes
+
+# io_uring's receive modes (single-shot RECV per read vs multishot RECV + provided-buffer
+# ring), sleeping and busy-polling, against tcp.
+./target/release/slipstream bench --client native \
+  --target slipstream:tcp --target slipstream:uring --target slipstream:uring,--uring-recv=multishot \
+  --target slipstream:tcp,--busy-poll=true --target slipstream:uring,--busy-poll=true \
+  --target slipstream:uring,--uring-recv=multishot,--busy-poll=true \
+  --workload latency-128b \
+  --repetitions "${REPS:-2}" --duration "${DURATION:-6}" \
+  --out docs/bench/uring-recv-latency
+./target/release/slipstream bench --client native \
+  --target slipstream:tcp --target slipstream:uring --target slipstream:uring,--uring-recv=multishot \
+  --workload latency-128b-64conn --workload max-throughput-1k \
+  --repetitions "${REPS:-2}" --duration "${DURATION:-6}" \
+  --out docs/bench/uring-recv-throughput

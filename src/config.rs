@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use crate::broker::BrokerSettings;
 use crate::log::{FlushPolicy, LogConfig};
-use crate::transport::uring::{UringOptions, DEFAULT_ZC_THRESHOLD};
+use crate::transport::uring::{UringOptions, UringRecv, DEFAULT_ZC_THRESHOLD};
 use crate::transport::{TransportKind, TransportOptions};
 
 #[derive(Debug, Error)]
@@ -89,6 +89,11 @@ pub struct ServeArgs {
     /// io_uring: kernel-side submission polling (SQPOLL), trading a core for fewer syscalls.
     #[arg(long)]
     pub uring_sqpoll: Option<bool>,
+    /// io_uring receive mode: `single` (one RECV per read, straight into the frame buffer)
+    /// or `multishot` (one RECV per connection, provided-buffer ring, one staging copy)
+    /// [default: single; measured in docs/architecture.md].
+    #[arg(long)]
+    pub uring_recv: Option<UringRecv>,
     /// Wait this long after the first member joins an empty group before completing the
     /// rebalance, so members starting together land in one generation [default: 0].
     #[arg(long)]
@@ -142,6 +147,7 @@ impl ServeArgs {
                 uring_zc_threshold,
                 uring_sqpoll,
                 uring_fixed_files,
+                uring_recv,
                 busy_poll
             );
         }
@@ -197,6 +203,7 @@ impl ServeArgs {
                     zc_threshold: self.uring_zc_threshold.unwrap_or(DEFAULT_ZC_THRESHOLD),
                     sqpoll: self.uring_sqpoll.unwrap_or(false),
                     fixed_files: self.uring_fixed_files.unwrap_or(true),
+                    recv_multishot: self.uring_recv.unwrap_or_default() == UringRecv::Multishot,
                 },
             },
             cores,

@@ -8,8 +8,8 @@
 //!   broker              topics, partitions, consumer groups, producer ids (shared state)
 //!   dispatch            thread-per-core, run-to-completion loop; ordered, coalesced replies
 //!   log                 memory-mapped commit log: segments, indexes, recovery, retention
-//!   transport           completion-style I/O with owned buffers: tcp (epoll) today;
-//!                       uring, ustack (AF_XDP + smoltcp), rdma plug into the same seam
+//!   transport           completion-style I/O with owned buffers: tcp (epoll), uring
+//!                       (io_uring); ustack (AF_XDP + smoltcp), rdma plug into the same seam
 //!   buffer              scatter/gather output that carries log bytes by reference
 //!   client              a lean blocking Kafka client (tests, bench native mode)
 //! ```
@@ -19,8 +19,9 @@
 //! transport as an I/O vector whose record bytes point into the mmap: no user-space copy.
 //! `docs/architecture.md` explains how each transport backend maps onto the seam.
 //!
-//! Unsafe code is denied here and allowed only in the modules that must touch raw memory:
-//! [`buffer`] and [`log::mmap`].
+//! Unsafe code is denied here and allowed only in the modules that must touch raw memory
+//! or the kernel's rings: [`buffer`], [`log::mmap`] and `transport::uring` (with its
+//! provided-buffer ring).
 #![deny(unsafe_code)]
 
 pub mod broker;

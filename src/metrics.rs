@@ -15,10 +15,14 @@ pub enum Path {
     ProduceIntoLog,
     /// Fetch payload copied on its way out (should stay at zero).
     FetchOut,
+    /// Received bytes copied from an io_uring provided buffer into a connection's frame
+    /// buffer (multishot receive mode only).
+    ReceiveStaging,
 }
 
 static PRODUCE_COPIED: AtomicU64 = AtomicU64::new(0);
 static FETCH_COPIED: AtomicU64 = AtomicU64::new(0);
+static RECEIVE_STAGED: AtomicU64 = AtomicU64::new(0);
 static FETCH_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static PRODUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
@@ -29,6 +33,7 @@ pub fn count_copy(path: Path, bytes: usize) {
     let c = match path {
         Path::ProduceIntoLog => &PRODUCE_COPIED,
         Path::FetchOut => &FETCH_COPIED,
+        Path::ReceiveStaging => &RECEIVE_STAGED,
     };
     c.fetch_add(bytes as u64, Ordering::Relaxed);
 }
@@ -64,6 +69,8 @@ pub struct Snapshot {
     pub fetch_bytes_zero_copy: u64,
     #[serde(default)]
     pub kernel_zero_copy_send_bytes: u64,
+    #[serde(default)]
+    pub receive_bytes_staged: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
 }
@@ -75,6 +82,7 @@ pub fn snapshot() -> Snapshot {
         fetch_bytes_copied: FETCH_COPIED.load(Ordering::Relaxed),
         fetch_bytes_zero_copy: FETCH_ZERO_COPY.load(Ordering::Relaxed),
         kernel_zero_copy_send_bytes: KERNEL_ZERO_COPY.load(Ordering::Relaxed),
+        receive_bytes_staged: RECEIVE_STAGED.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
     }

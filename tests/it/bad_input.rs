@@ -53,8 +53,8 @@ fn frame(api: i16, version: i16, body: &[u8]) -> Vec<u8> {
 
 per_transport!(bad_input_costs_only_the_sender, bad_input_costs_only_the_sender);
 
-fn bad_input_costs_only_the_sender(transport: &str) {
-    let broker = BrokerProc::start(&["--transport", transport]);
+fn bad_input_costs_only_the_sender(transport: &[&str]) {
+    let broker = BrokerProc::start(transport);
     let addr = broker.addr;
     let mut c = Client::connect(addr, Duration::from_secs(5)).expect("connect");
     assert_eq!(c.create_topic("good", 1).expect("create"), 0);

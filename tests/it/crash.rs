@@ -1,6 +1,6 @@
 //! Acceptance 3: SIGKILL mid-stream, 20 times; every acknowledged batch survives.
 
-use crate::harness::BrokerProc;
+use crate::harness::{flags, BrokerProc};
 use bytes::Bytes;
 use slipstream::client::Client;
 use slipstream::log::batch::{build_batch, BatchHeader};
@@ -43,27 +43,17 @@ fn read_all(addr: std::net::SocketAddr, partition: i32) -> BTreeMap<i64, Bytes> 
     }
 }
 
-per_transport!(sigkill_mid_stream_20_times_loses_no_acknowledged_batch, |t| crash_rounds(&[
-    "--flush",
-    "always",
-    "--segment-bytes",
-    "1048576",
-    "--transport",
+per_transport!(sigkill_mid_stream_20_times_loses_no_acknowledged_batch, |t| crash_rounds(&flags(
+    &["--flush", "always", "--segment-bytes", "1048576"],
     t
-]));
+)));
 
 // The same with two cores and more partitions than cores, so the producer's connection
 // and the partition's owner differ for some runs.
-per_transport!(sigkill_mid_stream_two_cores, |t| crash_rounds(&[
-    "--flush",
-    "always",
-    "--segment-bytes",
-    "1048576",
-    "--cores",
-    "2",
-    "--transport",
+per_transport!(sigkill_mid_stream_two_cores, |t| crash_rounds(&flags(
+    &["--flush", "always", "--segment-bytes", "1048576", "--cores", "2"],
     t
-]));
+)));
 
 fn crash_rounds(args: &[&str]) {
     let mut broker = BrokerProc::start(args);

@@ -1,7 +1,8 @@
 //! Starts and stops `slipstream serve` as a real process, and runs client programs.
 
 /// Instantiates a test once per transport: `per_transport!(name, |transport| ...)` makes
-/// `name::tcp` and `name::uring`, each calling the body with `"tcp"` or `"uring"`.
+/// `name::tcp`, `name::uring` and `name::uring_multishot`, each calling the body with the
+/// broker flags that select that transport (io_uring's two receive modes count as two).
 macro_rules! per_transport {
     ($name:ident, $body:expr) => {
         mod $name {
@@ -10,12 +11,20 @@ macro_rules! per_transport {
 
             #[test]
             fn tcp() {
-                ($body)("tcp")
+                let t: &[&str] = &["--transport", "tcp"];
+                ($body)(t)
             }
 
             #[test]
             fn uring() {
-                ($body)("uring")
+                let t: &[&str] = &["--transport", "uring"];
+                ($body)(t)
+            }
+
+            #[test]
+            fn uring_multishot() {
+                let t: &[&str] = &["--transport", "uring", "--uring-recv", "multishot"];
+                ($body)(t)
             }
         }
     };
@@ -28,6 +37,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+/// Broker flags: `base`, then a transport's flags from `per_transport!`.
+pub fn flags<'a>(base: &[&'a str], transport: &[&'a str]) -> Vec<&'a str> {
+    [base, transport].concat()
+}
 
 pub struct BrokerProc {
     child: Option<Child>,

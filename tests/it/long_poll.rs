@@ -2,7 +2,7 @@
 //! arrives (not at its max wait), and an empty one answers at its max wait. Two cores and
 //! two partitions, so one partition is owned by a core other than the fetcher's.
 
-use crate::harness::BrokerProc;
+use crate::harness::{flags, BrokerProc};
 use bytes::Bytes;
 use slipstream::client::Client;
 use slipstream::log::batch::build_batch;
@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 per_transport!(long_poll_fetch_answers_when_data_arrives, long_poll_fetch_answers_when_data_arrives);
 
-fn long_poll_fetch_answers_when_data_arrives(transport: &str) {
-    let broker = BrokerProc::start(&["--cores", "2", "--transport", transport]);
+fn long_poll_fetch_answers_when_data_arrives(transport: &[&str]) {
+    let broker = BrokerProc::start(&flags(&["--cores", "2"], transport));
     let addr = broker.addr;
     let mut admin = Client::connect(addr, Duration::from_secs(5)).expect("connect");
     assert_eq!(admin.create_topic("lp", 2).expect("create"), 0);

@@ -2,8 +2,14 @@
 //!
 //! - **Accept**: one multishot `ACCEPT` on the core's clone of the broker's listening
 //!   socket (single-shot and re-armed if the kernel lacks multishot).
-//! - **Receive**: a `RECV` straight into the spare capacity of the `BytesMut` the dispatch
-//!   loop handed over; the buffer lives in the op table until its completion.
+//! - **Receive**, two modes (`--uring-recv`): `single`, a `RECV` straight into the spare
+//!   capacity of the `BytesMut` the dispatch loop handed over (the buffer lives in the op
+//!   table until its completion; one SQE per receive); or `multishot`, one `RECV` per
+//!   connection for its whole life selecting buffers from a provided-buffer ring
+//!   ([`bufring`]); the bytes are then copied once from the ring buffer into the
+//!   connection's frame buffer (counted as `receive_bytes_staged`) and the ring buffer
+//!   goes straight back. Frames cross ring-buffer boundaries, and the parser wants them
+//!   contiguous, hence the copy; docs/architecture.md has the measurements.
 //! - **Send**: queued sends of a connection are coalesced into one `SENDMSG` whose iovecs
 //!   point at the chunks (fetch payloads point into the mmap'd log). At or above the
 //!   zero-copy threshold the op is `SENDMSG_ZC`: the NIC/loopback reads the pages directly,
@@ -26,7 +32,10 @@
 //!   flight, so a recycled fd number can never receive a stale op.
 #![allow(unsafe_code)]
 
-use bytes::{Bytes, BytesMut};
+pub mod bufring;
+
+use bufring::BufRing;
+use bytes::{Buf, Bytes, BytesMut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -48,11 +57,25 @@ pub struct UringOptions {
     /// Register connection sockets in the ring's fixed-file table, so ops skip the
     /// per-op file lookup and reference counting.
     pub fixed_files: bool,
+    /// Receive with one multishot `RECV` per connection into a provided-buffer ring
+    /// instead of one `RECV` per read into the connection's own buffer.
+    pub recv_multishot: bool,
+}
+
+/// How the io_uring backend receives (`--uring-recv`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UringRecv {
+    /// One `RECV` per read, straight into the connection's frame buffer.
+    #[default]
+    Single,
+    /// One multishot `RECV` per connection into a provided-buffer ring.
+    Multishot,
 }
 
 impl Default for UringOptions {
     fn default() -> Self {
-        UringOptions { zc_threshold: DEFAULT_ZC_THRESHOLD, sqpoll: false, fixed_files: true }
+        UringOptions { zc_threshold: DEFAULT_ZC_THRESHOLD, sqpoll: false, fixed_files: true, recv_multishot: false }
     }
 }
 
@@ -67,12 +90,23 @@ const RING_ENTRIES: u32 = 1024;
 const FIXED_SLOTS: u32 = 4096;
 const MAX_IOV: usize = 512;
 const READ_CHUNK: usize = 64 * 1024;
+/// The provided-buffer ring of multishot mode: 256 buffers of 32 KiB per core (8 MiB of
+/// address space, touched as used).
+const BUF_RING_ENTRIES: u16 = 256;
+const BUF_RING_BUF_SIZE: usize = 32 * 1024;
+/// Multishot mode: stop receiving on a connection whose staged bytes the dispatch loop has
+/// not taken reach this (backpressure), resume once they drop below.
+const STAGED_PAUSE_AT: usize = 1024 * 1024;
 
 enum Op {
     Accept,
     Recv {
         conn: ConnId,
         buf: BytesMut,
+    },
+    /// A multishot receive: owns no memory (its buffers are the ring's).
+    RecvMulti {
+        conn: ConnId,
     },
     Send(Box<SendOp>),
     /// The eventfd counter the kernel reads into (kept alive, never read by us).
@@ -114,7 +148,16 @@ struct UConn {
     /// Its slot in the ring's fixed-file table, if registered.
     slot: Option<u32>,
     inflight: u32,
-    recv_armed: bool,
+    /// Multishot mode: the connection's receive op, if armed.
+    recv_op: Option<u64>,
+    /// Multishot mode: a cancel of `recv_op` was submitted (backpressure).
+    recv_cancelling: bool,
+    /// Multishot mode: the dispatch loop's buffer waiting for bytes, and its `max`.
+    parked: Option<(BytesMut, usize)>,
+    /// Multishot mode: bytes received while no buffer was parked.
+    staged: BytesMut,
+    /// Multishot mode: the peer closed its side (told once `staged` is drained).
+    eof: bool,
     sending: bool,
     tx: VecDeque<Vec<Bytes>>,
     unsent: usize,
@@ -149,6 +192,8 @@ impl Wake for EventFdWake {
 
 pub struct UringTransport {
     ring: IoUring,
+    /// Multishot mode's provided buffers (declared after `ring`: dropped after it).
+    bufring: Option<BufRing>,
     listener: Option<TcpListener>,
     accept_multishot: bool,
     send_zc: bool,
@@ -203,8 +248,26 @@ impl UringTransport {
         }
         // SAFETY: `efd` is a fresh descriptor nobody else owns.
         let waker = Arc::new(EventFdWake(unsafe { OwnedFd::from_raw_fd(efd) }));
+        let bufring = if opts.recv_multishot {
+            if probe.is_supported(opcode::SendMsgZc::CODE) {
+                // Buffer rings (5.19) and multishot receive (6.0) predate SENDMSG_ZC (6.1).
+                match BufRing::new(&ring.submitter(), 0, BUF_RING_ENTRIES, BUF_RING_BUF_SIZE) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        log::warn!("io_uring: cannot register a provided-buffer ring ({e}); single-shot receives");
+                        None
+                    }
+                }
+            } else {
+                log::warn!("io_uring: multishot receive needs Linux 6.0; single-shot receives");
+                None
+            }
+        } else {
+            None
+        };
         let mut t = UringTransport {
             ring,
+            bufring,
             listener: Some(listener),
             accept_multishot,
             send_zc,
@@ -275,7 +338,6 @@ impl UringTransport {
         let room = (buf.capacity() - buf.len()).min(max.saturating_sub(buf.len()).max(1)) as u32;
         let target = c.target();
         c.inflight += 1;
-        c.recv_armed = true;
         // SAFETY: the pointer is the start of `buf`'s spare capacity, `room` bytes of which
         // exist; `buf` moves into the op (its heap block does not move) until completion.
         let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
@@ -354,9 +416,6 @@ impl UringTransport {
             Some(Op::Recv { .. }) => {
                 let Some(Op::Recv { conn, mut buf }) = self.ops.remove(&id) else { return };
                 self.op_done(conn);
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.recv_armed = false;
-                }
                 match res {
                     n if n >= 0 => {
                         let n = n as usize;
@@ -373,7 +432,120 @@ impl UringTransport {
                 self.reap(conn);
             }
             Some(Op::Send(_)) => self.on_send_cqe(id, res, flags),
+            Some(Op::RecvMulti { .. }) => self.on_recv_multi(id, res, flags),
         }
+    }
+
+    /// Multishot mode: a receive from the dispatch loop. Staged bytes (or the end of the
+    /// stream) complete it at once; otherwise the buffer waits for the next completion.
+    fn recv_multi(&mut self, conn: ConnId, mut buf: BytesMut, max: usize) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.shut || c.closing {
+            return;
+        }
+        if !c.staged.is_empty() {
+            let n = take_staged(&mut c.staged, &mut buf, max);
+            self.ready.push(Completion::Received { conn, buf, n });
+        } else if c.eof {
+            self.ready.push(Completion::Received { conn, buf, n: 0 });
+        } else {
+            c.parked = Some((buf, max));
+        }
+        self.arm_recv_multi(conn);
+    }
+
+    /// Arms the connection's multishot receive unless it is armed, finished, or
+    /// backpressured by staged bytes.
+    fn arm_recv_multi(&mut self, conn: ConnId) {
+        let Some(group) = self.bufring.as_ref().map(BufRing::group) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.recv_op.is_some() || c.shut || c.closing || c.eof || c.staged.len() >= STAGED_PAUSE_AT {
+            return;
+        }
+        let entry = match c.target() {
+            Target::Fd(fd) => opcode::RecvMulti::new(types::Fd(fd), group).build(),
+            Target::Fixed(i) => opcode::RecvMulti::new(types::Fixed(i), group).build(),
+        };
+        c.inflight += 1;
+        // SAFETY: no pointers of ours; the buffers it selects belong to the ring, which
+        // outlives every op (see `bufring`'s invariants).
+        match unsafe { self.push(entry, Op::RecvMulti { conn }) } {
+            Ok(id) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.recv_op = Some(id);
+                    c.recv_cancelling = false;
+                }
+            }
+            Err(e) => self.fail(conn, e),
+        }
+    }
+
+    fn on_recv_multi(&mut self, id: u64, res: i32, flags: u32) {
+        let Some(Op::RecvMulti { conn }) = self.ops.get(&id) else { return };
+        let conn = *conn;
+        let last = !cqueue::more(flags);
+        if last {
+            self.ops.remove(&id);
+            self.op_done(conn);
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.recv_op = None;
+                c.recv_cancelling = false;
+            }
+        }
+        let UringTransport { bufring, conns, ready, .. } = self;
+        let c = conns.get_mut(&conn).filter(|c| !c.shut);
+        if res > 0 {
+            let n = res as usize;
+            let (Some(ring), Some(bid)) = (bufring.as_mut(), cqueue::buffer_select(flags)) else {
+                self.fail(conn, io::Error::other("multishot receive completed without a buffer"));
+                self.reap(conn);
+                return;
+            };
+            match c {
+                Some(c) => {
+                    ring.take(bid, n, |bytes| match c.parked.take() {
+                        Some((mut buf, max)) => {
+                            let k = n.min(max.saturating_sub(buf.len()).max(1));
+                            buf.extend_from_slice(&bytes[..k]);
+                            c.staged.extend_from_slice(&bytes[k..]);
+                            ready.push(Completion::Received { conn, buf, n: k });
+                        }
+                        None => c.staged.extend_from_slice(bytes),
+                    });
+                    metrics::count_copy(metrics::Path::ReceiveStaging, n);
+                    if c.staged.len() >= STAGED_PAUSE_AT && !c.recv_cancelling {
+                        if let Some(op) = c.recv_op {
+                            c.recv_cancelling = true;
+                            let entry = opcode::AsyncCancel::new(op).build();
+                            // SAFETY: no pointers.
+                            if let Err(e) = unsafe { self.push(entry, Op::Cancel) } {
+                                self.fail(conn, e);
+                            }
+                        }
+                    }
+                }
+                // Closed meanwhile: just give the buffer back.
+                None => ring.take(bid, n, |_| ()),
+            }
+        } else if res == 0 {
+            if let Some(c) = c {
+                c.eof = true;
+                if c.staged.is_empty() {
+                    if let Some((buf, _)) = c.parked.take() {
+                        ready.push(Completion::Received { conn, buf, n: 0 });
+                    }
+                }
+            }
+        } else if -res == libc::ENOBUFS || -res == libc::ECANCELED {
+            // The ring ran dry for a moment (every buffer goes back as soon as its
+            // completion is handled), or backpressure cancelled the op: re-armed below.
+        } else {
+            self.fail(conn, io::Error::from_raw_os_error(-res));
+        }
+        if last {
+            self.arm_recv_multi(conn);
+        }
+        self.reap(conn);
     }
 
     fn on_accept(&mut self, id: u64, res: i32, flags: u32) {
@@ -412,7 +584,11 @@ impl UringTransport {
                 sock,
                 slot,
                 inflight: 0,
-                recv_armed: false,
+                recv_op: None,
+                recv_cancelling: false,
+                parked: None,
+                staged: BytesMut::new(),
+                eof: false,
                 sending: false,
                 tx: VecDeque::new(),
                 unsent: 0,
@@ -575,7 +751,11 @@ impl Transport for UringTransport {
     }
 
     fn recv(&mut self, conn: ConnId, buf: BytesMut, max: usize) {
-        self.arm_recv(conn, buf, max);
+        if self.bufring.is_some() {
+            self.recv_multi(conn, buf, max);
+        } else {
+            self.arm_recv(conn, buf, max);
+        }
     }
 
     fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>) {
@@ -651,7 +831,7 @@ impl Drop for UringTransport {
             let cqes: Vec<(u64, u32)> = self.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
             for (id, flags) in cqes {
                 let final_cqe = match self.ops.get_mut(&id) {
-                    Some(Op::Accept) => !cqueue::more(flags),
+                    Some(Op::Accept) | Some(Op::RecvMulti { .. }) => !cqueue::more(flags),
                     // A zero-copy send's result with F_MORE: its notification is still to come.
                     Some(Op::Send(op)) if op.zc && !cqueue::notif(flags) && cqueue::more(flags) => {
                         op.awaiting_notif = true;
@@ -668,6 +848,100 @@ impl Drop for UringTransport {
             // Never free memory the kernel may still write: leak what is left.
             log::warn!("io_uring: {} ops still in flight at shutdown; leaking their buffers", self.ops.len());
             std::mem::forget(std::mem::take(&mut self.ops));
+            std::mem::forget(self.bufring.take());
+        } else if let Some(ring) = &self.bufring {
+            ring.unregister(&self.ring.submitter());
         }
+    }
+}
+
+/// Moves staged bytes into the dispatch loop's buffer (up to `max` in all): by swapping
+/// allocations when the buffer is empty and everything fits, else by copying what fits.
+fn take_staged(staged: &mut BytesMut, buf: &mut BytesMut, max: usize) -> usize {
+    let room = max.saturating_sub(buf.len()).max(1);
+    if buf.is_empty() && staged.len() <= room {
+        std::mem::swap(staged, buf);
+        return buf.len();
+    }
+    let k = staged.len().min(room);
+    buf.extend_from_slice(&staged[..k]);
+    staged.advance(k);
+    metrics::count_copy(metrics::Path::ReceiveStaging, k);
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn accept(t: &mut UringTransport) -> ConnId {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            t.poll(Some(Duration::from_millis(50)), &mut out).expect("poll");
+            if let Some(Completion::Accepted { conn, .. }) = out.drain(..).next() {
+                return conn;
+            }
+        }
+        panic!("no connection accepted");
+    }
+
+    /// Multishot mode: a peer that sends far more than the dispatch loop takes is paused
+    /// at the staging limit (memory stays bounded), and once the loop reads again every
+    /// byte arrives, in order, across the pause and resume.
+    #[test]
+    fn multishot_receive_pauses_a_fast_sender_and_loses_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let opts = UringOptions { recv_multishot: true, ..UringOptions::default() };
+        let mut t = UringTransport::new(listener, opts).expect("io_uring");
+        assert!(t.bufring.is_some(), "multishot receive not available on this kernel");
+        const TOTAL: usize = 8 << 20;
+        let writer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+            s.write_all(&data).expect("write");
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b); // keep the socket open until the reader is done
+        });
+        let conn = accept(&mut t);
+        // One small receive, then nobody reads for a while: the sender fills the socket
+        // buffers and the transport stages at most about STAGED_PAUSE_AT.
+        t.recv(conn, BytesMut::with_capacity(1024), 1024);
+        let mut out = Vec::new();
+        let until = Instant::now() + Duration::from_millis(500);
+        let mut got: Vec<u8> = Vec::new();
+        while Instant::now() < until {
+            t.poll(Some(Duration::from_millis(20)), &mut out).expect("poll");
+            for c in out.drain(..) {
+                if let Completion::Received { buf, .. } = c {
+                    got.extend_from_slice(&buf);
+                }
+            }
+        }
+        let staged = t.conns[&conn].staged.len();
+        assert!(staged >= STAGED_PAUSE_AT, "the sender should have outrun the reader: {staged} staged");
+        assert!(staged < STAGED_PAUSE_AT + 2 * BUF_RING_BUF_SIZE * BUF_RING_ENTRIES as usize, "{staged} staged");
+        // Now read everything.
+        let mut buf = Some(BytesMut::new());
+        let until = Instant::now() + Duration::from_secs(20);
+        while got.len() < TOTAL && Instant::now() < until {
+            if let Some(b) = buf.take() {
+                t.recv(conn, b, 256 * 1024); // at most one receive outstanding
+            }
+            t.poll(Some(Duration::from_millis(20)), &mut out).expect("poll");
+            for c in out.drain(..) {
+                if let Completion::Received { buf: mut b, .. } = c {
+                    got.extend_from_slice(&b);
+                    b.clear();
+                    buf = Some(b);
+                }
+            }
+        }
+        assert_eq!(got.len(), TOTAL);
+        assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "bytes out of order");
+        t.close(conn);
+        drop(t);
+        writer.join().expect("writer");
     }
 }
