@@ -166,6 +166,83 @@ pub fn chunks_len(chunks: &[Bytes]) -> usize {
     chunks.iter().map(Bytes::len).sum()
 }
 
+/// Anonymous, page-aligned memory the kernel or a NIC reads and writes behind our back
+/// (io_uring provided buffers, RDMA receive buffers and landing rings). Only raw pointers
+/// are handed out: whoever reads through one must know the device is not writing there.
+pub struct AnonMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone; moving it moves the only handle.
+unsafe impl Send for AnonMap {}
+// SAFETY: `&AnonMap` only gives out raw pointers; reading through them is the caller's
+// (unsafe) business.
+unsafe impl Sync for AnonMap {}
+
+impl AnonMap {
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing;
+        // the result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(AnonMap { ptr, len: len.max(1) })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `[off, off + len)` as a slice.
+    ///
+    /// # Safety
+    /// Nothing (kernel, NIC, remote peer, other code) may write that range while the slice
+    /// lives.
+    pub unsafe fn slice(&self, off: usize, len: usize) -> &[u8] {
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.len), "range outside the mapping");
+        // SAFETY: in bounds (asserted); the caller rules out concurrent writes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) }
+    }
+
+    /// Copies `src` to `off`.
+    ///
+    /// # Safety
+    /// Nothing else may read or write that range meanwhile (no request naming it is
+    /// posted to a device).
+    pub unsafe fn write(&self, off: usize, src: &[u8]) {
+        assert!(off.checked_add(src.len()).is_some_and(|e| e <= self.len), "range outside the mapping");
+        // SAFETY: in bounds (asserted); exclusive by the caller's promise.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) };
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: created by `new` with this length; owners outlive every use by devices.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,6 +94,13 @@ pub struct ServeArgs {
     /// [default: single; measured in docs/architecture.md].
     #[arg(long)]
     pub uring_recv: Option<UringRecv>,
+    /// rdma: messages each connection may have in flight (2..=255) [default: 16].
+    #[arg(long)]
+    pub rdma_credits: Option<u32>,
+    /// rdma: close a connection whose peer has not freed landing-ring space for this long
+    /// while responses wait [default: 10000].
+    #[arg(long)]
+    pub rdma_stall_timeout_ms: Option<u64>,
     /// Wait this long after the first member joins an empty group before completing the
     /// rebalance, so members starting together land in one generation [default: 0].
     #[arg(long)]
@@ -148,6 +155,8 @@ impl ServeArgs {
                 uring_sqpoll,
                 uring_fixed_files,
                 uring_recv,
+                rdma_credits,
+                rdma_stall_timeout_ms,
                 busy_poll
             );
         }
@@ -204,6 +213,17 @@ impl ServeArgs {
                     sqpoll: self.uring_sqpoll.unwrap_or(false),
                     fixed_files: self.uring_fixed_files.unwrap_or(true),
                     recv_multishot: self.uring_recv.unwrap_or_default() == UringRecv::Multishot,
+                },
+                #[cfg(feature = "rdma")]
+                rdma: {
+                    let d = crate::transport::rdma::RdmaOptions::default();
+                    crate::transport::rdma::RdmaOptions {
+                        credits: self.rdma_credits.unwrap_or(d.credits).clamp(2, 255),
+                        stall_timeout: self
+                            .rdma_stall_timeout_ms
+                            .map_or(d.stall_timeout, std::time::Duration::from_millis),
+                        ..d
+                    }
                 },
             },
             cores,

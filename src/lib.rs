@@ -12,6 +12,7 @@
 //!                       (io_uring); ustack (AF_XDP + smoltcp), rdma plug into the same seam
 //!   buffer              scatter/gather output that carries log bytes by reference
 //!   client              a lean blocking Kafka client (tests, bench native mode)
+//!   sidecar             next to unmodified clients: the TCP -> RDMA bridge, metadata rewriting
 //! ```
 //!
 //! A produce request travels transport -> dispatch -> protocol -> log and is copied once,
@@ -33,4 +34,5 @@ pub mod log;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod sidecar;
 pub mod transport;

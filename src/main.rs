@@ -20,6 +20,9 @@ enum Command {
     Serve(ServeArgs),
     /// Run latency/throughput workloads against slipstream and other Kafka brokers.
     Bench(bench::BenchArgs),
+    /// Accept Kafka TCP clients and carry them over RDMA to a `--transport rdma` broker.
+    #[cfg(feature = "rdma")]
+    Bridge(slipstream::sidecar::bridge::BridgeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +34,13 @@ fn main() -> anyhow::Result<()> {
             slipstream::server::serve(cfg).context("slipstream serve failed")?;
         }
         Command::Bench(args) => bench::run(args)?,
+        #[cfg(feature = "rdma")]
+        Command::Bridge(args) => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone()).context("signal handler")?;
+            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone()).context("signal handler")?;
+            slipstream::sidecar::bridge::run(&args, stop).context("slipstream bridge failed")?;
+        }
     }
     Ok(())
 }

@@ -26,6 +26,8 @@ static RECEIVE_STAGED: AtomicU64 = AtomicU64::new(0);
 static FETCH_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static PRODUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
+static RDMA_LOG_BYTES: AtomicU64 = AtomicU64::new(0);
+static RDMA_TX_STAGED: AtomicU64 = AtomicU64::new(0);
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 static CONNECTIONS_CLOSED_BAD_INPUT: AtomicU64 = AtomicU64::new(0);
 
@@ -46,6 +48,18 @@ pub fn count_zero_copy(bytes: usize) {
 /// not copy them into socket buffers either.
 pub fn count_kernel_zero_copy(bytes: usize) {
     KERNEL_ZERO_COPY.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+/// Bytes the RDMA transport wrote to a peer by one-sided RDMA straight from a registered
+/// log segment (the NIC read the page cache; no CPU copy).
+pub fn count_rdma_log_bytes(bytes: usize) {
+    RDMA_LOG_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+/// Non-log response bytes (headers) the RDMA transport copied into registered staging
+/// memory before writing them.
+pub fn count_rdma_tx_staged(bytes: usize) {
+    RDMA_TX_STAGED.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
 pub fn count_produced(bytes: usize) {
@@ -71,6 +85,10 @@ pub struct Snapshot {
     pub kernel_zero_copy_send_bytes: u64,
     #[serde(default)]
     pub receive_bytes_staged: u64,
+    #[serde(default)]
+    pub rdma_log_bytes_written: u64,
+    #[serde(default)]
+    pub rdma_tx_staged_bytes: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
 }
@@ -83,6 +101,8 @@ pub fn snapshot() -> Snapshot {
         fetch_bytes_zero_copy: FETCH_ZERO_COPY.load(Ordering::Relaxed),
         kernel_zero_copy_send_bytes: KERNEL_ZERO_COPY.load(Ordering::Relaxed),
         receive_bytes_staged: RECEIVE_STAGED.load(Ordering::Relaxed),
+        rdma_log_bytes_written: RDMA_LOG_BYTES.load(Ordering::Relaxed),
+        rdma_tx_staged_bytes: RDMA_TX_STAGED.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
     }

@@ -52,7 +52,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let (io_tx, io_rx) = crossbeam_channel::unbounded::<IoJob>();
 
     // Transports first: every core needs every other core's waker.
-    let listener = transport::bind_listener(cfg.listen)?;
+    let listener = transport::Listener::bind(cfg.transport, cfg.listen)?;
     let mut transports = Vec::new();
     let mut peers = Vec::new();
     let mut inboxes = Vec::new();

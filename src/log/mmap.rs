@@ -17,11 +17,26 @@
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Every shared segment mapping by start address, so a transport that must register
+/// memory with a NIC (RDMA) can tell which mapping a fetch payload's bytes lie in.
+static MAPPED: Mutex<BTreeMap<usize, Weak<SegmentMap>>> = Mutex::new(BTreeMap::new());
+
+/// The live segment mapping that contains `[addr, addr + len)`, if any.
+pub fn mapping_containing(addr: *const u8, len: usize) -> Option<Arc<SegmentMap>> {
+    let a = addr as usize;
+    let map = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
+    let (_, w) = map.range(..=a).next_back()?;
+    let seg = w.upgrade()?;
+    let base = seg.base() as usize;
+    (a >= base && a.checked_add(len)? <= base + seg.capacity).then_some(seg)
+}
 
 /// A segment file not yet shared with readers: recovery may scan and truncate it.
 pub struct SegmentFile {
@@ -95,6 +110,7 @@ impl SegmentFile {
             capacity: self.capacity,
             published: AtomicUsize::new(len),
         });
+        MAPPED.lock().unwrap_or_else(|p| p.into_inner()).insert(shared.base() as usize, Arc::downgrade(&shared));
         (shared.clone(), SegmentWriter { map: shared, pos: len })
     }
 }
@@ -111,6 +127,16 @@ pub struct SegmentMap {
 impl SegmentMap {
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the mapping starts in this process's address space.
+    pub fn base(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+
+    /// The mapping's length.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Bytes readers may see.
@@ -133,6 +159,17 @@ impl SegmentMap {
             self.map.flush_range(start, end - start)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for SegmentMap {
+    fn drop(&mut self) {
+        let mut map = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
+        // Only our own entry: a newer mapping may already sit at the same address.
+        let base = self.map.as_ptr() as usize;
+        if map.get(&base).is_some_and(|w| w.strong_count() == 0) {
+            map.remove(&base);
+        }
     }
 }
 

@@ -16,6 +16,8 @@
 //! - After [`Completion::Closed`] for a connection, no further completion names it, and
 //!   every buffer it held has been dropped or returned.
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 pub mod uring;
 
@@ -46,7 +48,7 @@ pub enum TransportKind {
 
 #[derive(Debug, Error)]
 pub enum TransportError {
-    #[error("transport '{0:?}' is not built into this binary yet (see the open issues)")]
+    #[error("transport '{0:?}' is not built into this binary (rdma: build with `--features rdma`; ustack: not implemented yet)")]
     NotBuilt(TransportKind),
     #[error("transport not supported here: {0}")]
     Unsupported(String),
@@ -116,13 +118,39 @@ pub trait Transport: Send {
 
 /// The backends built into this binary.
 pub fn built() -> Vec<TransportKind> {
-    vec![TransportKind::Tcp, TransportKind::Uring]
+    let mut v = vec![TransportKind::Tcp, TransportKind::Uring];
+    if cfg!(feature = "rdma") {
+        v.push(TransportKind::Rdma);
+    }
+    v
 }
 
 /// Backend-specific settings.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TransportOptions {
     pub uring: uring::UringOptions,
+    #[cfg(feature = "rdma")]
+    pub rdma: rdma::RdmaOptions,
+}
+
+/// What the cores accept connections from: the broker's TCP listening socket, or its
+/// rdma_cm listening id.
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    #[cfg(feature = "rdma")]
+    Rdma(Arc<rdma::RdmaListener>),
+}
+
+impl Listener {
+    /// Binds what `kind` accepts from on `addr`.
+    pub fn bind(kind: TransportKind, addr: SocketAddr) -> Result<Listener, TransportError> {
+        match kind {
+            TransportKind::Tcp | TransportKind::Uring => Ok(Listener::Tcp(bind_listener(addr)?)),
+            #[cfg(feature = "rdma")]
+            TransportKind::Rdma => Ok(Listener::Rdma(rdma::RdmaListener::bind(addr)?)),
+            other => Err(TransportError::NotBuilt(other)),
+        }
+    }
 }
 
 /// Binds the broker's one listening socket. Deliberately *not* `SO_REUSEPORT`: a port must
@@ -153,13 +181,16 @@ pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, Transpor
 /// Builds the transport for one core, accepting from its clone of the broker's listener.
 pub fn build(
     kind: TransportKind,
-    listener: &std::net::TcpListener,
+    listener: &Listener,
     opts: &TransportOptions,
 ) -> Result<Box<dyn Transport>, TransportError> {
-    let l = listener.try_clone()?;
-    match kind {
-        TransportKind::Tcp => Ok(Box::new(tcp::TcpTransport::new(l)?)),
-        TransportKind::Uring => Ok(Box::new(uring::UringTransport::new(l, opts.uring)?)),
-        other => Err(TransportError::NotBuilt(other)),
+    match (kind, listener) {
+        (TransportKind::Tcp, Listener::Tcp(l)) => Ok(Box::new(tcp::TcpTransport::new(l.try_clone()?)?)),
+        (TransportKind::Uring, Listener::Tcp(l)) => {
+            Ok(Box::new(uring::UringTransport::new(l.try_clone()?, opts.uring)?))
+        }
+        #[cfg(feature = "rdma")]
+        (TransportKind::Rdma, Listener::Rdma(l)) => Ok(Box::new(rdma::RdmaTransport::new(l.clone(), opts.rdma)?)),
+        (other, _) => Err(TransportError::NotBuilt(other)),
     }
 }

@@ -18,44 +18,9 @@
 use io_uring::types::BufRingEntry;
 use io_uring::Submitter;
 use std::io;
-use std::ptr::NonNull;
+
+use crate::buffer::AnonMap as Mapping;
 use std::sync::atomic::{AtomicU16, Ordering};
-
-/// An anonymous private mapping, unmapped on drop.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing;
-        // the result is checked before use.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Mapping { ptr, len })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created by `Mapping::new` with this length and nothing
-        // refers to it any more (see the module's invariants).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
 
 pub struct BufRing {
     entries: Mapping,
@@ -82,7 +47,7 @@ impl BufRing {
         let slab = Mapping::new(count as usize * buf_size)?;
         // SAFETY: `entries` is page-aligned memory for exactly `count` entries and stays
         // mapped while registered (the ring unregisters on drop, before unmapping).
-        unsafe { submitter.register_buf_ring_with_flags(entries.ptr.as_ptr() as u64, count, group, 0)? };
+        unsafe { submitter.register_buf_ring_with_flags(entries.as_ptr() as u64, count, group, 0)? };
         let mut ring = BufRing { entries, slab, count, buf_size, tail: 0, group };
         for bid in 0..count {
             ring.push(bid);
@@ -101,14 +66,14 @@ impl BufRing {
 
     /// Writes the entry for buffer `bid` at our tail (not yet visible to the kernel).
     fn push(&mut self, bid: u16) {
-        let base = self.entries.ptr.as_ptr().cast::<BufRingEntry>();
+        let base = self.entries.as_ptr().cast::<BufRingEntry>();
         let idx = (self.tail & (self.count - 1)) as usize;
         // SAFETY: `idx < count`, so the entry lies inside the entries mapping. The kernel
         // reads only entries between its head and the published tail, and this one is at
         // or past the published tail, so nobody else touches it now.
         let entry = unsafe { &mut *base.add(idx) };
         // SAFETY: `bid < count`: the buffer lies inside the slab.
-        entry.set_addr(unsafe { self.slab.ptr.as_ptr().add(bid as usize * self.buf_size) } as u64);
+        entry.set_addr(unsafe { self.slab.as_ptr().add(bid as usize * self.buf_size) } as u64);
         entry.set_len(self.buf_size as u32);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
@@ -116,7 +81,7 @@ impl BufRing {
 
     /// Makes every pushed entry visible to the kernel.
     fn publish(&self) {
-        let base = self.entries.ptr.as_ptr().cast::<BufRingEntry>();
+        let base = self.entries.as_ptr().cast::<BufRingEntry>();
         // SAFETY: the tail field lives in entry 0 (which exists), is 2-byte aligned and is
         // only ever written by us; the kernel reads it with an acquire load.
         let tail = unsafe { &*(BufRingEntry::tail(base) as *const AtomicU16) };
@@ -130,8 +95,7 @@ impl BufRing {
         let bid = bid & (self.count - 1);
         // SAFETY: the completion handed `bid` to us: the kernel wrote `len` bytes there
         // and will not touch it again until we push it back below.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(self.slab.ptr.as_ptr().add(bid as usize * self.buf_size), len) };
+        let bytes = unsafe { std::slice::from_raw_parts(self.slab.as_ptr().add(bid as usize * self.buf_size), len) };
         let r = f(bytes);
         self.push(bid);
         self.publish();

@@ -174,7 +174,34 @@ impl UConn {
     }
 }
 
-struct EventFdWake(OwnedFd);
+/// An eventfd that wakes a sleeping core (io_uring keeps a `READ` armed on it; the RDMA
+/// backend polls it beside its channels).
+pub(crate) struct EventFdWake(OwnedFd);
+
+impl EventFdWake {
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor nobody else owns.
+        Ok(EventFdWake(unsafe { OwnedFd::from_raw_fd(efd) }))
+    }
+
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Resets the counter (for pollers that do not read it through the ring).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn drain(&self) {
+        let mut v = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live local from a non-blocking eventfd.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+    }
+}
 
 impl Wake for EventFdWake {
     fn wake(&self) {
@@ -184,7 +211,7 @@ impl Wake for EventFdWake {
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::WouldBlock {
-                log::warn!("waking an io_uring core failed: {e}");
+                log::warn!("waking a core failed: {e}");
             }
         }
     }
@@ -241,13 +268,7 @@ impl UringTransport {
         } else {
             None
         };
-        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
-        // SAFETY: `efd` is a fresh descriptor nobody else owns.
-        let waker = Arc::new(EventFdWake(unsafe { OwnedFd::from_raw_fd(efd) }));
+        let waker = Arc::new(EventFdWake::new()?);
         let bufring = if opts.recv_multishot {
             if probe.is_supported(opcode::SendMsgZc::CODE) {
                 // Buffer rings (5.19) and multishot receive (6.0) predate SENDMSG_ZC (6.1).
