@@ -50,9 +50,10 @@ pub struct BrokerProc {
     pub data: PathBuf,
     log: PathBuf,
     extra: Vec<String>,
+    ready: fn(SocketAddr) -> bool,
 }
 
-fn serves_api_versions(addr: SocketAddr) -> bool {
+pub fn serves_api_versions(addr: SocketAddr) -> bool {
     let Ok(mut c) = slipstream::client::Client::connect(addr, Duration::from_millis(100)) else { return false };
     if c.stream().set_read_timeout(Some(Duration::from_millis(200))).is_err() {
         return false;
@@ -60,16 +61,22 @@ fn serves_api_versions(addr: SocketAddr) -> bool {
     c.call(&kafka_protocol::messages::ApiVersionsRequest::default(), 0).is_ok()
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
 }
 
 impl BrokerProc {
     pub fn start(extra: &[&str]) -> BrokerProc {
-        let dir = tempfile::tempdir().expect("tempdir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_at(addr, extra, serves_api_versions)
+    }
+
+    /// Starts a broker listening on `addr`, ready once `ready(addr)` says so.
+    pub fn start_at(addr: SocketAddr, extra: &[&str], ready: fn(SocketAddr) -> bool) -> BrokerProc {
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut b = BrokerProc {
+            ready,
             child: None,
             addr,
             data: dir.path().join("data"),
@@ -101,7 +108,7 @@ impl BrokerProc {
             // Serving, not merely listening: a killed io_uring broker's listener can linger
             // a moment (the kernel tears its ring down asynchronously) and complete TCP
             // handshakes nobody will ever answer.
-            if serves_api_versions(self.addr) {
+            if (self.ready)(self.addr) {
                 return started.elapsed();
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {

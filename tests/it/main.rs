@@ -9,3 +9,5 @@ mod clients;
 mod crash;
 mod groups;
 mod long_poll;
+#[cfg(feature = "rdma")]
+mod rdma;

@@ -1,0 +1,249 @@
+//! The RDMA transport and the bridge, on a real RDMA device: soft-RoCE in the qemu VM that
+//! `scripts/test.sh` starts through `scripts/softroce/run-in-vm.sh` (the host kernel has
+//! no RDMA). They are `#[ignore]`d on the host and run in the VM with `--ignored`; without
+//! a device (`RXE_IP` unset) they fail rather than pass vacuously.
+
+use crate::harness::{free_port, run_client, serves_api_versions, BrokerProc};
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use slipstream::transport::rdma::stream::{RdmaStream, StreamOptions};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NEEDS_RDMA: &str = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM";
+const T: Duration = Duration::from_secs(30);
+
+/// The soft-RoCE address the VM set up.
+fn rdma_ip() -> String {
+    std::env::var("RXE_IP").expect("RXE_IP is not set: run through scripts/softroce/run-in-vm.sh")
+}
+
+fn api_versions_frame(correlation_id: i32) -> Vec<u8> {
+    let mut h = RequestHeader::default();
+    h.request_api_key = ApiKey::ApiVersions as i16;
+    h.request_api_version = 3;
+    h.correlation_id = correlation_id;
+    h.client_id = Some(StrBytes::from_static_str("rdma-test"));
+    let mut body = BytesMut::new();
+    h.encode(&mut body, ApiKey::ApiVersions.request_header_version(3)).expect("header");
+    let mut req = ApiVersionsRequest::default();
+    req.client_software_name = StrBytes::from_static_str("rdma-test");
+    req.client_software_version = StrBytes::from_static_str("1");
+    req.encode(&mut body, 3).expect("body");
+    let mut frame = BytesMut::new();
+    frame.put_u32(body.len() as u32);
+    frame.extend_from_slice(&body);
+    frame.to_vec()
+}
+
+/// One ApiVersions round trip over a fresh RDMA connection.
+fn rdma_api_versions(addr: SocketAddr) -> bool {
+    let opts = StreamOptions { connect_timeout: Duration::from_millis(500), ..StreamOptions::default() };
+    let Ok(mut s) = RdmaStream::connect(addr, opts) else { return false };
+    s.write_all(&api_versions_frame(1), Duration::from_secs(2)).is_ok() && s.read_frame(Duration::from_secs(5)).is_ok()
+}
+
+fn rdma_broker(extra: &[&str]) -> BrokerProc {
+    let addr: SocketAddr = format!("{}:{}", rdma_ip(), free_port()).parse().expect("addr");
+    let mut args = vec!["--transport", "rdma", "--segment-bytes", "16777216"];
+    args.extend_from_slice(extra);
+    BrokerProc::start_at(addr, &args, rdma_api_versions)
+}
+
+/// `slipstream bridge` in front of `upstream`, on a loopback TCP port.
+struct Bridge {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Bridge {
+    fn start(upstream: SocketAddr) -> Bridge {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
+            .args(["bridge", "--listen", &addr.to_string(), "--upstream", &upstream.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn slipstream bridge");
+        let started = Instant::now();
+        while !serves_api_versions(addr) {
+            assert!(started.elapsed() < T, "bridge did not serve");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Bridge { child, addr }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The verbs layer end to end: rdma_cm connection, the broker's grant, a SEND into its
+/// shared receive queue, and a response RDMA-written into our landing ring.
+#[test]
+#[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
+fn verbs_connection_carries_a_kafka_round_trip() {
+    let _ = NEEDS_RDMA;
+    let broker = rdma_broker(&["--rdma-credits", "8"]);
+    let mut s = RdmaStream::connect(broker.addr, StreamOptions::default()).expect("connect over RDMA");
+    assert_eq!(s.grant().credits, 8, "the broker's grant");
+    // More requests than credits, pipelined: credits must come back for this to finish.
+    let frames: Vec<u8> = (0..40).flat_map(api_versions_frame).collect();
+    s.write_all(&frames, T).expect("send requests");
+    for i in 0..40 {
+        let frame = s.read_frame(T).expect("response");
+        let mut b = Bytes::from(frame);
+        let h = ResponseHeader::decode(&mut b, 0).expect("header");
+        assert_eq!(h.correlation_id, i, "responses in order");
+        let r = ApiVersionsResponse::decode(&mut b, 3).expect("body");
+        assert_eq!(r.error_code, 0);
+        assert!(r.api_keys.iter().any(|k| k.api_key == ApiKey::Produce as i16));
+    }
+}
+
+/// Acceptance 1: confluent-kafka through the bridge, across a broker restart, with every
+/// fetched payload byte written by one-sided RDMA from the registered log.
+#[test]
+#[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
+fn confluent_kafka_through_the_bridge() {
+    let mut broker = rdma_broker(&["--default-partitions", "3"]);
+    let bridge = Bridge::start(broker.addr);
+    let bootstrap = bridge.addr.to_string();
+    let timeout = Duration::from_secs(900);
+    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "1"], timeout);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    broker.spawn();
+    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "2"], timeout);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    let s = broker.stats();
+    println!("counters after phase 2: {s:?}");
+    assert!(s.fetch_bytes_zero_copy > 0, "nothing fetched by reference: {s:?}");
+    assert_eq!(s.fetch_bytes_copied, 0, "fetch payload copied by the CPU: {s:?}");
+    assert!(
+        s.rdma_log_bytes_written >= s.fetch_bytes_zero_copy,
+        "fetch payloads did not all leave by one-sided RDMA from the log: {s:?}"
+    );
+    assert_eq!(s.produce_bytes_copied, s.produce_payload_bytes, "produce payload copied more than once: {s:?}");
+}
+
+/// Produces and fetches through the bridge with the native client until told to stop;
+/// returns how many round trips succeeded.
+fn good_client(bootstrap: SocketAddr, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> usize {
+    use slipstream::client::Client;
+    use slipstream::log::batch::build_batch;
+    let mut c = Client::connect(bootstrap, T).expect("good client connects");
+    assert_eq!(c.create_topic("steady", 1).expect("create topic"), 0);
+    let mut ok = 0;
+    let mut offset = 0i64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let values: Vec<Vec<u8>> = (0..10).map(|i| format!("v{ok}-{i}").into_bytes()).collect();
+        let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        let batch = Bytes::from(build_batch(0, 0, &refs));
+        let p = c.produce("steady", 0, batch.clone(), -1).expect("good client's produce");
+        assert_eq!((p.error_code, p.base_offset), (0, offset), "produce answered");
+        let f = c.fetch("steady", 0, offset, 1 << 20, 100).expect("good client's fetch");
+        assert_eq!(f.error_code, 0);
+        assert!(f.records.len() >= batch.len(), "fetched {} bytes", f.records.len());
+        offset += 10;
+        ok += 1;
+    }
+    ok
+}
+
+fn wait_closed(s: &mut RdmaStream, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let _ = s.progress();
+        if let Some(why) = s.closed() {
+            return why.to_string();
+        }
+        assert!(Instant::now() < deadline, "the broker did not disconnect the bad peer");
+        let _ = s.wait(Some(Duration::from_millis(50)));
+    }
+}
+
+/// Acceptance 2: malformed messages, a malformed or oversized Kafka frame, and a peer that
+/// stops freeing its landing ring are each disconnected alone, while a well-behaved client
+/// carries on through the bridge.
+#[test]
+#[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
+fn bad_rdma_peers_are_disconnected_alone() {
+    let broker = rdma_broker(&["--rdma-stall-timeout-ms", "1000", "--max-request-bytes", "1048576"]);
+    let bridge = Bridge::start(broker.addr);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good = {
+        let (addr, stop) = (bridge.addr, stop.clone());
+        std::thread::spawn(move || good_client(addr, stop))
+    };
+    let connect = || RdmaStream::connect(broker.addr, StreamOptions::default()).expect("bad peer connects");
+
+    // A message whose header disagrees with its length.
+    let mut s = connect();
+    assert!(s.send_raw(&[0, 0, 0, 0, 0, 0, 0, 99, 1, 2, 3]).expect("post"));
+    println!("malformed message: {}", wait_closed(&mut s, T));
+
+    // A Kafka frame larger than --max-request-bytes.
+    let mut s = connect();
+    s.write_all(&(64u32 << 20).to_be_bytes(), T).expect("send prefix");
+    println!("oversized frame: {}", wait_closed(&mut s, T));
+
+    // Garbage where a Kafka request header should be.
+    let mut s = connect();
+    let mut junk = 12u32.to_be_bytes().to_vec();
+    junk.extend_from_slice(&[0x7f; 12]);
+    s.write_all(&junk, T).expect("send junk");
+    println!("garbage request: {}", wait_closed(&mut s, T));
+
+    // A peer that never reports landing-ring space free: once its small ring is full,
+    // the broker waits --rdma-stall-timeout-ms, then lets it go.
+    let opts = StreamOptions { ring_len: 16 * 1024, ..StreamOptions::default() };
+    let mut s = RdmaStream::connect(broker.addr, opts).expect("connect");
+    s.misbehave.withhold_ring_credits = true;
+    let frames: Vec<u8> = (0..200).flat_map(api_versions_frame).collect();
+    let started = Instant::now();
+    let _ = s.write_all(&frames, Duration::from_secs(5));
+    println!("withheld ring credits: {}", wait_closed(&mut s, T));
+    assert!(started.elapsed() >= Duration::from_millis(900), "disconnected before the stall timeout");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = good.join().expect("the good client failed while bad peers were cut off");
+    assert!(rounds > 0, "the good client made no progress");
+    // The broker counted each bad peer, and is still serving.
+    assert!(rdma_api_versions(broker.addr), "broker stopped serving");
+    let log = broker.log_text();
+    assert!(log.contains("malformed message"), "no reason logged:\n{log}");
+    assert!(log.contains("stopped freeing its landing ring"), "no stall reason logged:\n{log}");
+}
+
+/// Acceptance 3: `slipstream bench` drives a workload through the bridge and reports it,
+/// labelled functional.
+#[test]
+#[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
+fn bench_runs_through_the_bridge() {
+    let broker = rdma_broker(&[]);
+    let bridge = Bridge::start(broker.addr);
+    let out = tempfile::tempdir().expect("tempdir");
+    let status = Command::new(env!("CARGO_BIN_EXE_slipstream"))
+        .args(["bench", "--client", "native", "--workload", "latency-128b", "--duration", "2", "--warmup", "0.5"])
+        .args(["--target", &format!("rdma-bridge={}", bridge.addr)])
+        .args(["--note", "functional: soft-RoCE under TCG emulation, not a hardware figure"])
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .expect("run slipstream bench");
+    assert!(status.success(), "slipstream bench through the bridge failed");
+    let text = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("results.json parses");
+    assert!(text.contains("functional"), "not labelled functional");
+    let runs = v["workloads"][0]["targets"].as_array().expect("targets");
+    let bridge_run = runs.iter().find(|t| t["name"] == "rdma-bridge").expect("the bridge target");
+    println!("{bridge_run}");
+    assert!(bridge_run["messages_sent"].as_u64().unwrap_or(0) > 0, "nothing went through the bridge");
+    assert!(bridge_run["throughput_msgs_per_s"].as_f64().unwrap_or(0.0) > 0.0, "no throughput figure");
+    assert!(bridge_run["publish"]["count"].as_u64().unwrap_or(0) > 0, "no latency figures");
+}
