@@ -15,7 +15,8 @@
 #
 # Environment: VM_CACHE (kernel + initramfs cache; default target/softroce-vm),
 # VM_MEM (MiB, 2048), VM_SMP (nproc), VM_TIMEOUT (s, 1800), VM_KPKG (kernel package;
-# default: resolved from linux-image-amd64), VM_VERBOSE=1 (kernel messages).
+# default: resolved from linux-image-amd64), VM_VERBOSE=1 (kernel messages), VM_RW (host
+# directories, space-separated, mounted writable at the same path: results come back).
 # The command sees RXE_DEV, RXE_IP and RXE_GID (index of the RoCE v2 IPv4-mapped GID).
 #
 # Host packages (scripts/softroce/setup.sh installs them): qemu-system-x86 busybox-static
@@ -29,7 +30,7 @@ CACHE="${VM_CACHE:-$ROOT/target/softroce-vm}"
 MEM="${VM_MEM:-2048}"
 SMP="${VM_SMP:-$(nproc)}"
 TIMEOUT="${VM_TIMEOUT:-1800}"
-FORMAT=v1
+FORMAT=v3
 
 [ "${1:-}" = "--" ] && shift
 [ $# -ge 1 ] || { echo "usage: $0 [--] CMD [ARGS...]" >&2; exit 2; }
@@ -118,9 +119,14 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mkdir -p /newroot$JOB
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 jobdir /newroot$JOB || fail "mount jobdir"
+i=0
+for d in $(cat /newroot$JOB/rw.list 2>/dev/null); do
+  mkdir -p /newroot$d
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 rw$i /newroot$d || echo "init: mount $d failed" >/dev/console
+  i=$((i+1))
+done
 chroot /newroot /bin/bash "$SETUP" "$JOB"
 sync; poweroff -f
 INIT
@@ -185,6 +191,15 @@ trap 'rm -rf "$JOB"' EXIT
   printf '%q ' "$@"; echo
 } > "$JOB/cmd.sh"
 [ -t 1 ] || touch "$JOB/notty"
+RWARGS=()
+: > "$JOB/rw.list"
+i=0
+for d in ${VM_RW:-}; do
+  d="$(cd "$d" && pwd)"
+  echo "$d" >> "$JOB/rw.list"
+  RWARGS+=(-virtfs "local,path=$d,mount_tag=rw$i,security_model=none,multidevs=remap")
+  i=$((i+1))
+done
 LOGLVL="quiet loglevel=1"; [ "${VM_VERBOSE:-0}" = 1 ] && LOGLVL="loglevel=7"
 T0=$(date +%s.%N)
 set +e
@@ -196,6 +211,7 @@ timeout --foreground -k 10 "$TIMEOUT" qemu-system-x86_64 \
   -append "console=ttyS0 $LOGLVL panic=-1 mitigations=off vmjob=$JOB vmsetup=$CACHE/kernel/guest-setup.sh" \
   -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
   -virtfs "local,path=$JOB,mount_tag=jobdir,security_model=none" \
+  "${RWARGS[@]}" \
   -nic none </dev/null | tr -d '\r' | grep --line-buffered -v '^\[ *[0-9.]*\] reboot: Power down$'
 qrc=${PIPESTATUS[0]}
 set -e

@@ -160,8 +160,9 @@ struct RConn {
     parked: Option<(BytesMut, usize)>,
     staged: BytesMut,
     eof: bool,
-    /// Messages received and not yet credited back.
+    /// Messages received whose credits have not been sent back yet (the peer's view).
     outstanding: u32,
+    /// Credits ready to go back with the next write batch.
     owed: u32,
     withheld: u32,
     // Send side.
@@ -476,9 +477,9 @@ impl RdmaTransport {
             }
             metrics::count_copy(metrics::Path::ReceiveStaging, data.len());
         }
-        // Credit it back now unless the dispatch loop is behind on this connection.
+        // Credit it back (with the next write batch) unless the dispatch loop is behind on
+        // this connection.
         if data.is_empty() || c.staged.len() < STAGED_LIMIT {
-            c.outstanding -= 1;
             c.owed += 1;
         } else {
             c.withheld += 1;
@@ -516,23 +517,21 @@ impl RdmaTransport {
     /// returns its lkey and how many of the bytes it covers.
     fn log_window(dev: &mut Device, addr: *const u8, len: usize) -> Option<(u32, usize)> {
         let a = addr as usize;
-        if let Some((&start, w)) = dev.windows.range(..=a).next_back() {
-            if a < start + w.len && w.seg.strong_count() > 0 {
+        while let Some((&start, w)) = dev.windows.range(..=a).next_back() {
+            if a >= start + w.len {
+                break;
+            }
+            if w.seg.strong_count() > 0 {
                 return Some((w.mr.lkey(), len.min(start + w.len - a)));
             }
+            // A window of a deleted segment overlaps: no `Bytes` of that segment exists, so
+            // no post names its region; unpin it and look again.
+            dev.windows.remove(&start);
         }
         let seg = mapping_containing(addr, 1)?;
         let base = seg.base() as usize;
         let start = base + (a - base) / LOG_WINDOW * LOG_WINDOW;
         let wlen = LOG_WINDOW.min(base + seg.capacity() - start);
-        // Drop stale windows this one would overlap (their segments are gone).
-        let stale: Vec<usize> =
-            dev.windows.range(start.saturating_sub(LOG_WINDOW)..start + wlen).map(|(k, _)| *k).collect();
-        for k in stale {
-            if dev.windows.get(&k).is_some_and(|w| w.seg.strong_count() == 0 || k == start) {
-                dev.windows.remove(&k);
-            }
-        }
         // SAFETY: the window lies inside the segment's mapping, which stays mapped while
         // any `Bytes` of it exists; posts hold such `Bytes` until completion, and a window
         // whose segment is gone is never used again (checked above) and dropped.
@@ -669,6 +668,8 @@ impl RdmaTransport {
             // The batch's last request carries the immediate: bytes landed, credits back.
             let credits = c.owed.min(wire::MAX_IMM_CREDITS);
             c.owed -= credits;
+            // The peer may send again only once these arrive.
+            c.outstanding -= credits;
             let imm = Imm { bytes: taken as u32, credits }.encode();
             let remote_addr = c.offer.ring_addr + wr_start % ring_len;
             wrs.push(SendWr {
@@ -771,7 +772,6 @@ impl Transport for RdmaTransport {
             self.ready.push(Completion::Received { conn, buf, n });
             if c.withheld > 0 && c.staged.len() < STAGED_LIMIT {
                 c.owed += c.withheld;
-                c.outstanding -= c.withheld;
                 c.withheld = 0;
                 self.dirty.push(conn);
             }
