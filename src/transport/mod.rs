@@ -16,7 +16,6 @@
 //! - After [`Completion::Closed`] for a connection, no further completion names it, and
 //!   every buffer it held has been dropped or returned.
 
-#[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
 pub mod uring;
