@@ -89,7 +89,8 @@ impl Drop for Bridge {
 #[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
 fn verbs_connection_carries_a_kafka_round_trip() {
     let _ = NEEDS_RDMA;
-    let broker = rdma_broker(&["--rdma-credits", "8"]);
+    // The latency mode: the core spins on its completion queue instead of sleeping.
+    let broker = rdma_broker(&["--rdma-credits", "8", "--busy-poll", "true"]);
     let mut s = RdmaStream::connect(broker.addr, StreamOptions::default()).expect("connect over RDMA");
     assert_eq!(s.grant().credits, 8, "the broker's grant");
     // More requests than credits, pipelined: credits must come back for this to finish.
@@ -159,7 +160,8 @@ fn connection_churn_leaves_no_verbs_objects_behind() {
 #[test]
 #[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
 fn confluent_kafka_through_the_bridge() {
-    let mut broker = rdma_broker(&["--default-partitions", "3"]);
+    // Two cores: connections land on either, partitions are split between them.
+    let mut broker = rdma_broker(&["--default-partitions", "3", "--cores", "2"]);
     let bridge = Bridge::start(broker.addr);
     let bootstrap = bridge.addr.to_string();
     let timeout = Duration::from_secs(900);
