@@ -15,36 +15,20 @@
 //!
 //! Figures are ratios within one run; the machine is shared and noisy.
 
+#[path = "common.rs"]
+mod common;
+use common::{cpu_s, spawn_reader};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
-
-fn cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
 
 /// A connected pair: our sending socket and a thread that reads everything until EOF.
 fn pair() -> anyhow::Result<(TcpStream, std::thread::JoinHandle<std::io::Result<usize>>)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
-    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-        let mut s = TcpStream::connect(addr)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        loop {
-            match s.read(&mut buf)? {
-                0 => return Ok(got),
-                n => got += n,
-            }
-        }
-    });
+    let reader = spawn_reader(addr);
     let (s, _) = l.accept()?;
     s.set_nodelay(true)?;
     Ok((s, reader))
@@ -176,7 +160,9 @@ fn bursts(bursts: usize, linked: bool) -> anyhow::Result<(f64, f64)> {
 
 fn main() -> anyhow::Result<()> {
     if !std::env::args().any(|a| a == "--bench") {
-        return Ok(()); // `cargo test --all-targets` runs bench binaries without --bench
+        // `cargo test --all-targets` runs bench binaries without --bench.
+        println!("uring_ops: a measurement; run it with `cargo bench --bench uring_ops`");
+        return Ok(());
     }
     println!("registering a file-backed mapping as an io_uring fixed buffer:");
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/uring-regbuf-probe.dat");

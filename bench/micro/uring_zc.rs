@@ -8,21 +8,15 @@
 //!
 //! Figures are ratios within one run; the machine is shared and noisy.
 
+#[path = "common.rs"]
+mod common;
 use bytes::Bytes;
+use common::{cpu_s, spawn_reader};
 use slipstream::transport::uring::{UringOptions, UringTransport};
 use slipstream::transport::{Completion, Transport};
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
 
-fn cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
 
 /// Sends `total` bytes in `size`-byte sends, 8 in flight; returns (GiB/s, CPU s per GiB).
 fn run(size: usize, total: usize, zc: bool) -> anyhow::Result<(f64, f64)> {
@@ -30,17 +24,7 @@ fn run(size: usize, total: usize, zc: bool) -> anyhow::Result<(f64, f64)> {
     let addr: SocketAddr = listener.local_addr()?;
     let opts = UringOptions { zc_threshold: if zc { 1 } else { usize::MAX }, ..UringOptions::default() };
     let mut t = UringTransport::new(listener, opts)?;
-    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-        let mut s = TcpStream::connect(addr)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        loop {
-            match s.read(&mut buf)? {
-                0 => return Ok(got),
-                n => got += n,
-            }
-        }
-    });
+    let reader = spawn_reader(addr);
     let mut out = Vec::new();
     let conn = loop {
         t.poll(Some(Duration::from_millis(100)), &mut out)?;
