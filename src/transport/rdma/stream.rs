@@ -177,6 +177,7 @@ impl RdmaStream {
         }
         self.comp.drain();
         let mut wcs = [verbs::empty_wc(); 32];
+        let mut armed = false;
         loop {
             let n = self.cq.poll(&mut wcs)?;
             for wc in &wcs[..n] {
@@ -198,11 +199,17 @@ impl RdmaStream {
                 }
             }
             if n < wcs.len() {
-                break;
+                // Drained: arm the channel, then look once more, since a completion that
+                // arrived before the arming would not raise it.
+                if n == 0 && armed {
+                    break;
+                }
+                if n == 0 {
+                    self.cq.arm()?;
+                    armed = true;
+                }
             }
         }
-        self.cq.arm()?;
-        // Completions that raced with arming are found by the next poll.
         Ok(())
     }
 
