@@ -2,7 +2,7 @@
 //! each one over its own RDMA connection to a broker serving `--transport rdma`.
 //!
 //! Clients change nothing but their bootstrap address: Metadata, FindCoordinator and
-//! DescribeCluster answers are rewritten ([`rewrite`](super::rewrite)) to name the bridge,
+//! DescribeCluster answers are rewritten ([`super::rewrite`]) to name the bridge,
 //! so every later connection comes through it too. All other bytes pass through
 //! untouched: requests are cut into RDMA messages as credits allow, and responses are
 //! written to the TCP socket straight from the landing ring the broker RDMA-writes into.
