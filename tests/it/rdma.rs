@@ -122,8 +122,8 @@ fn rdma_resources(pid: u32) -> (usize, usize) {
     (count("qp"), count("mr"))
 }
 
-/// The RAII layer under churn: 30 connections opened, used and dropped leave no queue pair
-/// or memory region behind in the broker.
+/// The RAII layer under churn: 30 connections opened, used and dropped, then a bridge with
+/// open connections SIGKILLed, leave no queue pair or memory region behind in the broker.
 #[test]
 #[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
 fn connection_churn_leaves_no_verbs_objects_behind() {
@@ -143,15 +143,32 @@ fn connection_churn_leaves_no_verbs_objects_behind() {
             );
         }
     }
-    let deadline = Instant::now() + T;
-    loop {
-        let now = rdma_resources(pid);
-        if now == baseline {
-            break;
+    let back_to_baseline = |what: &str| {
+        let deadline = Instant::now() + T;
+        loop {
+            let now = rdma_resources(pid);
+            if now == baseline {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: verbs objects left behind: {baseline:?} before, {now:?} after");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(Instant::now() < deadline, "verbs objects left behind: {baseline:?} before, {now:?} after");
+    };
+    back_to_baseline("after 30 closed connections");
+    // A peer process that dies without a goodbye: the kernel tears its queue pairs down and
+    // the broker must notice and release its side.
+    let mut bridge = Bridge::start(broker.addr);
+    let clients: Vec<std::net::TcpStream> =
+        (0..3).map(|_| std::net::TcpStream::connect(bridge.addr).expect("connect to the bridge")).collect();
+    let deadline = Instant::now() + T;
+    while rdma_resources(pid).0 < baseline.0 + 3 {
+        assert!(Instant::now() < deadline, "the bridge's connections did not reach the broker");
         std::thread::sleep(Duration::from_millis(100));
     }
+    bridge.child.kill().expect("SIGKILL the bridge");
+    let _ = bridge.child.wait();
+    back_to_baseline("after the bridge was SIGKILLed");
+    drop(clients);
     assert!(rdma_api_versions(broker.addr), "broker stopped serving");
 }
 
