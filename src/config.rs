@@ -218,7 +218,11 @@ impl ServeArgs {
                 rdma: {
                     let d = crate::transport::rdma::RdmaOptions::default();
                     crate::transport::rdma::RdmaOptions {
-                        credits: self.rdma_credits.unwrap_or(d.credits).clamp(2, 255),
+                        credits: match self.rdma_credits {
+                            None => d.credits,
+                            Some(c @ 2..=255) => c,
+                            Some(c) => return Err(invalid("rdma credits", c, "must be 2..=255")),
+                        },
                         stall_timeout: self
                             .rdma_stall_timeout_ms
                             .map_or(d.stall_timeout, std::time::Duration::from_millis),
