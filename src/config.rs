@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// [default: single; measured in docs/architecture.md].
     #[arg(long)]
     pub uring_recv: Option<UringRecv>,
+    /// Close a connection that has nothing in flight and sent or received nothing for this
+    /// long, e.g. one holding half a request (Kafka's connections.max.idle.ms)
+    /// [default: 600000].
+    #[arg(long)]
+    pub connections_max_idle_ms: Option<u64>,
     /// rdma: messages each connection may have in flight (2..=255) [default: 16].
     #[arg(long)]
     pub rdma_credits: Option<u32>,
@@ -157,6 +162,7 @@ impl ServeArgs {
                 uring_recv,
                 rdma_credits,
                 rdma_stall_timeout_ms,
+                connections_max_idle_ms,
                 busy_poll
             );
         }
@@ -242,6 +248,7 @@ impl ServeArgs {
                 log,
                 max_request_bytes,
                 group_initial_rebalance_delay_ms: self.group_initial_rebalance_delay_ms.unwrap_or(0),
+                connections_max_idle: std::time::Duration::from_millis(self.connections_max_idle_ms.unwrap_or(600_000)),
             },
         })
     }

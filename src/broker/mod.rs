@@ -65,6 +65,9 @@ pub struct BrokerSettings {
     pub log: LogConfig,
     pub max_request_bytes: usize,
     pub group_initial_rebalance_delay_ms: u64,
+    /// Close connections with nothing in flight that sent or received nothing for this
+    /// long (Kafka's `connections.max.idle.ms`).
+    pub connections_max_idle: std::time::Duration,
 }
 
 /// Per-topic settings persisted in `topic.json`.

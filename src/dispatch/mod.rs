@@ -120,6 +120,8 @@ struct Conn {
     queue: VecDeque<Slot>,
     /// Bad input seen: answer what is queued, then close.
     closing: bool,
+    /// When bytes last moved either way (for `connections_max_idle`).
+    last_active: Instant,
 }
 
 /// One core's loop state.
@@ -256,6 +258,7 @@ impl Core {
     }
 
     fn housekeeping(&mut self, retention: bool) {
+        self.close_idle(Instant::now());
         let (work, spares) = self.shard.housekeeping(&self.broker, now_ms(), retention);
         for w in work {
             if self.io.send(IoJob::Work(w)).is_err() {
@@ -318,7 +321,14 @@ impl Core {
                 log::debug!("core {}: connection {conn} from {peer}", self.id);
                 self.conns.insert(
                     conn,
-                    Conn { peer, host: peer.ip().to_string(), rx: None, queue: VecDeque::new(), closing: false },
+                    Conn {
+                        peer,
+                        host: peer.ip().to_string(),
+                        rx: None,
+                        queue: VecDeque::new(),
+                        closing: false,
+                        last_active: now,
+                    },
                 );
                 let max = self.max_frame() + 4;
                 self.transport.recv(conn, BytesMut::with_capacity(64 * 1024), max);
@@ -328,9 +338,17 @@ impl Core {
                     self.transport.close(conn);
                     return;
                 }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.last_active = now;
+                }
                 self.on_bytes(conn, buf, now);
             }
-            Completion::Sent { conn, .. } => self.maybe_resume(conn),
+            Completion::Sent { conn, .. } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.last_active = now;
+                }
+                self.maybe_resume(conn);
+            }
             Completion::Closed { conn, reason } => {
                 if let Some(c) = self.conns.remove(&conn) {
                     for s in &c.queue {
@@ -394,6 +412,40 @@ impl Core {
         }
         self.flush(conn);
         self.maybe_resume(conn);
+    }
+
+    /// Closes connections idle past `connections_max_idle`: nothing queued, nothing
+    /// unsent, no bytes either way (a peer sitting on half a request counts).
+    fn close_idle(&mut self, now: Instant) {
+        let limit = self.broker.settings.connections_max_idle;
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(id, c)| {
+                !c.closing
+                    && c.queue.is_empty()
+                    && self.transport.unsent_bytes(**id) == 0
+                    && now.duration_since(c.last_active) > limit
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in idle {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                let partial = c.rx.as_ref().map_or(0, BytesMut::len);
+                log::info!(
+                    "closing connection from {}: idle for more than {} ms (connections-max-idle-ms){}",
+                    c.peer,
+                    limit.as_millis(),
+                    if partial > 0 {
+                        format!(", holding {partial} bytes of an incomplete request")
+                    } else {
+                        String::new()
+                    }
+                );
+                c.closing = true;
+            }
+            self.transport.close(conn);
+        }
     }
 
     fn bad_input(&mut self, conn: ConnId, why: &str) {

@@ -141,3 +141,29 @@ fn bad_input_costs_only_the_sender(transport: &[&str]) {
     assert!(broker.terminate().success());
     assert!(broker.stats().connections_closed_bad_input >= 7, "{:?}", broker.stats());
 }
+
+per_transport!(idle_connection_holding_half_a_request_is_closed, idle_connection_holding_half_a_request_is_closed);
+
+/// `--connections-max-idle-ms`: a peer that sends half a request and goes quiet (a
+/// slow-loris) is closed once idle, while a client that keeps talking — and a parked long
+/// poll — stay connected.
+fn idle_connection_holding_half_a_request_is_closed(transport: &[&str]) {
+    let broker = BrokerProc::start(&crate::harness::flags(&["--connections-max-idle-ms", "700"], transport));
+    let addr = broker.addr;
+    let mut half = raw(addr, &frame(18, 3, &[])[..9]);
+    let started = Instant::now();
+    let mut talker = Client::connect(addr, Duration::from_secs(5)).expect("connect");
+    assert_eq!(talker.create_topic("idle", 1).expect("create"), 0);
+    let mut long_poll = Client::connect(addr, Duration::from_secs(5)).expect("connect");
+    // A fetch parked for 3 s (longer than the idle limit) is work in flight, not idleness.
+    let parked = std::thread::spawn(move || long_poll.fetch("idle", 0, 0, 1 << 20, 3000).map(|f| f.error_code));
+    while started.elapsed() < Duration::from_secs(3) {
+        talker.call(&ApiVersionsRequest::default(), 0).expect("an active client is never idle");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(closed_by_broker(&mut half), "the half-request connection was not closed");
+    assert!(started.elapsed() < Duration::from_secs(9), "closed too late");
+    assert_eq!(parked.join().expect("long poll").expect("a parked fetch is not idle"), 0);
+    talker.call(&ApiVersionsRequest::default(), 0).expect("still served");
+    assert!(broker.log_text().contains("connections-max-idle-ms"), "no reason logged");
+}
