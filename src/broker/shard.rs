@@ -47,9 +47,18 @@ pub struct SpareRequest {
 #[derive(Default)]
 pub struct Shard {
     logs: HashMap<PartKey, PartitionLog>,
+    /// Something was appended since [`Shard::take_appended`] last looked: parked fetches
+    /// may now be answerable. The core notifies once per loop turn, not once per append
+    /// (a produce to many partitions would otherwise wake parked cores again and again).
+    appended: bool,
 }
 
 impl Shard {
+    /// Whether anything was appended since the last call.
+    pub fn take_appended(&mut self) -> bool {
+        std::mem::take(&mut self.appended)
+    }
+
     pub fn adopt(&mut self, key: PartKey, log: PartitionLog) {
         self.logs.insert(key, log);
     }
@@ -78,7 +87,7 @@ impl Shard {
                 Ok(info) => {
                     if !info.duplicate {
                         shared.publish(log, records.len() as u64);
-                        broker.notifier.notify();
+                        self.appended = true;
                     }
                     PartResult::Appended(info, log.log_start_offset())
                 }

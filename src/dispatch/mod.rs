@@ -212,6 +212,7 @@ impl Core {
                 }
             }
             self.drain_inbox();
+            self.notify_appends();
             let mut timeout = self.next_timeout(drain_deadline.is_some(), next_housekeeping);
             // A busy-polling core never sleeps, so peers never need to wake it.
             self.sleeping.store(!self.busy_poll, Ordering::SeqCst);
@@ -231,6 +232,7 @@ impl Core {
                 self.on_completion(c, now);
             }
             self.drain_inbox();
+            self.notify_appends();
             if self.drives_groups && self.broker.groups.lock().tick(now) {
                 self.broker.notifier.notify();
             }
@@ -255,6 +257,13 @@ impl Core {
             self.transport.close(id);
         }
         self.shard.close();
+    }
+
+    /// One notification for everything this core appended since the last one.
+    fn notify_appends(&mut self) {
+        if self.shard.take_appended() {
+            self.broker.notifier.notify();
+        }
     }
 
     fn housekeeping(&mut self, retention: bool) {
