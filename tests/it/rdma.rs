@@ -234,8 +234,9 @@ fn wait_closed(s: &mut RdmaStream, within: Duration) -> String {
     }
 }
 
-/// Acceptance 2: malformed messages, a malformed or oversized Kafka frame, and a peer that
-/// stops freeing its landing ring are each disconnected alone, while a well-behaved client
+/// Acceptance 2: malformed messages, a malformed or oversized Kafka frame, a peer that
+/// ignores its credits and one that stops freeing its landing ring are each disconnected
+/// alone, while a well-behaved client
 /// carries on through the bridge.
 #[test]
 #[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
@@ -266,6 +267,22 @@ fn bad_rdma_peers_are_disconnected_alone() {
     s.write_all(&junk, T).expect("send junk");
     println!("garbage request: {}", wait_closed(&mut s, T));
 
+    // A peer that ignores its credits: bursts of messages without waiting for any back.
+    // The messages carry one byte each of a large (allowed) request, so nothing but the
+    // credit check can end the connection.
+    let mut s = connect();
+    s.write_all(&900_000u32.to_be_bytes(), T).expect("send a frame prefix");
+    s.misbehave.ignore_credits = true;
+    let deadline = Instant::now() + T;
+    while s.closed().is_none() && Instant::now() < deadline {
+        for _ in 0..64 {
+            let _ = s.write(&[0]);
+        }
+        let _ = s.progress();
+        let _ = s.wait(Some(Duration::from_millis(20)));
+    }
+    println!("credits ignored: {}", wait_closed(&mut s, T));
+
     // A peer that never reports landing-ring space free: once its small ring is full,
     // the broker waits --rdma-stall-timeout-ms, then lets it go.
     let opts = StreamOptions { ring_len: 16 * 1024, ..StreamOptions::default() };
@@ -284,6 +301,7 @@ fn bad_rdma_peers_are_disconnected_alone() {
     assert!(rdma_api_versions(broker.addr), "broker stopped serving");
     let log = broker.log_text();
     assert!(log.contains("malformed message"), "no reason logged:\n{log}");
+    assert!(log.contains("beyond its"), "no credit-overrun reason logged:\n{log}");
     assert!(log.contains("stopped freeing its landing ring"), "no stall reason logged:\n{log}");
 }
 
