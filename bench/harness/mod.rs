@@ -17,7 +17,7 @@ pub mod workload;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -68,12 +68,15 @@ pub struct BenchArgs {
     #[arg(long = "workload")]
     pub workloads: Vec<String>,
     /// Target: `slipstream:TRANSPORT[,FLAG...]` (started by the harness with those extra
-    /// `serve` flags, e.g. `slipstream:uring,--busy-poll=true`) or
+    /// `serve` flags, e.g. `slipstream:uring,--busy-poll=true`; `slipstream:rdma` listens on
+    /// the RDMA address in $SLIPSTREAM_RDMA_IP, or $RXE_IP in the soft-RoCE VM, and the
+    /// clients go through a `slipstream bridge` the harness starts beside it) or
     /// `NAME=HOST:PORT[,pid=PID]` (any Kafka-compatible broker; the pid enables its CPU
     /// figures). Repeatable.
     #[arg(long = "target")]
     pub targets: Vec<String>,
-    /// Add slipstream on every transport built into this binary to the targets.
+    /// Add slipstream on every transport built into this binary to the targets (rdma only
+    /// when an RDMA address is configured).
     #[arg(long)]
     pub matrix: bool,
     /// Repetitions per target, interleaved across targets.
@@ -162,22 +165,40 @@ impl Target {
     }
 }
 
-/// A slipstream broker the harness started; stopped (SIGTERM) on drop.
+/// The RDMA address `slipstream:rdma` targets listen on.
+fn rdma_ip() -> Option<String> {
+    std::env::var("SLIPSTREAM_RDMA_IP").or_else(|_| std::env::var("RXE_IP")).ok().filter(|s| !s.is_empty())
+}
+
+fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    Ok(format!("127.0.0.1:{port}").parse()?)
+}
+
+/// A slipstream broker the harness started (and, for rdma, the bridge in front of it);
+/// stopped (SIGTERM) on drop.
 struct Spawned {
     child: Child,
+    bridge: Option<Child>,
+    /// Where clients connect: the broker, or its bridge.
     addr: SocketAddr,
     _data: tempfile::TempDir,
 }
 
 impl Spawned {
     fn start(kind: TransportKind, flags: &[String], cores: usize, log: &Path) -> anyhow::Result<Spawned> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let listen: SocketAddr = if kind == TransportKind::Rdma {
+            let ip = rdma_ip().context("slipstream:rdma needs SLIPSTREAM_RDMA_IP (an address of an RDMA device)")?;
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            format!("{ip}:{port}").parse().context("bad SLIPSTREAM_RDMA_IP")?
+        } else {
+            free_loopback_addr()?
+        };
         let data = tempfile::tempdir()?;
         let exe = std::env::current_exe().context("locating the slipstream binary")?;
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let child = Command::new(exe)
-            .args(["serve", "--listen", &addr.to_string(), "--cores", &cores.to_string(), "--transport"])
+        let child = Command::new(&exe)
+            .args(["serve", "--listen", &listen.to_string(), "--cores", &cores.to_string(), "--transport"])
             .arg(format!("{kind:?}").to_lowercase())
             .arg("--data-dir")
             .arg(data.path())
@@ -186,23 +207,44 @@ impl Spawned {
             .stderr(logf)
             .spawn()
             .context("starting slipstream serve")?;
-        let mut s = Spawned { child, addr, _data: data };
+        let mut s = Spawned { child, bridge: None, addr: listen, _data: data };
+        if kind == TransportKind::Rdma {
+            s.addr = free_loopback_addr()?;
+            let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+            let bridge = Command::new(&exe)
+                .args(["bridge", "--listen", &s.addr.to_string(), "--upstream", &listen.to_string()])
+                .stdout(Stdio::null())
+                .stderr(logf)
+                .spawn()
+                .context("starting slipstream bridge")?;
+            s.bridge = Some(bridge);
+        }
+        // Ready when a request is answered (through the bridge too, for rdma).
         let started = Instant::now();
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        loop {
+            let answered = slipstream::client::Client::connect(s.addr, Duration::from_millis(200))
+                .and_then(|mut c| c.call(&kafka_protocol::messages::ApiVersionsRequest::default(), 0))
+                .is_ok();
+            if answered {
+                return Ok(s);
+            }
             if let Ok(Some(status)) = s.child.try_wait() {
                 bail!("slipstream serve --transport {kind:?} exited at start ({status}); see {}", log.display());
             }
-            if started.elapsed() > Duration::from_secs(20) {
-                bail!("slipstream serve did not listen within 20 s");
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("slipstream serve did not answer within 30 s; see {}", log.display());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(s)
     }
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
+        if let Some(mut b) = self.bridge.take() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
         // SAFETY: kill(2) with our own child's pid; no memory involved.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -246,6 +288,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut targets: Vec<Target> = args.targets.iter().map(|s| Target::parse(s)).collect::<anyhow::Result<_>>()?;
     if args.matrix {
         for k in slipstream::transport::built() {
+            if k == TransportKind::Rdma && rdma_ip().is_none() {
+                continue;
+            }
             if !targets.iter().any(|t| matches!(t, Target::Slipstream(x, f) if *x == k && f.is_empty())) {
                 targets.push(Target::Slipstream(k, Vec::new()));
             }

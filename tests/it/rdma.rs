@@ -305,8 +305,9 @@ fn bad_rdma_peers_are_disconnected_alone() {
     assert!(log.contains("stopped freeing its landing ring"), "no stall reason logged:\n{log}");
 }
 
-/// Acceptance 3: `slipstream bench` drives a workload through the bridge and reports it,
-/// labelled functional.
+/// Acceptance 3: `slipstream bench` drives a workload through the bridge — one started by
+/// hand, and one the harness starts itself for `slipstream:rdma` — and reports it, labelled
+/// functional.
 #[test]
 #[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
 fn bench_runs_through_the_bridge() {
@@ -316,6 +317,8 @@ fn bench_runs_through_the_bridge() {
     let status = Command::new(env!("CARGO_BIN_EXE_slipstream"))
         .args(["bench", "--client", "native", "--workload", "latency-128b", "--duration", "2", "--warmup", "0.5"])
         .args(["--target", &format!("rdma-bridge={}", bridge.addr)])
+        // The harness's own mode: it starts `serve --transport rdma` and a bridge itself.
+        .args(["--target", "slipstream:rdma"])
         .args(["--note", "functional: soft-RoCE under TCG emulation, not a hardware figure"])
         .arg("--out")
         .arg(out.path())
@@ -331,4 +334,7 @@ fn bench_runs_through_the_bridge() {
     assert!(bridge_run["messages_sent"].as_u64().unwrap_or(0) > 0, "nothing went through the bridge");
     assert!(bridge_run["throughput_msgs_per_s"].as_f64().unwrap_or(0.0) > 0.0, "no throughput figure");
     assert!(bridge_run["publish"]["count"].as_u64().unwrap_or(0) > 0, "no latency figures");
+    let own = runs.iter().find(|t| t["name"] == "slipstream rdma").expect("the slipstream:rdma target");
+    assert!(own["messages_sent"].as_u64().unwrap_or(0) > 0, "nothing went through the harness's bridge");
+    assert!(own["broker_cpu_s"].as_f64().is_some(), "no broker CPU figure for the harness's rdma broker");
 }
