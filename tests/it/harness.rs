@@ -119,6 +119,7 @@ impl BrokerProc {
         }
     }
 
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
