@@ -213,7 +213,7 @@ impl Segment {
 }
 
 /// Idempotent-producer state of one producer id on one partition.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct ProducerState {
     epoch: i16,
     last_sequence: i32,
@@ -434,6 +434,15 @@ impl PartitionLog {
     }
 
     fn rebuild_producer_state(&mut self) {
+        let snapshot = Segment::file_stem(&self.dir, self.active.base_offset).with_extension("producers");
+        match fs::read(&snapshot) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(producers) => self.producers = producers,
+                Err(e) => log::warn!("{}: ignoring a damaged producer snapshot: {e}", snapshot.display()),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("{}: cannot read the producer snapshot: {e}", snapshot.display()),
+        }
         let Some(view) = self.active.map.slice(0, self.active.size) else {
             return;
         };
@@ -623,6 +632,16 @@ impl PartitionLog {
     /// Seals the active segment and starts a new one at the next offset.
     fn roll(&mut self) -> Result<(), LogError> {
         let base = self.active.next_offset;
+        // Producer state as of the new segment's start, so recovery does not have to scan
+        // sealed segments to know a producer whose last batches are in them (a retry after
+        // a restart is still recognised as a duplicate). Written by the I/O thread; if it
+        // is lost, recovery falls back to what the active segment shows.
+        match serde_json::to_vec(&self.producers) {
+            Ok(bytes) => self
+                .io
+                .push(IoWork::Write { path: Segment::file_stem(&self.dir, base).with_extension("producers"), bytes }),
+            Err(e) => log::warn!("{}: producer snapshot not written: {e}", self.dir.display()),
+        }
         let path = Segment::file_stem(&self.dir, base).with_extension("log");
         let file = match self.spare.take() {
             Some(spare) if spare.capacity() == self.cfg.segment_bytes => spare.rename(&path).map_err(io_err(&path))?,
@@ -735,8 +754,9 @@ impl PartitionLog {
             }
             let seg = self.sealed.remove(0);
             let stem = Segment::file_stem(&self.dir, seg.base_offset);
-            self.io
-                .push(IoWork::Remove(["log", "index", "timeindex"].iter().map(|x| stem.with_extension(x)).collect()));
+            self.io.push(IoWork::Remove(
+                ["log", "index", "timeindex", "producers"].iter().map(|x| stem.with_extension(x)).collect(),
+            ));
             self.log_start_offset = self.sealed.first().map_or(self.active.base_offset, |s| s.base_offset);
             removed += 1;
         }
@@ -892,6 +912,45 @@ mod tests {
         let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
         assert!(log.append(&idempotent_batch(7, 0, 1)).unwrap().duplicate);
         assert_eq!(log.append(&idempotent_batch(7, 0, 2)).unwrap().base_offset, 2);
+    }
+
+    /// A producer whose last batch sits in a sealed segment is still known after a
+    /// restart: its retry is a duplicate, its next batch in sequence, a gap refused.
+    #[test]
+    fn producer_state_survives_a_roll_and_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let mut seq = 0;
+        while log.sealed.is_empty() {
+            log.append(&idempotent_batch(9, 2, seq)).unwrap();
+            seq += 1;
+        }
+        // Another producer fills the active segment until it rolls too: producer 9's last
+        // batch is then in a sealed segment.
+        let mut other = 0;
+        while log.sealed.len() < 2 {
+            log.append(&idempotent_batch(5, 0, other)).unwrap();
+            other += 1;
+        }
+        for w in log.take_io_work() {
+            w.run().unwrap();
+        }
+        drop(log);
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let retry = log.append(&idempotent_batch(9, 2, seq - 1)).unwrap();
+        assert!(retry.duplicate, "a retry of a batch in a sealed segment was appended again");
+        assert!(matches!(log.append(&idempotent_batch(9, 2, seq + 3)), Err(LogError::OutOfOrderSequence { .. })));
+        assert!(matches!(log.append(&idempotent_batch(9, 1, seq)), Err(LogError::ProducerFenced { .. })));
+        assert!(!log.append(&idempotent_batch(9, 2, seq)).unwrap().duplicate);
+        // A damaged snapshot is ignored, not fatal.
+        drop(log);
+        let snap = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "producers"))
+            .expect("a producer snapshot was written at the roll");
+        std::fs::write(&snap, b"{not json").unwrap();
+        assert!(PartitionLog::open(dir.path(), cfg(4096)).is_ok());
     }
 
     /// The deterministic sibling of `fuzz/fuzz_targets/log_recovery.rs`: a damaged active
