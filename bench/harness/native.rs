@@ -99,6 +99,15 @@ fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
     Client::connect(addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))
 }
 
+/// Makes the workload's topic (admin, not measured); one that already exists (36) is fine.
+/// The rdkafka client uses it too.
+pub fn create_topic(addr: SocketAddr, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    match connect(addr)?.create_topic(topic, partitions).context("CreateTopics")? {
+        0 | 36 => Ok(()),
+        code => bail!("creating topic {topic}: error {code}"),
+    }
+}
+
 pub fn run(
     addr: SocketAddr,
     w: &Workload,
@@ -107,11 +116,7 @@ pub fn run(
     broker_pid: Option<u32>,
     bar: &ProgressBar,
 ) -> anyhow::Result<RunOutput> {
-    let mut admin = connect(addr)?;
-    match admin.create_topic(topic, w.partitions).context("CreateTopics")? {
-        0 | 36 => {}
-        code => bail!("creating topic {topic}: error {code}"),
-    }
+    create_topic(addr, topic, w.partitions)?;
     let clock = Clock(Instant::now());
     let warmup_ns = (w.warmup_s * 1e9) as u64;
     let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;

@@ -2,7 +2,7 @@
 //! users of librdkafka-based clients see. linger.ms comes from the workload (0 for the
 //! latency workloads). Same message format and measurements as the native mode.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use indicatif::ProgressBar;
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
@@ -63,12 +63,7 @@ pub fn run(
     broker_pid: Option<u32>,
     bar: &ProgressBar,
 ) -> anyhow::Result<RunOutput> {
-    // The topic is made by the native client (admin, not measured).
-    let mut admin = slipstream::client::Client::connect(addr, Duration::from_secs(5))?;
-    match admin.create_topic(topic, w.partitions)? {
-        0 | 36 => {}
-        code => bail!("creating topic {topic}: error {code}"),
-    }
+    super::native::create_topic(addr, topic, w.partitions)?;
     let clock = Clock::default();
     let warmup_ns = (w.warmup_s * 1e9) as u64;
     let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;

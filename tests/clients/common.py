@@ -64,6 +64,15 @@ def check_resumed(topic, t, committed):
     ok(f"{topic}: resumed {how} and got the {N_AFTER} new messages")
 
 
+def check_mid_batch(got, start):
+    """A consumer started at offset `start`, inside a 20-record batch whose records carry
+    seq 0..19: `got` is its (offset, seq) pairs; it must see start..start+12, no gap, with
+    seq 7 first."""
+    if [o for o, _ in got] != list(range(start, start + 13)) or got[0][1] != 7:
+        fail(f"mid-batch consumer from {start} got {got[:3]}...")
+    ok(f"consumer starting at offset {start} inside a 20-record batch saw {start}..{start + 12}, no gap")
+
+
 def ok(msg):
     print(f"ok: {msg}", flush=True)
 
