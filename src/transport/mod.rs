@@ -17,6 +17,7 @@
 //!   every buffer it held has been dropped or returned.
 
 pub mod rdma;
+mod staging;
 pub mod tcp;
 pub mod uring;
 

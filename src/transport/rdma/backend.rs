@@ -3,7 +3,7 @@
 // `stream`), each use saying why it holds.
 #![allow(unsafe_code)]
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use super::super::staging::RecvStaging;
 use super::super::uring::EventFdWake;
 use super::super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind, Wake};
 use super::verbs::{
@@ -119,9 +120,7 @@ struct RConn {
     peer: SocketAddr,
     established: bool,
     // Receive side.
-    parked: Option<(BytesMut, usize)>,
-    staged: BytesMut,
-    eof: bool,
+    rx: RecvStaging,
     /// Messages received whose credits have not been sent back yet (the peer's view).
     outstanding: u32,
     /// Credits ready to go back with the next write batch.
@@ -289,9 +288,7 @@ impl RdmaTransport {
                 offer,
                 peer,
                 established: false,
-                parked: None,
-                staged: BytesMut::new(),
-                eof: false,
+                rx: RecvStaging::default(),
                 outstanding: 0,
                 owed: 0,
                 withheld: 0,
@@ -350,11 +347,8 @@ impl RdmaTransport {
             self.shutdown(conn, CloseReason::PeerClosed);
             return;
         }
-        c.eof = true;
-        if c.staged.is_empty() {
-            if let Some((buf, _)) = c.parked.take() {
-                self.ready.push(Completion::Received { conn, buf, n: 0 });
-            }
+        if let Some(buf) = c.rx.set_eof() {
+            self.ready.push(Completion::Received { conn, buf, n: 0 });
         }
         // Nothing can be sent any more either: pending responses are dropped with it
         // once the dispatch loop closes the connection.
@@ -408,7 +402,7 @@ impl RdmaTransport {
         let credits = self.opts.credits;
         let Some(dev) = self.dev.as_ref() else { return Ok(()) };
         let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };
-        if c.eof || c.closing {
+        if c.rx.is_eof() || c.closing {
             return Ok(());
         }
         if len > size {
@@ -428,20 +422,13 @@ impl RdmaTransport {
         }
         c.ring_freed += u64::from(hdr.ring_freed);
         if !data.is_empty() {
-            match c.parked.take() {
-                Some((mut buf, max)) => {
-                    let k = data.len().min(max.saturating_sub(buf.len()).max(1));
-                    buf.extend_from_slice(&data[..k]);
-                    c.staged.extend_from_slice(&data[k..]);
-                    self.ready.push(Completion::Received { conn, buf, n: k });
-                }
-                None => c.staged.extend_from_slice(data),
+            if let Some((buf, k)) = c.rx.arrived(data) {
+                self.ready.push(Completion::Received { conn, buf, n: k });
             }
-            metrics::count_copy(metrics::Path::ReceiveStaging, data.len());
         }
         // Credit it back (with the next write batch) unless the dispatch loop is behind on
         // this connection.
-        if data.is_empty() || c.staged.len() < STAGED_LIMIT {
+        if data.is_empty() || c.rx.staged_len() < STAGED_LIMIT {
             c.owed += 1;
         } else {
             c.withheld += 1;
@@ -520,7 +507,7 @@ impl RdmaTransport {
         loop {
             let Some(dev) = self.dev.as_mut() else { return Ok(()) };
             let Some(c) = self.conns.get_mut(&conn) else { return Ok(()) };
-            if !c.established || c.eof {
+            if !c.established || c.rx.is_eof() {
                 return Ok(());
             }
             let ring_len = u64::from(c.offer.ring_len);
@@ -718,29 +705,16 @@ impl Transport for RdmaTransport {
         TransportKind::Rdma
     }
 
-    fn recv(&mut self, conn: ConnId, mut buf: BytesMut, max: usize) {
+    fn recv(&mut self, conn: ConnId, buf: BytesMut, max: usize) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        if !c.staged.is_empty() {
-            let room = max.saturating_sub(buf.len()).max(1);
-            let n = if buf.is_empty() && c.staged.len() <= room {
-                std::mem::swap(&mut c.staged, &mut buf);
-                buf.len()
-            } else {
-                let k = c.staged.len().min(room);
-                buf.extend_from_slice(&c.staged[..k]);
-                c.staged.advance(k);
-                k
-            };
+        if let Some((buf, n)) = c.rx.recv(buf, max) {
             self.ready.push(Completion::Received { conn, buf, n });
-            if c.withheld > 0 && c.staged.len() < STAGED_LIMIT {
-                c.owed += c.withheld;
-                c.withheld = 0;
-                self.dirty.push(conn);
-            }
-        } else if c.eof {
-            self.ready.push(Completion::Received { conn, buf, n: 0 });
-        } else {
-            c.parked = Some((buf, max));
+        }
+        // Credits held back while the loop was behind go out once it has caught up.
+        if c.withheld > 0 && c.rx.staged_len() < STAGED_LIMIT {
+            c.owed += c.withheld;
+            c.withheld = 0;
+            self.dirty.push(conn);
         }
     }
 
@@ -754,7 +728,7 @@ impl Transport for RdmaTransport {
 
     fn close(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        if (c.tx.is_empty() && c.posts.is_empty()) || c.eof {
+        if (c.tx.is_empty() && c.posts.is_empty()) || c.rx.is_eof() {
             self.shutdown(conn, CloseReason::Local);
         } else {
             c.closing = true;

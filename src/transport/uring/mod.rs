@@ -35,7 +35,7 @@
 pub mod bufring;
 
 use bufring::BufRing;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -44,6 +44,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::staging::RecvStaging;
 use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind, Wake};
 use crate::metrics;
 
@@ -152,12 +153,8 @@ struct UConn {
     recv_op: Option<u64>,
     /// Multishot mode: a cancel of `recv_op` was submitted (backpressure).
     recv_cancelling: bool,
-    /// Multishot mode: the dispatch loop's buffer waiting for bytes, and its `max`.
-    parked: Option<(BytesMut, usize)>,
-    /// Multishot mode: bytes received while no buffer was parked.
-    staged: BytesMut,
-    /// Multishot mode: the peer closed its side (told once `staged` is drained).
-    eof: bool,
+    /// Multishot mode: received bytes on their way to the dispatch loop's buffer.
+    rx: RecvStaging,
     sending: bool,
     tx: VecDeque<Vec<Bytes>>,
     unsent: usize,
@@ -459,18 +456,13 @@ impl UringTransport {
 
     /// Multishot mode: a receive from the dispatch loop. Staged bytes (or the end of the
     /// stream) complete it at once; otherwise the buffer waits for the next completion.
-    fn recv_multi(&mut self, conn: ConnId, mut buf: BytesMut, max: usize) {
+    fn recv_multi(&mut self, conn: ConnId, buf: BytesMut, max: usize) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if c.shut || c.closing {
             return;
         }
-        if !c.staged.is_empty() {
-            let n = take_staged(&mut c.staged, &mut buf, max);
+        if let Some((buf, n)) = c.rx.recv(buf, max) {
             self.ready.push(Completion::Received { conn, buf, n });
-        } else if c.eof {
-            self.ready.push(Completion::Received { conn, buf, n: 0 });
-        } else {
-            c.parked = Some((buf, max));
         }
         self.arm_recv_multi(conn);
     }
@@ -480,7 +472,7 @@ impl UringTransport {
     fn arm_recv_multi(&mut self, conn: ConnId) {
         let Some(group) = self.bufring.as_ref().map(BufRing::group) else { return };
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.recv_op.is_some() || c.shut || c.closing || c.eof || c.staged.len() >= STAGED_PAUSE_AT {
+        if c.recv_op.is_some() || c.shut || c.closing || c.rx.is_eof() || c.rx.staged_len() >= STAGED_PAUSE_AT {
             return;
         }
         let entry = match c.target() {
@@ -524,17 +516,10 @@ impl UringTransport {
             };
             match c {
                 Some(c) => {
-                    ring.take(bid, n, |bytes| match c.parked.take() {
-                        Some((mut buf, max)) => {
-                            let k = n.min(max.saturating_sub(buf.len()).max(1));
-                            buf.extend_from_slice(&bytes[..k]);
-                            c.staged.extend_from_slice(&bytes[k..]);
-                            ready.push(Completion::Received { conn, buf, n: k });
-                        }
-                        None => c.staged.extend_from_slice(bytes),
-                    });
-                    metrics::count_copy(metrics::Path::ReceiveStaging, n);
-                    if c.staged.len() >= STAGED_PAUSE_AT && !c.recv_cancelling {
+                    if let Some((buf, k)) = ring.take(bid, n, |bytes| c.rx.arrived(bytes)) {
+                        ready.push(Completion::Received { conn, buf, n: k });
+                    }
+                    if c.rx.staged_len() >= STAGED_PAUSE_AT && !c.recv_cancelling {
                         if let Some(op) = c.recv_op {
                             c.recv_cancelling = true;
                             let entry = opcode::AsyncCancel::new(op).build();
@@ -549,13 +534,8 @@ impl UringTransport {
                 None => ring.take(bid, n, |_| ()),
             }
         } else if res == 0 {
-            if let Some(c) = c {
-                c.eof = true;
-                if c.staged.is_empty() {
-                    if let Some((buf, _)) = c.parked.take() {
-                        ready.push(Completion::Received { conn, buf, n: 0 });
-                    }
-                }
+            if let Some(buf) = c.and_then(|c| c.rx.set_eof()) {
+                ready.push(Completion::Received { conn, buf, n: 0 });
             }
         } else if -res == libc::ENOBUFS || -res == libc::ECANCELED {
             // The ring ran dry for a moment (every buffer goes back as soon as its
@@ -607,9 +587,7 @@ impl UringTransport {
                 inflight: 0,
                 recv_op: None,
                 recv_cancelling: false,
-                parked: None,
-                staged: BytesMut::new(),
-                eof: false,
+                rx: RecvStaging::default(),
                 sending: false,
                 tx: VecDeque::new(),
                 unsent: 0,
@@ -876,21 +854,6 @@ impl Drop for UringTransport {
     }
 }
 
-/// Moves staged bytes into the dispatch loop's buffer (up to `max` in all): by swapping
-/// allocations when the buffer is empty and everything fits, else by copying what fits.
-fn take_staged(staged: &mut BytesMut, buf: &mut BytesMut, max: usize) -> usize {
-    let room = max.saturating_sub(buf.len()).max(1);
-    if buf.is_empty() && staged.len() <= room {
-        std::mem::swap(staged, buf);
-        return buf.len();
-    }
-    let k = staged.len().min(room);
-    buf.extend_from_slice(&staged[..k]);
-    staged.advance(k);
-    metrics::count_copy(metrics::Path::ReceiveStaging, k);
-    k
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,7 +903,7 @@ mod tests {
                 }
             }
         }
-        let staged = t.conns[&conn].staged.len();
+        let staged = t.conns[&conn].rx.staged_len();
         assert!(staged >= STAGED_PAUSE_AT, "the sender should have outrun the reader: {staged} staged");
         assert!(staged < STAGED_PAUSE_AT + 2 * BUF_RING_BUF_SIZE * BUF_RING_ENTRIES as usize, "{staged} staged");
         // Now read everything.
