@@ -88,6 +88,16 @@ struct Device {
     windows: BTreeMap<usize, LogWindow>,
 }
 
+/// Where a response chunk's bytes live, for the RDMA write that carries them.
+enum ChunkSource {
+    /// In a registered log window: written straight from it.
+    Log { lkey: u32, covered: usize },
+    /// In a log segment whose window could not be registered: staged (a counted copy).
+    UnregisteredLog,
+    /// Ordinary memory (response headers): staged.
+    Heap,
+}
+
 struct LogWindow {
     seg: Weak<SegmentMap>,
     len: usize,
@@ -462,22 +472,23 @@ impl RdmaTransport {
         self.dirty.push(conn);
     }
 
-    /// Finds (registering on first use) the log window holding `[addr, addr + len)`;
-    /// returns its lkey and how many of the bytes it covers.
-    fn log_window(dev: &mut Device, addr: *const u8, len: usize) -> Option<(u32, usize)> {
+    /// Where the bytes at `[addr, addr + len)` come from: a log window (registered on first
+    /// use; its lkey and how many of the bytes it covers), a log segment that could not be
+    /// registered, or ordinary memory.
+    fn source(dev: &mut Device, addr: *const u8, len: usize) -> ChunkSource {
         let a = addr as usize;
         while let Some((&start, w)) = dev.windows.range(..=a).next_back() {
             if a >= start + w.len {
                 break;
             }
             if w.seg.strong_count() > 0 {
-                return Some((w.mr.lkey(), len.min(start + w.len - a)));
+                return ChunkSource::Log { lkey: w.mr.lkey(), covered: len.min(start + w.len - a) };
             }
             // A window of a deleted segment overlaps: no `Bytes` of that segment exists, so
             // no post names its region; unpin it and look again.
             dev.windows.remove(&start);
         }
-        let seg = mapping_containing(addr, 1)?;
+        let Some(seg) = mapping_containing(addr, 1) else { return ChunkSource::Heap };
         let base = seg.base() as usize;
         let start = base + (a - base) / LOG_WINDOW * LOG_WINDOW;
         let wlen = LOG_WINDOW.min(base + seg.capacity() - start);
@@ -488,12 +499,12 @@ impl RdmaTransport {
             Ok(mr) => mr,
             Err(e) => {
                 log::warn!("rdma: cannot register a log window ({e}); staging fetch payloads (a CPU copy)");
-                return None;
+                return ChunkSource::UnregisteredLog;
             }
         };
         let lkey = mr.lkey();
         dev.windows.insert(start, LogWindow { seg: Arc::downgrade(&seg), len: wlen, mr });
-        Some((lkey, len.min(start + wlen - a)))
+        ChunkSource::Log { lkey, covered: len.min(start + wlen - a) }
     }
 
     /// Posts what the ring, the send queue and the staging buffer allow for `conn`.
@@ -549,13 +560,13 @@ impl RdmaTransport {
                         let to_wrap = (ring_len - pos) as usize;
                         let mut n = (chunk.len() - off).min(budget - taken).min(to_wrap);
                         let ptr = chunk[off..].as_ptr();
-                        let sge = match Self::log_window(dev, ptr, n) {
-                            Some((lkey, covered)) => {
+                        let sge = match Self::source(dev, ptr, n) {
+                            ChunkSource::Log { lkey, covered } => {
                                 n = n.min(covered);
                                 metrics::count_rdma_log_bytes(n);
                                 Sge { addr: ptr as u64, len: n as u32, lkey }
                             }
-                            None => {
+                            source @ (ChunkSource::Heap | ChunkSource::UnregisteredLog) => {
                                 // Stage it: a contiguous piece of the staging ring.
                                 let used = (c.staged_head - c.staged_tail) as usize;
                                 let at = (c.staged_head % STAGING_LEN as u64) as usize;
@@ -568,7 +579,7 @@ impl RdmaTransport {
                                 // request names it.
                                 unsafe { c.staging.write(at, &chunk[off..off + n]) };
                                 c.staged_head += n as u64;
-                                if mapping_containing(ptr, n).is_some() {
+                                if let ChunkSource::UnregisteredLog = source {
                                     metrics::count_copy(metrics::Path::FetchOut, n);
                                 }
                                 metrics::count_rdma_tx_staged(n);
