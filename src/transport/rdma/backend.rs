@@ -46,7 +46,6 @@ impl Default for RdmaOptions {
 pub struct RdmaListener {
     events: Arc<EventChannel>,
     id: Mutex<CmId>,
-    addr: SocketAddr,
 }
 
 impl RdmaListener {
@@ -57,11 +56,7 @@ impl RdmaListener {
         let port = id.local_port();
         let addr = SocketAddr::new(addr.ip(), port);
         log::info!("listening for RDMA connections on {addr}");
-        Ok(Arc::new(RdmaListener { events, id: Mutex::new(id), addr }))
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        Ok(Arc::new(RdmaListener { events, id: Mutex::new(id) }))
     }
 }
 

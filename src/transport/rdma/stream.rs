@@ -58,7 +58,8 @@ pub struct RdmaStream {
     // the regions, the PD, the memory, the channels.
     id: CmId,
     cq: Cq,
-    ring_mr: Mr,
+    /// Registers the ring for the broker's writes; deregistered before the ring unmaps.
+    _ring_mr: Mr,
     send_mr: Mr,
     _pd: Arc<Pd>,
     comp: Arc<CompChannel>,
@@ -131,7 +132,7 @@ impl RdmaStream {
         Ok(RdmaStream {
             id,
             cq,
-            ring_mr,
+            _ring_mr: ring_mr,
             send_mr,
             _pd: pd,
             comp,
@@ -161,10 +162,6 @@ impl RdmaStream {
 
     pub fn grant(&self) -> Grant {
         self.grant
-    }
-
-    pub fn credits(&self) -> u32 {
-        self.credits
     }
 
     /// Handles whatever completed and any connection event. Never blocks.
@@ -356,10 +353,6 @@ impl RdmaStream {
             }
             self.wait(Some(left.min(Duration::from_millis(50))))?;
         }
-    }
-
-    pub fn ring_rkey(&self) -> u32 {
-        self.ring_mr.rkey()
     }
 }
 

@@ -201,7 +201,7 @@ impl CmEvent {
         drop(self);
         let id = CmId {
             ptr: NonNull::new(id).ok_or_else(|| io::Error::other("null id"))?,
-            channel: channel.clone(),
+            _channel: channel.clone(),
             qp: false,
         };
         // SAFETY: a live id and a live channel; the id has no unacknowledged events.
@@ -221,7 +221,8 @@ impl Drop for CmEvent {
 /// listener.
 pub struct CmId {
     ptr: NonNull<sys::rdma_cm_id>,
-    channel: Arc<EventChannel>,
+    /// The channel its events go to, kept alive as long as the id (RAII parent).
+    _channel: Arc<EventChannel>,
     qp: bool,
 }
 
@@ -239,7 +240,7 @@ impl CmId {
         check(rc, "rdma_create_id")?;
         Ok(CmId {
             ptr: NonNull::new(id).ok_or_else(|| io::Error::other("null id"))?,
-            channel: channel.clone(),
+            _channel: channel.clone(),
             qp: false,
         })
     }
@@ -401,10 +402,6 @@ impl CmId {
         // SAFETY: a live device context.
         let p = unsafe { sys::ibv_alloc_pd(ctx) };
         Ok(Arc::new(Pd { ptr: NonNull::new(p).ok_or_else(|| last_err("ibv_alloc_pd"))?, ctx }))
-    }
-
-    pub fn channel(&self) -> &Arc<EventChannel> {
-        &self.channel
     }
 }
 

@@ -60,10 +60,6 @@ impl BufRing {
         self.group
     }
 
-    pub fn buf_size(&self) -> usize {
-        self.buf_size
-    }
-
     /// Writes the entry for buffer `bid` at our tail (not yet visible to the kernel).
     fn push(&mut self, bid: u16) {
         let base = self.entries.as_ptr().cast::<BufRingEntry>();
