@@ -384,7 +384,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect();
         results.push(WorkloadResult { workload: w.clone(), limits, targets: targets_out });
     }
-    let mut notes = args.notes.clone();
+    let machine = Machine::describe();
+    let mut notes = machine.caveats();
+    notes.extend(args.notes.iter().cloned());
     notes.push(format!(
         "Consumers long-poll with fetch max wait {} ms; slipstream answers a parked fetch as soon as data arrives.",
         args.fetch_wait_ms
@@ -392,7 +394,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         slipstream_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        machine: Machine::describe(),
+        machine,
         client: args.client.name().into(),
         notes,
         workloads: results,

@@ -13,6 +13,17 @@ pub struct Machine {
     pub memory_gib: f64,
     pub kernel: String,
     pub os: String,
+    /// The machine's RDMA devices (`/sys/class/infiniband`).
+    #[serde(default)]
+    pub rdma_devices: Vec<RdmaDevice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RdmaDevice {
+    pub name: String,
+    /// Implemented by the kernel on top of an ordinary netdev (soft-RoCE's rdma_rxe, siw),
+    /// not by a NIC: the kernel registers such devices as virtual, with no bus device.
+    pub software: bool,
 }
 
 impl Machine {
@@ -40,8 +51,49 @@ impl Machine {
             memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
             kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
             os,
+            rdma_devices: rdma_devices(),
         }
     }
+
+    /// What makes this machine's figures unrepresentative of hardware, one sentence each;
+    /// the harness prints them with every report so a figure never travels without them.
+    pub fn caveats(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        // qemu's TCG names its CPU so: every instruction is translated, not run.
+        if self.cpu.contains("TCG") {
+            out.push(format!(
+                "FUNCTIONAL ONLY: the CPU is emulated ({}); no figure here says anything about hardware.",
+                self.cpu
+            ));
+        }
+        let soft: Vec<&str> = self.rdma_devices.iter().filter(|d| d.software).map(|d| d.name.as_str()).collect();
+        if !soft.is_empty() {
+            out.push(format!(
+                "FUNCTIONAL ONLY for RDMA: {} is software RDMA (soft-RoCE or siw, run by the kernel's CPU, not a NIC); \
+                 figures through it say nothing about RDMA hardware.",
+                soft.join(", ")
+            ));
+        }
+        out
+    }
+}
+
+/// The RDMA devices the kernel lists; a device whose sysfs node lies under
+/// `/sys/devices/virtual` has no bus device behind it, i.e. it is software.
+fn rdma_devices() -> Vec<RdmaDevice> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/infiniband") else { return Vec::new() };
+    let mut out: Vec<RdmaDevice> = dir
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let real = std::fs::canonicalize(e.path()).ok()?;
+            Some(RdmaDevice {
+                name: e.file_name().to_string_lossy().into_owned(),
+                software: real.starts_with("/sys/devices/virtual"),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +147,9 @@ pub struct Report {
 /// The terminal table.
 pub fn table(r: &Report) -> String {
     let mut out = String::new();
+    for n in &r.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
     for w in &r.workloads {
         let _ = writeln!(out, "\n== {} ({} B, {} client) ==", w.workload.name, w.workload.message_size, r.client);
         let _ = writeln!(
@@ -296,4 +351,38 @@ pub fn html(r: &Report) -> String {
     }
     out.push_str("</body></html>");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(cpu: &str, devices: &[(&str, bool)]) -> Machine {
+        Machine {
+            cpu: cpu.into(),
+            cores: 2,
+            memory_gib: 2.0,
+            kernel: "6.1.0".into(),
+            os: "Debian".into(),
+            rdma_devices: devices.iter().map(|(n, s)| RdmaDevice { name: (*n).into(), software: *s }).collect(),
+        }
+    }
+
+    #[test]
+    fn software_rdma_and_emulation_label_the_figures_functional() {
+        assert!(machine("AMD EPYC 7B13", &[("mlx5_0", false)]).caveats().is_empty(), "hardware is not labelled");
+        let c = machine("AMD EPYC 7B13", &[("mlx5_0", false), ("rxe0", true)]).caveats();
+        assert_eq!(c.len(), 1);
+        assert!(c[0].starts_with("FUNCTIONAL ONLY for RDMA: rxe0 "), "{c:?}");
+        let c = machine("QEMU TCG CPU version 2.5+", &[("rxe0", true)]).caveats();
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c[0].contains("emulated"), "{c:?}");
+    }
+
+    #[test]
+    fn reports_written_before_rdma_devices_were_recorded_still_render() {
+        let m: Machine =
+            serde_json::from_str(r#"{"cpu":"x","cores":2,"memory_gib":1.0,"kernel":"k","os":"o"}"#).expect("parses");
+        assert!(m.rdma_devices.is_empty());
+    }
 }

@@ -11,10 +11,10 @@ if [ -z "${RXE_IP:-}" ]; then
   exec env VM_RW="$PWD/docs/bench/rdma-functional" bash scripts/softroce/run-in-vm.sh bash "$0"
 fi
 # Inside the VM: the harness starts `serve --transport rdma` on $RXE_IP and a bridge in
-# front of it for `slipstream:rdma`, and a loopback TCP broker for `slipstream:tcp`.
+# front of it for `slipstream:rdma`, and a loopback TCP broker for `slipstream:tcp`. The
+# report labels itself functional: the harness sees the emulated CPU and the software rxe0.
 exec target/release/slipstream bench --client native \
   --target slipstream:rdma --target slipstream:tcp \
   --workload latency-128b --workload max-throughput-1k \
   --repetitions 1 --duration "${DURATION:-5}" --warmup 1 \
-  --note "FUNCTIONAL ONLY: soft-RoCE (rdma_rxe) inside a qemu VM under TCG emulation; these figures say nothing about RDMA hardware" \
   --out docs/bench/rdma-functional
