@@ -94,7 +94,7 @@ pub fn run(args: &BridgeArgs, stop: Arc<AtomicBool>) -> Result<(), BridgeError> 
 
 /// Where the response side is inside the current frame.
 enum RespState {
-    /// Reading a length prefix (bytes so far).
+    /// Reading a length prefix and correlation id (bytes so far).
     Prefix(Vec<u8>),
     /// Passing `left` bytes of a frame straight through.
     Pass { left: usize },
@@ -168,18 +168,29 @@ fn serve_conn(
             }
             match &mut state {
                 RespState::Prefix(p) => {
-                    let n = (4 - p.len()).min(avail.len());
+                    let n = (8 - p.len()).min(avail.len());
                     p.extend_from_slice(&avail[..n]);
                     rdma.consume(n)?;
-                    if p.len() == 4 {
+                    if p.len() == 8 {
                         let len = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
-                        let (api, version) = requests.next_response().map_err(invalid)?;
-                        if rewrite::names_brokers(api) {
-                            state =
-                                RespState::Collect { api, version, body: Vec::with_capacity(len.min(1 << 20)), len };
+                        let correlation_id = i32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+                        let req = requests.next_response().map_err(invalid)?;
+                        req.check(correlation_id).map_err(invalid)?;
+                        if len < 4 {
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, "response frame too short"));
+                        }
+                        if rewrite::names_brokers(req.api) {
+                            let mut body = Vec::with_capacity(len.min(1 << 20));
+                            body.extend_from_slice(&p[4..]);
+                            state = RespState::Collect { api: req.api, version: req.version, body, len };
                         } else {
-                            out.extend_from_slice(&(len as u32).to_be_bytes());
-                            state = RespState::Pass { left: len };
+                            // Prefix and correlation id go out as read; the rest streams.
+                            out.extend_from_slice(p);
+                            state = if len == 4 {
+                                RespState::Prefix(Vec::new())
+                            } else {
+                                RespState::Pass { left: len - 4 }
+                            };
                         }
                     }
                 }

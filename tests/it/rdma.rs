@@ -172,8 +172,9 @@ fn connection_churn_leaves_no_verbs_objects_behind() {
     assert!(rdma_api_versions(broker.addr), "broker stopped serving");
 }
 
-/// Acceptance 1: confluent-kafka through the bridge, across a broker restart, with every
-/// fetched payload byte written by one-sided RDMA from the registered log.
+/// Acceptance 1: confluent-kafka through the bridge, across a broker restart, and its
+/// AdminClient, with every fetched payload byte written by one-sided RDMA from the
+/// registered log.
 #[test]
 #[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
 fn confluent_kafka_through_the_bridge() {
@@ -186,6 +187,8 @@ fn confluent_kafka_through_the_bridge() {
     assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
     broker.spawn();
     run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "2"], timeout);
+    // The AdminClient too: DescribeCluster and FindCoordinator answers rewritten, acks=0.
+    run_client("python3", &["admin_suite.py", "--bootstrap", &bootstrap], timeout);
     assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
     let s = broker.stats();
     println!("counters after phase 2: {s:?}");
@@ -196,6 +199,35 @@ fn confluent_kafka_through_the_bridge() {
         "fetch payloads did not all leave by one-sided RDMA from the log: {s:?}"
     );
     assert_eq!(s.produce_bytes_copied, s.produce_payload_bytes, "produce payload copied more than once: {s:?}");
+}
+
+/// A produce with acks=0 gets no response, so the bridge must not wait for one: the
+/// responses after it still reach their requests, and a Metadata answer after it is still
+/// rewritten to name the bridge.
+#[test]
+#[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
+fn acks_zero_produce_through_the_bridge_keeps_responses_matched() {
+    use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
+    use slipstream::client::Client;
+    use slipstream::log::batch::build_batch;
+    let broker = rdma_broker(&[]);
+    let bridge = Bridge::start(broker.addr);
+    let mut c = Client::connect(bridge.addr, T).expect("connect through the bridge");
+    assert_eq!(c.create_topic("fire-and-forget", 1).expect("create topic"), 0);
+    for i in 0..5u8 {
+        c.produce_no_ack("fire-and-forget", 0, Bytes::from(build_batch(0, 0, &[&[i; 16]]))).expect("acks=0 produce");
+    }
+    for version in [1i16, 9, 12] {
+        let m: MetadataResponse = c.call(&MetadataRequest::default(), version).expect("metadata after acks=0");
+        let named: Vec<(String, i32)> = m.brokers.iter().map(|b| (b.host.to_string(), b.port)).collect();
+        assert_eq!(
+            named,
+            vec![(bridge.addr.ip().to_string(), i32::from(bridge.addr.port()))],
+            "Metadata v{version} after acks=0 produces does not name the bridge"
+        );
+    }
+    let p = c.produce("fire-and-forget", 0, Bytes::from(build_batch(0, 0, &[b"acked"])), -1).expect("acks=all");
+    assert_eq!((p.error_code, p.base_offset), (0, 5), "the five acks=0 batches landed first");
 }
 
 /// Produces and fetches through the bridge with the native client until told to stop;
