@@ -12,6 +12,9 @@ use crate::log::{FlushPolicy, LogConfig};
 use crate::transport::uring::{UringOptions, UringRecv, DEFAULT_ZC_THRESHOLD};
 use crate::transport::{TransportKind, TransportOptions};
 
+/// Kafka's connections.max.idle.ms default (10 minutes).
+const IDLE_MS: u64 = 600_000;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -103,7 +106,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub rdma_credits: Option<u32>,
     /// rdma: close a connection whose peer has not freed landing-ring space for this long
-    /// while responses wait [default: 10000].
+    /// while responses wait [default: connections-max-idle-ms]. A bridge stalls only while
+    /// its own client is not reading, which a Kafka broker tolerates up to its idle limit.
     #[arg(long)]
     pub rdma_stall_timeout_ms: Option<u64>,
     /// Wait this long after the first member joins an empty group before completing the
@@ -229,9 +233,9 @@ impl ServeArgs {
                             Some(c @ 2..=255) => c,
                             Some(c) => return Err(invalid("rdma credits", c, "must be 2..=255")),
                         },
-                        stall_timeout: self
-                            .rdma_stall_timeout_ms
-                            .map_or(d.stall_timeout, std::time::Duration::from_millis),
+                        stall_timeout: std::time::Duration::from_millis(
+                            self.rdma_stall_timeout_ms.unwrap_or(self.connections_max_idle_ms.unwrap_or(IDLE_MS)),
+                        ),
                         ..d
                     }
                 },
@@ -248,7 +252,7 @@ impl ServeArgs {
                 log,
                 max_request_bytes,
                 group_initial_rebalance_delay_ms: self.group_initial_rebalance_delay_ms.unwrap_or(0),
-                connections_max_idle: std::time::Duration::from_millis(self.connections_max_idle_ms.unwrap_or(600_000)),
+                connections_max_idle: std::time::Duration::from_millis(self.connections_max_idle_ms.unwrap_or(IDLE_MS)),
             },
         })
     }
@@ -277,6 +281,20 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.cores, 1);
         assert_eq!(c.broker.log.flush, FlushPolicy::Always);
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    fn rdma_stall_timeout_follows_the_idle_limit_unless_given() {
+        let stall = |args: ServeArgs| args.resolve().unwrap().transport_options.rdma.stall_timeout.as_millis();
+        assert_eq!(stall(ServeArgs::default()), 600_000);
+        assert_eq!(stall(ServeArgs { connections_max_idle_ms: Some(30_000), ..Default::default() }), 30_000);
+        let both = ServeArgs {
+            connections_max_idle_ms: Some(30_000),
+            rdma_stall_timeout_ms: Some(1000),
+            ..Default::default()
+        };
+        assert_eq!(stall(both), 1000);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct RdmaOptions {
 
 impl Default for RdmaOptions {
     fn default() -> Self {
-        RdmaOptions { credits: 16, recv_size: 16 * 1024, srq_depth: 1024, stall_timeout: Duration::from_secs(10) }
+        RdmaOptions { credits: 16, recv_size: 16 * 1024, srq_depth: 1024, stall_timeout: Duration::from_secs(600) }
     }
 }
 
