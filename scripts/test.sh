@@ -8,8 +8,9 @@ bash scripts/softroce/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --features rdma -- -D warnings
 # The fuzz targets are their own crate (cargo fuzz builds them): compile them so they
-# cannot drift from the decoders they drive.
-(cd fuzz && cargo check --locked --bins)
+# cannot drift from the decoders they drive (in the main target directory, which already
+# holds their dependencies' check builds).
+(cd fuzz && CARGO_TARGET_DIR=../target cargo check --locked --bins)
 # Two threads: the machines have two cores and every integration test runs a broker
 # process plus client processes.
 cargo test --all-targets --features rdma -- --test-threads=2
