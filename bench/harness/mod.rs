@@ -357,18 +357,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .zip(accums)
             .map(|(t, a)| {
                 let publish = a.recorder.publish.summary();
-                let ratio = limits.iter().map(|l| (l.name.clone(), publish.p("p50") / l.round_trip.p("p50"))).collect();
-                let msgs = a.recorder.messages_sent;
+                let ratio = if publish.count == 0 {
+                    Vec::new()
+                } else {
+                    limits.iter().map(|l| (l.name.clone(), publish.p("p50") / l.round_trip.p("p50"))).collect()
+                };
+                // A backlog workload measures fetching: its rates are of messages fetched.
+                let (msgs, bytes) = if w.backlog_messages > 0 {
+                    let m = a.recorder.messages_received;
+                    (m, m * w.message_size as u64)
+                } else {
+                    (a.recorder.messages_sent, a.recorder.bytes_sent)
+                };
                 TargetResult {
                     name: t.name(),
                     bootstrap: a.bootstrap,
                     repetitions: a.reps,
                     measured_s: a.measured_s,
-                    messages_sent: msgs,
+                    messages_sent: a.recorder.messages_sent,
                     messages_received: a.recorder.messages_received,
                     errors: a.recorder.errors,
                     throughput_msgs_per_s: msgs as f64 / a.measured_s.max(1e-9),
-                    throughput_mb_per_s: a.recorder.bytes_sent as f64 / a.measured_s.max(1e-9) / 1e6,
+                    throughput_mb_per_s: bytes as f64 / a.measured_s.max(1e-9) / 1e6,
                     consume_msgs_per_s: a.recorder.messages_received as f64
                         / a.measured_s.max(1e-9)
                         / w.consumer_groups.max(1) as f64,

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::stats::{Recorder, Schedule};
 use super::workload::Workload;
@@ -117,6 +117,9 @@ pub fn run(
     bar: &ProgressBar,
 ) -> anyhow::Result<RunOutput> {
     create_topic(addr, topic, w.partitions)?;
+    if w.backlog_messages > 0 {
+        return drain(addr, w, topic, fetch_wait_ms, broker_pid, bar);
+    }
     let clock = Clock(Instant::now());
     let warmup_ns = (w.warmup_s * 1e9) as u64;
     let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;
@@ -171,6 +174,124 @@ pub fn run(
     Ok(RunOutput { recorder, per_second, measured_s, broker_cpu_s })
 }
 
+/// A backlog workload: the producers write `backlog_messages` (not measured) and stop,
+/// then one consumer per (group, partition) fetches from offset 0 as fast as the broker
+/// answers; the figure is their fetch rate, from their start until the last one has
+/// reached the high watermark (or `duration_s` is up).
+fn drain(
+    addr: SocketAddr,
+    w: &Workload,
+    topic: &str,
+    fetch_wait_ms: i32,
+    broker_pid: Option<u32>,
+    bar: &ProgressBar,
+) -> anyhow::Result<RunOutput> {
+    let clock = Clock::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let never_measured = Arc::new(AtomicU64::new(0));
+    let mut producers = Vec::new();
+    for k in 0..w.producers {
+        let (stop, produced, never_measured) = (stop.clone(), produced.clone(), never_measured.clone());
+        let (topic, w, c) = (topic.to_string(), w.clone(), connect(addr)?);
+        // A warm-up that never ends: nothing of the fill is recorded.
+        producers.push(thread::spawn(move || {
+            produce(c, &topic, k, &w, None, clock, u64::MAX, &stop, &never_measured, &produced)
+        }));
+    }
+    bar.set_message("writing the backlog");
+    let full = |n: u64| n >= w.backlog_messages;
+    // The producers stop at the backlog's size; if one fails, the rest are stopped too.
+    while !producers.iter().all(|p| p.is_finished()) {
+        if producers.iter().any(|p| p.is_finished()) && !full(produced.load(Ordering::Relaxed)) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    for p in producers {
+        let r = p.join().map_err(|_| anyhow::anyhow!("a producer thread panicked"))??;
+        if r.errors > 0 {
+            bail!("{} produce requests failed while writing the backlog", r.errors);
+        }
+    }
+
+    let consumed = Arc::new(AtomicU64::new(0));
+    let start_ns = clock.ns();
+    let end_ns = start_ns + (w.duration_s * 1e9) as u64;
+    let cpu_start = broker_pid.and_then(process_cpu_s);
+    let mut consumers = Vec::new();
+    for _group in 0..w.consumer_groups {
+        for partition in 0..w.partitions {
+            let (consumed, topic, c) = (consumed.clone(), topic.to_string(), connect(addr)?);
+            consumers.push(thread::spawn(move || {
+                drain_partition(c, &topic, partition, clock, end_ns, fetch_wait_ms, &consumed)
+            }));
+        }
+    }
+    bar.set_message("draining");
+    let mut per_second = Vec::new();
+    let (mut last, mut next) = (0u64, start_ns + 1_000_000_000);
+    while !consumers.iter().all(|c| c.is_finished()) {
+        if clock.ns() >= next {
+            let now = consumed.load(Ordering::Relaxed);
+            per_second.push(now - last);
+            bar.set_message(format!("{} msg/s", now - last));
+            bar.inc(1);
+            (last, next) = (now, next + 1_000_000_000);
+        }
+        thread::sleep(Duration::from_micros(500));
+    }
+    let cpu_end = broker_pid.and_then(process_cpu_s);
+    let mut recorder = Recorder::default();
+    let mut finished_ns = start_ns;
+    for c in consumers {
+        let (r, done_ns) = c.join().map_err(|_| anyhow::anyhow!("a consumer thread panicked"))??;
+        recorder.merge(&r);
+        finished_ns = finished_ns.max(done_ns);
+    }
+    let measured_s = (finished_ns - start_ns) as f64 / 1e9;
+    Ok(RunOutput { recorder, per_second, measured_s, broker_cpu_s: cpu_start.zip(cpu_end).map(|(a, b)| b - a) })
+}
+
+/// Fetches one partition from offset 0 to its high watermark (nothing is produced any
+/// more), counting records without reading their values. Returns when it got there, on
+/// the run's clock.
+fn drain_partition(
+    mut c: Client,
+    topic: &str,
+    partition: i32,
+    clock: Clock,
+    end_ns: u64,
+    fetch_wait_ms: i32,
+    consumed: &AtomicU64,
+) -> anyhow::Result<(Recorder, u64)> {
+    let mut r = Recorder::default();
+    let mut offset = 0i64;
+    while clock.ns() < end_ns {
+        let f = c.fetch(topic, partition, offset, 4 << 20, fetch_wait_ms)?;
+        if f.error_code != 0 {
+            r.errors += 1;
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let mut pos = 0;
+        let mut got = 0u64;
+        while let Ok(h) = BatchHeader::parse(&f.records[pos..]) {
+            if h.last_offset() >= offset {
+                got += (h.last_offset() - offset.max(h.base_offset) + 1) as u64;
+                offset = h.last_offset() + 1;
+            }
+            pos += h.total_len();
+        }
+        r.messages_received += got;
+        consumed.fetch_add(got, Ordering::Relaxed);
+        if offset >= f.high_watermark {
+            break;
+        }
+    }
+    Ok((r, clock.ns()))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn produce(
     mut c: Client,
@@ -190,7 +311,9 @@ fn produce(
     let mut schedule = Schedule::new(clock.ns(), rate.map(|r| r / per_request as f64));
     let mut values = vec![vec![0u8; w.message_size]; w.batch_messages];
     let mut i = k as i64;
-    while !stop.load(Ordering::Relaxed) {
+    // A backlog's fill stops at its size (give or take a request per producer).
+    let full = |produced: u64| w.backlog_messages > 0 && produced >= w.backlog_messages;
+    while !stop.load(Ordering::Relaxed) && !full(produced.load(Ordering::Relaxed)) {
         if let Some(t) = schedule.next_intended() {
             let now = clock.ns();
             if t > now + 200_000 {
@@ -207,7 +330,11 @@ fn produce(
             v[..8].copy_from_slice(&sent.to_be_bytes());
         }
         let refs: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
-        let batch = Bytes::from(build_batch(0, (sent / 1_000_000) as i64, &refs));
+        // CreateTime in wall-clock milliseconds, as clients send it: the run's own clock
+        // starts near zero, which a broker reads as 1970, and time-based retention then
+        // deletes segments as soon as they roll.
+        let create_time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let batch = Bytes::from(build_batch(0, create_time_ms, &refs));
         let delay = schedule.sent(per_request, sent);
         let measuring = sent >= warmup_ns;
         if w.acks == 0 {

@@ -63,6 +63,9 @@ pub fn run(
     broker_pid: Option<u32>,
     bar: &ProgressBar,
 ) -> anyhow::Result<RunOutput> {
+    if w.backlog_messages > 0 {
+        anyhow::bail!("{}: backlog (fetch-throughput) workloads run with --client native", w.name);
+    }
     super::native::create_topic(addr, topic, w.partitions)?;
     let clock = Clock::default();
     let warmup_ns = (w.warmup_s * 1e9) as u64;

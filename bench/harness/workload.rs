@@ -33,6 +33,11 @@ pub struct Workload {
     pub acks: i16,
     pub warmup_s: f64,
     pub duration_s: f64,
+    /// A fetch-throughput workload when not 0: the producers first write this many
+    /// messages (not measured), then stop; the consumers drain them from offset 0 and the
+    /// measurement is their fetch rate, until drained or `duration_s` is up.
+    #[serde(default)]
+    pub backlog_messages: u64,
 }
 
 fn one() -> usize {
@@ -97,7 +102,7 @@ mod tests {
 
     #[test]
     fn shipped_workloads_parse() {
-        for name in ["latency-128b", "fixed-rate-1k", "max-throughput-1k", "fanout"] {
+        for name in ["latency-128b", "fixed-rate-1k", "max-throughput-1k", "fanout", "fetch-backlog-1k"] {
             let w = Workload::find(name).unwrap();
             assert_eq!(w.name, name);
         }

@@ -78,3 +78,39 @@ fn bench_smoke_run_writes_every_field() {
         assert_eq!(t["errors"].as_u64(), Some(0));
     }
 }
+
+/// A backlog workload measures fetching: the backlog is written first, then drained, and
+/// the figures are of messages fetched.
+#[test]
+fn bench_backlog_workload_measures_the_drain() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let workload = out.path().join("small-backlog.toml");
+    std::fs::write(
+        &workload,
+        "name = \"small-backlog\"\npartitions = 2\nmessage_size = 512\nproducers = 2\nbatch_messages = 16\n\
+         backlog_messages = 20000\nwarmup_s = 0\nduration_s = 20\n",
+    )
+    .expect("write workload");
+    let status = Command::new(env!("CARGO_BIN_EXE_slipstream"))
+        .args(["bench", "--no-limit", "--workload"])
+        .arg(&workload)
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .expect("run slipstream bench");
+    assert!(status.success(), "slipstream bench failed");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).expect("results.json"))
+            .expect("results.json parses");
+    let t = &v["workloads"][0]["targets"][0];
+    assert_eq!(t["errors"].as_u64(), Some(0), "{t}");
+    let received = t["messages_received"].as_u64().unwrap_or(0);
+    // Every message of the backlog, counted once (the fill may overshoot by a batch per producer).
+    assert!((20_000..=20_032).contains(&received), "drained {received} of 20000");
+    assert_eq!(t["messages_sent"].as_u64(), Some(0), "the fill is not measured");
+    let measured = t["measured_s"].as_f64().unwrap_or(0.0);
+    assert!(measured > 0.0 && measured < 20.0, "the drain did not end by itself: {measured} s");
+    let rate = t["throughput_msgs_per_s"].as_f64().unwrap_or(0.0);
+    assert!((rate - received as f64 / measured).abs() < 1.0, "msg/s is of messages fetched: {rate}");
+    assert!(t["broker_cpu_s_per_million_msgs"].as_f64().is_some(), "no CPU per message fetched");
+}
