@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tcp versus io_uring, side by side from one run (native client, so the broker dominates):
 # produce round-trip latency at 128 B with 1 connection and with 64, produce and fetch
-# throughput with 1 KiB messages in 64 KiB batches, broker CPU per million messages.
+# throughput with 1 KiB messages in 64 KiB batches (fetch also draining a 3 GiB backlog),
+# broker CPU per million messages.
 # Writes docs/bench/transports/{results.json,report.html}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ cargo build --release
 ./target/release/slipstream bench --client native \
   --target slipstream:tcp --target slipstream:uring \
   --workload latency-128b --workload latency-128b-64conn --workload max-throughput-1k \
+  --workload fetch-backlog-1k \
   --repetitions "${REPS:-3}" --duration "${DURATION:-10}" \
   --out docs/bench/transports
 
