@@ -72,13 +72,16 @@ pub fn run(args: &BridgeArgs, stop: Arc<AtomicBool>) -> Result<(), BridgeError> 
         match listener.accept() {
             Ok((tcp, peer)) => {
                 let (host, stop) = (host.clone(), stop.clone());
-                let spawned =
-                    std::thread::Builder::new().name(format!("bridge {peer}")).spawn(move || {
-                        match serve_conn(tcp, upstream, opts, &host, port, &stop) {
-                            Ok(()) => log::debug!("bridge: {peer} done"),
-                            Err(e) => log::warn!("bridge: {peer}: {e}"),
+                let spawned = std::thread::Builder::new().name(format!("bridge {peer}")).spawn(move || {
+                    match serve_conn(tcp, upstream, opts, &host, port, &stop) {
+                        Ok(()) => log::debug!("bridge: {peer} done"),
+                        // A client that hung up with answers on the way.
+                        Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+                            log::debug!("bridge: {peer}: {e}")
                         }
-                    });
+                        Err(e) => log::warn!("bridge: {peer}: {e}"),
+                    }
+                });
                 if let Err(e) = spawned {
                     log::error!("bridge: cannot start a connection thread: {e}");
                 }
@@ -139,9 +142,6 @@ fn serve_conn(
         }
         if in_off < in_len {
             in_off += rdma.write(&inbuf[in_off..in_len])?;
-        }
-        if !client_open && in_off == in_len {
-            return Ok(());
         }
         // Broker -> client.
         let mut socket_full = false;
@@ -228,6 +228,11 @@ fn serve_conn(
             }
         }
         rdma.report_freed()?;
+        // A client that closed its sending side still gets every answer it is owed.
+        let between_frames = matches!(&state, RespState::Prefix(p) if p.is_empty());
+        if !client_open && in_off == in_len && requests.is_empty() && between_frames && out.is_empty() {
+            return Ok(());
+        }
         // Sleep until something can move.
         let pending_in = in_off < in_len;
         let [a, b] = rdma.fds();

@@ -197,6 +197,11 @@ impl RequestLog {
         self.head.clear();
     }
 
+    /// Whether every request seen has been answered.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// The request the next response answers.
     pub fn next_response(&mut self) -> Result<Pending, RewriteError> {
         self.pending.pop_front().ok_or(RewriteError::Unrequested)

@@ -232,6 +232,31 @@ fn acks_zero_produce_through_the_bridge_keeps_responses_matched() {
     assert_eq!((p.error_code, p.base_offset), (0, 40), "the 40 acks=0 batches landed first");
 }
 
+/// A client that sends its requests and closes its sending side (as `nc -q` or a script
+/// piping requests does) still reads every answer before the bridge closes.
+#[test]
+#[ignore = "needs an RDMA device: scripts/test.sh runs these in the soft-RoCE VM"]
+fn a_client_that_half_closes_gets_its_answers() {
+    use std::io::{Read, Write};
+    let broker = rdma_broker(&[]);
+    let bridge = Bridge::start(broker.addr);
+    let mut s = std::net::TcpStream::connect(bridge.addr).expect("connect to the bridge");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let frames: Vec<u8> = (0..3).flat_map(api_versions_frame).collect();
+    s.write_all(&frames).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("read until the bridge closes");
+    let mut rest = &got[..];
+    for i in 0..3 {
+        assert!(rest.len() >= 8, "answer {i} missing: {} bytes left", rest.len());
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        assert_eq!(i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]), i, "answers in order");
+        rest = &rest[4 + len..];
+    }
+    assert!(rest.is_empty(), "{} unexpected bytes", rest.len());
+}
+
 /// Produces and fetches through the bridge with the native client until told to stop;
 /// returns how many round trips succeeded.
 fn good_client(bootstrap: SocketAddr, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> usize {
