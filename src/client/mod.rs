@@ -146,20 +146,7 @@ impl Client {
         max_bytes: i32,
         max_wait_ms: i32,
     ) -> Result<Fetched, ClientError> {
-        let mut fp = FetchPartition::default();
-        fp.partition = partition;
-        fp.fetch_offset = offset;
-        fp.partition_max_bytes = max_bytes;
-        let mut ft = FetchTopic::default();
-        ft.topic = TopicName(StrBytes::from_string(topic.to_string()));
-        ft.partitions.push(fp);
-        let mut req = FetchRequest::default();
-        req.max_wait_ms = max_wait_ms;
-        req.min_bytes = 1;
-        req.max_bytes = max_bytes;
-        req.session_epoch = -1;
-        req.topics.push(ft);
-        let resp = self.call(&req, FETCH_VERSION)?;
+        let resp = self.call(&fetch_request(topic, partition, offset, max_bytes, max_wait_ms), FETCH_VERSION)?;
         let p = resp
             .responses
             .first()
@@ -172,6 +159,18 @@ impl Client {
         })
     }
 
+    /// Sends a fetch without reading its response (for tests of peers that do not read).
+    pub fn send_fetch(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_bytes: i32,
+        max_wait_ms: i32,
+    ) -> Result<(), ClientError> {
+        self.send_request(&fetch_request(topic, partition, offset, max_bytes, max_wait_ms), FETCH_VERSION).map(drop)
+    }
+
     /// The raw socket, for tests that need to misbehave.
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream
@@ -180,6 +179,23 @@ impl Client {
 
 fn codec(e: anyhow::Error) -> ClientError {
     ClientError::Codec(e.to_string())
+}
+
+fn fetch_request(topic: &str, partition: i32, offset: i64, max_bytes: i32, max_wait_ms: i32) -> FetchRequest {
+    let mut fp = FetchPartition::default();
+    fp.partition = partition;
+    fp.fetch_offset = offset;
+    fp.partition_max_bytes = max_bytes;
+    let mut ft = FetchTopic::default();
+    ft.topic = TopicName(StrBytes::from_string(topic.to_string()));
+    ft.partitions.push(fp);
+    let mut req = FetchRequest::default();
+    req.max_wait_ms = max_wait_ms;
+    req.min_bytes = 1;
+    req.max_bytes = max_bytes;
+    req.session_epoch = -1;
+    req.topics.push(ft);
+    req
 }
 
 fn produce_request(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {

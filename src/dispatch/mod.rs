@@ -423,22 +423,19 @@ impl Core {
         self.maybe_resume(conn);
     }
 
-    /// Closes connections idle past `connections_max_idle`: nothing queued, nothing
-    /// unsent, no bytes either way (a peer sitting on half a request counts).
+    /// Closes connections idle past `connections_max_idle`: nothing queued, and no bytes
+    /// either way — a peer sitting on half a request counts, and so does one that stopped
+    /// reading its answers (no send completes), as in Kafka, where idleness is the socket's.
     fn close_idle(&mut self, now: Instant) {
         let limit = self.broker.settings.connections_max_idle;
         let idle: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(id, c)| {
-                !c.closing
-                    && c.queue.is_empty()
-                    && self.transport.unsent_bytes(**id) == 0
-                    && now.duration_since(c.last_active) > limit
-            })
+            .filter(|(_, c)| !c.closing && c.queue.is_empty() && now.duration_since(c.last_active) > limit)
             .map(|(id, _)| *id)
             .collect();
         for conn in idle {
+            let unsent = self.transport.unsent_bytes(conn);
             if let Some(c) = self.conns.get_mut(&conn) {
                 let partial = c.rx.as_ref().map_or(0, BytesMut::len);
                 log::info!(
@@ -447,13 +444,20 @@ impl Core {
                     limit.as_millis(),
                     if partial > 0 {
                         format!(", holding {partial} bytes of an incomplete request")
+                    } else if unsent > 0 {
+                        format!(", not reading: {unsent} bytes of answers unsent")
                     } else {
                         String::new()
                     }
                 );
                 c.closing = true;
             }
-            self.transport.close(conn);
+            if unsent > 0 {
+                // A graceful close would wait for the peer to read them.
+                self.transport.abort(conn);
+            } else {
+                self.transport.close(conn);
+            }
         }
     }
 

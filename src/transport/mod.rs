@@ -104,8 +104,13 @@ pub trait Transport: Send {
     fn recv(&mut self, conn: ConnId, buf: BytesMut, max: usize);
     /// Submits a vectored send of `chunks`, in order after earlier sends on `conn`.
     fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>);
-    /// Closes a connection; a `Closed` completion follows.
+    /// Closes a connection once what is queued for it has gone out; a `Closed` completion
+    /// follows.
     fn close(&mut self, conn: ConnId);
+    /// Closes a connection now, dropping what is queued or in flight for it (a peer that
+    /// stopped reading would hold a graceful close open forever); a `Closed` completion
+    /// follows.
+    fn abort(&mut self, conn: ConnId);
     /// Stops accepting new connections (graceful shutdown).
     fn stop_accepting(&mut self);
     /// Waits up to `timeout` (forever if `None`) for completions and appends them to `out`.

@@ -293,6 +293,10 @@ impl Transport for TcpTransport {
         }
     }
 
+    fn abort(&mut self, conn: ConnId) {
+        self.close_now(conn, CloseReason::Local);
+    }
+
     fn stop_accepting(&mut self) {
         if let Some(mut l) = self.listener.take() {
             if let Err(e) = self.poll.registry().deregister(&mut l) {

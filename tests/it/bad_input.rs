@@ -167,3 +167,50 @@ fn idle_connection_holding_half_a_request_is_closed(transport: &[&str]) {
     talker.call(&ApiVersionsRequest::default(), 0).expect("still served");
     assert!(broker.log_text().contains("connections-max-idle-ms"), "no reason logged");
 }
+
+per_transport!(a_peer_that_stops_reading_is_closed_once_idle, a_peer_that_stops_reading_is_closed_once_idle);
+
+/// A peer that asks for far more than the socket buffers hold and then never reads is
+/// idle as Kafka counts it (no bytes move either way): it is closed after
+/// `--connections-max-idle-ms`, dropping the answers it left, while others are served.
+fn a_peer_that_stops_reading_is_closed_once_idle(transport: &[&str]) {
+    let broker = BrokerProc::start(&crate::harness::flags(&["--connections-max-idle-ms", "700"], transport));
+    let addr = broker.addr;
+    let mut writer = Client::connect(addr, Duration::from_secs(5)).expect("connect");
+    assert_eq!(writer.create_topic("unread", 1).expect("create"), 0);
+    let value = vec![7u8; 512 * 1024];
+    for _ in 0..8 {
+        let batch = Bytes::from(build_batch(0, 0, &[&value, &value]));
+        assert_eq!(writer.produce("unread", 0, batch, -1).expect("produce").error_code, 0);
+    }
+    // 8 MiB in the log; 40 fetches of all of it ask for 320 MiB of answers.
+    let mut sink = Client::connect(addr, Duration::from_secs(5)).expect("connect");
+    for _ in 0..40 {
+        sink.send_fetch("unread", 0, 0, 16 << 20, 0).expect("send a fetch");
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        writer.call(&ApiVersionsRequest::default(), 0).expect("an active client is served");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    writer.call(&ApiVersionsRequest::default(), 0).expect("still served");
+    let log = broker.log_text();
+    assert!(log.contains("not reading"), "no reason logged:\n{log}");
+    // All that reaches the peer now is what the socket buffers held when it was cut off,
+    // then the end of the stream: the rest of its 320 MiB was dropped.
+    let s = sink.stream();
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("the peer that stopped reading was not closed ({total} bytes read)")
+            }
+            Err(_) => break, // reset: the broker closed with our requests unread
+        }
+    }
+    assert!(total < 64 << 20, "{total} bytes arrived: the unsent answers were not dropped");
+}

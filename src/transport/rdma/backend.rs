@@ -742,6 +742,10 @@ impl Transport for RdmaTransport {
         }
     }
 
+    fn abort(&mut self, conn: ConnId) {
+        self.shutdown(conn, CloseReason::Local);
+    }
+
     fn stop_accepting(&mut self) {
         self.listener = None;
     }

@@ -774,6 +774,12 @@ impl Transport for UringTransport {
         }
     }
 
+    fn abort(&mut self, conn: ConnId) {
+        // Shutting the socket down fails the ops in flight; their completions release
+        // what they hold, then the connection is reaped.
+        self.shutdown(conn, CloseReason::Local);
+    }
+
     fn stop_accepting(&mut self) {
         let ids: Vec<u64> = self.ops.iter().filter(|(_, o)| matches!(o, Op::Accept)).map(|(id, _)| *id).collect();
         for id in ids {
