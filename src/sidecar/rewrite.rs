@@ -350,6 +350,36 @@ mod tests {
         assert!(matches!(RequestLog::default().observe(&f), Err(RewriteError::BadRequest(_))));
     }
 
+    /// Deterministic mutations of request streams with Produce frames of every header
+    /// version: the log refuses or follows them, never panics or runs past a frame.
+    #[test]
+    fn mutated_request_streams_never_panic() {
+        let mut seed = request(ApiKey::Produce, 9, 1, Some("client"), &produce(0, Some("txn")));
+        seed.extend(request(ApiKey::Produce, 3, 2, Some("c"), &produce(1, Some("t"))));
+        seed.extend(request(ApiKey::Metadata, 12, 3, None, &MetadataRequest::default()));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..5000 {
+            let mut v = seed.clone();
+            v.truncate(seed.len() - (i % seed.len()));
+            for _ in 0..3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if !v.is_empty() {
+                    let at = (x as usize) % v.len();
+                    v[at] = (x >> 40) as u8;
+                }
+            }
+            let mut log = RequestLog::default();
+            for chunk in v.chunks(1 + i % 7) {
+                if log.observe(chunk).is_err() {
+                    break;
+                }
+            }
+            while log.next_response().is_ok() {}
+        }
+    }
+
     #[test]
     fn metadata_brokers_are_rewritten_in_every_version() {
         for version in [1i16, 4, 9, 12] {
