@@ -274,6 +274,24 @@ mod tests {
         BrokerId, FindCoordinatorRequest, MetadataRequest, ProduceRequest, RequestHeader, TransactionalId,
     };
 
+    /// `count` deterministic mutants of `seed`: the i-th cut short by `i % len` bytes, then
+    /// `flips` bytes overwritten (xorshift from `state`).
+    fn mutants(seed: &[u8], count: usize, flips: usize, mut state: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
+        (0..count).map(move |i| {
+            let mut v = seed[..seed.len() - (i % seed.len())].to_vec();
+            for _ in 0..flips {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if !v.is_empty() {
+                    let at = (state as usize) % v.len();
+                    v[at] = (state >> 40) as u8;
+                }
+            }
+            v
+        })
+    }
+
     /// One request frame, encoded as a client would.
     fn request<R: Encodable>(api: ApiKey, version: i16, corr: i32, client: Option<&str>, body: &R) -> Vec<u8> {
         let mut h = RequestHeader::default();
@@ -357,19 +375,7 @@ mod tests {
         let mut seed = request(ApiKey::Produce, 9, 1, Some("client"), &produce(0, Some("txn")));
         seed.extend(request(ApiKey::Produce, 3, 2, Some("c"), &produce(1, Some("t"))));
         seed.extend(request(ApiKey::Metadata, 12, 3, None, &MetadataRequest::default()));
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for i in 0..5000 {
-            let mut v = seed.clone();
-            v.truncate(seed.len() - (i % seed.len()));
-            for _ in 0..3 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if !v.is_empty() {
-                    let at = (x as usize) % v.len();
-                    v[at] = (x >> 40) as u8;
-                }
-            }
+        for (i, v) in mutants(&seed, 5000, 3, 0x9e37_79b9_7f4a_7c15).enumerate() {
             let mut log = RequestLog::default();
             for chunk in v.chunks(1 + i % 7) {
                 if log.observe(chunk).is_err() {
@@ -415,20 +421,7 @@ mod tests {
         let mut seed = BytesMut::new();
         ResponseHeader::default().encode(&mut seed, 1).expect("header");
         r.encode(&mut seed, 12).expect("body");
-        let seed = seed.to_vec();
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        for i in 0..3000 {
-            let mut v = seed.clone();
-            v.truncate(seed.len() - (i % seed.len()));
-            for _ in 0..2 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if !v.is_empty() {
-                    let at = (x as usize) % v.len();
-                    v[at] = (x >> 40) as u8;
-                }
-            }
+        for v in mutants(&seed, 3000, 2, 0x2545_f491_4f6c_dd1d) {
             for (api, version) in [(3, 12), (3, 1), (10, 3), (10, 4), (60, 0)] {
                 let _ = rewrite(api, version, &v, "h", 1);
             }
