@@ -174,11 +174,12 @@ fn serve_conn(
                     if p.len() == 8 {
                         let len = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
                         let correlation_id = i32::from_be_bytes([p[4], p[5], p[6], p[7]]);
-                        let req = requests.next_response().map_err(invalid)?;
-                        req.check(correlation_id).map_err(invalid)?;
+                        // A frame shorter than a correlation id: those 4 bytes were not one.
                         if len < 4 {
                             return Err(io::Error::new(io::ErrorKind::InvalidData, "response frame too short"));
                         }
+                        let req = requests.next_response().map_err(invalid)?;
+                        req.check(correlation_id).map_err(invalid)?;
                         if rewrite::names_brokers(req.api) {
                             let mut body = Vec::with_capacity(len.min(1 << 20));
                             body.extend_from_slice(&p[4..]);
