@@ -200,10 +200,9 @@ fn drain(
         }));
     }
     bar.set_message("writing the backlog");
-    let full = |n: u64| n >= w.backlog_messages;
     // The producers stop at the backlog's size; if one fails, the rest are stopped too.
     while !producers.iter().all(|p| p.is_finished()) {
-        if producers.iter().any(|p| p.is_finished()) && !full(produced.load(Ordering::Relaxed)) {
+        if producers.iter().any(|p| p.is_finished()) && !w.backlog_written(produced.load(Ordering::Relaxed)) {
             stop.store(true, Ordering::Relaxed);
         }
         thread::sleep(Duration::from_millis(10));
@@ -312,8 +311,7 @@ fn produce(
     let mut values = vec![vec![0u8; w.message_size]; w.batch_messages];
     let mut i = k as i64;
     // A backlog's fill stops at its size (give or take a request per producer).
-    let full = |produced: u64| w.backlog_messages > 0 && produced >= w.backlog_messages;
-    while !stop.load(Ordering::Relaxed) && !full(produced.load(Ordering::Relaxed)) {
+    while !stop.load(Ordering::Relaxed) && !w.backlog_written(produced.load(Ordering::Relaxed)) {
         if let Some(t) = schedule.next_intended() {
             let now = clock.ns();
             if t > now + 200_000 {

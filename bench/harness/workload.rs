@@ -84,6 +84,12 @@ impl Workload {
         Ok(())
     }
 
+    /// Whether a backlog workload's fill is done after `produced` messages (never, for
+    /// other workloads).
+    pub fn backlog_written(&self, produced: u64) -> bool {
+        self.backlog_messages > 0 && produced >= self.backlog_messages
+    }
+
     /// Shortens the run (CI smoke runs).
     pub fn scaled(mut self, duration_s: Option<f64>, warmup_s: Option<f64>) -> Workload {
         if let Some(d) = duration_s {
