@@ -5,15 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-test-deps.sh
 bash scripts/softroce/setup.sh
-cargo fmt --check
-cargo clippy --all-targets --features rdma -- -D warnings
+cargo fmt -p slipstream -p slipstream-bench --check
+# The workspace: the broker and the bench harness (its own crate, so building the broker
+# never compiles librdkafka).
+cargo clippy --workspace --all-targets --features rdma -- -D warnings
 # The fuzz targets are their own crate (cargo fuzz builds them): compile them so they
 # cannot drift from the decoders they drive (in the main target directory, which already
 # holds their dependencies' check builds).
 (cd fuzz && CARGO_TARGET_DIR=../target cargo check --locked --bins)
 # Two threads: the machines have two cores and every integration test runs a broker
 # process plus client processes.
-cargo test --all-targets --features rdma -- --test-threads=2
+cargo test --workspace --all-targets --features rdma -- --test-threads=2
 # The host kernel has no RDMA: the RDMA tests (ignored above) run in a qemu VM with
 # soft-RoCE, on the binaries just built (cargo finds them fresh; nothing is rebuilt).
 VM_TIMEOUT=1500 bash scripts/softroce/run-in-vm.sh \

@@ -34,10 +34,15 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Address to listen on for Kafka clients [default: 127.0.0.1:9092].
+    /// A listener, repeatable: `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT]`. PROTOCOL is
+    /// `kafka` (the default). Each listener gives clients its own advertised address
+    /// [default: its own address]; the same cores serve them all
+    /// [default: kafka://127.0.0.1:9092]. In the file: a string or a list of them.
     #[arg(long)]
-    pub listen: Option<String>,
-    /// HOST:PORT given to clients in metadata [default: the listen address].
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub listen: Vec<String>,
+    /// HOST:PORT given to clients in metadata by the first listener, unless it names its
+    /// own `advertise=` [default: the listen address].
     #[arg(long)]
     pub advertised_listener: Option<String>,
     /// Where topics, offsets and producer ids live [default: ./data].
@@ -116,11 +121,77 @@ pub struct ServeArgs {
     pub group_initial_rebalance_delay_ms: Option<u64>,
 }
 
+/// The wire protocols a listener can speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolKind {
+    Kafka,
+}
+
+/// One resolved `--listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub protocol: ProtocolKind,
+    pub addr: SocketAddr,
+    /// What clients are told to connect to: (host, port).
+    pub advertised: (String, i32),
+}
+
+impl ListenerConfig {
+    /// Parses `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT]`.
+    fn parse(spec: &str, default_advertised: Option<&str>) -> Result<ListenerConfig, ConfigError> {
+        let (url, options) = match spec.split_once(',') {
+            Some((url, options)) => (url, Some(options)),
+            None => (spec, None),
+        };
+        let (protocol, hostport) = match url.split_once("://") {
+            None | Some(("kafka", _)) => (ProtocolKind::Kafka, url.rsplit_once("://").map_or(url, |(_, a)| a)),
+            Some((other, _)) => {
+                return Err(invalid("listener protocol", other, "this build serves: kafka"));
+            }
+        };
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| invalid("listen address", hostport, e))?
+            .next()
+            .ok_or_else(|| invalid("listen address", hostport, "resolves to nothing"))?;
+        let mut advertised = default_advertised.unwrap_or(hostport).to_string();
+        for option in options.into_iter().flat_map(|o| o.split(',')) {
+            match option.split_once('=') {
+                Some(("advertise", a)) => advertised = a.to_string(),
+                _ => return Err(invalid("listener option", option, "expected advertise=HOST:PORT")),
+            }
+        }
+        Ok(ListenerConfig { protocol, addr, advertised: host_port(&advertised)? })
+    }
+}
+
+/// Splits `HOST:PORT` (brackets around an IPv6 host are dropped).
+fn host_port(s: &str) -> Result<(String, i32), ConfigError> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| invalid("advertised listener", s, "expected HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|e| invalid("advertised listener port", port, e))?;
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), i32::from(port)))
+}
+
+/// A TOML value that is one string or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// Fully resolved settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub busy_poll: bool,
-    pub listen: SocketAddr,
+    /// At least one; the first is the embedded default's `kafka://127.0.0.1:9092`.
+    pub listeners: Vec<ListenerConfig>,
     pub transport: TransportKind,
     pub transport_options: TransportOptions,
     pub cores: usize,
@@ -142,10 +213,12 @@ impl ServeArgs {
             let text =
                 std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
             let file: ServeArgs = toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+            if self.listen.is_empty() {
+                self.listen = file.listen.clone();
+            }
             merge!(
                 self,
                 file,
-                listen,
                 advertised_listener,
                 data_dir,
                 transport,
@@ -170,18 +243,20 @@ impl ServeArgs {
                 busy_poll
             );
         }
-        let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:9092".into());
-        let listen = listen_s
-            .to_socket_addrs()
-            .map_err(|e| invalid("listen address", &listen_s, e))?
-            .next()
-            .ok_or_else(|| invalid("listen address", &listen_s, "resolves to nothing"))?;
-        let advertised = self.advertised_listener.unwrap_or_else(|| listen_s.clone());
-        let (host, port) = advertised
-            .rsplit_once(':')
-            .ok_or_else(|| invalid("advertised listener", &advertised, "expected HOST:PORT"))?;
-        let port: i32 = port.parse().map_err(|e| invalid("advertised listener port", port, e))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        if self.listen.is_empty() {
+            self.listen.push("127.0.0.1:9092".into());
+        }
+        let listeners = self
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| ListenerConfig::parse(spec, self.advertised_listener.as_deref().filter(|_| i == 0)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, l) in listeners.iter().enumerate() {
+            if listeners[..i].iter().any(|o| o.addr == l.addr) {
+                return Err(invalid("listen address", l.addr, "given twice"));
+            }
+        }
         let flush: FlushPolicy = self
             .flush
             .as_deref()
@@ -215,7 +290,7 @@ impl ServeArgs {
         };
         Ok(ServeConfig {
             busy_poll: self.busy_poll.unwrap_or(false),
-            listen,
+            listeners,
             transport: self.transport.unwrap_or(TransportKind::Tcp),
             transport_options: TransportOptions {
                 uring: UringOptions {
@@ -243,8 +318,6 @@ impl ServeArgs {
             cores,
             broker: BrokerSettings {
                 node_id: self.node_id.unwrap_or(0),
-                advertised_host: host,
-                advertised_port: port,
                 cluster_id: "slipstream-cluster".into(),
                 data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("data")),
                 default_partitions,
@@ -265,10 +338,12 @@ mod tests {
     #[test]
     fn defaults_are_the_embedded_broker() {
         let c = ServeArgs::default().resolve().unwrap();
-        assert_eq!(c.listen.to_string(), "127.0.0.1:9092");
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].addr.to_string(), "127.0.0.1:9092");
+        assert_eq!(c.listeners[0].protocol, ProtocolKind::Kafka);
         assert_eq!(c.transport, TransportKind::Tcp);
         assert_eq!(c.broker.data_dir, PathBuf::from("data"));
-        assert_eq!(c.broker.advertised_port, 9092);
+        assert_eq!(c.listeners[0].advertised, ("127.0.0.1".to_string(), 9092));
     }
 
     #[test]
@@ -278,7 +353,7 @@ mod tests {
         std::fs::write(&f, "listen = \"127.0.0.1:9999\"\ncores = 2\nflush = \"always\"\n").unwrap();
         let args = ServeArgs { config: Some(f), cores: Some(1), ..Default::default() };
         let c = args.resolve().unwrap();
-        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.listeners[0].addr.port(), 9999);
         assert_eq!(c.cores, 1);
         assert_eq!(c.broker.log.flush, FlushPolicy::Always);
     }
@@ -295,6 +370,33 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(stall(both), 1000);
+    }
+
+    #[test]
+    fn several_listeners_each_with_its_advertised_address() {
+        let args = ServeArgs {
+            listen: vec!["kafka://127.0.0.1:9092".into(), "127.0.0.2:9093,advertise=broker.example:19093".into()],
+            advertised_listener: Some("front.example:9092".into()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listeners[0].advertised, ("front.example".to_string(), 9092));
+        assert_eq!(c.listeners[1].addr.to_string(), "127.0.0.2:9093");
+        assert_eq!(c.listeners[1].advertised, ("broker.example".to_string(), 19093));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.toml");
+        std::fs::write(&f, "listen = [\"kafka://127.0.0.1:9092\", \"kafka://[::1]:9093,advertise=[::1]:9093\"]\n")
+            .unwrap();
+        let c = ServeArgs { config: Some(f), ..Default::default() }.resolve().unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[1].advertised, ("::1".to_string(), 9093));
+        for bad in ["mqtt://127.0.0.1:1883", "127.0.0.1:9092,advertize=x:1", "127.0.0.1:9092,advertise=nohost"] {
+            let e = ServeArgs { listen: vec![bad.into()], ..Default::default() }.resolve().unwrap_err();
+            assert!(e.to_string().contains("listen"), "{bad}: {e}");
+        }
+        let twice =
+            ServeArgs { listen: vec!["127.0.0.1:9092".into(), "kafka://127.0.0.1:9092".into()], ..Default::default() };
+        assert!(twice.resolve().is_err());
     }
 
     #[test]

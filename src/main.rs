@@ -1,11 +1,10 @@
 //! The `slipstream` command.
-
-#[path = "../bench/harness/mod.rs"]
-mod bench;
+#![deny(unsafe_code)]
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use slipstream::config::ServeArgs;
+use std::ffi::OsString;
 
 #[derive(Parser)]
 #[command(name = "slipstream", version, about = "Kafka-compatible broker data path on a memory-mapped commit log")]
@@ -17,9 +16,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker (embedded default: Kafka on 127.0.0.1:9092, data in ./data, tcp).
-    Serve(ServeArgs),
-    /// Run latency/throughput workloads against slipstream and other Kafka brokers.
-    Bench(bench::BenchArgs),
+    Serve(Box<ServeArgs>),
+    /// Run latency/throughput workloads against slipstream and other Kafka brokers
+    /// (the `slipstream-bench` binary beside this one; `slipstream bench --help`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Accept Kafka TCP clients and carry them over RDMA to a `--transport rdma` broker.
     #[cfg(feature = "rdma")]
     Bridge(slipstream::sidecar::bridge::BridgeArgs),
@@ -33,7 +37,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve().context("invalid settings")?;
             slipstream::server::serve(cfg).context("slipstream serve failed")?;
         }
-        Command::Bench(args) => bench::run(args)?,
+        Command::Bench { args } => run_bench(args)?,
         #[cfg(feature = "rdma")]
         Command::Bridge(args) => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -43,4 +47,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs the bench harness, a binary of its own (building the broker must not compile
+/// librdkafka), found beside this one, and exits with its status.
+fn run_bench(args: Vec<OsString>) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the slipstream binary")?;
+    let bench = exe.with_file_name("slipstream-bench");
+    if !bench.exists() {
+        anyhow::bail!(
+            "`slipstream bench` needs the slipstream-bench binary beside {}: build it with \
+             `cargo build --release -p slipstream-bench` (add `--features rdma` for the slipstream:rdma target)",
+            exe.display()
+        );
+    }
+    let status = std::process::Command::new(&bench).args(args).status().context("running slipstream-bench")?;
+    std::process::exit(status.code().unwrap_or(1));
 }

@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::broker::{Broker, BrokerError};
-use crate::config::ServeConfig;
-use crate::dispatch::{Core, CoreMsg, CoreParts, IoJob, Peer};
+use crate::config::{ListenerConfig, ProtocolKind, ServeConfig};
+use crate::dispatch::session::Protocol;
+use crate::dispatch::{self, CoreMsg, IoJob, Peer, Shared};
 use crate::log::mmap::SegmentFile;
 use crate::metrics;
+use crate::protocol::kafka::session::Kafka;
+use crate::protocol::kafka::Endpoint;
 use crate::transport::{self, TransportError};
 
 #[derive(Debug, Error)]
@@ -39,6 +42,16 @@ pub fn write_stats(data_dir: &Path) {
     }
 }
 
+/// The protocol a listener speaks, with that listener's settings.
+fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig) -> Arc<dyn Protocol> {
+    match l.protocol {
+        ProtocolKind::Kafka => {
+            let endpoint = Endpoint { host: l.advertised.0.clone(), port: l.advertised.1 };
+            Arc::new(Kafka::new(endpoint, cfg.broker.max_request_bytes))
+        }
+    }
+}
+
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let started = Instant::now();
     let (broker, shards) = Broker::open(cfg.broker.clone(), cfg.cores)?;
@@ -52,38 +65,21 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let (io_tx, io_rx) = crossbeam_channel::unbounded::<IoJob>();
 
     // Transports first: every core needs every other core's waker.
-    let listener = transport::Listener::bind(cfg.transport, cfg.listen)?;
-    let mut transports = Vec::new();
-    let mut peers = Vec::new();
-    let mut inboxes = Vec::new();
-    let mut sleeping_flags = Vec::new();
-    for _ in 0..cfg.cores {
-        let t = transport::build(cfg.transport, &listener, &cfg.transport_options)?;
-        let (tx, rx) = crossbeam_channel::unbounded::<CoreMsg>();
-        let sleeping = Arc::new(AtomicBool::new(false));
-        peers.push(Peer::new(tx, t.waker(), sleeping.clone()));
-        inboxes.push(rx);
-        sleeping_flags.push(sleeping);
-        transports.push(t);
-    }
-    // Each core holds its own clone; ours closes now.
-    drop(listener);
-    let mut cores = Vec::new();
-    for (id, ((t, shard), (inbox, sleeping))) in
-        transports.into_iter().zip(shards).zip(inboxes.into_iter().zip(sleeping_flags)).enumerate()
-    {
-        let parts = CoreParts {
-            shard,
-            inbox,
-            peers: peers.clone(),
-            sleeping,
-            io: io_tx.clone(),
-            shutdown: shutdown.clone(),
-            busy_poll: cfg.busy_poll,
-        };
-        cores.push(Core::new(id, broker.clone(), t, parts));
-    }
-    broker.notifier.install(cores.iter().map(Core::notify_handle).collect());
+    let addrs: Vec<_> = cfg.listeners.iter().map(|l| l.addr).collect();
+    let listeners = transport::Listeners::bind(cfg.transport, &addrs)?;
+    let protocols: Vec<Arc<dyn Protocol>> = cfg.listeners.iter().map(|l| protocol_for(l, &cfg)).collect();
+    let transports = (0..cfg.cores)
+        .map(|_| transport::build(cfg.transport, &listeners, &cfg.transport_options))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Each core holds its own clones; ours close now.
+    drop(listeners);
+    let shared = Shared {
+        protocols: protocols.clone(),
+        io: io_tx.clone(),
+        shutdown: shutdown.clone(),
+        busy_poll: cfg.busy_poll,
+    };
+    let (cores, peers) = dispatch::build_cores(&broker, shards, transports, shared);
     let wakers: Vec<_> = cores.iter().map(|c| c.notify_handle().0).collect();
     {
         let shutdown = shutdown.clone();
@@ -113,14 +109,17 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             .map_err(ServeError::Thread)?
     };
     drop(peers);
-    log::info!(
-        "slipstream serving Kafka on {} ({:?} transport, {} core(s)), advertising {}:{}",
-        cfg.listen,
-        cfg.transport,
-        cfg.cores,
-        cfg.broker.advertised_host,
-        cfg.broker.advertised_port
-    );
+    for (l, p) in cfg.listeners.iter().zip(&protocols) {
+        log::info!(
+            "slipstream serving {} on {} ({:?} transport, {} core(s)), advertising {}:{}",
+            p.name(),
+            l.addr,
+            cfg.transport,
+            cfg.cores,
+            l.advertised.0,
+            l.advertised.1
+        );
+    }
     let mut handles = Vec::new();
     for (id, core) in cores.into_iter().enumerate() {
         let h =

@@ -61,7 +61,7 @@ impl Workload {
         if p.exists() {
             return Self::load(p);
         }
-        let under = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/workloads").join(format!("{name}.toml"));
+        let under = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads").join(format!("{name}.toml"));
         if under.exists() {
             return Self::load(&under);
         }

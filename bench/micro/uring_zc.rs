@@ -23,7 +23,7 @@ fn run(size: usize, total: usize, zc: bool) -> anyhow::Result<(f64, f64)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr: SocketAddr = listener.local_addr()?;
     let opts = UringOptions { zc_threshold: if zc { 1 } else { usize::MAX }, ..UringOptions::default() };
-    let mut t = UringTransport::new(listener, opts)?;
+    let mut t = UringTransport::new(vec![listener], opts)?;
     let reader = spawn_reader(addr);
     let mut out = Vec::new();
     let conn = loop {

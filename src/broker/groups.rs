@@ -42,6 +42,10 @@ pub enum GroupError {
     GroupIdNotFound,
     #[error("non-empty group")]
     NonEmptyGroup,
+    /// The offsets file refused the write (the reason is logged where it happened):
+    /// nothing was committed.
+    #[error("committed offsets could not be stored")]
+    Storage,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -569,18 +573,23 @@ impl Coordinator {
             }
         }
         let mut line = Vec::new();
-        for (t, p, c) in offsets {
-            let r = OffsetRecord { g: group.to_string(), t: t.clone(), p, c: Some(c.clone()) };
+        for (t, p, c) in &offsets {
+            let r = OffsetRecord { g: group.to_string(), t: t.clone(), p: *p, c: Some(c.clone()) };
             if serde_json::to_writer(&mut line, &r).is_ok() {
                 line.push(b'\n');
             }
-            g.offsets.insert((t, p), c);
-            self.records_written += 1;
         }
         // One write per commit request, not per message; the page cache keeps it across a
-        // process crash, `sync` (shutdown) across power loss.
-        if let Err(e) = self.file.write_all(&line) {
-            log::error!("persisting offsets of group {group}: {e}");
+        // process crash, `sync` (shutdown) across power loss. Only a stored commit is
+        // applied and acknowledged: a client told its offsets are committed must find
+        // them after a restart.
+        if let Err(e) = append_records(&mut self.file, &self.path, &line) {
+            log::error!("persisting offsets of group {group}: {e}; the commit is refused");
+            return Err(GroupError::Storage);
+        }
+        for (t, p, c) in offsets {
+            g.offsets.insert((t, p), c);
+            self.records_written += 1;
         }
         Ok(())
     }
@@ -612,8 +621,9 @@ impl Coordinator {
                 line.push(b'\n');
             }
         }
-        if let Err(e) = self.file.write_all(&line) {
-            log::error!("persisting deletion of group {group}: {e}");
+        if let Err(e) = append_records(&mut self.file, &self.path, &line) {
+            log::error!("persisting deletion of group {group}: {e}; the group is kept");
+            return Err(GroupError::Storage);
         }
         self.groups.remove(group);
         Ok(())
@@ -624,6 +634,19 @@ impl Coordinator {
             g.offsets.retain(|(t, _), _| t != topic);
         }
     }
+}
+
+/// Appends whole records to the offsets file, or nothing: a failed write is cut back off,
+/// so no half record lies before the next one.
+fn append_records(file: &mut File, path: &Path, records: &[u8]) -> io::Result<()> {
+    let before = file.metadata()?.len();
+    let written = file.write_all(records);
+    if written.is_err() {
+        if let Err(e) = file.set_len(before) {
+            log::error!("cutting a failed offsets write back off {}: {e}", path.display());
+        }
+    }
+    written
 }
 
 #[cfg(test)]
@@ -643,6 +666,26 @@ mod tests {
             protocols: vec![("range".into(), Bytes::from_static(b"m"))],
             require_known_member_id: false,
         }
+    }
+
+    /// A commit the offsets file cannot take is refused, not acknowledged, and leaves
+    /// the committed offsets as they were.
+    #[test]
+    fn a_commit_that_cannot_be_stored_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Coordinator::open(dir.path(), 0).unwrap();
+        let at = |offset| Committed { offset, leader_epoch: -1, metadata: None };
+        c.commit("g", "", -1, vec![("t".into(), 0, at(5))], Instant::now()).unwrap();
+        // Every write to /dev/full fails with ENOSPC, as a full disk's would.
+        c.file = OpenOptions::new().append(true).open("/dev/full").unwrap();
+        let r = c.commit("g", "", -1, vec![("t".into(), 0, at(9)), ("t".into(), 1, at(1))], Instant::now());
+        assert_eq!(r, Err(GroupError::Storage));
+        assert_eq!(c.committed("g", "t", 0).map(|x| x.offset), Some(5));
+        assert!(c.committed("g", "t", 1).is_none());
+        // What was stored before survives a restart.
+        drop(c);
+        let c = Coordinator::open(dir.path(), 0).unwrap();
+        assert_eq!(c.committed("g", "t", 0).map(|x| x.offset), Some(5));
     }
 
     #[test]

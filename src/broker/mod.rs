@@ -29,7 +29,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::log::{LogConfig, LogError, PartitionLog};
-use crate::transport::Wake;
+use crate::wake::Wake;
 use shard::Shard;
 
 #[derive(Debug, Error)]
@@ -56,8 +56,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BrokerError + '_ {
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
     pub node_id: i32,
-    pub advertised_host: String,
-    pub advertised_port: i32,
     pub cluster_id: String,
     pub data_dir: PathBuf,
     pub default_partitions: i32,

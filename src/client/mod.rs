@@ -18,6 +18,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 use thiserror::Error;
 
+use crate::framing::{LengthError, PREFIX};
+use crate::protocol::kafka::frame::{Framer, Side};
+
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("I/O: {0}")]
@@ -26,8 +29,8 @@ pub enum ClientError {
     Codec(String),
     #[error("response correlation id {got}, expected {want}")]
     Correlation { got: i32, want: i32 },
-    #[error("response frame of {0} bytes refused")]
-    FrameTooLarge(usize),
+    #[error("response refused: {0}")]
+    Frame(#[from] LengthError),
     #[error("broker error code {0}")]
     Kafka(i16),
 }
@@ -104,15 +107,17 @@ impl Client {
     }
 
     fn read_frame(&mut self) -> Result<Bytes, ClientError> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_RESPONSE {
-            return Err(ClientError::FrameTooLarge(len));
-        }
+        let mut prefix = [0u8; PREFIX];
+        self.stream.read_exact(&mut prefix)?;
+        let len = Framer::new(Side::Responses, MAX_RESPONSE).body_len(prefix)?;
         let mut frame = vec![0u8; len];
         self.stream.read_exact(&mut frame)?;
         Ok(Bytes::from(frame))
+    }
+
+    /// ApiVersions v0: the cheapest request every broker answers (a readiness probe).
+    pub fn api_versions(&mut self) -> Result<kafka_protocol::messages::ApiVersionsResponse, ClientError> {
+        self.call(&kafka_protocol::messages::ApiVersionsRequest::default(), 0)
     }
 
     pub fn create_topic(&mut self, name: &str, partitions: i32) -> Result<i16, ClientError> {

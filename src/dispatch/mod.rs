@@ -1,10 +1,12 @@
-//! The dispatch loop: thread-per-core, run-to-completion.
+//! The dispatch loop: thread-per-core, run-to-completion, protocol-neutral.
 //!
-//! Each core owns one transport instance (with its clone of the broker's listening socket), the
-//! connections the kernel gave it with their request queues, and a [`Shard`]: the
-//! partitions it owns. A completion is handled to the end on the core that received it:
-//! frames are cut from the receive buffer, each request is decoded and run, and its
-//! response is queued in the connection's order. Partition work is run inline when this
+//! Each core owns one transport instance (accepting from its clones of the broker's
+//! listening sockets), the connections the kernel gave it with their request queues and
+//! protocol [`Session`]s, and a [`Shard`]: the partitions it owns. A completion is handled
+//! to the end on the core that received it: the connection's session cuts frames from the
+//! receive buffer and handles each one, and the resulting [`Step`] is queued in the
+//! connection's order. What a step is, and how a protocol plugs in, is [`session`]'s
+//! documentation. Partition work is run inline when this
 //! core owns the partition and otherwise sent to the owner as a [`CoreMsg::Op`]; the
 //! request waits in a *gathering* slot until every result is back. Requests that must wait
 //! for data or a rebalance are *parked* and re-polled when the broker's notifier wakes the
@@ -22,7 +24,7 @@
 //! - A connection that sends bad input is closed alone, after any responses already
 //!   queued for it; nothing it sent after the bad frame is executed.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,14 +32,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod session;
+#[cfg(test)]
+mod tests;
+
 use crate::broker::shard::{PartOp, PartResult, Shard, SpareRequest};
 use crate::broker::{Broker, PartKey};
+use crate::buffer::IoChunks;
 use crate::log::mmap::SegmentFile;
 use crate::log::{now_ms, IoWork};
 use crate::metrics;
-use crate::protocol::kafka::data::{self, Then};
-use crate::protocol::kafka::{self, InFlight, Outcome, Parked};
-use crate::transport::{CloseReason, Completion, ConnId, Transport, Wake};
+use crate::transport::{CloseReason, Completion, ConnId, Transport};
+use crate::wake::Wake;
+use session::{Cx, Fault, Finish, Parked, Protocol, Session, Step};
 
 /// Stop reading from a connection while this much is queued for it unsent.
 const MAX_UNSENT: usize = 32 << 20;
@@ -84,7 +91,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(tx: Sender<CoreMsg>, waker: Arc<dyn Wake>, sleeping: Arc<AtomicBool>) -> Peer {
+    fn new(tx: Sender<CoreMsg>, waker: Arc<dyn Wake>, sleeping: Arc<AtomicBool>) -> Peer {
         Peer { tx, waker, sleeping }
     }
 
@@ -99,27 +106,29 @@ impl Peer {
 }
 
 enum Slot {
-    Ready(Vec<Bytes>),
-    Parked(Box<(InFlight, Parked)>),
+    Ready(IoChunks),
+    Parked(Box<dyn Parked>),
     Gathering(Box<Gathering>),
 }
 
 struct Gathering {
     ticket: u64,
-    req: InFlight,
-    then: Then,
+    then: Box<dyn Finish>,
     results: Vec<Option<PartResult>>,
     pending: usize,
 }
 
 struct Conn {
     peer: SocketAddr,
-    host: String,
+    session: Box<dyn Session>,
     /// The receive buffer while no receive is outstanding.
     rx: Option<BytesMut>,
     queue: VecDeque<Slot>,
-    /// Bad input seen: answer what is queued, then close.
+    /// No more receives: bad input seen, or closing for idleness.
     closing: bool,
+    /// A fault: close as soon as the ready answers ahead of it are handed to the
+    /// transport (by the next [`Core::flush`]).
+    close_after_flush: bool,
     /// When bytes last moved either way (for `connections_max_idle`).
     last_active: Instant,
 }
@@ -129,6 +138,8 @@ pub struct Core {
     id: usize,
     broker: Arc<Broker>,
     transport: Box<dyn Transport>,
+    /// The protocol of each listener, by the index the transport reports on accept.
+    protocols: Vec<Arc<dyn Protocol>>,
     shard: Shard,
     inbox: Receiver<CoreMsg>,
     peers: Vec<Peer>,
@@ -147,48 +158,68 @@ pub struct Core {
     busy_poll: bool,
 }
 
-/// What a core needs besides its transport; see [`Core::new`].
-pub struct CoreParts {
-    pub shard: Shard,
-    pub inbox: Receiver<CoreMsg>,
-    pub peers: Vec<Peer>,
-    pub sleeping: Arc<AtomicBool>,
+/// What every core gets the same of.
+pub struct Shared {
+    /// The protocol of each of the transports' listeners, in listener order.
+    pub protocols: Vec<Arc<dyn Protocol>>,
+    /// The I/O thread's queue.
     pub io: Sender<IoJob>,
     pub shutdown: Arc<AtomicBool>,
     /// Spin on the transport's poll instead of sleeping in it.
     pub busy_poll: bool,
 }
 
-impl Core {
-    pub fn new(id: usize, broker: Arc<Broker>, transport: Box<dyn Transport>, parts: CoreParts) -> Core {
-        Core {
+/// Makes one core per transport (core `i` owns `shards[i]`), wires every core to every
+/// other, and installs them in the broker's notifier. Returns the cores, to be run each
+/// on its own thread, and how to reach them.
+pub fn build_cores(
+    broker: &Arc<Broker>,
+    shards: Vec<Shard>,
+    transports: Vec<Box<dyn Transport>>,
+    shared: Shared,
+) -> (Vec<Core>, Vec<Peer>) {
+    let mut peers = Vec::new();
+    let mut wiring = Vec::new();
+    for t in &transports {
+        let (tx, rx) = crossbeam_channel::unbounded::<CoreMsg>();
+        let sleeping = Arc::new(AtomicBool::new(false));
+        peers.push(Peer::new(tx, t.waker(), sleeping.clone()));
+        wiring.push((rx, sleeping));
+    }
+    let cores: Vec<Core> = transports
+        .into_iter()
+        .zip(shards)
+        .zip(wiring)
+        .enumerate()
+        .map(|(id, ((transport, shard), (inbox, sleeping)))| Core {
             id,
-            broker,
+            broker: broker.clone(),
             transport,
-            shard: parts.shard,
-            inbox: parts.inbox,
-            peers: parts.peers,
-            sleeping: parts.sleeping,
-            io: parts.io,
+            protocols: shared.protocols.clone(),
+            shard,
+            inbox,
+            peers: peers.clone(),
+            sleeping,
+            io: shared.io.clone(),
             conns: HashMap::new(),
             tickets: HashMap::new(),
             next_ticket: 0,
             parked: 0,
             parked_flag: Arc::new(AtomicBool::new(false)),
             seen_epoch: 0,
-            shutdown: parts.shutdown,
+            shutdown: shared.shutdown.clone(),
             drives_groups: id == 0,
-            busy_poll: parts.busy_poll,
-        }
-    }
+            busy_poll: shared.busy_poll,
+        })
+        .collect();
+    broker.notifier.install(cores.iter().map(Core::notify_handle).collect());
+    (cores, peers)
+}
 
+impl Core {
     /// This core's waker and has-parked-work flag, for the broker's notifier.
     pub fn notify_handle(&self) -> (Arc<dyn Wake>, Arc<AtomicBool>) {
         (self.transport.waker(), self.parked_flag.clone())
-    }
-
-    fn max_frame(&self) -> usize {
-        self.broker.settings.max_request_bytes
     }
 
     /// Runs until shutdown is requested and in-flight work is answered.
@@ -284,8 +315,8 @@ impl Core {
         let mut t = housekeeping;
         for c in self.conns.values() {
             for s in &c.queue {
-                if let Slot::Parked(b) = s {
-                    if let Some(d) = kafka::parked_deadline(&b.1) {
+                if let Slot::Parked(p) = s {
+                    if let Some(d) = p.deadline() {
                         t = t.min(d);
                     }
                 }
@@ -302,11 +333,9 @@ impl Core {
     }
 
     fn any_deadline_passed(&self, now: Instant) -> bool {
-        self.conns.values().any(|c| {
-            c.queue
-                .iter()
-                .any(|s| matches!(s, Slot::Parked(b) if kafka::parked_deadline(&b.1).is_some_and(|d| d <= now)))
-        })
+        self.conns
+            .values()
+            .any(|c| c.queue.iter().any(|s| matches!(s, Slot::Parked(p) if p.deadline().is_some_and(|d| d <= now))))
     }
 
     fn drain_inbox(&mut self) {
@@ -326,20 +355,27 @@ impl Core {
 
     fn on_completion(&mut self, c: Completion, now: Instant) {
         match c {
-            Completion::Accepted { conn, peer } => {
-                log::debug!("core {}: connection {conn} from {peer}", self.id);
+            Completion::Accepted { conn, peer, listener } => {
+                let Some(protocol) = self.protocols.get(listener) else {
+                    log::error!("core {}: connection from {peer} on unknown listener {listener}", self.id);
+                    self.transport.abort(conn);
+                    return;
+                };
+                log::debug!("core {}: {} connection {conn} from {peer}", self.id, protocol.name());
+                let session = protocol.open(peer);
+                let max = session.recv_max();
                 self.conns.insert(
                     conn,
                     Conn {
                         peer,
-                        host: peer.ip().to_string(),
+                        session,
                         rx: None,
                         queue: VecDeque::new(),
                         closing: false,
+                        close_after_flush: false,
                         last_active: now,
                     },
                 );
-                let max = self.max_frame() + 4;
                 self.transport.recv(conn, BytesMut::with_capacity(64 * 1024), max);
             }
             Completion::Received { conn, buf, n } => {
@@ -381,43 +417,32 @@ impl Core {
 
     /// Cuts and runs every complete frame in `buf`, then re-arms the receive.
     fn on_bytes(&mut self, conn: ConnId, mut buf: BytesMut, now: Instant) {
-        let max = self.max_frame();
         loop {
-            if buf.len() < 4 {
-                break;
-            }
-            let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-            if len < 0 || len as usize > max {
-                self.bad_input(conn, &format!("frame length {len} outside 0..={max}"));
-                return;
-            }
-            let len = len as usize;
-            if buf.len() < 4 + len {
-                // Make room for the whole frame now, so it arrives contiguous and the
-                // partial bytes are moved at most once.
-                buf.reserve(4 + len - buf.len());
-                break;
-            }
-            buf.advance(4);
-            let frame = buf.split_to(len).freeze();
-            let Some(c) = self.conns.get(&conn) else { return };
-            let host = c.host.clone();
-            match kafka::handle_frame(&self.broker, frame, &host, now) {
-                Ok((req, outcome)) => {
-                    if let Some(slot) = self.slot_for(conn, req, outcome, now) {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let cx = Cx { broker: &self.broker, now };
+            let step = match c.session.cut(&mut buf) {
+                Ok(None) => break,
+                Ok(Some(frame)) => c.session.handle(&cx, frame),
+                Err(fault) => Err(fault),
+            };
+            match step {
+                Ok(step) => {
+                    if let Some(slot) = self.slot_for(conn, step, now) {
                         if let Some(c) = self.conns.get_mut(&conn) {
                             c.queue.push_back(slot);
                         }
                     }
                 }
-                Err(e) => {
-                    self.bad_input(conn, &e.to_string());
-                    return;
+                Err(fault) => {
+                    self.fail(conn, fault);
+                    break;
                 }
             }
         }
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.rx = Some(buf);
+            if !c.closing {
+                c.rx = Some(buf);
+            }
         }
         self.flush(conn);
         self.maybe_resume(conn);
@@ -461,45 +486,52 @@ impl Core {
         }
     }
 
-    fn bad_input(&mut self, conn: ConnId, why: &str) {
+    /// Marks `conn` to be closed after the answers ready ahead of the fault (the caller
+    /// flushes): its peer sent something its protocol refuses, or we failed it. It does
+    /// not flush itself: callers replace queue slots by position around it.
+    fn fail(&mut self, conn: ConnId, fault: Fault) {
         if let Some(c) = self.conns.get_mut(&conn) {
-            log::warn!("closing connection from {}: {why}", c.peer);
+            match &fault {
+                Fault::BadInput(why) => {
+                    log::warn!("closing connection from {}: {why}", c.peer);
+                    metrics::count_bad_input_close();
+                }
+                Fault::Internal(why) => log::error!("closing connection from {}: {why}", c.peer),
+            }
             c.closing = true;
+            c.close_after_flush = true;
             c.rx = None;
-            metrics::count_bad_input_close();
         }
-        self.flush(conn);
-        self.transport.close(conn);
     }
 
-    /// Turns a handler's outcome into a queue slot (`None`: nothing to answer).
-    fn slot_for(&mut self, conn: ConnId, req: InFlight, outcome: Outcome, now: Instant) -> Option<Slot> {
-        match outcome {
-            Outcome::NoResponse => None,
-            Outcome::Respond(body, by_ref) => match kafka::encode_response(&req, &body, by_ref) {
-                Ok(chunks) => Some(Slot::Ready(chunks)),
-                Err(e) => {
-                    // A response we cannot encode is our bug: say so and drop the client
-                    // rather than leave it waiting forever.
-                    log::error!("{e}");
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.closing = true;
-                    }
-                    self.transport.close(conn);
-                    None
-                }
-            },
-            Outcome::Park(p) => {
+    /// Turns a step into a queue slot (`None`: nothing to answer, or the connection
+    /// failed).
+    fn slot_for(&mut self, conn: ConnId, step: Step, now: Instant) -> Option<Slot> {
+        match step {
+            Step::Silent => None,
+            Step::Respond(chunks) => Some(Slot::Ready(chunks)),
+            Step::Park(p) => {
                 self.parked += 1;
-                Some(Slot::Parked(Box::new((req, p))))
+                Some(Slot::Parked(p))
             }
-            Outcome::Gather(g) => self.start_gather(conn, req, g, now),
+            Step::Gather(g) => self.start_gather(conn, g, now),
+        }
+    }
+
+    /// Like [`Core::slot_for`] for a step that may have failed.
+    fn slot_or_fail(&mut self, conn: ConnId, step: Result<Step, Fault>, now: Instant) -> Option<Slot> {
+        match step {
+            Ok(step) => self.slot_for(conn, step, now),
+            Err(fault) => {
+                self.fail(conn, fault);
+                None
+            }
         }
     }
 
     /// Runs a gather's partition operations: inline for partitions this core owns, on
     /// their owners for the rest.
-    fn start_gather(&mut self, conn: ConnId, req: InFlight, g: data::Gather, now: Instant) -> Option<Slot> {
+    fn start_gather(&mut self, conn: ConnId, g: session::Gather, now: Instant) -> Option<Slot> {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let mut results: Vec<Option<PartResult>> = Vec::with_capacity(g.ops.len());
@@ -516,12 +548,11 @@ impl Core {
         }
         if pending == 0 {
             let results = results.into_iter().flatten().collect();
-            let host = self.conns.get(&conn).map(|c| c.host.clone()).unwrap_or_default();
-            let outcome = data::finish(g.then, results, &host, now);
-            return self.slot_for(conn, req, outcome, now);
+            let step = g.then.finish(&Cx { broker: &self.broker, now }, results);
+            return self.slot_or_fail(conn, step, now);
         }
         self.tickets.insert(ticket, conn);
-        Some(Slot::Gathering(Box::new(Gathering { ticket, req, then: g.then, results, pending })))
+        Some(Slot::Gathering(Box::new(Gathering { ticket, then: g.then, results, pending })))
     }
 
     fn on_done(&mut self, ticket: u64, idx: usize, result: PartResult) {
@@ -541,12 +572,11 @@ impl Core {
             return;
         }
         self.tickets.remove(&ticket);
-        let host = c.host.clone();
         let Slot::Gathering(g) = std::mem::replace(&mut c.queue[pos], Slot::Ready(Vec::new())) else { return };
-        let Gathering { req, then, results, .. } = *g;
+        let Gathering { then, results, .. } = *g;
         let now = Instant::now();
-        let outcome = data::finish(then, results.into_iter().flatten().collect(), &host, now);
-        let slot = self.slot_for(conn, req, outcome, now).unwrap_or(Slot::Ready(Vec::new()));
+        let step = then.finish(&Cx { broker: &self.broker, now }, results.into_iter().flatten().collect());
+        let slot = self.slot_or_fail(conn, step, now).unwrap_or(Slot::Ready(Vec::new()));
         if let Some(c) = self.conns.get_mut(&conn) {
             c.queue[pos] = slot;
         }
@@ -563,16 +593,20 @@ impl Core {
                 out.extend(chunks);
             }
         }
+        let close = std::mem::take(&mut c.close_after_flush);
         if !out.is_empty() {
             self.transport.send(conn, out);
+        }
+        if close {
+            self.transport.close(conn);
         }
     }
 
     /// Re-arms the receive unless the connection is closing or backpressured.
     fn maybe_resume(&mut self, conn: ConnId) {
         let unsent = self.transport.unsent_bytes(conn);
-        let max = self.max_frame() + 4;
         let Some(c) = self.conns.get_mut(&conn) else { return };
+        let max = c.session.recv_max();
         if c.closing || unsent > MAX_UNSENT || c.queue.len() > MAX_PIPELINED {
             return;
         }
@@ -588,19 +622,18 @@ impl Core {
             let mut progressed = false;
             let len = self.conns.get(&id).map_or(0, |c| c.queue.len());
             for pos in 0..len {
-                let outcome = {
-                    let Some(c) = self.conns.get(&id) else { break };
-                    let Some(Slot::Parked(b)) = c.queue.get(pos) else { continue };
-                    let force_this = force || kafka::parked_deadline(&b.1).is_some_and(|d| d <= now);
-                    kafka::poll_parked(&self.broker, &b.1, now, force_this)
+                let step = {
+                    let Some(c) = self.conns.get_mut(&id) else { break };
+                    let Some(Slot::Parked(p)) = c.queue.get_mut(pos) else { continue };
+                    let force_this = force || p.deadline().is_some_and(|d| d <= now);
+                    p.poll(&Cx { broker: &self.broker, now }, force_this)
                 };
-                let Some(outcome) = outcome else { continue };
+                let Some(step) = step else { continue };
                 let Some(c) = self.conns.get_mut(&id) else { break };
-                let Slot::Parked(b) = std::mem::replace(&mut c.queue[pos], Slot::Ready(Vec::new())) else { continue };
+                c.queue[pos] = Slot::Ready(Vec::new());
                 self.parked -= 1;
                 progressed = true;
-                let (req, _) = *b;
-                let slot = self.slot_for(id, req, outcome, now).unwrap_or(Slot::Ready(Vec::new()));
+                let slot = self.slot_or_fail(id, step, now).unwrap_or(Slot::Ready(Vec::new()));
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.queue[pos] = slot;
                 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::rewrite::{self, RequestLog};
+use super::rewrite::{self, RequestLog, Responses};
 use crate::transport::rdma::stream::{RdmaStream, StreamOptions};
 use crate::transport::rdma::verbs;
 
@@ -95,16 +95,6 @@ pub fn run(args: &BridgeArgs, stop: Arc<AtomicBool>) -> Result<(), BridgeError> 
     Ok(())
 }
 
-/// Where the response side is inside the current frame.
-enum RespState {
-    /// Reading a length prefix and correlation id (bytes so far).
-    Prefix(Vec<u8>),
-    /// Passing `left` bytes of a frame straight through.
-    Pass { left: usize },
-    /// Collecting a frame that names brokers, to rewrite.
-    Collect { api: i16, version: i16, body: Vec<u8>, len: usize },
-}
-
 fn serve_conn(
     mut tcp: TcpStream,
     upstream: SocketAddr,
@@ -120,7 +110,7 @@ fn serve_conn(
     let mut inbuf = vec![0u8; 64 * 1024];
     let (mut in_off, mut in_len) = (0usize, 0usize);
     let mut out: Vec<u8> = Vec::new(); // rewritten frames and prefixes waiting for the socket
-    let mut state = RespState::Prefix(Vec::new());
+    let mut responses = Responses::new(host, port);
     let mut client_open = true;
     let invalid = |e: rewrite::RewriteError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     while !stop.load(Ordering::Relaxed) {
@@ -166,72 +156,28 @@ fn serve_conn(
             if avail.is_empty() {
                 break;
             }
-            match &mut state {
-                RespState::Prefix(p) => {
-                    let n = (8 - p.len()).min(avail.len());
-                    p.extend_from_slice(&avail[..n]);
+            match responses.passing() {
+                None => {
+                    let n = responses.take(avail, &mut requests, &mut out).map_err(invalid)?;
                     rdma.consume(n)?;
-                    if p.len() == 8 {
-                        let len = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
-                        let correlation_id = i32::from_be_bytes([p[4], p[5], p[6], p[7]]);
-                        // A frame shorter than a correlation id: those 4 bytes were not one.
-                        if len < 4 {
-                            return Err(io::Error::new(io::ErrorKind::InvalidData, "response frame too short"));
-                        }
-                        let req = requests.next_response().map_err(invalid)?;
-                        req.check(correlation_id).map_err(invalid)?;
-                        if rewrite::names_brokers(req.api) {
-                            let mut body = Vec::with_capacity(len.min(1 << 20));
-                            body.extend_from_slice(&p[4..]);
-                            state = RespState::Collect { api: req.api, version: req.version, body, len };
-                        } else {
-                            // Prefix and correlation id go out as read; the rest streams.
-                            out.extend_from_slice(p);
-                            state = if len == 4 {
-                                RespState::Prefix(Vec::new())
-                            } else {
-                                RespState::Pass { left: len - 4 }
-                            };
-                        }
-                    }
                 }
-                RespState::Pass { left } => {
-                    if !out.is_empty() {
-                        continue; // the prefix goes first
+                Some(_) if !out.is_empty() => continue, // the prefix goes first
+                Some(left) => match tcp.write(&avail[..left.min(avail.len())]) {
+                    Ok(w) => {
+                        responses.passed(w);
+                        rdma.consume(w)?;
                     }
-                    let n = (*left).min(avail.len());
-                    match tcp.write(&avail[..n]) {
-                        Ok(w) => {
-                            *left -= w;
-                            rdma.consume(w)?;
-                            if *left == 0 {
-                                state = RespState::Prefix(Vec::new());
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            socket_full = true;
-                            break;
-                        }
-                        Err(e) => return Err(e),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        socket_full = true;
+                        break;
                     }
-                }
-                RespState::Collect { api, version, body, len } => {
-                    let n = (*len - body.len()).min(avail.len());
-                    body.extend_from_slice(&avail[..n]);
-                    rdma.consume(n)?;
-                    if body.len() == *len {
-                        let new = rewrite::rewrite(*api, *version, body, host, port).map_err(invalid)?;
-                        out.extend_from_slice(&(new.len() as u32).to_be_bytes());
-                        out.extend_from_slice(&new);
-                        state = RespState::Prefix(Vec::new());
-                    }
-                }
+                    Err(e) => return Err(e),
+                },
             }
         }
         rdma.report_freed()?;
         // A client that closed its sending side still gets every answer it is owed.
-        let between_frames = matches!(&state, RespState::Prefix(p) if p.is_empty());
-        if !client_open && in_off == in_len && requests.is_empty() && between_frames && out.is_empty() {
+        if !client_open && in_off == in_len && requests.is_empty() && responses.between_frames() && out.is_empty() {
             return Ok(());
         }
         // Sleep until something can move.

@@ -2,8 +2,11 @@
 //! address keep connecting through it (kafka-proxy's trick): Metadata, FindCoordinator and
 //! DescribeCluster answers name `advertise` instead of the broker behind the sidecar.
 //!
-//! The rewriter follows the request stream to learn each response's API and version
-//! (Kafka answers in request order on a connection), so it never guesses a format.
+//! The rewriter follows the request stream ([`RequestLog`]) to learn each response's API
+//! and version (Kafka answers in request order on a connection), so it never guesses a
+//! format, and cuts the response stream ([`Responses`]) into frames that pass through
+//! untouched and frames it rewrites. Both are sans-IO and cut frames with the one Kafka
+//! framer ([`crate::protocol::kafka::frame`]).
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
@@ -12,10 +15,15 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use std::collections::VecDeque;
 
+use crate::framing::PREFIX;
+use crate::protocol::kafka::frame::{response_correlation, Framer, RequestHead, Side, REQUEST_HEAD};
+
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
-    #[error("request frame of {0} bytes is too short or too large")]
-    BadLength(i64),
+    #[error("request {0}")]
+    BadLength(crate::framing::LengthError),
+    #[error("response {0}")]
+    BadResponseLength(crate::framing::LengthError),
     #[error("malformed {0} request header")]
     BadRequest(&'static str),
     #[error("response without a request")]
@@ -63,6 +71,14 @@ pub struct RequestLog {
 
 /// Largest frame the sidecar tracks (the broker enforces its own limit).
 const MAX_FRAME: usize = 1 << 30;
+
+fn request_framer() -> Framer {
+    Framer::new(Side::Requests, MAX_FRAME)
+}
+
+fn response_framer() -> Framer {
+    Framer::new(Side::Responses, MAX_FRAME)
+}
 
 /// How far into a Produce request its `acks` may lie: a client id (at most 32 KiB) and
 /// header tagged fields; a request that needs more is refused rather than buffered.
@@ -138,23 +154,15 @@ fn produce_acks(b: &[u8], version: i16) -> Result<i16, Short> {
 }
 
 fn read_head(h: &[u8]) -> Result<Head, RewriteError> {
-    if h.len() < 12 {
-        return Ok(Head::Need(12));
-    }
-    let len = i64::from(i32::from_be_bytes([h[0], h[1], h[2], h[3]]));
-    // api key, version and correlation id at least
-    if !(8..=MAX_FRAME as i64).contains(&len) {
-        return Err(RewriteError::BadLength(len));
-    }
-    let pending = Pending {
-        api: i16::from_be_bytes([h[4], h[5]]),
-        version: i16::from_be_bytes([h[6], h[7]]),
-        correlation_id: i32::from_be_bytes([h[8], h[9], h[10], h[11]]),
+    let Some(len) = request_framer().peek_len(h).map_err(RewriteError::BadLength)? else {
+        return Ok(Head::Need(PREFIX + REQUEST_HEAD));
     };
+    let Some(head) = RequestHead::peek(&h[PREFIX..]) else { return Ok(Head::Need(PREFIX + REQUEST_HEAD)) };
+    let pending = Pending { api: head.api, version: head.version, correlation_id: head.correlation_id };
     if pending.api != ApiKey::Produce as i16 {
         return Ok(Head::Done { pending, answered: true });
     }
-    let frame_end = len as usize + 4;
+    let frame_end = len + PREFIX;
     match produce_acks(h, pending.version) {
         Ok(acks) => Ok(Head::Done { pending, answered: acks != 0 }),
         Err(Short(n)) if n <= frame_end.min(MAX_PRODUCE_HEAD) => Ok(Head::Need(n)),
@@ -192,8 +200,9 @@ impl RequestLog {
         if answered {
             self.pending.push_back(pending);
         }
-        let len = i32::from_be_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]) as usize;
-        self.skip = len + 4 - self.head.len();
+        // `read_head` checked the prefix before it could say Done.
+        let len = request_framer().peek_len(&self.head).ok().flatten().unwrap_or(0);
+        self.skip = (len + PREFIX).saturating_sub(self.head.len());
         self.head.clear();
     }
 
@@ -205,6 +214,103 @@ impl RequestLog {
     /// The request the next response answers.
     pub fn next_response(&mut self) -> Result<Pending, RewriteError> {
         self.pending.pop_front().ok_or(RewriteError::Unrequested)
+    }
+}
+
+/// Where the response stream is inside the current frame.
+enum RespState {
+    /// Reading a length prefix and correlation id (bytes so far).
+    Prefix(Vec<u8>),
+    /// Passing `left` bytes of a frame straight through.
+    Pass { left: usize },
+    /// Collecting a frame that names brokers, to rewrite.
+    Collect { api: i16, version: i16, body: Vec<u8>, len: usize },
+}
+
+/// Cuts a connection's response stream into frames that pass through untouched (their
+/// bytes are copied by the caller straight from where they arrived to where they go) and
+/// frames that name brokers, which are collected and rewritten to advertise
+/// `host:port`. Sans-IO: the bridge's pump loop only moves bytes.
+///
+/// # Invariants
+/// - Every response is matched to the request it answers ([`RequestLog`]) and its
+///   correlation id checked: a stream misread is an error, never a silent corruption.
+pub struct Responses {
+    state: RespState,
+    host: String,
+    port: u16,
+}
+
+impl Responses {
+    pub fn new(host: &str, port: u16) -> Responses {
+        Responses { state: RespState::Prefix(Vec::new()), host: host.to_string(), port }
+    }
+
+    /// Bytes of the current frame to copy straight through, if it is passing.
+    pub fn passing(&self) -> Option<usize> {
+        match self.state {
+            RespState::Pass { left } => Some(left),
+            _ => None,
+        }
+    }
+
+    /// `n` bytes of a passing frame went through.
+    pub fn passed(&mut self, n: usize) {
+        if let RespState::Pass { left } = &mut self.state {
+            *left -= n.min(*left);
+            if *left == 0 {
+                self.state = RespState::Prefix(Vec::new());
+            }
+        }
+    }
+
+    /// Whether the stream is between frames (nothing of a response is held or owed).
+    pub fn between_frames(&self) -> bool {
+        matches!(&self.state, RespState::Prefix(p) if p.is_empty())
+    }
+
+    /// Takes bytes from `avail` while not passing: a prefix and correlation id (which
+    /// go out in `out` as read when the frame passes) or a frame to rewrite (which goes
+    /// out in `out` rewritten once whole). Returns how many bytes of `avail` it took.
+    pub fn take(&mut self, avail: &[u8], requests: &mut RequestLog, out: &mut Vec<u8>) -> Result<usize, RewriteError> {
+        const HEAD: usize = PREFIX + 4;
+        match &mut self.state {
+            RespState::Pass { .. } => Ok(0),
+            RespState::Prefix(p) => {
+                let n = (HEAD - p.len()).min(avail.len());
+                p.extend_from_slice(&avail[..n]);
+                if p.len() < HEAD {
+                    return Ok(n);
+                }
+                let len =
+                    response_framer().body_len([p[0], p[1], p[2], p[3]]).map_err(RewriteError::BadResponseLength)?;
+                let correlation_id = response_correlation(&p[PREFIX..]).unwrap_or_default();
+                let req = requests.next_response()?;
+                req.check(correlation_id)?;
+                if names_brokers(req.api) {
+                    let mut body = Vec::with_capacity(len.min(1 << 20));
+                    body.extend_from_slice(&p[PREFIX..]);
+                    self.state = RespState::Collect { api: req.api, version: req.version, body, len };
+                } else {
+                    // Prefix and correlation id go out as read; the rest streams.
+                    out.extend_from_slice(p);
+                    self.state =
+                        if len == 4 { RespState::Prefix(Vec::new()) } else { RespState::Pass { left: len - 4 } };
+                }
+                Ok(n)
+            }
+            RespState::Collect { api, version, body, len } => {
+                let n = (*len - body.len()).min(avail.len());
+                body.extend_from_slice(&avail[..n]);
+                if body.len() == *len {
+                    let new = rewrite(*api, *version, body, &self.host, self.port)?;
+                    out.extend_from_slice(&crate::framing::prefix_for(new.len()));
+                    out.extend_from_slice(&new);
+                    self.state = RespState::Prefix(Vec::new());
+                }
+                Ok(n)
+            }
+        }
     }
 }
 
@@ -350,6 +456,73 @@ mod tests {
             }
             assert!(log.next_response().is_err(), "acks=0 produces are not waited for (pieces of {piece})");
         }
+    }
+
+    /// One response frame.
+    fn response<R: Encodable>(api: ApiKey, version: i16, corr: i32, body: &R) -> Vec<u8> {
+        let mut h = ResponseHeader::default();
+        h.correlation_id = corr;
+        let mut b = BytesMut::new();
+        h.encode(&mut b, api.response_header_version(version)).expect("header");
+        body.encode(&mut b, version).expect("body");
+        let mut f = (b.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&b);
+        f
+    }
+
+    #[test]
+    fn responses_pass_through_or_are_rewritten_however_the_stream_is_cut() {
+        let produce_request = request(ApiKey::Produce, 9, 1, Some("c"), &produce(1, None));
+        let mut requests = produce_request.clone();
+        requests.extend(request(ApiKey::Metadata, 12, 2, Some("c"), &MetadataRequest::default()));
+        let mut meta = MetadataResponse::default();
+        let mut b = kafka_protocol::messages::metadata_response::MetadataResponseBroker::default();
+        b.host = StrBytes::from_static_str("real-broker");
+        b.port = 19092;
+        meta.brokers.push(b);
+        let produced = response(ApiKey::Produce, 9, 1, &kafka_protocol::messages::ProduceResponse::default());
+        let mut stream = produced.clone();
+        stream.extend(response(ApiKey::Metadata, 12, 2, &meta));
+        for piece in 1..=stream.len() {
+            let mut log = RequestLog::default();
+            log.observe(&requests).expect("requests");
+            let mut r = Responses::new("sidecar", 9092);
+            let mut out = Vec::new();
+            for mut chunk in stream.chunks(piece) {
+                while !chunk.is_empty() {
+                    let n = match r.passing() {
+                        Some(left) => {
+                            // The caller copies passing bytes itself, after `out`.
+                            let n = left.min(chunk.len());
+                            out.extend_from_slice(&chunk[..n]);
+                            r.passed(n);
+                            n
+                        }
+                        None => r.take(chunk, &mut log, &mut out).expect("valid responses"),
+                    };
+                    chunk = &chunk[n..];
+                }
+            }
+            assert!(r.between_frames() && log.is_empty(), "pieces of {piece}");
+            assert_eq!(&out[..produced.len()], &produced[..], "the produce answer passes untouched");
+            let mut rest = Bytes::copy_from_slice(&out[produced.len() + 4..]);
+            let h = ResponseHeader::decode(&mut rest, ApiKey::Metadata.response_header_version(12)).expect("header");
+            assert_eq!(h.correlation_id, 2);
+            let m = MetadataResponse::decode(&mut rest, 12).expect("metadata");
+            assert_eq!((m.brokers[0].host.as_str(), m.brokers[0].port), ("sidecar", 9092), "pieces of {piece}");
+        }
+        // A response nobody asked for, and one answering another request, are refused.
+        let mut r = Responses::new("sidecar", 9092);
+        assert!(r.take(&produced, &mut RequestLog::default(), &mut Vec::new()).is_err());
+        let mut log = RequestLog::default();
+        log.observe(&produce_request).expect("one request");
+        let wrong = response(ApiKey::Produce, 9, 7, &kafka_protocol::messages::ProduceResponse::default());
+        assert!(matches!(
+            Responses::new("s", 1).take(&wrong, &mut log, &mut Vec::new()),
+            Err(RewriteError::Correlation { .. })
+        ));
+        // A frame too short for a correlation id.
+        assert!(Responses::new("s", 1).take(&[0, 0, 0, 2, 0, 0, 0, 0], &mut log, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -29,6 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
+use crate::wake::Wake;
+
 /// A connection, unique within one transport instance (one core).
 pub type ConnId = u64;
 
@@ -72,6 +74,9 @@ pub enum Completion {
     Accepted {
         conn: ConnId,
         peer: SocketAddr,
+        /// Which of the transport's listeners, by index (the broker binds a protocol to
+        /// each).
+        listener: usize,
     },
     /// `buf` is the buffer given to [`Transport::recv`], with `n` new bytes appended.
     /// `n == 0` means the peer closed its side.
@@ -89,11 +94,6 @@ pub enum Completion {
         conn: ConnId,
         reason: CloseReason,
     },
-}
-
-/// Wakes a core's transport from another thread (for cross-core notifications).
-pub trait Wake: Send + Sync {
-    fn wake(&self);
 }
 
 /// A transport backend, one instance per core.
@@ -138,21 +138,30 @@ pub struct TransportOptions {
     pub rdma: rdma::RdmaOptions,
 }
 
-/// What the cores accept connections from: the broker's TCP listening socket, or its
-/// rdma_cm listening id.
-pub enum Listener {
-    Tcp(std::net::TcpListener),
+/// What the cores accept connections from: the broker's TCP listening sockets, or its
+/// rdma_cm listening id. Index `i` is the `i`-th address bound; every core's transport
+/// accepts from all of them and names the index in [`Completion::Accepted`].
+pub enum Listeners {
+    Tcp(Vec<std::net::TcpListener>),
     #[cfg(feature = "rdma")]
     Rdma(Arc<rdma::RdmaListener>),
 }
 
-impl Listener {
-    /// Binds what `kind` accepts from on `addr`.
-    pub fn bind(kind: TransportKind, addr: SocketAddr) -> Result<Listener, TransportError> {
+impl Listeners {
+    /// Binds what `kind` accepts from on each of `addrs`.
+    pub fn bind(kind: TransportKind, addrs: &[SocketAddr]) -> Result<Listeners, TransportError> {
         match kind {
-            TransportKind::Tcp | TransportKind::Uring => Ok(Listener::Tcp(bind_listener(addr)?)),
+            TransportKind::Tcp | TransportKind::Uring => {
+                Ok(Listeners::Tcp(addrs.iter().map(|a| bind_listener(*a)).collect::<Result<_, _>>()?))
+            }
             #[cfg(feature = "rdma")]
-            TransportKind::Rdma => Ok(Listener::Rdma(rdma::RdmaListener::bind(addr)?)),
+            TransportKind::Rdma => match addrs {
+                [addr] => Ok(Listeners::Rdma(rdma::RdmaListener::bind(*addr)?)),
+                _ => Err(TransportError::Unsupported(format!(
+                    "the rdma transport serves one listener ({} given)",
+                    addrs.len()
+                ))),
+            },
             other => Err(TransportError::NotBuilt(other)),
         }
     }
@@ -183,19 +192,20 @@ pub fn bind_listener(addr: SocketAddr) -> Result<std::net::TcpListener, Transpor
     }
 }
 
-/// Builds the transport for one core, accepting from its clone of the broker's listener.
+/// Builds the transport for one core, accepting from its clones of the broker's listeners.
 pub fn build(
     kind: TransportKind,
-    listener: &Listener,
+    listeners: &Listeners,
     opts: &TransportOptions,
 ) -> Result<Box<dyn Transport>, TransportError> {
-    match (kind, listener) {
-        (TransportKind::Tcp, Listener::Tcp(l)) => Ok(Box::new(tcp::TcpTransport::new(l.try_clone()?)?)),
-        (TransportKind::Uring, Listener::Tcp(l)) => {
-            Ok(Box::new(uring::UringTransport::new(l.try_clone()?, opts.uring)?))
+    let clones = |ls: &[std::net::TcpListener]| ls.iter().map(|l| l.try_clone()).collect::<io::Result<Vec<_>>>();
+    match (kind, listeners) {
+        (TransportKind::Tcp, Listeners::Tcp(ls)) => Ok(Box::new(tcp::TcpTransport::new(clones(ls)?)?)),
+        (TransportKind::Uring, Listeners::Tcp(ls)) => {
+            Ok(Box::new(uring::UringTransport::new(clones(ls)?, opts.uring)?))
         }
         #[cfg(feature = "rdma")]
-        (TransportKind::Rdma, Listener::Rdma(l)) => Ok(Box::new(rdma::RdmaTransport::new(l.clone(), opts.rdma)?)),
+        (TransportKind::Rdma, Listeners::Rdma(l)) => Ok(Box::new(rdma::RdmaTransport::new(l.clone(), opts.rdma)?)),
         (other, _) => Err(TransportError::NotBuilt(other)),
     }
 }

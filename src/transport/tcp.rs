@@ -13,11 +13,16 @@ use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind, Wake};
+use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
+use crate::wake::Wake;
 
-const LISTENER: Token = Token(0);
-const WAKER: Token = Token(1);
-const FIRST_CONN: u64 = 2;
+const WAKER: Token = Token(0);
+const FIRST_CONN: u64 = 1;
+
+/// Listener `i`'s token: counted down from the top, far from connection ids.
+fn listener_token(i: usize) -> Token {
+    Token(usize::MAX - i)
+}
 /// At most this many bytes are read for one completion, so one busy peer cannot starve
 /// the others on the core.
 const READ_BUDGET: usize = 1 << 20;
@@ -51,7 +56,9 @@ impl Wake for MioWake {
 pub struct TcpTransport {
     poll: Poll,
     events: Events,
-    listener: Option<TcpListener>,
+    /// This core's clones of the broker's listening sockets, in listener order (empty
+    /// once it stops accepting).
+    listeners: Vec<TcpListener>,
     waker: Arc<MioWake>,
     conns: HashMap<ConnId, Conn>,
     next_id: u64,
@@ -60,18 +67,22 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    /// Serves connections accepted from `listener` (this core's clone of the broker's one
-    /// listening socket).
-    pub fn new(listener: std::net::TcpListener) -> Result<Self, TransportError> {
+    /// Serves connections accepted from `listeners` (this core's clones of the broker's
+    /// listening sockets; [`Completion::Accepted`] names the index of the one accepted from).
+    pub fn new(listeners: Vec<std::net::TcpListener>) -> Result<Self, TransportError> {
         let poll = Poll::new()?;
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut mio_listeners = Vec::with_capacity(listeners.len());
+        for (i, l) in listeners.into_iter().enumerate() {
+            l.set_nonblocking(true)?;
+            let mut l = TcpListener::from_std(l);
+            poll.registry().register(&mut l, listener_token(i), Interest::READABLE)?;
+            mio_listeners.push(l);
+        }
         let waker = Arc::new(MioWake(Waker::new(poll.registry(), WAKER)?));
         Ok(TcpTransport {
             poll,
             events: Events::with_capacity(1024),
-            listener: Some(listener),
+            listeners: mio_listeners,
             waker,
             conns: HashMap::new(),
             next_id: FIRST_CONN,
@@ -79,8 +90,8 @@ impl TcpTransport {
         })
     }
 
-    fn accept_all(&mut self) {
-        let Some(listener) = &self.listener else {
+    fn accept_all(&mut self, index: usize) {
+        let Some(listener) = self.listeners.get(index) else {
             return;
         };
         loop {
@@ -112,7 +123,7 @@ impl TcpTransport {
                             closing: false,
                         },
                     );
-                    self.ready.push(Completion::Accepted { conn: id, peer });
+                    self.ready.push(Completion::Accepted { conn: id, peer, listener: index });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -298,7 +309,7 @@ impl Transport for TcpTransport {
     }
 
     fn stop_accepting(&mut self) {
-        if let Some(mut l) = self.listener.take() {
+        for mut l in self.listeners.drain(..) {
             if let Err(e) = self.poll.registry().deregister(&mut l) {
                 log::debug!("deregister listener: {e}");
             }
@@ -316,10 +327,12 @@ impl Transport for TcpTransport {
             Err(e) => return Err(e),
         }
         let mut touched: Vec<(ConnId, bool, bool)> = Vec::new();
+        let mut accept_from: Vec<usize> = Vec::new();
+        let first_listener = usize::MAX - self.listeners.len();
         for ev in self.events.iter() {
             match ev.token() {
-                LISTENER => {}
                 WAKER => {}
+                Token(t) if t > first_listener => accept_from.push(usize::MAX - t),
                 Token(t) => touched.push((
                     t as u64,
                     ev.is_readable() || ev.is_read_closed() || ev.is_error(),
@@ -327,8 +340,8 @@ impl Transport for TcpTransport {
                 )),
             }
         }
-        if self.events.iter().any(|e| e.token() == LISTENER) {
-            self.accept_all();
+        for index in accept_from {
+            self.accept_all(index);
         }
         for (id, r, w) in touched {
             if let Some(c) = self.conns.get_mut(&id) {

@@ -8,6 +8,7 @@ mod bench_smoke;
 mod clients;
 mod crash;
 mod groups;
+mod listeners;
 mod long_poll;
 #[cfg(feature = "rdma")]
 mod rdma;

@@ -55,8 +55,8 @@ pub fn metadata(ctx: &Ctx<'_>, req: MetadataRequest) -> Outcome {
     let mut resp = MetadataResponse::default();
     let mut b = MetadataResponseBroker::default();
     b.node_id = BrokerId(s.node_id);
-    b.host = sb(&s.advertised_host);
-    b.port = s.advertised_port;
+    b.host = sb(&ctx.endpoint.host);
+    b.port = ctx.endpoint.port;
     resp.brokers.push(b);
     if v >= 2 {
         resp.cluster_id = Some(sb(&s.cluster_id));
@@ -279,8 +279,8 @@ pub fn describe_cluster(ctx: &Ctx<'_>, _req: DescribeClusterRequest) -> Outcome 
     resp.controller_id = BrokerId(s.node_id);
     let mut b = DescribeClusterBroker::default();
     b.broker_id = BrokerId(s.node_id);
-    b.host = sb(&s.advertised_host);
-    b.port = s.advertised_port;
+    b.host = sb(&ctx.endpoint.host);
+    b.port = ctx.endpoint.port;
     resp.brokers.push(b);
     Outcome::respond(resp)
 }

@@ -83,6 +83,8 @@ impl From<GroupError> for ErrorCode {
             GroupError::InvalidGroupId => ErrorCode::InvalidGroupId,
             GroupError::GroupIdNotFound => ErrorCode::GroupIdNotFound,
             GroupError::NonEmptyGroup => ErrorCode::NonEmptyGroup,
+            // Retriable, as Kafka answers a commit its offsets log could not take.
+            GroupError::Storage => ErrorCode::CoordinatorNotAvailable,
         }
     }
 }

@@ -37,8 +37,8 @@ pub fn find_coordinator(ctx: &Ctx<'_>, req: FindCoordinatorRequest) -> Outcome {
             c.error_code = error.code();
             if error == ErrorCode::None {
                 c.node_id = BrokerId(s.node_id);
-                c.host = sb(&s.advertised_host);
-                c.port = s.advertised_port;
+                c.host = sb(&ctx.endpoint.host);
+                c.port = ctx.endpoint.port;
             } else {
                 c.node_id = BrokerId(-1);
                 c.port = -1;
@@ -49,8 +49,8 @@ pub fn find_coordinator(ctx: &Ctx<'_>, req: FindCoordinatorRequest) -> Outcome {
         resp.error_code = error.code();
         if error == ErrorCode::None {
             resp.node_id = BrokerId(s.node_id);
-            resp.host = sb(&s.advertised_host);
-            resp.port = s.advertised_port;
+            resp.host = sb(&ctx.endpoint.host);
+            resp.port = ctx.endpoint.port;
         } else {
             resp.node_id = BrokerId(-1);
             resp.port = -1;

@@ -14,7 +14,9 @@
 pub mod admin;
 pub mod data;
 pub mod error;
+pub mod frame;
 pub mod group;
+pub mod session;
 
 use bytes::{Buf, Bytes};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
@@ -78,9 +80,19 @@ pub enum ProtocolError {
     Encode { api: ApiKey, version: i16, reason: String },
 }
 
+/// The address a listener gives clients in Metadata, FindCoordinator and
+/// DescribeCluster answers (Kafka's advertised listener).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: i32,
+}
+
 /// Who sent a request, for handlers that need it.
 pub struct Ctx<'a> {
     pub broker: &'a Arc<Broker>,
+    /// The listener the request came in on, as clients must reach it.
+    pub endpoint: &'a Endpoint,
     pub version: i16,
     pub client_id: String,
     pub client_host: String,
@@ -111,6 +123,7 @@ impl Outcome {
 }
 
 /// A decoded request that is being served.
+#[derive(Debug, Clone, Copy)]
 pub struct InFlight {
     pub api: ApiKey,
     pub version: i16,
@@ -167,6 +180,7 @@ pub fn decode_frame(mut frame: Bytes) -> Result<Decoded, ProtocolError> {
 /// Decodes one frame (without its length prefix) and runs it.
 pub fn handle_frame(
     broker: &Arc<Broker>,
+    endpoint: &Endpoint,
     frame: Bytes,
     client_host: &str,
     now: Instant,
@@ -179,6 +193,7 @@ pub fn handle_frame(
     crate::metrics::count_request();
     let ctx = Ctx {
         broker,
+        endpoint,
         version,
         client_id: header.client_id.map(|s| s.to_string()).unwrap_or_default(),
         client_host: client_host.to_string(),

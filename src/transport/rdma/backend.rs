@@ -12,8 +12,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::super::staging::RecvStaging;
-use super::super::uring::EventFdWake;
-use super::super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind, Wake};
+use super::super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
 use super::verbs::{
     self as verbs, Access, CmEventKind, CmId, CompChannel, Cq, EventChannel, Mr, Pd, QpCaps, SendOp, SendWr, Sge, Srq,
     WcExt,
@@ -22,6 +21,7 @@ use super::wire::{self, Grant, Imm, Offer, SendHeader};
 use crate::buffer::AnonMap;
 use crate::log::mmap::{mapping_containing, SegmentMap};
 use crate::metrics;
+use crate::wake::{EventFd, Wake};
 
 /// Settings of the RDMA backend.
 #[derive(Debug, Clone, Copy)]
@@ -151,7 +151,7 @@ pub struct RdmaTransport {
     by_qp: HashMap<u32, ConnId>,
     listener: Option<Arc<RdmaListener>>,
     events: Arc<EventChannel>,
-    waker: Arc<EventFdWake>,
+    waker: Arc<EventFd>,
     opts: RdmaOptions,
     next_conn: u64,
     next_post: u64,
@@ -172,7 +172,7 @@ impl RdmaTransport {
             by_qp: HashMap::new(),
             listener: Some(listener),
             events: EventChannel::new()?,
-            waker: Arc::new(EventFdWake::new()?),
+            waker: Arc::new(EventFd::new()?),
             opts,
             next_conn: 1,
             next_post: 1,
@@ -326,7 +326,7 @@ impl RdmaTransport {
                 CmEventKind::Established => {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.established = true;
-                        self.ready.push(Completion::Accepted { conn, peer: c.peer });
+                        self.ready.push(Completion::Accepted { conn, peer: c.peer, listener: 0 });
                     }
                 }
                 CmEventKind::Disconnected => {

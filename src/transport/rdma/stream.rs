@@ -26,6 +26,7 @@ use super::verbs::{
 };
 use super::wire::{Grant, Imm, Offer, SendHeader, SEND_HEADER};
 use crate::buffer::AnonMap;
+use crate::framing::{Prefixed, PREFIX};
 
 /// Receives kept posted for the broker's write-with-immediate batches.
 const RECV_DEPTH: u32 = 256;
@@ -320,29 +321,28 @@ impl RdmaStream {
         Ok(())
     }
 
-    /// Blocking helper: reads one length-prefixed Kafka frame (without its prefix).
+    /// Blocking helper: reads one length-prefixed frame (without its prefix) of at most
+    /// `MAX_FRAME_READ` bytes.
     pub fn read_frame(&mut self, timeout: Duration) -> io::Result<Vec<u8>> {
+        const MAX_FRAME_READ: usize = 256 << 20;
+        let framing = Prefixed::new(0, MAX_FRAME_READ);
         let deadline = Instant::now() + timeout;
         let mut buf = Vec::new();
-        let mut need = 4usize;
         loop {
             self.progress()?;
-            while buf.len() < need {
+            loop {
+                let need = framing.missing(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 let r = self.readable();
-                if r.is_empty() {
+                if need == 0 || r.is_empty() {
                     break;
                 }
-                let n = r.len().min(need - buf.len());
+                let n = r.len().min(need);
                 buf.extend_from_slice(&r[..n]);
                 self.consume(n)?;
             }
-            if buf.len() == need {
-                if need == 4 {
-                    need = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-                    continue;
-                }
+            if framing.peek(&buf).ok().flatten().is_some_and(|len| buf.len() == PREFIX + len) {
                 self.report_freed()?;
-                return Ok(buf.split_off(4));
+                return Ok(buf.split_off(PREFIX));
             }
             if let Some(why) = self.closed() {
                 return Err(io::Error::new(io::ErrorKind::ConnectionReset, why.to_string()));

@@ -254,10 +254,8 @@ impl CmId {
     pub fn listen(&mut self, addr: SocketAddr, backlog: i32) -> io::Result<()> {
         let (mut ss, _) = sockaddr(addr);
         // SAFETY: a live id and a valid socket address.
-        check(
-            unsafe { sys::rdma_bind_addr(self.ptr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast()) },
-            &format!("rdma_bind_addr {addr}"),
-        )?;
+        let rc = unsafe { sys::rdma_bind_addr(self.ptr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast()) };
+        check(rc, &format!("rdma_bind_addr {addr}"))?;
         // SAFETY: a bound id.
         check(unsafe { sys::rdma_listen(self.ptr.as_ptr(), backlog) }, "rdma_listen")
     }

@@ -40,13 +40,14 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::staging::RecvStaging;
-use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind, Wake};
+use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
 use crate::metrics;
+use crate::wake::{EventFd, Wake};
 
 /// Options of the io_uring backend.
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +101,8 @@ const BUF_RING_BUF_SIZE: usize = 32 * 1024;
 const STAGED_PAUSE_AT: usize = 1024 * 1024;
 
 enum Op {
-    Accept,
+    /// An accept on a listener (its index in `listeners`).
+    Accept(usize),
     Recv {
         conn: ConnId,
         buf: BytesMut,
@@ -171,60 +173,20 @@ impl UConn {
     }
 }
 
-/// An eventfd that wakes a sleeping core (io_uring keeps a `READ` armed on it; the RDMA
-/// backend polls it beside its channels).
-pub(crate) struct EventFdWake(OwnedFd);
-
-impl EventFdWake {
-    pub(crate) fn new() -> io::Result<Self> {
-        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `efd` is a fresh descriptor nobody else owns.
-        Ok(EventFdWake(unsafe { OwnedFd::from_raw_fd(efd) }))
-    }
-
-    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
-    pub(crate) fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-
-    /// Resets the counter (for pollers that do not read it through the ring).
-    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
-    pub(crate) fn drain(&self) {
-        let mut v = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live local from a non-blocking eventfd.
-        let _ = unsafe { libc::read(self.0.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
-    }
-}
-
-impl Wake for EventFdWake {
-    fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd we own.
-        let rc = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock {
-                log::warn!("waking a core failed: {e}");
-            }
-        }
-    }
-}
-
 pub struct UringTransport {
     ring: IoUring,
     /// Multishot mode's provided buffers (declared after `ring`: dropped after it).
     bufring: Option<BufRing>,
-    listener: Option<TcpListener>,
+    /// This core's clones of the broker's listening sockets, in listener order.
+    listeners: Vec<TcpListener>,
+    /// False once `stop_accepting` ran: accepts are not re-armed.
+    accepting: bool,
     accept_multishot: bool,
     send_zc: bool,
     /// Free slots of the fixed-file table (`None`: not registered).
     fixed_free: Option<Vec<u32>>,
     opts: UringOptions,
-    waker: Arc<EventFdWake>,
+    waker: Arc<EventFd>,
     ops: HashMap<u64, Op>,
     next_op: u64,
     conns: HashMap<ConnId, UConn>,
@@ -233,9 +195,9 @@ pub struct UringTransport {
 }
 
 impl UringTransport {
-    /// Serves connections accepted from `listener` (this core's clone of the broker's one
-    /// listening socket).
-    pub fn new(listener: TcpListener, opts: UringOptions) -> Result<Self, TransportError> {
+    /// Serves connections accepted from `listeners` (this core's clones of the broker's
+    /// listening sockets; [`Completion::Accepted`] names the index of the one accepted from).
+    pub fn new(listeners: Vec<TcpListener>, opts: UringOptions) -> Result<Self, TransportError> {
         let mut builder = IoUring::builder();
         if opts.sqpoll {
             builder.setup_sqpoll(50);
@@ -265,7 +227,7 @@ impl UringTransport {
         } else {
             None
         };
-        let waker = Arc::new(EventFdWake::new()?);
+        let waker = Arc::new(EventFd::new()?);
         let bufring = if opts.recv_multishot {
             if probe.is_supported(opcode::SendMsgZc::CODE) {
                 // Buffer rings (5.19) and multishot receive (6.0) predate SENDMSG_ZC (6.1).
@@ -286,7 +248,8 @@ impl UringTransport {
         let mut t = UringTransport {
             ring,
             bufring,
-            listener: Some(listener),
+            listeners,
+            accepting: true,
             accept_multishot,
             send_zc,
             fixed_free,
@@ -298,7 +261,9 @@ impl UringTransport {
             next_conn: 1,
             ready: Vec::new(),
         };
-        t.arm_accept()?;
+        for i in 0..t.listeners.len() {
+            t.arm_accept(i)?;
+        }
         t.arm_wake()?;
         Ok(t)
     }
@@ -324,8 +289,11 @@ impl UringTransport {
         }
     }
 
-    fn arm_accept(&mut self) -> io::Result<()> {
-        let Some(l) = &self.listener else { return Ok(()) };
+    fn arm_accept(&mut self, index: usize) -> io::Result<()> {
+        if !self.accepting {
+            return Ok(());
+        }
+        let Some(l) = self.listeners.get(index) else { return Ok(()) };
         let fd = types::Fd(l.as_raw_fd());
         let entry = if self.accept_multishot {
             opcode::AcceptMulti::new(fd).flags(libc::SOCK_CLOEXEC).build()
@@ -334,12 +302,12 @@ impl UringTransport {
         };
         // SAFETY: no pointers; the listener outlives the op (it is dropped only after the
         // accept's cancellation completes, see `stop_accepting`).
-        unsafe { self.push(entry, Op::Accept) }.map(|_| ())
+        unsafe { self.push(entry, Op::Accept(index)) }.map(|_| ())
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
         let mut buf = Box::new([0u8; 8]);
-        let entry = opcode::Read::new(types::Fd(self.waker.0.as_raw_fd()), buf.as_mut_ptr(), 8).build();
+        let entry = opcode::Read::new(types::Fd(self.waker.fd()), buf.as_mut_ptr(), 8).build();
         // SAFETY: the 8-byte target is the boxed buffer moved into the op.
         unsafe { self.push(entry, Op::Wake(buf)) }.map(|_| ())
     }
@@ -421,7 +389,10 @@ impl UringTransport {
     fn on_cqe(&mut self, id: u64, res: i32, flags: u32) {
         match self.ops.get(&id) {
             None => {}
-            Some(Op::Accept) => self.on_accept(id, res, flags),
+            Some(Op::Accept(index)) => {
+                let index = *index;
+                self.on_accept(id, index, res, flags)
+            }
             Some(Op::Wake(_)) => {
                 self.ops.remove(&id);
                 if let Err(e) = self.arm_wake() {
@@ -549,11 +520,11 @@ impl UringTransport {
         self.reap(conn);
     }
 
-    fn on_accept(&mut self, id: u64, res: i32, flags: u32) {
+    fn on_accept(&mut self, id: u64, index: usize, res: i32, flags: u32) {
         if !cqueue::more(flags) {
             self.ops.remove(&id);
-            if self.listener.is_some() {
-                if let Err(e) = self.arm_accept() {
+            if self.accepting {
+                if let Err(e) = self.arm_accept(index) {
                     log::error!("io_uring: re-arming accept failed: {e}");
                 }
             }
@@ -596,7 +567,7 @@ impl UringTransport {
                 reason: None,
             },
         );
-        self.ready.push(Completion::Accepted { conn, peer });
+        self.ready.push(Completion::Accepted { conn, peer, listener: index });
     }
 
     fn on_send_cqe(&mut self, id: u64, res: i32, flags: u32) {
@@ -781,7 +752,7 @@ impl Transport for UringTransport {
     }
 
     fn stop_accepting(&mut self) {
-        let ids: Vec<u64> = self.ops.iter().filter(|(_, o)| matches!(o, Op::Accept)).map(|(id, _)| *id).collect();
+        let ids: Vec<u64> = self.ops.iter().filter(|(_, o)| matches!(o, Op::Accept(_))).map(|(id, _)| *id).collect();
         for id in ids {
             let entry = opcode::AsyncCancel::new(id).build();
             // SAFETY: no pointers.
@@ -791,7 +762,8 @@ impl Transport for UringTransport {
         }
         // The accept op holds its own reference to the listening file; closing our fd now
         // takes the socket away once the cancel lands (the ring held its own reference).
-        self.listener = None;
+        self.accepting = false;
+        self.listeners.clear();
     }
 
     fn poll(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
@@ -836,7 +808,7 @@ impl Drop for UringTransport {
             let cqes: Vec<(u64, u32)> = self.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
             for (id, flags) in cqes {
                 let final_cqe = match self.ops.get_mut(&id) {
-                    Some(Op::Accept) | Some(Op::RecvMulti { .. }) => !cqueue::more(flags),
+                    Some(Op::Accept(_)) | Some(Op::RecvMulti { .. }) => !cqueue::more(flags),
                     // A zero-copy send's result with F_MORE: its notification is still to come.
                     Some(Op::Send(op)) if op.zc && !cqueue::notif(flags) && cqueue::more(flags) => {
                         op.awaiting_notif = true;
@@ -884,7 +856,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let opts = UringOptions { recv_multishot: true, ..UringOptions::default() };
-        let mut t = UringTransport::new(listener, opts).expect("io_uring");
+        let mut t = UringTransport::new(vec![listener], opts).expect("io_uring");
         assert!(t.bufring.is_some(), "multishot receive not available on this kernel");
         const TOTAL: usize = 8 << 20;
         let writer = std::thread::spawn(move || {

@@ -1,21 +1,30 @@
 //! `slipstream bench`: OpenMessaging-Benchmark-style workloads at microsecond resolution.
 //!
+//! This is the `slipstream-bench` binary, which `slipstream bench` runs: the harness is a
+//! crate of its own so that building the broker never compiles librdkafka or the harness
+//! (docs/architecture.md, "Crates"). It starts `slipstream` from beside itself.
+//!
+//! Unsafe code is denied but for two libc calls (signalling a child, the clock tick
+//! rate), each allowed where it stands.
+//!
 //! Runs workloads (`bench/workloads/*.toml`) against targets — slipstream itself on each
 //! transport (started and stopped by the harness, per repetition) or any Kafka bootstrap
 //! address — interleaving repetitions so that machine drift hits every target alike, and
 //! measures the machine's own limit (raw TCP ping-pong) in the same run. Writes a JSON
 //! file, an HTML report and a terminal table.
 
-pub mod native;
-pub mod rawtcp;
+#![deny(unsafe_code)]
+
+mod native;
+mod rawtcp;
 #[cfg(feature = "rdkafka-client")]
-pub mod rdk;
-pub mod report;
-pub mod stats;
-pub mod workload;
+mod rdk;
+mod report;
+mod stats;
+mod workload;
 
 use anyhow::{bail, Context};
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -195,7 +204,7 @@ impl Spawned {
             free_loopback_addr()?
         };
         let data = tempfile::tempdir()?;
-        let exe = std::env::current_exe().context("locating the slipstream binary")?;
+        let exe = slipstream_binary()?;
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new(&exe)
             .args(["serve", "--listen", &listen.to_string(), "--cores", &cores.to_string(), "--transport"])
@@ -223,7 +232,7 @@ impl Spawned {
         let started = Instant::now();
         loop {
             let answered = slipstream::client::Client::connect(s.addr, Duration::from_millis(200))
-                .and_then(|mut c| c.call(&kafka_protocol::messages::ApiVersionsRequest::default(), 0))
+                .and_then(|mut c| c.api_versions())
                 .is_ok();
             if answered {
                 return Ok(s);
@@ -246,7 +255,10 @@ impl Drop for Spawned {
             let _ = b.wait();
         }
         // SAFETY: kill(2) with our own child's pid; no memory involved.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM)
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -269,7 +281,36 @@ struct Accum {
     bootstrap: String,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+#[derive(Parser)]
+#[command(
+    name = "slipstream bench",
+    version,
+    about = "Run latency/throughput workloads against slipstream and other Kafka brokers"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    run(Cli::parse().args)
+}
+
+/// The `slipstream` binary built beside this one (cargo puts every binary of the
+/// workspace in one directory, and packages install them side by side).
+fn slipstream_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the slipstream-bench binary")?;
+    let sibling = exe.with_file_name("slipstream");
+    anyhow::ensure!(
+        sibling.exists(),
+        "no slipstream binary beside {}: build it (cargo build --release)",
+        exe.display()
+    );
+    Ok(sibling)
+}
+
+fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(json) = &args.render {
         let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
         let report: Report = serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
