@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 reps=${REPS:-3}
 duration=${DURATION:-10}
-cargo build --release
+cargo build --release --workspace
 tansu_pid=$(bash scripts/tansu.sh start 9192)
 trap 'bash scripts/tansu.sh stop' EXIT
 for client in native rdkafka; do

@@ -6,7 +6,7 @@
 # Writes docs/bench/transports/{results.json,report.html}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release
+cargo build --release --workspace
 ./target/release/slipstream bench --client native \
   --target slipstream:tcp --target slipstream:uring \
   --workload latency-128b --workload latency-128b-64conn --workload max-throughput-1k \

@@ -1,16 +1,20 @@
-//! Scatter/gather output buffers: responses that carry log bytes by reference.
+//! Scatter/gather output: I/O vectors whose pieces say where their bytes live, and the
+//! buffer responses are encoded into.
 //!
-//! The Kafka codecs (the `kafka-protocol` crate) encode into any [`ByteBufMut`]. A
-//! [`ScatterBuf`] is one whose `put_slice` recognises the record bytes of a fetch
-//! response (they were handed to it beforehand as [`Bytes`] that point into the mmap'd
-//! log) and, instead of copying them, closes the current inline chunk and appends the
-//! log chunk by reference. The result is an I/O vector the transport writes with one
-//! vectored send: headers from the heap, payload straight from the page cache.
+//! A [`Chunk`] is heap bytes or bytes of a mapped [`Region`] (a log segment): a transport
+//! that must register memory with a NIC (RDMA) learns from the chunk itself which region
+//! to register, with no global lookup by address. The Kafka codecs (the `kafka-protocol`
+//! crate) encode into any [`ByteBufMut`]; a [`ScatterBuf`] is one that keeps the shared
+//! payloads it was given (fetched records, as [`Chunk`]s) by reference: the (patched)
+//! codec hands every `Bytes` field over whole through `put_shared`, and the buffer closes
+//! its current inline chunk and appends the payload's chunk. The result is an I/O vector
+//! the transport writes with one vectored send: headers from the heap, payload straight
+//! from the page cache.
 //!
 //! # Invariants
-//! - Reference chunks are recognised by identity (same pointer and length), in the order
-//!   they were registered, which is the order the codec visits partitions. A payload the
-//!   codec copies anyway (no identity match) is still correct, only counted as a copy.
+//! - Shared payloads are taken in the order they were given, which is the order the codec
+//!   meets `Bytes` fields (a fetch response has no other). A `Bytes` field that does not
+//!   have the next payload's length is copied, and a payload never met counts as copied.
 //! - Gaps (`put_gap`/`range`) are addressed in the current inline chunk; the message
 //!   codecs never use them (only record-batch encoding does, which we never run here).
 #![allow(unsafe_code)]
@@ -19,31 +23,98 @@ use bytes::buf::UninitSlice;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::protocol::buf::ByteBufMut;
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::metrics;
 
-/// An ordered list of chunks that together form the bytes to send.
-pub type IoChunks = Vec<Bytes>;
+/// Mapped memory a device may be asked to read in place (a log segment's mapping).
+pub trait Region: Send + Sync {
+    /// Where the mapping starts in this process's address space.
+    fn base(&self) -> *const u8;
+    /// The mapping's length.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
-/// Encoding target that keeps registered payloads by reference. See the module docs.
+/// A piece of an I/O vector, and where its bytes live.
+#[derive(Clone)]
+pub enum Chunk {
+    /// Heap memory: headers, encoded fields, staged bytes.
+    Heap(Bytes),
+    /// Bytes inside `region` (which the `Arc` keeps mapped, as `bytes` does).
+    Mapped { bytes: Bytes, region: Arc<dyn Region> },
+}
+
+impl Chunk {
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Chunk::Heap(b) | Chunk::Mapped { bytes: b, .. } => b,
+        }
+    }
+
+    /// The mapped region the bytes lie in, if any.
+    pub fn region(&self) -> Option<&Arc<dyn Region>> {
+        match self {
+            Chunk::Heap(_) => None,
+            Chunk::Mapped { region, .. } => Some(region),
+        }
+    }
+
+    /// `range` of the chunk, with the same provenance.
+    pub fn slice(&self, range: Range<usize>) -> Chunk {
+        match self {
+            Chunk::Heap(b) => Chunk::Heap(b.slice(range)),
+            Chunk::Mapped { bytes, region } => Chunk::Mapped { bytes: bytes.slice(range), region: region.clone() },
+        }
+    }
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Chunk::Heap(b) => write!(f, "Heap({} bytes)", b.len()),
+            Chunk::Mapped { bytes, .. } => write!(f, "Mapped({} bytes)", bytes.len()),
+        }
+    }
+}
+
+impl From<Bytes> for Chunk {
+    fn from(b: Bytes) -> Chunk {
+        Chunk::Heap(b)
+    }
+}
+
+/// An ordered list of chunks that together form the bytes to send.
+pub type IoChunks = Vec<Chunk>;
+
+/// Encoding target that keeps shared payloads by reference. See the module docs.
 pub struct ScatterBuf {
     /// The first chunk stays mutable so a length prefix can be patched in at the end.
     head: Option<BytesMut>,
     inline: BytesMut,
     chunks: IoChunks,
-    by_ref: Vec<Bytes>,
+    by_ref: Vec<Chunk>,
     next_ref: usize,
 }
 
 impl ScatterBuf {
     /// `by_ref`: payloads to pass by reference, in the order the encoder will meet them.
-    pub fn new(by_ref: Vec<Bytes>) -> Self {
+    pub fn new(by_ref: Vec<Chunk>) -> Self {
         ScatterBuf { head: None, inline: BytesMut::with_capacity(256), chunks: Vec::new(), by_ref, next_ref: 0 }
     }
 
     /// Like [`ScatterBuf::new`], with room for a 4-byte big-endian length prefix that
     /// [`ScatterBuf::finish_framed`] fills in.
-    pub fn framed(by_ref: Vec<Bytes>) -> Self {
+    pub fn framed(by_ref: Vec<Chunk>) -> Self {
         let mut b = Self::new(by_ref);
         b.inline.extend_from_slice(&[0; 4]);
         b
@@ -60,16 +131,16 @@ impl ScatterBuf {
         let body = (total - 4) as u32;
         head[..4].copy_from_slice(&body.to_be_bytes());
         let mut out = Vec::with_capacity(self.chunks.len() + 2);
-        out.push(head.freeze());
+        out.push(Chunk::Heap(head.freeze()));
         out.append(&mut self.chunks);
         if !self.inline.is_empty() {
-            out.push(self.inline.freeze());
+            out.push(Chunk::Heap(self.inline.freeze()));
         }
         out
     }
 
-    /// Registered payloads the encoder did not hand over by identity went through
-    /// `extend_from_slice`: they were copied, and the copy counter must say so.
+    /// Registered payloads the encoder did not hand over whole (`put_shared`) were
+    /// copied, if encoded at all, and the copy counter must say so.
     fn count_copied_payloads(&self) {
         let copied = self.unmatched_bytes();
         if copied > 0 {
@@ -79,7 +150,7 @@ impl ScatterBuf {
 
     /// Bytes of registered payloads not (yet) kept by reference.
     pub fn unmatched_bytes(&self) -> usize {
-        self.by_ref[self.next_ref..].iter().map(Bytes::len).sum()
+        self.by_ref[self.next_ref..].iter().map(|c| c.len()).sum()
     }
 
     fn close_inline(&mut self) {
@@ -89,14 +160,14 @@ impl ScatterBuf {
         if self.head.is_none() && self.chunks.is_empty() {
             self.head = Some(self.inline.split());
         } else {
-            self.chunks.push(self.inline.split().freeze());
+            self.chunks.push(Chunk::Heap(self.inline.split().freeze()));
         }
     }
 
     /// Total bytes written so far, inline and by reference.
     pub fn len(&self) -> usize {
         self.head.as_ref().map_or(0, |h| h.len())
-            + self.chunks.iter().map(Bytes::len).sum::<usize>()
+            + self.chunks.iter().map(|c| c.len()).sum::<usize>()
             + self.inline.len()
     }
 
@@ -108,7 +179,7 @@ impl ScatterBuf {
     pub fn finish(mut self) -> IoChunks {
         self.count_copied_payloads();
         self.close_inline();
-        let mut out: IoChunks = self.head.take().map(BytesMut::freeze).into_iter().collect();
+        let mut out: IoChunks = self.head.take().map(|h| Chunk::Heap(h.freeze())).into_iter().collect();
         out.append(&mut self.chunks);
         out
     }
@@ -133,21 +204,24 @@ unsafe impl BufMut for ScatterBuf {
     }
 
     fn put_slice(&mut self, src: &[u8]) {
-        if let Some(next) = self.by_ref.get(self.next_ref) {
-            if !src.is_empty() && next.as_ptr() == src.as_ptr() && next.len() == src.len() {
-                let next = next.clone();
-                self.close_inline();
-                self.chunks.push(next);
-                self.next_ref += 1;
-                metrics::count_zero_copy(src.len());
-                return;
-            }
-        }
         self.inline.extend_from_slice(src);
     }
 }
 
 impl ByteBufMut for ScatterBuf {
+    fn put_shared(&mut self, bytes: &Bytes) {
+        match self.by_ref.get(self.next_ref) {
+            Some(next) if !bytes.is_empty() && next.len() == bytes.len() => {
+                let next = next.clone();
+                self.close_inline();
+                self.chunks.push(next);
+                self.next_ref += 1;
+                metrics::count_zero_copy(bytes.len());
+            }
+            _ => self.inline.extend_from_slice(bytes),
+        }
+    }
+
     fn offset(&self) -> usize {
         self.inline.len()
     }
@@ -162,8 +236,8 @@ impl ByteBufMut for ScatterBuf {
 }
 
 /// Total length of a chunk list.
-pub fn chunks_len(chunks: &[Bytes]) -> usize {
-    chunks.iter().map(Bytes::len).sum()
+pub fn chunks_len(chunks: &[Chunk]) -> usize {
+    chunks.iter().map(|c| c.len()).sum()
 }
 
 /// Anonymous, page-aligned memory the kernel or a NIC reads and writes behind our back
@@ -247,16 +321,32 @@ impl Drop for AnonMap {
 mod tests {
     use super::*;
 
+    struct Fake(Vec<u8>);
+    impl Region for Fake {
+        fn base(&self) -> *const u8 {
+            self.0.as_ptr()
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    fn mapped(n: usize) -> Chunk {
+        let region: Arc<dyn Region> = Arc::new(Fake(vec![0; n]));
+        Chunk::Mapped { bytes: Bytes::from(vec![7u8; n]), region }
+    }
+
     #[test]
-    fn registered_payload_is_kept_by_reference() {
-        let payload = Bytes::from(vec![7u8; 1000]);
+    fn shared_payload_is_kept_by_reference_with_its_region() {
+        let payload = mapped(1000);
         let mut buf = ScatterBuf::new(vec![payload.clone()]);
         buf.put_i32(1000);
-        buf.put_slice(&payload);
+        buf.put_shared(payload.bytes());
         buf.put_slice(b"tail");
         assert_eq!(buf.unmatched_bytes(), 0);
         let chunks = buf.finish();
         assert_eq!(chunks.len(), 3);
+        assert!(chunks[1].region().is_some() && chunks[0].region().is_none());
         assert_eq!(chunks[1].as_ptr(), payload.as_ptr());
         assert_eq!(&chunks[2][..], b"tail");
         assert_eq!(chunks_len(&chunks), 4 + 1000 + 4);
@@ -264,10 +354,10 @@ mod tests {
 
     #[test]
     fn framed_prefix_counts_everything_after_it() {
-        let payload = Bytes::from(vec![1u8; 300]);
+        let payload = mapped(300);
         let mut buf = ScatterBuf::framed(vec![payload.clone()]);
         buf.put_i16(7);
-        buf.put_slice(&payload);
+        buf.put_shared(payload.bytes());
         buf.put_u8(9);
         let chunks = buf.finish_framed();
         assert_eq!(&chunks[0][..4], &(2u32 + 300 + 1).to_be_bytes());
@@ -275,13 +365,40 @@ mod tests {
     }
 
     #[test]
-    fn equal_bytes_elsewhere_are_copied() {
-        let payload = Bytes::from(vec![7u8; 8]);
-        let other = vec![7u8; 8];
-        let mut buf = ScatterBuf::new(vec![payload]);
-        buf.put_slice(&other);
-        // The registered payload was not met by identity: it counts as copied.
+    fn bytes_that_are_not_the_next_payload_are_copied() {
+        let mut buf = ScatterBuf::new(vec![mapped(8)]);
+        // A shared field of another length, and plain slices, are copied inline.
+        buf.put_shared(&Bytes::from(vec![1u8; 5]));
+        buf.put_slice(&[7u8; 8]);
+        // The registered payload was never met: it counts as copied.
         assert_eq!(buf.unmatched_bytes(), 8);
         assert_eq!(buf.finish().len(), 1);
+    }
+
+    /// Through the real codec: a fetch response's records go out by reference.
+    #[test]
+    fn the_codec_hands_fetched_records_over_whole() {
+        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+        use kafka_protocol::messages::FetchResponse;
+        use kafka_protocol::protocol::Encodable;
+        let (a, b) = (mapped(64), mapped(64));
+        let mut resp = FetchResponse::default();
+        let mut t = FetchableTopicResponse::default();
+        for c in [&a, &b] {
+            let mut p = PartitionData::default();
+            p.records = Some(c.bytes().clone());
+            t.partitions.push(p);
+        }
+        resp.responses.push(t);
+        for version in [4, 12] {
+            let mut buf = ScatterBuf::new(vec![a.clone(), b.clone()]);
+            resp.encode(&mut buf, version).expect("encode");
+            assert_eq!(buf.unmatched_bytes(), 0, "v{version}");
+            let chunks = buf.finish();
+            let mapped: Vec<_> = chunks.iter().filter(|c| c.region().is_some()).collect();
+            assert_eq!(mapped.len(), 2, "v{version}");
+            assert_eq!(mapped[0].as_ptr(), a.as_ptr());
+            assert_eq!(mapped[1].as_ptr(), b.as_ptr());
+        }
     }
 }

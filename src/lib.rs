@@ -1,31 +1,38 @@
 //! # slipstream: a kernel-bypass accelerated broker data path
 //!
-//! Stock Kafka clients connect unchanged; what is underneath is ours end to end.
-//! The layers, bottom up, each a module:
+//! Stock Kafka clients connect unchanged (RocketMQ's next); what is underneath is ours end
+//! to end. The layers, top down, each a module; a layer imports only from those below it:
 //!
 //! ```text
-//!   protocol::kafka     wire protocol: frames -> typed requests -> handlers -> responses
-//!   broker              topics, partitions, consumer groups, producer ids (shared state)
-//!   dispatch            thread-per-core, run-to-completion loop; ordered, coalesced replies
+//!   server              `serve`: listeners (each bound to a protocol), cores, I/O thread
+//!   protocol::kafka     wire protocol: framer, session, handlers, response encoding
+//!   ════ dispatch::session ═══ the protocol seam: Protocol, Session, Step, Parked, Finish
+//!   dispatch            thread-per-core, run-to-completion loop; ordered, coalesced
+//!                       replies; parking; gathers of partition operations across cores
+//!   broker              topics, partition owners (shards), consumer groups, producer ids
 //!   log                 memory-mapped commit log: segments, indexes, recovery, retention
-//!   transport           completion-style I/O with owned buffers: tcp (epoll), uring
-//!                       (io_uring), rdma (verbs; feature `rdma`); ustack (AF_XDP +
-//!                       smoltcp) will plug into the same seam
-//!   buffer              scatter/gather output that carries log bytes by reference
-//!   client              a lean blocking Kafka client (tests, bench native mode)
-//!   sidecar             next to unmodified clients: the TCP -> RDMA bridge, metadata rewriting
+//!   ════ transport::Transport ═══ the transport seam: completion-style, owned buffers
+//!   transport           tcp (epoll), uring (io_uring), rdma (verbs; feature `rdma`);
+//!                       ustack (AF_XDP + smoltcp) will plug into the same seam
+//!   buffer, framing,    I/O vectors whose chunks say where their bytes live, the one
+//!   wake, metrics       length-prefix check, cross-thread wake-ups, counters
+//!
+//!   beside them: sidecar (the TCP -> RDMA bridge, metadata rewriting) and client (a
+//!   lean blocking Kafka client), which use the framers and transports
 //! ```
 //!
 //! A produce request travels transport -> dispatch -> protocol -> log and is copied once,
 //! into the mmap'd segment (io_uring's multishot mode and RDMA first stage received bytes
-//! from their ring or receive buffers: one more copy, counted). A fetch response travels log -> protocol -> dispatch ->
-//! transport as an I/O vector whose record bytes point into the mmap: no user-space copy.
-//! `docs/architecture.md` explains how each transport backend maps onto the seam.
+//! from their ring or receive buffers: one more copy, counted). A fetch response travels
+//! log -> protocol -> dispatch -> transport as an I/O vector whose record chunks point into
+//! the mmap and name the segment they lie in: no user-space copy.
+//! `docs/architecture.md` has the picture, the table of what each layer owns and may
+//! import, and how each transport backend and each protocol maps onto its seam.
 //!
 //! Unsafe code is denied here and allowed only in the modules that must touch raw memory
-//! or the kernel's and NIC's queues: [`buffer`], [`log::mmap`], `transport::uring` (with
-//! its provided-buffer ring) and `transport::rdma` (the verbs RAII layer, the backend and
-//! the client end).
+//! or the kernel's and NIC's queues: [`buffer`], [`log::mmap`], [`wake`] (creating an
+//! eventfd), `transport::uring` (with its provided-buffer ring) and `transport::rdma` (the
+//! verbs RAII layer, the backend and the client end).
 #![deny(unsafe_code)]
 
 pub mod broker;

@@ -1,9 +1,9 @@
-//! `slipstream serve`: opens the broker (recovering every log into its owner core's
-//! shard), starts one dispatch core per `--cores`, an I/O thread (msyncs, index files,
-//! retention unlinks, spare segments, the stats file), and stops cleanly on
+//! `slipstream serve`: starts the file worker (`log::files`: msyncs, index files,
+//! retention unlinks, spare segments, the broker's blocking admin work), opens the broker
+//! (recovering every log into its owner core's shard), binds the listeners, starts one
+//! dispatch core per `--cores` and a thread writing the stats file, and stops cleanly on
 //! SIGTERM/SIGINT: stop accepting, answer in-flight requests, flush, exit.
 
-use crossbeam_channel::Receiver;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,8 +14,8 @@ use thiserror::Error;
 use crate::broker::{Broker, BrokerError};
 use crate::config::{ListenerConfig, ProtocolKind, ServeConfig};
 use crate::dispatch::session::Protocol;
-use crate::dispatch::{self, CoreMsg, IoJob, Peer, Shared};
-use crate::log::mmap::SegmentFile;
+use crate::dispatch::{self, Shared};
+use crate::log::FileWorker;
 use crate::metrics;
 use crate::protocol::kafka::session::Kafka;
 use crate::protocol::kafka::Endpoint;
@@ -54,7 +54,8 @@ fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig) -> Arc<dyn Protocol> {
 
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let started = Instant::now();
-    let (broker, shards) = Broker::open(cfg.broker.clone(), cfg.cores)?;
+    let (files_worker, files) = FileWorker::spawn().map_err(ServeError::Thread)?;
+    let (broker, shards) = Broker::open(cfg.broker.clone(), cfg.cores, files)?;
     let broker = Arc::new(broker);
     log::info!(
         "data directory {} ready in {:.1} ms",
@@ -62,7 +63,6 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         started.elapsed().as_secs_f64() * 1e3
     );
     let shutdown = Arc::new(AtomicBool::new(false));
-    let (io_tx, io_rx) = crossbeam_channel::unbounded::<IoJob>();
 
     // Transports first: every core needs every other core's waker.
     let addrs: Vec<_> = cfg.listeners.iter().map(|l| l.addr).collect();
@@ -73,12 +73,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .collect::<Result<Vec<_>, _>>()?;
     // Each core holds its own clones; ours close now.
     drop(listeners);
-    let shared = Shared {
-        protocols: protocols.clone(),
-        io: io_tx.clone(),
-        shutdown: shutdown.clone(),
-        busy_poll: cfg.busy_poll,
-    };
+    let shared = Shared { protocols: protocols.clone(), shutdown: shutdown.clone(), busy_poll: cfg.busy_poll };
     let (cores, peers) = dispatch::build_cores(&broker, shards, transports, shared);
     let wakers: Vec<_> = cores.iter().map(|c| c.notify_handle().0).collect();
     {
@@ -99,16 +94,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             })
             .map_err(ServeError::Thread)?;
     }
-    drop(io_tx);
-    let io_thread = {
+    drop(peers);
+    let stats_thread = {
         let data_dir = cfg.broker.data_dir.clone();
-        let peers = peers.clone();
+        let shutdown = shutdown.clone();
         thread::Builder::new()
-            .name("io".into())
-            .spawn(move || io_loop(&io_rx, &peers, &data_dir))
+            .name("stats".into())
+            .spawn(move || stats_loop(&data_dir, &shutdown))
             .map_err(ServeError::Thread)?
     };
-    drop(peers);
     for (l, p) in cfg.listeners.iter().zip(&protocols) {
         log::info!(
             "slipstream serving {} on {} ({:?} transport, {} core(s)), advertising {}:{}",
@@ -131,9 +125,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             log::error!("a dispatch core panicked");
         }
     }
-    // The cores held the last job senders: the I/O thread finishes its queue and ends.
-    if io_thread.join().is_err() {
-        log::error!("the I/O thread panicked");
+    // The cores have closed their shards: the file worker finishes what they queued.
+    files_worker.finish();
+    if stats_thread.join().is_err() {
+        log::error!("the stats thread panicked");
     }
     broker.close();
     write_stats(&cfg.broker.data_dir);
@@ -141,31 +136,16 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Runs file-system work for the cores until every core is gone, and writes the stats
-/// file once a second.
-fn io_loop(jobs: &Receiver<IoJob>, peers: &[Peer], data_dir: &Path) {
-    let mut next_stats = Instant::now();
-    loop {
-        match jobs.recv_timeout(Duration::from_millis(500)) {
-            Ok(IoJob::Work(w)) => {
-                if let Err(e) = w.run() {
-                    log::error!("log file work failed: {e}");
-                }
+/// Writes the stats file once a second until shutdown.
+fn stats_loop(data_dir: &Path, shutdown: &AtomicBool) {
+    while !shutdown.load(Ordering::Acquire) {
+        write_stats(data_dir);
+        thread::sleep(Duration::from_millis(250));
+        for _ in 0..3 {
+            if shutdown.load(Ordering::Acquire) {
+                return;
             }
-            Ok(IoJob::Spare { req, core }) => match SegmentFile::create(&req.path, req.size) {
-                Ok(file) => {
-                    if let Some(p) = peers.get(core) {
-                        p.send(CoreMsg::Spare { key: req.key, file });
-                    }
-                }
-                Err(e) => log::warn!("preparing segment {}: {e} (the roll will create it)", req.path.display()),
-            },
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        }
-        if Instant::now() >= next_stats {
-            write_stats(data_dir);
-            next_stats = Instant::now() + Duration::from_secs(1);
+            thread::sleep(Duration::from_millis(250));
         }
     }
 }

@@ -12,6 +12,7 @@
 mod common;
 use bytes::Bytes;
 use common::{cpu_s, spawn_reader};
+use slipstream::buffer::Chunk;
 use slipstream::transport::uring::{UringOptions, UringTransport};
 use slipstream::transport::{Completion, Transport};
 
@@ -39,7 +40,7 @@ fn run(size: usize, total: usize, zc: bool) -> anyhow::Result<(f64, f64)> {
     let t0 = Instant::now();
     while done < sends {
         while submitted < sends && submitted - done < 8 {
-            t.send(conn, vec![payload.clone()]);
+            t.send(conn, vec![Chunk::Heap(payload.clone())]);
             submitted += 1;
         }
         t.poll(Some(Duration::from_millis(100)), &mut out)?;

@@ -3,7 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use slipstream::log::batch::{build_batch, split_checked};
-use slipstream::log::{FlushPolicy, LogConfig, PartitionLog};
+use slipstream::log::{Files, FlushPolicy, LogConfig, PartitionLog};
 
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let mut seg = data.to_vec();
     seg.truncate(cfg.segment_bytes);
     std::fs::write(dir.path().join(format!("{:020}.log", 0)), &seg).expect("write segment");
-    let (mut log, report) = PartitionLog::open(dir.path(), cfg).expect("recovery must not fail on bad bytes");
+    let (mut log, report) = PartitionLog::open(dir.path(), cfg, Files::inline()).expect("recovery must not fail on bad bytes");
     assert_eq!(report.next_offset, log.next_offset());
     if log.next_offset() > 0 {
         let r = log.read(0, 1 << 20).expect("read back the recovered prefix");

@@ -1,11 +1,11 @@
-//! The consumer-group coordinator (Kafka's classic rebalance protocol) and committed
-//! offsets.
+//! The consumer-group coordinator (Kafka's classic rebalance protocol), with the committed
+//! offsets in memory (their file is [`super::offsets`]).
 //!
 //! A group moves Empty → PreparingRebalance → CompletingRebalance → Stable and back to
 //! PreparingRebalance whenever a member joins, leaves or misses its session timeout.
 //! JoinGroup and follower SyncGroup calls *park* (the dispatch loop re-polls them) until
-//! the rebalance they wait for completes. Committed offsets are appended to
-//! `consumer_offsets.jsonl` in the data directory and reloaded at start.
+//! the rebalance they wait for completes. A commit is checked under the coordinator's
+//! lock, stored by [`commit`] outside it, then applied under it again.
 //!
 //! # Invariants
 //! - `generation` only grows; a member's join answer names the generation it completed in.
@@ -15,10 +15,10 @@
 use bytes::Bytes;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
+
+use super::offsets::{CommittedByGroup, OffsetStore};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, Write};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -237,20 +237,8 @@ pub enum JoinStep {
     MemberIdRequired(String),
 }
 
-#[derive(Serialize, Deserialize)]
-struct OffsetRecord {
-    g: String,
-    t: String,
-    p: i32,
-    #[serde(flatten)]
-    c: Option<Committed>,
-}
-
 pub struct Coordinator {
     groups: HashMap<String, Group>,
-    path: PathBuf,
-    file: File,
-    records_written: usize,
     initial_delay: Duration,
 }
 
@@ -258,63 +246,17 @@ const MIN_SESSION_MS: i32 = 1000;
 const MAX_SESSION_MS: i32 = 30 * 60 * 1000;
 
 impl Coordinator {
-    pub fn open(data_dir: &Path, initial_delay_ms: u64) -> io::Result<Coordinator> {
-        fs::create_dir_all(data_dir)?;
-        let path = data_dir.join("consumer_offsets.jsonl");
-        let mut groups: HashMap<String, Group> = HashMap::new();
-        let mut records = 0;
-        if let Ok(f) = File::open(&path) {
-            for line in io::BufReader::new(f).lines() {
-                let line = line?;
-                // A torn last line (crash mid-write) is skipped; earlier lines stand.
-                let Ok(r) = serde_json::from_str::<OffsetRecord>(&line) else {
-                    continue;
-                };
-                records += 1;
-                let g = groups.entry(r.g.clone()).or_insert_with(|| Group::new(&r.g));
-                match r.c {
-                    Some(c) => g.offsets.insert((r.t, r.p), c),
-                    None => g.offsets.remove(&(r.t, r.p)),
-                };
-            }
-        }
-        let live: usize = groups.values().map(|g| g.offsets.len()).sum();
-        let mut c = Coordinator {
-            groups,
-            file: OpenOptions::new().create(true).append(true).open(&path)?,
-            path,
-            records_written: records,
-            initial_delay: Duration::from_millis(initial_delay_ms),
-        };
-        if records > 2 * live + 1000 {
-            c.compact()?;
-        }
-        Ok(c)
-    }
-
-    /// Rewrites the offsets file with only the live entries.
-    fn compact(&mut self) -> io::Result<()> {
-        let tmp = self.path.with_extension("tmp");
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
-        let mut n = 0;
-        for g in self.groups.values() {
-            for ((t, p), c) in &g.offsets {
-                let r = OffsetRecord { g: g.id.clone(), t: t.clone(), p: *p, c: Some(c.clone()) };
-                serde_json::to_writer(&mut out, &r)?;
-                out.write_all(b"\n")?;
-                n += 1;
-            }
-        }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.records_written = n;
-        Ok(())
-    }
-
-    /// Forces the offsets file to disk (shutdown).
-    pub fn sync_file(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+    /// A coordinator whose groups start with the offsets committed before.
+    pub fn new(initial_delay_ms: u64, committed: CommittedByGroup) -> Coordinator {
+        let groups = committed
+            .into_iter()
+            .map(|(id, offsets)| {
+                let mut g = Group::new(&id);
+                g.offsets = offsets;
+                (id, g)
+            })
+            .collect();
+        Coordinator { groups, initial_delay: Duration::from_millis(initial_delay_ms) }
     }
 
     pub fn group(&self, id: &str) -> Option<&Group> {
@@ -541,14 +483,13 @@ impl Coordinator {
         best
     }
 
-    /// Commits offsets. `member`/`generation` are validated unless generation < 0 (a
-    /// standalone consumer committing without a group membership).
-    pub fn commit(
+    /// Whether `member_id` of `generation` may commit offsets for `group` now (validated
+    /// unless generation < 0: a standalone consumer committing without a membership).
+    pub fn check_commit(
         &mut self,
         group: &str,
         member_id: &str,
         generation: i32,
-        offsets: Vec<(String, i32, Committed)>,
         now: Instant,
     ) -> Result<(), GroupError> {
         if group.is_empty() {
@@ -572,26 +513,15 @@ impl Coordinator {
                 m.last_seen = now;
             }
         }
-        let mut line = Vec::new();
-        for (t, p, c) in &offsets {
-            let r = OffsetRecord { g: group.to_string(), t: t.clone(), p: *p, c: Some(c.clone()) };
-            if serde_json::to_writer(&mut line, &r).is_ok() {
-                line.push(b'\n');
-            }
-        }
-        // One write per commit request, not per message; the page cache keeps it across a
-        // process crash, `sync` (shutdown) across power loss. Only a stored commit is
-        // applied and acknowledged: a client told its offsets are committed must find
-        // them after a restart.
-        if let Err(e) = append_records(&mut self.file, &self.path, &line) {
-            log::error!("persisting offsets of group {group}: {e}; the commit is refused");
-            return Err(GroupError::Storage);
-        }
+        Ok(())
+    }
+
+    /// Applies offsets that have been stored.
+    fn apply_commit(&mut self, group: &str, offsets: Vec<(String, i32, Committed)>) {
+        let g = self.groups.entry(group.to_string()).or_insert_with(|| Group::new(group));
         for (t, p, c) in offsets {
             g.offsets.insert((t, p), c);
-            self.records_written += 1;
         }
-        Ok(())
     }
 
     pub fn committed(&self, group: &str, topic: &str, partition: i32) -> Option<&Committed> {
@@ -608,45 +538,46 @@ impl Coordinator {
         v
     }
 
-    pub fn delete_group(&mut self, group: &str) -> Result<(), GroupError> {
-        let g = self.groups.get(group).ok_or(GroupError::GroupIdNotFound)?;
-        if !g.members.is_empty() {
-            return Err(GroupError::NonEmptyGroup);
-        }
-        let keys: Vec<_> = g.offsets.keys().cloned().collect();
-        let mut line = Vec::new();
-        for (t, p) in keys {
-            let r = OffsetRecord { g: group.to_string(), t, p, c: None };
-            if serde_json::to_writer(&mut line, &r).is_ok() {
-                line.push(b'\n');
-            }
-        }
-        if let Err(e) = append_records(&mut self.file, &self.path, &line) {
-            log::error!("persisting deletion of group {group}: {e}; the group is kept");
-            return Err(GroupError::Storage);
-        }
-        self.groups.remove(group);
-        Ok(())
-    }
-
-    pub fn forget_topic(&mut self, topic: &str) {
+    /// Drops the offsets of a deleted topic; returns the (group, partition) pairs dropped.
+    pub fn forget_topic(&mut self, topic: &str) -> Vec<(String, i32)> {
+        let mut dropped = Vec::new();
         for g in self.groups.values_mut() {
-            g.offsets.retain(|(t, _), _| t != topic);
+            g.offsets.retain(|(t, p), _| {
+                let keep = t != topic;
+                if !keep {
+                    dropped.push((g.id.clone(), *p));
+                }
+                keep
+            });
         }
+        dropped
     }
 }
 
-/// Appends whole records to the offsets file, or nothing: a failed write is cut back off,
-/// so no half record lies before the next one.
-fn append_records(file: &mut File, path: &Path, records: &[u8]) -> io::Result<()> {
-    let before = file.metadata()?.len();
-    let written = file.write_all(records);
-    if written.is_err() {
-        if let Err(e) = file.set_len(before) {
-            log::error!("cutting a failed offsets write back off {}: {e}", path.display());
-        }
+/// Commits offsets: checked under the coordinator's lock, stored (file I/O, without that
+/// lock: heartbeats and joins on the cores never wait for a disk), then applied. Runs on
+/// the file worker, one commit at a time, so commits apply in the order they were
+/// stored. Only a stored commit is applied and acknowledged: a client told its offsets
+/// are committed must find them after a restart.
+pub fn commit(
+    groups: &Mutex<Coordinator>,
+    store: &Mutex<OffsetStore>,
+    group: &str,
+    member_id: &str,
+    generation: i32,
+    offsets: Vec<(String, i32, Committed)>,
+    now: Instant,
+) -> Result<(), GroupError> {
+    groups.lock().check_commit(group, member_id, generation, now)?;
+    // One write per commit request, not per message; the page cache keeps it across a
+    // process crash, `sync` (shutdown) across power loss.
+    let stored = store.lock().append(group, offsets.iter().map(|(t, p, c)| (t.as_str(), *p, Some(c))));
+    if let Err(e) = stored {
+        log::error!("persisting offsets of group {group}: {e}; the commit is refused");
+        return Err(GroupError::Storage);
     }
-    written
+    groups.lock().apply_commit(group, offsets);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -668,30 +599,35 @@ mod tests {
         }
     }
 
+    /// A coordinator and its offset store, as the broker opens them.
+    fn open(dir: &std::path::Path) -> (Mutex<Coordinator>, Mutex<OffsetStore>) {
+        let (store, committed) = OffsetStore::open(dir).unwrap();
+        (Mutex::new(Coordinator::new(0, committed)), Mutex::new(store))
+    }
+
     /// A commit the offsets file cannot take is refused, not acknowledged, and leaves
     /// the committed offsets as they were.
     #[test]
     fn a_commit_that_cannot_be_stored_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Coordinator::open(dir.path(), 0).unwrap();
+        let (c, store) = open(dir.path());
         let at = |offset| Committed { offset, leader_epoch: -1, metadata: None };
-        c.commit("g", "", -1, vec![("t".into(), 0, at(5))], Instant::now()).unwrap();
+        commit(&c, &store, "g", "", -1, vec![("t".into(), 0, at(5))], Instant::now()).unwrap();
         // Every write to /dev/full fails with ENOSPC, as a full disk's would.
-        c.file = OpenOptions::new().append(true).open("/dev/full").unwrap();
-        let r = c.commit("g", "", -1, vec![("t".into(), 0, at(9)), ("t".into(), 1, at(1))], Instant::now());
+        store.lock().replace_file(std::fs::OpenOptions::new().append(true).open("/dev/full").unwrap());
+        let r = commit(&c, &store, "g", "", -1, vec![("t".into(), 0, at(9)), ("t".into(), 1, at(1))], Instant::now());
         assert_eq!(r, Err(GroupError::Storage));
-        assert_eq!(c.committed("g", "t", 0).map(|x| x.offset), Some(5));
-        assert!(c.committed("g", "t", 1).is_none());
+        assert_eq!(c.lock().committed("g", "t", 0).map(|x| x.offset), Some(5));
+        assert!(c.lock().committed("g", "t", 1).is_none());
         // What was stored before survives a restart.
-        drop(c);
-        let c = Coordinator::open(dir.path(), 0).unwrap();
-        assert_eq!(c.committed("g", "t", 0).map(|x| x.offset), Some(5));
+        drop((c, store));
+        let (c, _) = open(dir.path());
+        assert_eq!(c.lock().committed("g", "t", 0).map(|x| x.offset), Some(5));
     }
 
     #[test]
     fn two_members_rebalance_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = Coordinator::open(dir.path(), 0).unwrap();
+        let mut c = Coordinator::new(0, CommittedByGroup::new());
         let t0 = Instant::now();
         let JoinStep::Pending(a) = c.join(join_req("g", ""), t0).unwrap() else { panic!() };
         let ja = c.join_poll("g", &a).unwrap().unwrap();
@@ -724,21 +660,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = Instant::now();
         {
-            let mut c = Coordinator::open(dir.path(), 0).unwrap();
-            let JoinStep::Pending(a) = c.join(join_req("g", ""), now).unwrap() else { panic!() };
+            let (c, store) = open(dir.path());
+            let JoinStep::Pending(a) = c.lock().join(join_req("g", ""), now).unwrap() else { panic!() };
             let off = |o| vec![("t".to_string(), 0, Committed { offset: o, leader_epoch: -1, metadata: None })];
-            assert_eq!(c.commit("g", &a, 7, off(5), now), Err(GroupError::IllegalGeneration));
+            let commit = |member: &str, generation, offsets| commit(&c, &store, "g", member, generation, offsets, now);
+            assert_eq!(commit(&a, 7, off(5)), Err(GroupError::IllegalGeneration));
             // Joined but not synced: the assignment is in flux.
-            assert_eq!(c.commit("g", &a, 1, off(5), now), Err(GroupError::RebalanceInProgress));
-            c.sync("g", &a, 1, vec![], now).unwrap();
-            c.commit("g", &a, 1, off(41), now).unwrap();
+            assert_eq!(commit(&a, 1, off(5)), Err(GroupError::RebalanceInProgress));
+            c.lock().sync("g", &a, 1, vec![], now).unwrap();
+            commit(&a, 1, off(41)).unwrap();
             // A new member starts a rebalance; the current generation may still commit.
-            c.join(join_req("g", ""), now).unwrap();
-            assert_eq!(c.group("g").unwrap().state, GroupState::PreparingRebalance);
-            c.commit("g", &a, 1, off(42), now).unwrap();
-            c.commit("", "", -1, off(1), now).unwrap_err();
+            c.lock().join(join_req("g", ""), now).unwrap();
+            assert_eq!(c.lock().group("g").unwrap().state, GroupState::PreparingRebalance);
+            commit(&a, 1, off(42)).unwrap();
+            super::commit(&c, &store, "", "", -1, off(1), now).unwrap_err();
         }
-        let c = Coordinator::open(dir.path(), 0).unwrap();
-        assert_eq!(c.committed("g", "t", 0).unwrap().offset, 42);
+        let (c, _) = open(dir.path());
+        assert_eq!(c.lock().committed("g", "t", 0).unwrap().offset, 42);
     }
 }

@@ -12,8 +12,12 @@
 //! - A partition's log is opened, appended to, read and closed only by its owner core.
 //! - Topics live in `topics/<topic id>/` so that a topic deleted and re-created under the
 //!   same name never shares files with a log its old owner has not dropped yet.
+//! - The methods that touch files (topic creation and deletion, partition creation,
+//!   producer-id blocks, offset commits) are for the file worker ([`Broker::files`]),
+//!   never a dispatch core; the protocols hand such requests to it and park.
 
 pub mod groups;
+pub mod offsets;
 pub mod shard;
 
 use arc_swap::ArcSwap;
@@ -28,8 +32,10 @@ use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::log::{LogConfig, LogError, PartitionLog};
+use crate::log::{Files, LogConfig, LogError, PartitionLog};
 use crate::wake::Wake;
+use groups::{Committed, GroupError};
+use offsets::OffsetStore;
 use shard::Shard;
 
 #[derive(Debug, Error)]
@@ -167,17 +173,20 @@ impl Notifier {
         }
     }
 
+    /// Moves the epoch and wakes the cores with parked work. (A core raises its parked
+    /// flag before it reads the epoch; we move the epoch before reading the flags: one of
+    /// the two always sees the other.)
     pub fn notify(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         for (w, parked) in self.cores.get().into_iter().flatten() {
-            if parked.load(Ordering::Acquire) {
+            if parked.load(Ordering::SeqCst) {
                 w.wake();
             }
         }
     }
 
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.epoch.load(Ordering::SeqCst)
     }
 }
 
@@ -188,9 +197,13 @@ pub struct Broker {
     /// Serialises catalog writers (admin requests); readers never take it.
     admin: Mutex<()>,
     pub groups: Mutex<groups::Coordinator>,
+    /// Committed offsets on disk; written by the file worker only (and at shutdown).
+    offsets: Mutex<OffsetStore>,
+    /// The file worker: blocking file work goes here, never onto a dispatch core.
+    pub files: Files,
     next_producer_id: AtomicI64,
     producer_id_file: PathBuf,
-    pub notifier: Notifier,
+    pub notifier: Arc<Notifier>,
 }
 
 pub fn valid_topic_name(name: &str) -> bool {
@@ -241,12 +254,13 @@ pub fn effective_configs(base: &LogConfig, configs: &HashMap<String, String>) ->
 
 impl Broker {
     /// Opens the data directory, recovering every partition log into the shard of its
-    /// owner core. Returns the broker and one shard per core.
-    pub fn open(settings: BrokerSettings, cores: usize) -> Result<(Broker, Vec<Shard>), BrokerError> {
+    /// owner core; `files` takes the broker's and the logs' background file work. Returns
+    /// the broker and one shard per core.
+    pub fn open(settings: BrokerSettings, cores: usize, files: Files) -> Result<(Broker, Vec<Shard>), BrokerError> {
         let topics_dir = settings.data_dir.join("topics");
         fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
         let mut catalog = Catalog::default();
-        let mut shards: Vec<Shard> = (0..cores).map(|_| Shard::default()).collect();
+        let mut shards: Vec<Shard> = (0..cores).map(|_| Shard::new(files.clone())).collect();
         let started = std::time::Instant::now();
         let (mut batches, mut truncated) = (0usize, 0usize);
         for entry in fs::read_dir(&topics_dir).map_err(io_err(&topics_dir))? {
@@ -270,7 +284,7 @@ impl Broker {
                 meta,
             });
             for p in 0..topic.meta.partitions {
-                let (log, report) = PartitionLog::open(&topic.partition_dir(p), topic.log.clone())?;
+                let (log, report) = PartitionLog::open(&topic.partition_dir(p), topic.log.clone(), files.clone())?;
                 batches += report.batches_scanned;
                 truncated += report.truncated_bytes;
                 if let Some(shared) = topic.shared(p) {
@@ -286,8 +300,13 @@ impl Broker {
             catalog.by_id.len(),
             started.elapsed().as_secs_f64() * 1e3
         );
-        let groups = groups::Coordinator::open(&settings.data_dir, settings.group_initial_rebalance_delay_ms)
-            .map_err(io_err(&settings.data_dir))?;
+        let (offsets, committed) = OffsetStore::open(&settings.data_dir).map_err(io_err(&settings.data_dir))?;
+        let groups = groups::Coordinator::new(settings.group_initial_rebalance_delay_ms, committed);
+        let notifier = Arc::new(Notifier::default());
+        {
+            let notifier = notifier.clone();
+            files.set_notify(Box::new(move || notifier.notify()));
+        }
         let producer_id_file = settings.data_dir.join("producer_ids");
         // Producer ids are handed out in blocks; a restart skips the rest of the block, so
         // an id is never reused even if the process dies mid-block.
@@ -298,9 +317,11 @@ impl Broker {
             catalog: ArcSwap::from_pointee(catalog),
             admin: Mutex::new(()),
             groups: Mutex::new(groups),
+            offsets: Mutex::new(offsets),
+            files,
             next_producer_id: AtomicI64::new(next),
             producer_id_file,
-            notifier: Notifier::default(),
+            notifier,
         };
         broker.reserve_producer_ids(next)?;
         Ok((broker, shards))
@@ -390,7 +411,17 @@ impl Broker {
         // Owners drop their logs when they see the topic gone; open mappings stay valid
         // for readers still holding them. The files go now.
         fs::remove_dir_all(&topic.dir).map_err(io_err(&topic.dir))?;
-        self.groups.lock().forget_topic(name);
+        let forgotten = self.groups.lock().forget_topic(name);
+        let mut by_group: HashMap<String, Vec<i32>> = HashMap::new();
+        for (g, p) in forgotten {
+            by_group.entry(g).or_default().push(p);
+        }
+        for (g, parts) in by_group {
+            // Were this lost, a restart would bring back offsets of a topic that is gone.
+            if let Err(e) = self.offsets.lock().append(&g, parts.iter().map(|p| (name, *p, None))) {
+                log::error!("recording that group {g} has no offsets of deleted topic {name} any more: {e}");
+            }
+        }
         log::info!("deleted topic {name}");
         Ok(topic)
     }
@@ -416,9 +447,22 @@ impl Broker {
         Ok(())
     }
 
+    /// Commits offsets (for the file worker: it writes the offsets file); see
+    /// [`groups::commit`].
+    pub fn commit_offsets(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: i32,
+        offsets: Vec<(String, i32, Committed)>,
+        now: std::time::Instant,
+    ) -> Result<(), GroupError> {
+        groups::commit(&self.groups, &self.offsets, group, member_id, generation, offsets, now)
+    }
+
     /// Flushes the group state (graceful shutdown; the shards flush their own logs).
     pub fn close(&self) {
-        if let Err(e) = self.groups.lock().sync_file() {
+        if let Err(e) = self.offsets.lock().sync() {
             log::error!("flushing group offsets: {e}");
         }
     }

@@ -3,11 +3,9 @@
 use bytes::Bytes;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use super::{Broker, PartKey};
-use crate::log::mmap::SegmentFile;
-use crate::log::{AppendInfo, FlushPolicy, IoWork, LogError, PartitionLog, ReadResult};
+use crate::log::{AppendInfo, Files, FlushPolicy, LogError, PartitionLog, ReadResult};
 
 /// An operation on one partition, run by its owner core.
 #[derive(Debug)]
@@ -34,19 +32,11 @@ pub enum PartResult {
     },
 }
 
-/// A request for a spare segment file, to be made off the core (see
-/// [`PartitionLog::wants_spare`]).
-#[derive(Debug)]
-pub struct SpareRequest {
-    pub key: PartKey,
-    pub path: PathBuf,
-    pub size: usize,
-}
-
 /// The partitions one core owns. Not shared: no lock.
-#[derive(Default)]
 pub struct Shard {
     logs: HashMap<PartKey, PartitionLog>,
+    /// Where the logs' background file work goes.
+    files: Files,
     /// Something was appended since [`Shard::take_appended`] last looked: parked fetches
     /// may now be answerable. The core notifies once per loop turn, not once per append
     /// (a produce to many partitions would otherwise wake parked cores again and again).
@@ -54,6 +44,10 @@ pub struct Shard {
 }
 
 impl Shard {
+    pub fn new(files: Files) -> Shard {
+        Shard { logs: HashMap::new(), files, appended: false }
+    }
+
     /// Whether anything was appended since the last call.
     pub fn take_appended(&mut self) -> bool {
         std::mem::take(&mut self.appended)
@@ -69,13 +63,15 @@ impl Shard {
         let Some(shared) = topic.shared(key.partition).cloned() else { return PartResult::Unknown };
         let log = match self.logs.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => match PartitionLog::open(&topic.partition_dir(key.partition), topic.log.clone()) {
-                Ok((log, _)) => {
-                    shared.publish(&log, 0);
-                    e.insert(log)
+            Entry::Vacant(e) => {
+                match PartitionLog::open(&topic.partition_dir(key.partition), topic.log.clone(), self.files.clone()) {
+                    Ok((log, _)) => {
+                        shared.publish(&log, 0);
+                        e.insert(log)
+                    }
+                    Err(error) => return PartResult::Failed { error, high_watermark: -1, log_start: -1 },
                 }
-                Err(error) => return PartResult::Failed { error, high_watermark: -1, log_start: -1 },
-            },
+            }
         };
         let fail = |error, log: &PartitionLog| PartResult::Failed {
             error,
@@ -102,11 +98,9 @@ impl Shard {
     }
 
     /// Periodic upkeep: background flushes, retention, spare segments, dropping logs of
-    /// deleted topics. Returns the file-system work and spare requests for the I/O thread.
-    pub fn housekeeping(&mut self, broker: &Broker, now_ms: i64, retention: bool) -> (Vec<IoWork>, Vec<SpareRequest>) {
+    /// deleted topics. The file work goes to the file worker.
+    pub fn housekeeping(&mut self, broker: &Broker, now_ms: i64, retention: bool) {
         self.logs.retain(|key, _| broker.topic_by_id(key.topic_id).is_some());
-        let mut io = Vec::new();
-        let mut spares = Vec::new();
         for (key, log) in self.logs.iter_mut() {
             if matches!(log.config().flush, FlushPolicy::Interval(_)) {
                 log.schedule_flush();
@@ -122,31 +116,15 @@ impl Shard {
                     log.log_start_offset()
                 );
             }
-            if let Some((path, size)) = log.wants_spare() {
-                spares.push(SpareRequest { key: *key, path, size });
-            }
-            io.append(&mut log.take_io_work());
-        }
-        (io, spares)
-    }
-
-    pub fn set_spare(&mut self, key: PartKey, file: SegmentFile) {
-        match self.logs.get_mut(&key) {
-            Some(log) => log.set_spare(file),
-            None => drop(file),
+            log.prepare_spare();
         }
     }
 
-    /// Flushes every log and finishes its queued file work (shutdown).
+    /// Flushes every log (shutdown; their queued file work is the worker's to finish).
     pub fn close(&mut self) {
         for log in self.logs.values_mut() {
             if let Err(e) = log.close() {
                 log::error!("flushing a log at shutdown: {e}");
-            }
-            for w in log.take_io_work() {
-                if let Err(e) = w.run() {
-                    log::error!("finishing log file work at shutdown: {e}");
-                }
             }
         }
     }

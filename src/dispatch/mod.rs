@@ -14,8 +14,8 @@
 //! coalesced into one vectored send.
 //!
 //! Slow file-system work (msync for the `interval` flush policy, sealed-segment indexes,
-//! retention's unlinks, creating the next segment file) is handed to the I/O thread, so
-//! an append never waits for it.
+//! retention's unlinks, creating the next segment file) goes from the logs straight to the
+//! file worker (`log::files`), so an append never waits for it.
 //!
 //! # Invariants
 //! - Responses leave in request order per connection (Kafka pipelining): a parked or
@@ -24,7 +24,7 @@
 //! - A connection that sends bad input is closed alone, after any responses already
 //!   queued for it; nothing it sent after the bad frame is executed.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -36,11 +36,10 @@ pub mod session;
 #[cfg(test)]
 mod tests;
 
-use crate::broker::shard::{PartOp, PartResult, Shard, SpareRequest};
+use crate::broker::shard::{PartOp, PartResult, Shard};
 use crate::broker::{Broker, PartKey};
 use crate::buffer::IoChunks;
-use crate::log::mmap::SegmentFile;
-use crate::log::{now_ms, IoWork};
+use crate::log::now_ms;
 use crate::metrics;
 use crate::transport::{CloseReason, Completion, ConnId, Transport};
 use crate::wake::Wake;
@@ -69,17 +68,6 @@ pub enum CoreMsg {
         idx: usize,
         result: PartResult,
     },
-    /// A spare segment file the I/O thread made for one of this core's partitions.
-    Spare {
-        key: PartKey,
-        file: SegmentFile,
-    },
-}
-
-/// Work for the I/O thread.
-pub enum IoJob {
-    Work(IoWork),
-    Spare { req: SpareRequest, core: usize },
 }
 
 /// How to reach a core from another thread.
@@ -144,7 +132,6 @@ pub struct Core {
     inbox: Receiver<CoreMsg>,
     peers: Vec<Peer>,
     sleeping: Arc<AtomicBool>,
-    io: Sender<IoJob>,
     conns: HashMap<ConnId, Conn>,
     /// Gathering tickets and the connection they belong to.
     tickets: HashMap<u64, ConnId>,
@@ -162,8 +149,6 @@ pub struct Core {
 pub struct Shared {
     /// The protocol of each of the transports' listeners, in listener order.
     pub protocols: Vec<Arc<dyn Protocol>>,
-    /// The I/O thread's queue.
-    pub io: Sender<IoJob>,
     pub shutdown: Arc<AtomicBool>,
     /// Spin on the transport's poll instead of sleeping in it.
     pub busy_poll: bool,
@@ -200,7 +185,6 @@ pub fn build_cores(
             inbox,
             peers: peers.clone(),
             sleeping,
-            io: shared.io.clone(),
             conns: HashMap::new(),
             tickets: HashMap::new(),
             next_ticket: 0,
@@ -267,13 +251,16 @@ impl Core {
             if self.drives_groups && self.broker.groups.lock().tick(now) {
                 self.broker.notifier.notify();
             }
+            // The flag goes up before the epoch is read (see `Notifier::notify`): a
+            // notification after the read wakes this core, one before it is seen here.
+            self.parked_flag.store(self.parked > 0, Ordering::SeqCst);
             let epoch = self.broker.notifier.epoch();
             if self.parked > 0 && (epoch != self.seen_epoch || self.any_deadline_passed(now)) {
                 self.seen_epoch = epoch;
                 self.repoll_parked(false);
             }
             self.seen_epoch = epoch;
-            self.parked_flag.store(self.parked > 0, Ordering::Release);
+            self.parked_flag.store(self.parked > 0, Ordering::SeqCst);
             if now >= next_housekeeping {
                 let retention = now >= next_retention;
                 if retention {
@@ -299,15 +286,7 @@ impl Core {
 
     fn housekeeping(&mut self, retention: bool) {
         self.close_idle(Instant::now());
-        let (work, spares) = self.shard.housekeeping(&self.broker, now_ms(), retention);
-        for w in work {
-            if self.io.send(IoJob::Work(w)).is_err() {
-                log::error!("core {}: I/O thread gone", self.id);
-            }
-        }
-        for req in spares {
-            let _ = self.io.send(IoJob::Spare { req, core: self.id });
-        }
+        self.shard.housekeeping(&self.broker, now_ms(), retention);
     }
 
     fn next_timeout(&self, draining: bool, housekeeping: Instant) -> Option<Duration> {
@@ -348,7 +327,6 @@ impl Core {
                     }
                 }
                 CoreMsg::Done { ticket, idx, result } => self.on_done(ticket, idx, result),
-                CoreMsg::Spare { key, file } => self.shard.set_spare(key, file),
             }
         }
     }
@@ -587,7 +565,7 @@ impl Core {
     /// Sends the ready responses at the head of `conn`'s queue as one vectored write.
     fn flush(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let mut out: Vec<Bytes> = Vec::new();
+        let mut out: IoChunks = Vec::new();
         while let Some(Slot::Ready(_)) = c.queue.front() {
             if let Some(Slot::Ready(chunks)) = c.queue.pop_front() {
                 out.extend(chunks);

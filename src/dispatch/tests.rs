@@ -15,11 +15,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::session::{Cx, Fault, Finish, Gather, Parked, Protocol, Session, Step};
-use super::{build_cores, IoJob, Shared};
+use super::{build_cores, Shared};
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::Broker;
+use crate::buffer::{chunks_len, Chunk};
 use crate::config::ServeArgs;
 use crate::log::batch::build_batch;
+use crate::log::FileWorker;
 use crate::transport::{CloseReason, Completion, ConnId, Transport, TransportKind};
 use crate::wake::Wake;
 
@@ -88,9 +90,9 @@ impl Transport for MemTransport {
         });
     }
 
-    fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>) {
+    fn send(&mut self, conn: ConnId, chunks: Vec<Chunk>) {
         self.0.with(|s| {
-            let n: usize = chunks.iter().map(Bytes::len).sum();
+            let n = chunks_len(&chunks);
             if let Some(held) = s.stalled.get_mut(&conn) {
                 *held += n;
                 return;
@@ -177,7 +179,7 @@ struct LineSession {
 const MAX_LINE: usize = 64;
 
 fn answer(text: &str) -> Step {
-    Step::Respond(vec![Bytes::from(format!("{text}\n"))])
+    Step::Respond(vec![Chunk::Heap(Bytes::from(format!("{text}\n")))])
 }
 
 impl Session for LineSession {
@@ -278,6 +280,7 @@ struct Rig {
     gate: Arc<AtomicBool>,
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    files_worker: Option<FileWorker>,
     next_conn: ConnId,
 }
 
@@ -292,7 +295,8 @@ impl Rig {
             ..Default::default()
         };
         let settings = args.resolve().expect("settings").broker;
-        let (broker, shards) = Broker::open(settings, cores).expect("broker");
+        let (files_worker, files) = FileWorker::spawn().expect("file worker");
+        let (broker, shards) = Broker::open(settings, cores, files).expect("broker");
         let broker = Arc::new(broker);
         broker.create_topic("t", cores as i32, HashMap::new(), false).expect("topic");
         let mems: Vec<Arc<Mem>> = (0..cores).map(|_| Arc::default()).collect();
@@ -300,25 +304,11 @@ impl Rig {
             mems.iter().map(|m| Box::new(MemTransport(m.clone())) as Box<dyn Transport>).collect();
         let gate = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(AtomicBool::new(false));
-        let (io, io_rx) = crossbeam_channel::unbounded::<IoJob>();
         let protocols: Vec<Arc<dyn Protocol>> = vec![Arc::new(Lines { gate: gate.clone() })];
-        let (cores, _peers) = build_cores(
-            &broker,
-            shards,
-            transports,
-            Shared { protocols, io, shutdown: shutdown.clone(), busy_poll: false },
-        );
-        let mut threads: Vec<JoinHandle<()>> = cores.into_iter().map(|c| std::thread::spawn(move || c.run())).collect();
-        threads.push(std::thread::spawn(move || {
-            for job in io_rx {
-                if let IoJob::Work(w) = job {
-                    if let Err(e) = w.run() {
-                        log::error!("test I/O work: {e}");
-                    }
-                }
-            }
-        }));
-        Rig { _dir: dir, broker, mems, gate, shutdown, threads, next_conn: 1 }
+        let shared = Shared { protocols, shutdown: shutdown.clone(), busy_poll: false };
+        let (cores, _peers) = build_cores(&broker, shards, transports, shared);
+        let threads: Vec<JoinHandle<()>> = cores.into_iter().map(|c| std::thread::spawn(move || c.run())).collect();
+        Rig { _dir: dir, broker, mems, gate, shutdown, threads, files_worker: Some(files_worker), next_conn: 1 }
     }
 
     /// A new connection on `core`.
@@ -378,6 +368,9 @@ impl Rig {
         self.mems.iter().for_each(|m| m.wake());
         for t in self.threads.drain(..) {
             t.join().expect("core thread");
+        }
+        if let Some(w) = self.files_worker.take() {
+            w.finish();
         }
     }
 }

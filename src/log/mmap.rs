@@ -17,26 +17,13 @@
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
-/// Every shared segment mapping by start address, so a transport that must register
-/// memory with a NIC (RDMA) can tell which mapping a fetch payload's bytes lie in.
-static MAPPED: Mutex<BTreeMap<usize, Weak<SegmentMap>>> = Mutex::new(BTreeMap::new());
-
-/// The live segment mapping that contains `[addr, addr + len)`, if any.
-pub fn mapping_containing(addr: *const u8, len: usize) -> Option<Arc<SegmentMap>> {
-    let a = addr as usize;
-    let map = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
-    let (_, w) = map.range(..=a).next_back()?;
-    let seg = w.upgrade()?;
-    let base = seg.base() as usize;
-    (a >= base && a.checked_add(len)? <= base + seg.capacity).then_some(seg)
-}
+use crate::buffer::{Chunk, Region};
 
 /// A segment file not yet shared with readers: recovery may scan and truncate it.
 pub struct SegmentFile {
@@ -110,7 +97,6 @@ impl SegmentFile {
             capacity: self.capacity,
             published: AtomicUsize::new(len),
         });
-        MAPPED.lock().unwrap_or_else(|p| p.into_inner()).insert(shared.base() as usize, Arc::downgrade(&shared));
         (shared.clone(), SegmentWriter { map: shared, pos: len })
     }
 }
@@ -144,6 +130,14 @@ impl SegmentMap {
         self.published.load(Ordering::Acquire)
     }
 
+    /// A zero-copy view of `[start, start + len)` that names this mapping as its region
+    /// (for a transport that registers memory with a NIC), or `None` if it is not all
+    /// published.
+    pub fn chunk(self: &Arc<Self>, start: usize, len: usize) -> Option<Chunk> {
+        let bytes = self.slice(start, len)?;
+        Some(Chunk::Mapped { bytes, region: self.clone() })
+    }
+
     /// A zero-copy view of `[start, start + len)`, or `None` if it is not all published.
     pub fn slice(self: &Arc<Self>, start: usize, len: usize) -> Option<Bytes> {
         let end = start.checked_add(len)?;
@@ -162,14 +156,13 @@ impl SegmentMap {
     }
 }
 
-impl Drop for SegmentMap {
-    fn drop(&mut self) {
-        let mut map = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
-        // Only our own entry: a newer mapping may already sit at the same address.
-        let base = self.map.as_ptr() as usize;
-        if map.get(&base).is_some_and(|w| w.strong_count() == 0) {
-            map.remove(&base);
-        }
+impl Region for SegmentMap {
+    fn base(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+
+    fn len(&self) -> usize {
+        self.capacity
     }
 }
 

@@ -25,6 +25,7 @@
 //!   complete, patched and (under `always`) flushed.
 
 pub mod batch;
+pub mod files;
 pub mod mmap;
 
 use bytes::Bytes;
@@ -36,8 +37,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
+use crate::buffer::Chunk;
 use crate::metrics;
 use batch::{BatchError, BatchHeader, LOG_OVERHEAD};
+pub use files::{FileWorker, Files, Pending};
 use mmap::{SegmentFile, SegmentMap, SegmentWriter};
 
 #[derive(Debug, Error)]
@@ -235,7 +238,8 @@ pub struct AppendInfo {
 /// A zero-copy read: whole batches from one segment.
 #[derive(Debug, Clone)]
 pub struct ReadResult {
-    pub records: Bytes,
+    /// Whole batches, pointing into the segment's mapping (which the chunk names).
+    pub records: Chunk,
     pub high_watermark: i64,
     pub log_start_offset: i64,
 }
@@ -282,10 +286,11 @@ pub struct PartitionLog {
     log_start_offset: i64,
     flushed_to: usize,
     producers: HashMap<i64, ProducerState>,
-    /// A preallocated, mapped file for the next segment (see [`Self::wants_spare`]).
-    spare: Option<SegmentFile>,
-    spare_requested: bool,
-    io: Vec<IoWork>,
+    /// The next segment's file, being made ahead of time by the file worker (see
+    /// [`Self::prepare_spare`]).
+    spare: Option<Pending<io::Result<SegmentFile>>>,
+    /// Where background file work goes.
+    files: Files,
 }
 
 /// What recovery found, for logging and the crash test.
@@ -298,8 +303,9 @@ pub struct RecoveryReport {
 }
 
 impl PartitionLog {
-    /// Opens (recovering) or creates the log in `dir`.
-    pub fn open(dir: &Path, cfg: LogConfig) -> Result<(PartitionLog, RecoveryReport), LogError> {
+    /// Opens (recovering) or creates the log in `dir`; background file work goes to
+    /// `files`.
+    pub fn open(dir: &Path, cfg: LogConfig, files: Files) -> Result<(PartitionLog, RecoveryReport), LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         for e in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
             if e.path().extension().is_some_and(|x| x == SPARE_SUFFIX) {
@@ -359,8 +365,7 @@ impl PartitionLog {
             flushed_to,
             producers: HashMap::new(),
             spare: None,
-            spare_requested: false,
-            io: Vec::new(),
+            files,
         };
         log.rebuild_producer_state();
         report.next_offset = log.next_offset();
@@ -602,31 +607,21 @@ impl PartitionLog {
     pub fn schedule_flush(&mut self) {
         let to = self.writer.position();
         if to > self.flushed_to {
-            self.io.push(IoWork::Flush { map: self.active.map.clone(), from: self.flushed_to, to });
+            self.files.submit(IoWork::Flush { map: self.active.map.clone(), from: self.flushed_to, to });
             self.flushed_to = to;
         }
     }
 
-    /// File-system work queued by appends, rolls and retention, for an I/O thread.
-    pub fn take_io_work(&mut self) -> Vec<IoWork> {
-        std::mem::take(&mut self.io)
-    }
-
-    /// Where to create the next segment ahead of time, once the active one is half full
-    /// (so the roll itself is a rename, not a file creation on the append path).
-    pub fn wants_spare(&mut self) -> Option<(PathBuf, usize)> {
-        if self.spare.is_some() || self.spare_requested || self.writer.position() < self.cfg.segment_bytes / 2 {
-            return None;
+    /// Has the file worker make the next segment's file ahead of time, once the active
+    /// one is half full (so the roll itself is a rename, not a file creation on the append
+    /// path). Returns whether it asked.
+    pub fn prepare_spare(&mut self) -> bool {
+        if self.spare.is_some() || self.writer.position() < self.cfg.segment_bytes / 2 {
+            return false;
         }
-        self.spare_requested = true;
         let path = self.dir.join(format!("{}.{SPARE_SUFFIX}", self.active.base_offset));
-        Some((path, self.cfg.segment_bytes))
-    }
-
-    /// Hands over a segment file made on [`Self::wants_spare`]'s request.
-    pub fn set_spare(&mut self, file: SegmentFile) {
-        self.spare = Some(file);
-        self.spare_requested = false;
+        self.spare = Some(self.files.prepare(path, self.cfg.segment_bytes));
+        true
     }
 
     /// Seals the active segment and starts a new one at the next offset.
@@ -638,23 +633,26 @@ impl PartitionLog {
         // is lost, recovery falls back to what the active segment shows.
         match serde_json::to_vec(&self.producers) {
             Ok(bytes) => self
-                .io
-                .push(IoWork::Write { path: Segment::file_stem(&self.dir, base).with_extension("producers"), bytes }),
+                .files
+                .submit(IoWork::Write { path: Segment::file_stem(&self.dir, base).with_extension("producers"), bytes }),
             Err(e) => log::warn!("{}: producer snapshot not written: {e}", self.dir.display()),
         }
         let path = Segment::file_stem(&self.dir, base).with_extension("log");
-        let file = match self.spare.take() {
-            Some(spare) if spare.capacity() == self.cfg.segment_bytes => spare.rename(&path).map_err(io_err(&path))?,
+        // A spare still being made is left to the worker (it is removed at the next
+        // start, like any spare a crash left behind).
+        let file = match self.spare.take().and_then(|p| p.try_take()) {
+            Some(Ok(spare)) if spare.capacity() == self.cfg.segment_bytes => {
+                spare.rename(&path).map_err(io_err(&path))?
+            }
             _ => SegmentFile::create(&path, self.cfg.segment_bytes).map_err(io_err(&path))?,
         };
-        self.spare_requested = false;
         let (map, writer) = file.into_shared(0);
         // The sealed segment's last msync and its index files go to the I/O thread.
         self.schedule_flush();
         let (idx, tidx) = self.active.index_files();
         let stem = Segment::file_stem(&self.dir, self.active.base_offset);
-        self.io.push(IoWork::Write { path: stem.with_extension("index"), bytes: idx });
-        self.io.push(IoWork::Write { path: stem.with_extension("timeindex"), bytes: tidx });
+        self.files.submit(IoWork::Write { path: stem.with_extension("index"), bytes: idx });
+        self.files.submit(IoWork::Write { path: stem.with_extension("timeindex"), bytes: tidx });
         let new = Segment::empty(base, map);
         let old = std::mem::replace(&mut self.active, new);
         self.sealed.push(old);
@@ -678,7 +676,11 @@ impl PartitionLog {
         if offset < self.log_start_offset || offset > hw {
             return Err(LogError::OffsetOutOfRange { offset, start: self.log_start_offset, end: hw });
         }
-        let empty = ReadResult { records: Bytes::new(), high_watermark: hw, log_start_offset: self.log_start_offset };
+        let empty = ReadResult {
+            records: Chunk::Heap(Bytes::new()),
+            high_watermark: hw,
+            log_start_offset: self.log_start_offset,
+        };
         if offset == hw {
             return Ok(empty);
         }
@@ -699,7 +701,10 @@ impl PartitionLog {
             }
             end += h.total_len();
         }
-        Ok(ReadResult { records: view.slice(start..end), high_watermark: hw, log_start_offset: self.log_start_offset })
+        let Some(records) = seg.map.chunk(start, end - start) else {
+            return Ok(empty);
+        };
+        Ok(ReadResult { records, high_watermark: hw, log_start_offset: self.log_start_offset })
     }
 
     /// Bytes available at or after `offset` (for fetch min_bytes), capped at `cap`.
@@ -737,8 +742,8 @@ impl PartitionLog {
         None
     }
 
-    /// Drops sealed segments past the size or age limit (their files are queued for the
-    /// I/O thread, see [`Self::take_io_work`]); returns how many.
+    /// Drops sealed segments past the size or age limit (their files are unlinked by the
+    /// file worker); returns how many.
     pub fn enforce_retention(&mut self, now_ms: i64) -> usize {
         let mut removed = 0;
         loop {
@@ -754,7 +759,7 @@ impl PartitionLog {
             }
             let seg = self.sealed.remove(0);
             let stem = Segment::file_stem(&self.dir, seg.base_offset);
-            self.io.push(IoWork::Remove(
+            self.files.submit(IoWork::Remove(
                 ["log", "index", "timeindex", "producers"].iter().map(|x| stem.with_extension(x)).collect(),
             ));
             self.log_start_offset = self.sealed.first().map_or(self.active.base_offset, |s| s.base_offset);
@@ -789,7 +794,7 @@ mod tests {
     #[test]
     fn append_read_roll_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096), Files::inline()).unwrap();
         for i in 0..100 {
             let b = build_batch(0, 1000 + i, &[format!("value-{i}").as_bytes(), b"second"]);
             let info = log.append(&b).unwrap();
@@ -805,7 +810,7 @@ mod tests {
         // Batch i holds records stamped 1000+i and 1001+i: offset 19 is the first at 1010.
         assert_eq!(log.offset_for_time(1010), Some(19));
         drop(log);
-        let (log, report) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let (log, report) = PartitionLog::open(dir.path(), cfg(4096), Files::inline()).unwrap();
         assert_eq!(report.next_offset, 200);
         assert_eq!(offsets_in(&log.read(198, 100).unwrap().records), vec![198]);
         assert!(matches!(log.read(201, 100), Err(LogError::OffsetOutOfRange { .. })));
@@ -814,7 +819,7 @@ mod tests {
     #[test]
     fn torn_tail_is_cut_at_the_last_valid_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16), Files::inline()).unwrap();
         for _ in 0..10 {
             log.append(&build_batch(0, 1, &[b"abcdefgh"])).unwrap();
         }
@@ -827,7 +832,7 @@ mod tests {
         torn.truncate(torn.len() / 2);
         bytes[end..end + torn.len()].copy_from_slice(&torn);
         std::fs::write(&path, &bytes).unwrap();
-        let (mut log, report) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        let (mut log, report) = PartitionLog::open(dir.path(), cfg(1 << 16), Files::inline()).unwrap();
         assert_eq!(report.next_offset, 10);
         assert!(report.truncated_bytes > 0);
         assert_eq!(log.append(&build_batch(0, 1, &[b"x"])).unwrap().base_offset, 10);
@@ -836,7 +841,7 @@ mod tests {
     #[test]
     fn corrupt_batch_is_rejected_and_nothing_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16), Files::inline()).unwrap();
         log.append(&build_batch(0, 1, &[b"good"])).unwrap();
         let mut bad = build_batch(0, 1, &[b"bad"]);
         let n = bad.len();
@@ -849,18 +854,15 @@ mod tests {
     #[test]
     fn missing_sealed_index_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096), Files::inline()).unwrap();
         for _ in 0..60 {
             log.append(&build_batch(0, 1, &[&[7u8; 100]])).unwrap();
-        }
-        for w in log.take_io_work() {
-            w.run().unwrap();
         }
         drop(log);
         let idx = dir.path().join(format!("{:020}.index", 0));
         assert!(idx.exists());
         std::fs::remove_file(&idx).unwrap();
-        let (log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let (log, _) = PartitionLog::open(dir.path(), cfg(4096), Files::inline()).unwrap();
         assert!(idx.exists());
         assert_eq!(offsets_in(&log.read(3, 1).unwrap().records), vec![3]);
     }
@@ -870,14 +872,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(4096);
         c.retention_bytes = Some(8192);
-        let (mut log, _) = PartitionLog::open(dir.path(), c).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), c, Files::inline()).unwrap();
         for _ in 0..200 {
             log.append(&build_batch(0, 1, &[&[1u8; 100]])).unwrap();
         }
         assert!(log.enforce_retention(now_ms()) > 0);
-        for w in log.take_io_work() {
-            w.run().unwrap();
-        }
         assert!(!dir.path().join(format!("{:020}.log", 0)).exists());
         assert!(log.log_start_offset() > 0);
         assert!(matches!(log.read(0, 100), Err(LogError::OffsetOutOfRange { .. })));
@@ -899,7 +898,7 @@ mod tests {
     #[test]
     fn idempotent_producer_dedups_and_rejects_gaps() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16), Files::inline()).unwrap();
         assert_eq!(log.append(&idempotent_batch(7, 0, 0)).unwrap().base_offset, 0);
         assert_eq!(log.append(&idempotent_batch(7, 0, 1)).unwrap().base_offset, 1);
         let dup = log.append(&idempotent_batch(7, 0, 1)).unwrap();
@@ -909,7 +908,7 @@ mod tests {
         assert_eq!(log.next_offset(), 2);
         drop(log);
         // Producer state is rebuilt from the active segment at recovery.
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16), Files::inline()).unwrap();
         assert!(log.append(&idempotent_batch(7, 0, 1)).unwrap().duplicate);
         assert_eq!(log.append(&idempotent_batch(7, 0, 2)).unwrap().base_offset, 2);
     }
@@ -919,7 +918,7 @@ mod tests {
     #[test]
     fn producer_state_survives_a_roll_and_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096), Files::inline()).unwrap();
         let mut seq = 0;
         while log.sealed.is_empty() {
             log.append(&idempotent_batch(9, 2, seq)).unwrap();
@@ -932,11 +931,8 @@ mod tests {
             log.append(&idempotent_batch(5, 0, other)).unwrap();
             other += 1;
         }
-        for w in log.take_io_work() {
-            w.run().unwrap();
-        }
         drop(log);
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096)).unwrap();
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(4096), Files::inline()).unwrap();
         let retry = log.append(&idempotent_batch(9, 2, seq - 1)).unwrap();
         assert!(retry.duplicate, "a retry of a batch in a sealed segment was appended again");
         assert!(matches!(log.append(&idempotent_batch(9, 2, seq + 3)), Err(LogError::OutOfOrderSequence { .. })));
@@ -950,7 +946,7 @@ mod tests {
             .find(|p| p.extension().is_some_and(|x| x == "producers"))
             .expect("a producer snapshot was written at the roll");
         std::fs::write(&snap, b"{not json").unwrap();
-        assert!(PartitionLog::open(dir.path(), cfg(4096)).is_ok());
+        assert!(PartitionLog::open(dir.path(), cfg(4096), Files::inline()).is_ok());
     }
 
     /// The deterministic sibling of `fuzz/fuzz_targets/log_recovery.rs`: a damaged active
@@ -958,7 +954,7 @@ mod tests {
     #[test]
     fn damaged_segment_recovers_to_the_intact_prefix() {
         let src = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(src.path(), cfg(1 << 16)).unwrap();
+        let (mut log, _) = PartitionLog::open(src.path(), cfg(1 << 16), Files::inline()).unwrap();
         let mut ends = Vec::new(); // (end position, next offset) after each batch
         for i in 0..40 {
             log.append(&build_batch(0, i, &[format!("record {i}").as_bytes(), b"two"])).unwrap();
@@ -995,7 +991,7 @@ mod tests {
             let at = first;
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join(format!("{:020}.log", 0)), &damaged).unwrap();
-            let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16)).unwrap();
+            let (mut log, _) = PartitionLog::open(dir.path(), cfg(1 << 16), Files::inline()).unwrap();
             // Batches wholly before the damage survive; the damaged one and later do not.
             let expect = ends.iter().take_while(|(end, _)| *end <= at).last().map_or(0, |(_, next)| *next);
             assert_eq!(log.next_offset(), expect, "damage at byte {at} (batch-relative {})", at - batch_start);
@@ -1010,13 +1006,14 @@ mod tests {
     #[test]
     fn roll_takes_the_spare_made_ahead_of_time() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, _) = PartitionLog::open(dir.path(), cfg(8192)).unwrap();
-        while log.wants_spare().is_none() {
+        let (mut log, _) = PartitionLog::open(dir.path(), cfg(8192), Files::inline()).unwrap();
+        while !log.prepare_spare() {
             log.append(&build_batch(0, 1, &[&[3u8; 200]])).unwrap();
         }
-        assert!(log.wants_spare().is_none(), "asked twice");
+        assert!(!log.prepare_spare(), "asked twice");
+        // Made at once (no worker thread here).
         let spare_path = dir.path().join(format!("0.{SPARE_SUFFIX}"));
-        log.set_spare(SegmentFile::create(&spare_path, 8192).unwrap());
+        assert!(spare_path.exists());
         let before = log.sealed.len();
         while log.sealed.len() == before {
             log.append(&build_batch(0, 1, &[&[3u8; 200]])).unwrap();
@@ -1027,7 +1024,7 @@ mod tests {
         std::fs::write(dir.path().join(format!("9.{SPARE_SUFFIX}")), [1u8; 64]).unwrap();
         let next = log.next_offset();
         drop(log);
-        let (log, _) = PartitionLog::open(dir.path(), cfg(8192)).unwrap();
+        let (log, _) = PartitionLog::open(dir.path(), cfg(8192), Files::inline()).unwrap();
         assert_eq!(log.next_offset(), next);
         assert!(!dir.path().join(format!("9.{SPARE_SUFFIX}")).exists());
     }

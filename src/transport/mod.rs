@@ -3,10 +3,11 @@
 //! The dispatch loop *submits* operations and later *collects* their completions, never
 //! borrowing a buffer across the two: a receive takes a [`BytesMut`] by value and gives
 //! it back (with the new bytes appended) in [`Completion::Received`]; a send takes an
-//! I/O vector of [`Bytes`] by value and gives it back in [`Completion::Sent`]. This is the
-//! shape io_uring needs (the kernel owns buffers in flight), the shape RDMA verbs need
-//! (posted receive buffers, work requests that complete later; `Bytes` that point into
-//! the registered log region go out by one-sided RDMA), and a polled user-space stack
+//! I/O vector of [`Chunk`]s by value and gives it back in [`Completion::Sent`]. This is
+//! the shape io_uring needs (the kernel owns buffers in flight), the shape RDMA verbs need
+//! (posted receive buffers, work requests that complete later; a `Chunk::Mapped` names
+//! the region its bytes lie in, which is registered and written from by one-sided RDMA),
+//! and a polled user-space stack
 //! fits it trivially. The epoll backend ([`tcp`]) emulates completions on readiness.
 //! `docs/architecture.md` shows how each backend maps onto it.
 //!
@@ -21,7 +22,7 @@ mod staging;
 pub mod tcp;
 pub mod uring;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
+use crate::buffer::Chunk;
 use crate::wake::Wake;
 
 /// A connection, unique within one transport instance (one core).
@@ -88,7 +90,7 @@ pub enum Completion {
     /// The I/O vector given to [`Transport::send`], fully sent.
     Sent {
         conn: ConnId,
-        chunks: Vec<Bytes>,
+        chunks: Vec<Chunk>,
     },
     Closed {
         conn: ConnId,
@@ -103,7 +105,7 @@ pub trait Transport: Send {
     /// `max` bytes in all).
     fn recv(&mut self, conn: ConnId, buf: BytesMut, max: usize);
     /// Submits a vectored send of `chunks`, in order after earlier sends on `conn`.
-    fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>);
+    fn send(&mut self, conn: ConnId, chunks: Vec<Chunk>);
     /// Closes a connection once what is queued for it has gone out; a `Closed` completion
     /// follows.
     fn close(&mut self, conn: ConnId);

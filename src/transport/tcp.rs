@@ -5,7 +5,7 @@
 //! Sends go out with `writev` over the chunk list, so record bytes that point into the
 //! mmap'd log reach the socket without a user-space copy.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use std::collections::{HashMap, VecDeque};
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
+use crate::buffer::{chunks_len, Chunk};
 use crate::wake::Wake;
 
 const WAKER: Token = Token(0);
@@ -37,7 +38,7 @@ struct Conn {
     readable: bool,
     writable: bool,
     /// Sends in order; the front one may be partly written (`sent_in_front`).
-    tx: VecDeque<Vec<Bytes>>,
+    tx: VecDeque<Vec<Chunk>>,
     sent_in_front: usize,
     unsent: usize,
     closing: bool,
@@ -228,7 +229,7 @@ impl TcpTransport {
                     c.unsent -= n;
                     // Retire whole messages and hand their buffers back.
                     while let Some(front) = c.tx.front() {
-                        let total: usize = front.iter().map(Bytes::len).sum();
+                        let total = chunks_len(front);
                         let left = total - c.sent_in_front;
                         if n >= left {
                             n -= left;
@@ -284,9 +285,9 @@ impl Transport for TcpTransport {
         }
     }
 
-    fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>) {
+    fn send(&mut self, conn: ConnId, chunks: Vec<Chunk>) {
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.unsent += chunks.iter().map(Bytes::len).sum::<usize>();
+            c.unsent += chunks_len(&chunks);
             c.tx.push_back(chunks);
             self.try_write(conn);
         }

@@ -49,6 +49,16 @@ fn topic_metadata(ctx: &Ctx<'_>, t: &Topic) -> MetadataResponseTopic {
     mt
 }
 
+/// Whether answering `req` may create a topic (auto-creation of a named topic that does
+/// not exist): such a Metadata request writes files, so it runs on the file worker.
+pub fn may_create_topics(ctx: &Ctx<'_>, req: &MetadataRequest) -> bool {
+    let s = &ctx.broker.settings;
+    if !s.auto_create_topics || (ctx.version >= 4 && !req.allow_auto_topic_creation) {
+        return false;
+    }
+    req.topics.iter().flatten().any(|t| t.name.as_ref().is_some_and(|n| ctx.broker.topic(n).is_none()))
+}
+
 pub fn metadata(ctx: &Ctx<'_>, req: MetadataRequest) -> Outcome {
     let v = ctx.version;
     let s = &ctx.broker.settings;

@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::{sb, Ctx, ErrorCode, Outcome, Parked};
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{PartKey, PartitionShared};
+use crate::buffer::Chunk;
 use crate::log::LogError;
 
 /// Partition operations to run on their owners, and what to do with the results.
@@ -230,7 +231,7 @@ fn finish_fetch(plan: Box<FetchPlan>, results: Vec<PartResult>, now: Instant) ->
         return Outcome::Park(Parked::Fetch(ParkedFetch { plan, appended_at_park, available_at_park: total }));
     }
     let mut resp = FetchResponse::default();
-    let mut by_ref: Vec<Bytes> = Vec::new();
+    let mut by_ref: Vec<Chunk> = Vec::new();
     let mut budget = plan.max_bytes;
     let mut results = results.into_iter();
     for t in plan.targets {
@@ -267,8 +268,8 @@ fn finish_fetch(plan: Box<FetchPlan>, results: Vec<PartResult>, now: Instant) ->
                 // non-empty one always goes out whole (as Kafka, so big batches progress).
                 if !r.records.is_empty() && (by_ref.is_empty() || r.records.len() <= budget) {
                     budget = budget.saturating_sub(r.records.len());
-                    by_ref.push(r.records.clone());
-                    pd.records = Some(r.records);
+                    pd.records = Some(r.records.bytes().clone());
+                    by_ref.push(r.records);
                 }
             }
         }

@@ -258,13 +258,7 @@ pub fn offset_commit(ctx: &Ctx<'_>, req: OffsetCommitRequest) -> Outcome {
         }
         codes.push(tc);
     }
-    let r = ctx.broker.groups.lock().commit(
-        &req.group_id,
-        &req.member_id,
-        req.generation_id_or_member_epoch,
-        valid,
-        ctx.now,
-    );
+    let r = ctx.broker.commit_offsets(&req.group_id, &req.member_id, req.generation_id_or_member_epoch, valid, ctx.now);
     for (t, tc) in req.topics.into_iter().zip(codes) {
         let mut tr = OffsetCommitResponseTopic::default();
         tr.name = t.name;

@@ -28,7 +28,8 @@ use std::time::Instant;
 use thiserror::Error;
 
 use crate::broker::Broker;
-use crate::buffer::{IoChunks, ScatterBuf};
+use crate::buffer::{Chunk, IoChunks, ScatterBuf};
+use crate::log::Pending;
 pub use error::ErrorCode;
 
 /// Versions we serve: (api, min, max). Each range is intersected with what the codec
@@ -99,16 +100,19 @@ pub struct Ctx<'a> {
     pub now: Instant,
 }
 
-/// A request waiting for something (data to arrive, a rebalance to complete).
+/// A request waiting for something (data to arrive, a rebalance to complete, the file
+/// worker to run it).
 pub enum Parked {
     Fetch(data::ParkedFetch),
     Join(group::ParkedJoin),
     Sync(group::ParkedSync),
+    /// Handled on the file worker (it writes files); its outcome comes back here.
+    Blocking(Pending<Outcome>),
 }
 
 /// What a handler decided.
 pub enum Outcome {
-    Respond(ResponseKind, Vec<Bytes>),
+    Respond(ResponseKind, Vec<Chunk>),
     /// acks=0 produce: the client expects nothing back.
     NoResponse,
     Park(Parked),
@@ -199,30 +203,67 @@ pub fn handle_frame(
         client_host: client_host.to_string(),
         now,
     };
+    if writes_files(&ctx, &request) {
+        return Ok((req, on_file_worker(ctx, req.api, request)));
+    }
+    Ok((req, run(&ctx, req.api, request)?))
+}
+
+/// Whether `request`'s handler writes files (topics, partitions, producer-id blocks,
+/// committed offsets): those must not run on a dispatch core, but on the file worker.
+fn writes_files(ctx: &Ctx<'_>, request: &RequestKind) -> bool {
+    match request {
+        RequestKind::CreateTopics(_)
+        | RequestKind::DeleteTopics(_)
+        | RequestKind::CreatePartitions(_)
+        | RequestKind::InitProducerId(_)
+        | RequestKind::OffsetCommit(_) => true,
+        RequestKind::Metadata(r) => admin::may_create_topics(ctx, r),
+        _ => false,
+    }
+}
+
+/// Runs `request` on the file worker; the request parks until its outcome is back.
+fn on_file_worker(ctx: Ctx<'_>, api: ApiKey, request: RequestKind) -> Outcome {
+    let broker = ctx.broker.clone();
+    let endpoint = ctx.endpoint.clone();
+    let Ctx { version, client_id, client_host, now, .. } = ctx;
+    let pending = broker.files.clone().run(move || {
+        let ctx = Ctx { broker: &broker, endpoint: &endpoint, version, client_id, client_host, now };
+        // Only requests `run` serves are sent here.
+        run(&ctx, api, request).unwrap_or_else(|e| {
+            log::error!("{e}");
+            Outcome::NoResponse
+        })
+    });
+    Outcome::Park(Parked::Blocking(pending))
+}
+
+fn run(ctx: &Ctx<'_>, api: ApiKey, request: RequestKind) -> Result<Outcome, ProtocolError> {
     let outcome = match request {
         RequestKind::ApiVersions(_) => Outcome::respond(api_versions(ErrorCode::None)),
-        RequestKind::Produce(r) => data::produce(&ctx, r),
-        RequestKind::Fetch(r) => data::fetch(&ctx, r),
-        RequestKind::ListOffsets(r) => data::list_offsets(&ctx, r),
-        RequestKind::Metadata(r) => admin::metadata(&ctx, r),
-        RequestKind::CreateTopics(r) => admin::create_topics(&ctx, r),
-        RequestKind::DeleteTopics(r) => admin::delete_topics(&ctx, r),
-        RequestKind::CreatePartitions(r) => admin::create_partitions(&ctx, r),
-        RequestKind::DescribeConfigs(r) => admin::describe_configs(&ctx, r),
-        RequestKind::DescribeCluster(r) => admin::describe_cluster(&ctx, r),
-        RequestKind::InitProducerId(r) => admin::init_producer_id(&ctx, r),
-        RequestKind::FindCoordinator(r) => group::find_coordinator(&ctx, r),
-        RequestKind::JoinGroup(r) => group::join(&ctx, r),
-        RequestKind::SyncGroup(r) => group::sync(&ctx, r),
-        RequestKind::Heartbeat(r) => group::heartbeat(&ctx, r),
-        RequestKind::LeaveGroup(r) => group::leave(&ctx, r),
-        RequestKind::OffsetCommit(r) => group::offset_commit(&ctx, r),
-        RequestKind::OffsetFetch(r) => group::offset_fetch(&ctx, r),
-        RequestKind::ListGroups(r) => group::list_groups(&ctx, r),
-        RequestKind::DescribeGroups(r) => group::describe_groups(&ctx, r),
-        _ => return Err(ProtocolError::UnknownApi(req.api as i16)),
+        RequestKind::Produce(r) => data::produce(ctx, r),
+        RequestKind::Fetch(r) => data::fetch(ctx, r),
+        RequestKind::ListOffsets(r) => data::list_offsets(ctx, r),
+        RequestKind::Metadata(r) => admin::metadata(ctx, r),
+        RequestKind::CreateTopics(r) => admin::create_topics(ctx, r),
+        RequestKind::DeleteTopics(r) => admin::delete_topics(ctx, r),
+        RequestKind::CreatePartitions(r) => admin::create_partitions(ctx, r),
+        RequestKind::DescribeConfigs(r) => admin::describe_configs(ctx, r),
+        RequestKind::DescribeCluster(r) => admin::describe_cluster(ctx, r),
+        RequestKind::InitProducerId(r) => admin::init_producer_id(ctx, r),
+        RequestKind::FindCoordinator(r) => group::find_coordinator(ctx, r),
+        RequestKind::JoinGroup(r) => group::join(ctx, r),
+        RequestKind::SyncGroup(r) => group::sync(ctx, r),
+        RequestKind::Heartbeat(r) => group::heartbeat(ctx, r),
+        RequestKind::LeaveGroup(r) => group::leave(ctx, r),
+        RequestKind::OffsetCommit(r) => group::offset_commit(ctx, r),
+        RequestKind::OffsetFetch(r) => group::offset_fetch(ctx, r),
+        RequestKind::ListGroups(r) => group::list_groups(ctx, r),
+        RequestKind::DescribeGroups(r) => group::describe_groups(ctx, r),
+        _ => return Err(ProtocolError::UnknownApi(api as i16)),
     };
-    Ok((req, outcome))
+    Ok(outcome)
 }
 
 /// Re-polls a parked request; `force` answers with whatever is there (deadline, shutdown).
@@ -231,6 +272,8 @@ pub fn poll_parked(broker: &Arc<Broker>, parked: &Parked, now: Instant, force: b
         Parked::Fetch(p) => data::poll_fetch(p, now, force),
         Parked::Join(p) => group::poll_join(broker, p, force),
         Parked::Sync(p) => group::poll_sync(broker, p, force),
+        // Not even a shutdown answers it early: what it writes may be half done.
+        Parked::Blocking(p) => p.try_take(),
     }
 }
 
@@ -238,7 +281,7 @@ pub fn poll_parked(broker: &Arc<Broker>, parked: &Parked, now: Instant, force: b
 pub fn parked_deadline(parked: &Parked) -> Option<Instant> {
     match parked {
         Parked::Fetch(p) => Some(p.deadline()),
-        Parked::Join(_) | Parked::Sync(_) => None,
+        Parked::Join(_) | Parked::Sync(_) | Parked::Blocking(_) => None,
     }
 }
 
@@ -287,7 +330,7 @@ fn encode_body<B: ByteBufMut>(r: &ResponseKind, buf: &mut B, v: i16) -> anyhow::
 
 /// Encodes a response frame (length prefix, header, body); `by_ref` are payloads that
 /// must go out by reference (fetch records straight from the log).
-pub fn encode_response(req: &InFlight, body: &ResponseKind, by_ref: Vec<Bytes>) -> Result<IoChunks, ProtocolError> {
+pub fn encode_response(req: &InFlight, body: &ResponseKind, by_ref: Vec<Chunk>) -> Result<IoChunks, ProtocolError> {
     let fail = |e: anyhow::Error| ProtocolError::Encode { api: req.api, version: req.version, reason: e.to_string() };
     let mut buf = ScatterBuf::framed(by_ref);
     let mut header = ResponseHeader::default();

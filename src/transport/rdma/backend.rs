@@ -3,7 +3,7 @@
 // `stream`), each use saying why it holds.
 #![allow(unsafe_code)]
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -18,8 +18,7 @@ use super::verbs::{
     WcExt,
 };
 use super::wire::{self, Grant, Imm, Offer, SendHeader};
-use crate::buffer::AnonMap;
-use crate::log::mmap::{mapping_containing, SegmentMap};
+use crate::buffer::{chunks_len, AnonMap, Chunk, Region};
 use crate::metrics;
 use crate::wake::{EventFd, Wake};
 
@@ -94,13 +93,13 @@ enum ChunkSource {
 }
 
 struct LogWindow {
-    seg: Weak<SegmentMap>,
+    seg: Weak<dyn Region>,
     len: usize,
     mr: Mr,
 }
 
 struct TxMsg {
-    chunks: Vec<Bytes>,
+    chunks: Vec<Chunk>,
     /// Bytes of `chunks` already posted.
     posted: usize,
     len: usize,
@@ -109,9 +108,9 @@ struct TxMsg {
 struct Post {
     id: u64,
     /// Messages whose last byte this post carried (handed back when it completes).
-    done: Vec<Vec<Bytes>>,
+    done: Vec<Vec<Chunk>>,
     /// Keeps the bytes of partly posted messages alive (log windows) until completion.
-    _keep: Vec<Bytes>,
+    _keep: Vec<Chunk>,
     staged_end: u64,
     wrs: u32,
 }
@@ -460,18 +459,19 @@ impl RdmaTransport {
             c.wrs_in_flight -= p.wrs;
             c.staged_tail = p.staged_end;
             for chunks in p.done {
-                c.unsent -= chunks.iter().map(Bytes::len).sum::<usize>();
+                c.unsent -= chunks_len(&chunks);
                 self.ready.push(Completion::Sent { conn, chunks });
             }
         }
         self.dirty.push(conn);
     }
 
-    /// Where the bytes at `[addr, addr + len)` come from: a log window (registered on first
-    /// use; its lkey and how many of the bytes it covers), a log segment that could not be
-    /// registered, or ordinary memory.
-    fn source(dev: &mut Device, addr: *const u8, len: usize) -> ChunkSource {
-        let a = addr as usize;
+    /// Where `len` bytes of `chunk` from `off` come from, as the chunk says: a window of
+    /// its mapped region (registered on first use; its lkey and how many of the bytes it
+    /// covers), a region that could not be registered, or ordinary memory.
+    fn source(dev: &mut Device, chunk: &Chunk, off: usize, len: usize) -> ChunkSource {
+        let Some(region) = chunk.region() else { return ChunkSource::Heap };
+        let a = chunk[off..].as_ptr() as usize;
         while let Some((&start, w)) = dev.windows.range(..=a).next_back() {
             if a >= start + w.len {
                 break;
@@ -479,17 +479,22 @@ impl RdmaTransport {
             if w.seg.strong_count() > 0 {
                 return ChunkSource::Log { lkey: w.mr.lkey(), covered: len.min(start + w.len - a) };
             }
-            // A window of a deleted segment overlaps: no `Bytes` of that segment exists, so
+            // A window of a deleted segment overlaps: no chunk of that segment exists, so
             // no post names its region; unpin it and look again.
             dev.windows.remove(&start);
         }
-        let Some(seg) = mapping_containing(addr, 1) else { return ChunkSource::Heap };
-        let base = seg.base() as usize;
+        let base = region.base() as usize;
+        if a < base || a + len > base + region.len() {
+            // A chunk that names a region it does not lie in is a bug upstream: send it,
+            // but through the staging copy.
+            log::error!("rdma: a chunk outside the region it names; staging it");
+            return ChunkSource::UnregisteredLog;
+        }
         let start = base + (a - base) / LOG_WINDOW * LOG_WINDOW;
-        let wlen = LOG_WINDOW.min(base + seg.capacity() - start);
-        // SAFETY: the window lies inside the segment's mapping, which stays mapped while
-        // any `Bytes` of it exists; posts hold such `Bytes` until completion, and a window
-        // whose segment is gone is never used again (checked above) and dropped.
+        let wlen = LOG_WINDOW.min(base + region.len() - start);
+        // SAFETY: the window lies inside the region's mapping (checked above), which stays
+        // mapped while any chunk of it exists; posts hold such chunks until completion, and
+        // a window whose region is gone is never used again (checked above) and dropped.
         let mr = match unsafe { Mr::register(&dev.pd, start as *const u8, wlen, Access::LocalRead) } {
             Ok(mr) => mr,
             Err(e) => {
@@ -498,7 +503,7 @@ impl RdmaTransport {
             }
         };
         let lkey = mr.lkey();
-        dev.windows.insert(start, LogWindow { seg: Arc::downgrade(&seg), len: wlen, mr });
+        dev.windows.insert(start, LogWindow { seg: Arc::downgrade(region), len: wlen, mr });
         ChunkSource::Log { lkey, covered: len.min(start + wlen - a) }
     }
 
@@ -555,7 +560,7 @@ impl RdmaTransport {
                         let to_wrap = (ring_len - pos) as usize;
                         let mut n = (chunk.len() - off).min(budget - taken).min(to_wrap);
                         let ptr = chunk[off..].as_ptr();
-                        let sge = match Self::source(dev, ptr, n) {
+                        let sge = match Self::source(dev, chunk, off, n) {
                             ChunkSource::Log { lkey, covered } => {
                                 n = n.min(covered);
                                 metrics::count_rdma_log_bytes(n);
@@ -724,9 +729,9 @@ impl Transport for RdmaTransport {
         }
     }
 
-    fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>) {
+    fn send(&mut self, conn: ConnId, chunks: Vec<Chunk>) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let len = chunks.iter().map(Bytes::len).sum();
+        let len = chunks_len(&chunks);
         c.unsent += len;
         c.tx.push_back(TxMsg { chunks, posted: 0, len });
         self.dirty.push(conn);

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use super::staging::RecvStaging;
 use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
+use crate::buffer::{chunks_len, Chunk};
 use crate::metrics;
 use crate::wake::{EventFd, Wake};
 
@@ -122,7 +123,7 @@ enum Op {
 struct SendOp {
     conn: ConnId,
     /// The messages this op carries, handed back one `Sent` each when done.
-    msgs: Vec<Vec<Bytes>>,
+    msgs: Vec<Vec<Chunk>>,
     /// The byte ranges actually submitted (a resubmission carries only what is left).
     parts: Vec<Bytes>,
     /// The iovecs `hdr` points at: owned for the kernel, not read by us.
@@ -158,7 +159,7 @@ struct UConn {
     /// Multishot mode: received bytes on their way to the dispatch loop's buffer.
     rx: RecvStaging,
     sending: bool,
-    tx: VecDeque<Vec<Bytes>>,
+    tx: VecDeque<Vec<Chunk>>,
     unsent: usize,
     /// `close` was asked for: finish sending, then shut down.
     closing: bool,
@@ -350,7 +351,7 @@ impl UringTransport {
                 break;
             }
             let Some(m) = c.tx.pop_front() else { break };
-            parts.extend(m.iter().filter(|b| !b.is_empty()).cloned());
+            parts.extend(m.iter().filter(|c| !c.is_empty()).map(|c| c.bytes().clone()));
             msgs.push(m);
         }
         c.sending = true;
@@ -358,7 +359,7 @@ impl UringTransport {
         self.submit_send(conn, target, msgs, parts);
     }
 
-    fn submit_send(&mut self, conn: ConnId, target: Target, msgs: Vec<Vec<Bytes>>, parts: Vec<Bytes>) {
+    fn submit_send(&mut self, conn: ConnId, target: Target, msgs: Vec<Vec<Chunk>>, parts: Vec<Bytes>) {
         let len: usize = parts.iter().map(Bytes::len).sum();
         let zc = self.send_zc && len >= self.opts.zc_threshold;
         let iov: Box<[libc::iovec]> =
@@ -728,9 +729,9 @@ impl Transport for UringTransport {
         }
     }
 
-    fn send(&mut self, conn: ConnId, chunks: Vec<Bytes>) {
+    fn send(&mut self, conn: ConnId, chunks: Vec<Chunk>) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        c.unsent += chunks.iter().map(Bytes::len).sum::<usize>();
+        c.unsent += chunks_len(&chunks);
         c.tx.push_back(chunks);
         self.start_send(conn);
     }

@@ -181,6 +181,16 @@ pub trait ByteBufMut: BufMut {
     /// Read a range from the buffer.
     fn range(&mut self, r: Range<usize>) -> &mut [u8];
 
+    /// Put shared bytes (a `bytes::Bytes` field, e.g. record batches). The default copies
+    /// them; a buffer may keep them by reference instead.
+    ///
+    /// slipstream patch: the codecs hand `Bytes` fields over whole through this method,
+    /// so a scatter/gather buffer can send fetched records from where they lie without
+    /// matching slices by address.
+    fn put_shared(&mut self, bytes: &bytes::Bytes) {
+        self.put_slice(bytes);
+    }
+
     /// Put a gap of `len` at the current buffer offset.
     fn put_gap(&mut self, len: usize) -> Gap {
         let res = Gap {
