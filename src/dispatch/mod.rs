@@ -17,6 +17,10 @@
 //! retention's unlinks, creating the next segment file) goes from the logs straight to the
 //! file worker (`log::files`), so an append never waits for it.
 //!
+//! One file, because the loop's parts share one state — a connection's queue of slots,
+//! the tickets of its gathers and the parked count — and each of its invariants spans
+//! them; the protocol seam is [`session`], its tests are in `tests.rs`.
+//!
 //! # Invariants
 //! - Responses leave in request order per connection (Kafka pipelining): a parked or
 //!   gathering slot holds back every slot behind it.

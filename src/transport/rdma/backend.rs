@@ -1,4 +1,11 @@
 //! The transport itself: see the module docs of [`super`].
+//!
+//! What to write where is planned apart ([`super::plan`], sans-IO, unit-tested without a
+//! NIC); this file is what touches the NIC: accepting connections onto the core's queues,
+//! reaping completions, turning planned writes into work requests and posting them. It
+//! stays one file because those share one state — the core's device objects and its
+//! connections' queue pairs, registered windows and posts in flight — whose drop order
+//! is the safety argument (see the invariants of [`super`]).
 // The verbs backend posts memory to a NIC: unsafe is allowed here (and in `verbs`,
 // `stream`), each use saying why it holds.
 #![allow(unsafe_code)]
@@ -13,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use super::super::staging::RecvStaging;
 use super::super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
+use super::plan::{From, Idle, SendSide, Source, MAX_SGE};
 use super::verbs::{
     self as verbs, Access, CmEventKind, CmId, CompChannel, Cq, EventChannel, Mr, Pd, QpCaps, SendOp, SendWr, Sge, Srq,
     WcExt,
 };
-use super::wire::{self, Grant, Imm, Offer, SendHeader};
-use crate::buffer::{chunks_len, AnonMap, Chunk, Region};
+use super::wire::{self, Grant, Offer, SendHeader};
+use crate::buffer::{AnonMap, Chunk, Region};
 use crate::metrics;
 use crate::wake::{EventFd, Wake};
 
@@ -62,9 +70,6 @@ impl RdmaListener {
 /// Registered log windows are this large (pinned on first use).
 const LOG_WINDOW: usize = 4 << 20;
 const STAGING_LEN: usize = 1 << 20;
-/// Bytes of response stream one write batch carries at most.
-const BATCH_BYTES: usize = 1 << 20;
-const MAX_SGE: usize = 16;
 const SEND_WR: u32 = 256;
 /// Stop returning credits to a connection whose staged request bytes reach this.
 const STAGED_LIMIT: usize = 1 << 20;
@@ -82,27 +87,10 @@ struct Device {
     windows: BTreeMap<usize, LogWindow>,
 }
 
-/// Where a response chunk's bytes live, for the RDMA write that carries them.
-enum ChunkSource {
-    /// In a registered log window: written straight from it.
-    Log { lkey: u32, covered: usize },
-    /// In a log segment whose window could not be registered: staged (a counted copy).
-    UnregisteredLog,
-    /// Ordinary memory (response headers): staged.
-    Heap,
-}
-
 struct LogWindow {
     seg: Weak<dyn Region>,
     len: usize,
     mr: Mr,
-}
-
-struct TxMsg {
-    chunks: Vec<Chunk>,
-    /// Bytes of `chunks` already posted.
-    posted: usize,
-    len: usize,
 }
 
 struct Post {
@@ -127,18 +115,11 @@ struct RConn {
     rx: RecvStaging,
     /// Messages received whose credits have not been sent back yet (the peer's view).
     outstanding: u32,
-    /// Credits ready to go back with the next write batch.
-    owed: u32,
+    /// Credits held back while the dispatch loop is behind on this connection.
     withheld: u32,
-    // Send side.
-    tx: VecDeque<TxMsg>,
-    unsent: usize,
-    ring_written: u64,
-    ring_freed: u64,
-    staged_head: u64,
-    staged_tail: u64,
+    // Send side: what to write where (sans-IO), and the posts in flight.
+    send: SendSide,
     posts: VecDeque<Post>,
-    wrs_in_flight: u32,
     stalled_since: Option<Instant>,
     closing: bool,
 }
@@ -294,16 +275,9 @@ impl RdmaTransport {
                 established: false,
                 rx: RecvStaging::default(),
                 outstanding: 0,
-                owed: 0,
                 withheld: 0,
-                tx: VecDeque::new(),
-                unsent: 0,
-                ring_written: 0,
-                ring_freed: 0,
-                staged_head: 0,
-                staged_tail: 0,
+                send: SendSide::new(offer.ring_len, STAGING_LEN, SEND_WR),
                 posts: VecDeque::new(),
-                wrs_in_flight: 0,
                 stalled_since: None,
                 closing: false,
             },
@@ -420,11 +394,11 @@ impl RdmaTransport {
         if c.outstanding > credits {
             return Err((conn, format!("peer sent beyond its {credits} credits")));
         }
-        let unread = c.ring_written - c.ring_freed;
+        let unread = c.send.unread();
         if u64::from(hdr.ring_freed) > unread {
             return Err((conn, format!("peer freed {} ring bytes but only {unread} were written", hdr.ring_freed)));
         }
-        c.ring_freed += u64::from(hdr.ring_freed);
+        c.send.ring_freed += u64::from(hdr.ring_freed);
         if !data.is_empty() {
             if let Some((buf, k)) = c.rx.arrived(data) {
                 self.ready.push(Completion::Received { conn, buf, n: k });
@@ -433,7 +407,7 @@ impl RdmaTransport {
         // Credit it back (with the next write batch) unless the dispatch loop is behind on
         // this connection.
         if data.is_empty() || c.rx.staged_len() < STAGED_LIMIT {
-            c.owed += 1;
+            c.send.owed += 1;
         } else {
             c.withheld += 1;
         }
@@ -456,10 +430,8 @@ impl RdmaTransport {
                 break;
             }
             let Some(p) = c.posts.pop_front() else { break };
-            c.wrs_in_flight -= p.wrs;
-            c.staged_tail = p.staged_end;
+            c.send.completed(p.wrs, p.staged_end, &p.done);
             for chunks in p.done {
-                c.unsent -= chunks_len(&chunks);
                 self.ready.push(Completion::Sent { conn, chunks });
             }
         }
@@ -469,15 +441,15 @@ impl RdmaTransport {
     /// Where `len` bytes of `chunk` from `off` come from, as the chunk says: a window of
     /// its mapped region (registered on first use; its lkey and how many of the bytes it
     /// covers), a region that could not be registered, or ordinary memory.
-    fn source(dev: &mut Device, chunk: &Chunk, off: usize, len: usize) -> ChunkSource {
-        let Some(region) = chunk.region() else { return ChunkSource::Heap };
+    fn source(dev: &mut Device, chunk: &Chunk, off: usize, len: usize) -> Source {
+        let Some(region) = chunk.region() else { return Source::Staged { counted: false } };
         let a = chunk[off..].as_ptr() as usize;
         while let Some((&start, w)) = dev.windows.range(..=a).next_back() {
             if a >= start + w.len {
                 break;
             }
             if w.seg.strong_count() > 0 {
-                return ChunkSource::Log { lkey: w.mr.lkey(), covered: len.min(start + w.len - a) };
+                return Source::Direct { lkey: w.mr.lkey(), covered: len.min(start + w.len - a) };
             }
             // A window of a deleted segment overlaps: no chunk of that segment exists, so
             // no post names its region; unpin it and look again.
@@ -488,7 +460,7 @@ impl RdmaTransport {
             // A chunk that names a region it does not lie in is a bug upstream: send it,
             // but through the staging copy.
             log::error!("rdma: a chunk outside the region it names; staging it");
-            return ChunkSource::UnregisteredLog;
+            return Source::Staged { counted: true };
         }
         let start = base + (a - base) / LOG_WINDOW * LOG_WINDOW;
         let wlen = LOG_WINDOW.min(base + region.len() - start);
@@ -499,12 +471,12 @@ impl RdmaTransport {
             Ok(mr) => mr,
             Err(e) => {
                 log::warn!("rdma: cannot register a log window ({e}); staging fetch payloads (a CPU copy)");
-                return ChunkSource::UnregisteredLog;
+                return Source::Staged { counted: true };
             }
         };
         let lkey = mr.lkey();
         dev.windows.insert(start, LogWindow { seg: Arc::downgrade(region), len: wlen, mr });
-        ChunkSource::Log { lkey, covered: len.min(start + wlen - a) }
+        Source::Direct { lkey, covered: len.min(start + wlen - a) }
     }
 
     /// Posts what the ring, the send queue and the staging buffer allow for `conn`.
@@ -521,140 +493,69 @@ impl RdmaTransport {
             if !c.established || c.rx.is_eof() {
                 return Ok(());
             }
-            let ring_len = u64::from(c.offer.ring_len);
-            let ring_room = (ring_len - (c.ring_written - c.ring_freed)) as usize;
-            let have_data = c.tx.iter().any(|m| m.posted < m.len);
-            if (!have_data || ring_room == 0) && c.owed == 0 {
-                c.stalled_since = if have_data { c.stalled_since.or(Some(Instant::now())) } else { None };
-                return Ok(());
-            }
-            if c.wrs_in_flight + 2 > SEND_WR {
-                return Ok(());
-            }
-            let budget = ring_room.min(BATCH_BYTES).min(wire::MAX_IMM_BYTES);
-            // Gather SGEs for up to `budget` bytes, splitting where the ring wraps.
-            let mut wrs: Vec<SendWr> = Vec::new();
-            let mut sges: Vec<Sge> = Vec::new();
-            let mut wr_start = c.ring_written;
-            let mut wr_bytes = 0usize;
-            let mut taken = 0usize;
-            let mut done = Vec::new();
-            let mut keep = Vec::new();
-            let max_wrs = (SEND_WR - c.wrs_in_flight - 1) as usize;
-            'msgs: while let Some(m) = c.tx.front_mut() {
-                // Walk the unposted bytes of the front message.
-                let mut skip = m.posted;
-                let chunks = m.chunks.clone();
-                for chunk in &chunks {
-                    if skip >= chunk.len() {
-                        skip -= chunk.len();
-                        continue;
+            let batch = match c.send.plan(|chunk, off, len| Self::source(dev, chunk, off, len)) {
+                Ok(b) => b,
+                Err(idle) => {
+                    // The stall clock runs while responses wait for ring space only; waiting
+                    // for our own completions is no stall of the peer's.
+                    match idle {
+                        Idle::RingFull => c.stalled_since = c.stalled_since.or(Some(Instant::now())),
+                        Idle::Nothing => c.stalled_since = None,
+                        Idle::SendQueueFull | Idle::StagingFull => {}
                     }
-                    let mut off = skip;
-                    skip = 0;
-                    while off < chunk.len() {
-                        if taken == budget || wrs.len() >= max_wrs {
-                            break 'msgs;
-                        }
-                        let pos = (wr_start + wr_bytes as u64) % ring_len;
-                        let to_wrap = (ring_len - pos) as usize;
-                        let mut n = (chunk.len() - off).min(budget - taken).min(to_wrap);
-                        let ptr = chunk[off..].as_ptr();
-                        let sge = match Self::source(dev, chunk, off, n) {
-                            ChunkSource::Log { lkey, covered } => {
-                                n = n.min(covered);
-                                metrics::count_rdma_log_bytes(n);
-                                Sge { addr: ptr as u64, len: n as u32, lkey }
-                            }
-                            source @ (ChunkSource::Heap | ChunkSource::UnregisteredLog) => {
-                                // Stage it: a contiguous piece of the staging ring.
-                                let used = (c.staged_head - c.staged_tail) as usize;
-                                let at = (c.staged_head % STAGING_LEN as u64) as usize;
-                                n = n.min(STAGING_LEN - used).min(STAGING_LEN - at);
-                                if n == 0 {
-                                    break 'msgs;
-                                }
-                                // SAFETY: `[at, at + n)` is outside the in-flight part of
-                                // the staging ring (between tail and head), so no posted
-                                // request names it.
-                                unsafe { c.staging.write(at, &chunk[off..off + n]) };
-                                c.staged_head += n as u64;
-                                if let ChunkSource::UnregisteredLog = source {
-                                    metrics::count_copy(metrics::Path::FetchOut, n);
-                                }
-                                metrics::count_rdma_tx_staged(n);
-                                Sge {
-                                    addr: c.staging.as_ptr() as u64 + at as u64,
-                                    len: n as u32,
-                                    lkey: c.staging_mr.lkey(),
-                                }
-                            }
-                        };
-                        sges.push(sge);
-                        off += n;
-                        taken += n;
-                        wr_bytes += n;
-                        m.posted += n;
-                        let wrapped = (pos + n as u64).is_multiple_of(ring_len);
-                        if sges.len() == MAX_SGE || wrapped {
-                            let remote_addr = c.offer.ring_addr + wr_start % ring_len;
-                            wrs.push(SendWr {
-                                wr_id: 0,
-                                op: SendOp::Write { remote_addr, rkey: c.offer.ring_rkey },
-                                sges: std::mem::take(&mut sges),
-                                signaled: false,
-                            });
-                            wr_start += wr_bytes as u64;
-                            wr_bytes = 0;
-                        }
-                    }
+                    return Ok(());
                 }
-                if m.posted == m.len {
-                    if let Some(m) = c.tx.pop_front() {
-                        done.push(m.chunks);
-                    }
-                } else {
-                    break;
-                }
-            }
-            if let Some(m) = c.tx.front() {
-                if m.posted > 0 {
-                    keep.extend(m.chunks.iter().cloned());
-                }
-            }
-            if taken == 0 && c.owed == 0 {
-                return Ok(());
-            }
-            // The batch's last request carries the immediate: bytes landed, credits back.
-            let credits = c.owed.min(wire::MAX_IMM_CREDITS);
-            c.owed -= credits;
-            // The peer may send again only once these arrive.
-            c.outstanding -= credits;
-            let imm = Imm { bytes: taken as u32, credits }.encode();
-            let remote_addr = c.offer.ring_addr + wr_start % ring_len;
-            wrs.push(SendWr {
-                wr_id: 0,
-                op: SendOp::WriteImm { remote_addr, rkey: c.offer.ring_rkey, imm },
-                sges,
-                signaled: true,
-            });
+            };
+            // The peer may send again only once these credits arrive.
+            c.outstanding -= batch.credits;
             let post_id = self.next_post;
             self.next_post += 1;
-            if let Some(last) = wrs.last_mut() {
-                last.wr_id = post_id;
+            let ring_addr = c.offer.ring_addr;
+            let rkey = c.offer.ring_rkey;
+            let mut wrs = Vec::with_capacity(batch.writes.len());
+            for w in &batch.writes {
+                let mut sges = Vec::with_capacity(w.pieces.len());
+                for p in &w.pieces {
+                    let sge = match p.from {
+                        From::Direct { addr, lkey } => {
+                            metrics::count_rdma_log_bytes(p.len);
+                            Sge { addr, len: p.len as u32, lkey }
+                        }
+                        From::Staged { at, counted } => {
+                            // SAFETY: the planner placed `[at, at + len)` in the free part of
+                            // the staging ring (between its tail and head), so no posted
+                            // request names it.
+                            unsafe { c.staging.write(at, &p.chunk[p.off..p.off + p.len]) };
+                            if counted {
+                                metrics::count_copy(metrics::Path::FetchOut, p.len);
+                            }
+                            metrics::count_rdma_tx_staged(p.len);
+                            Sge {
+                                addr: c.staging.as_ptr() as u64 + at as u64,
+                                len: p.len as u32,
+                                lkey: c.staging_mr.lkey(),
+                            }
+                        }
+                    };
+                    sges.push(sge);
+                }
+                let remote_addr = ring_addr + w.ring_offset;
+                let (op, signaled) = match w.imm {
+                    Some(imm) => (SendOp::WriteImm { remote_addr, rkey, imm: imm.encode() }, true),
+                    None => (SendOp::Write { remote_addr, rkey }, false),
+                };
+                wrs.push(SendWr { wr_id: if signaled { post_id } else { 0 }, op, sges, signaled });
             }
-            // SAFETY: every SGE names a registered log window kept mapped by `done`/`keep`
-            // (held in the post until its completion) or the staging ring's in-flight part
-            // (released only at that completion): the module invariant.
+            // SAFETY: every SGE names a registered log window kept mapped by the batch's
+            // `done`/`keep` chunks (held in the post until its completion) or the staging
+            // ring's in-flight part (released only at that completion): the module invariant.
             unsafe { c.id.post_chain(&wrs)? };
-            c.ring_written += taken as u64;
-            c.wrs_in_flight += wrs.len() as u32;
             c.stalled_since = None;
             c.posts.push_back(Post {
                 id: post_id,
-                done,
-                _keep: keep,
-                staged_end: c.staged_head,
+                done: batch.done,
+                _keep: batch.keep,
+                staged_end: batch.staged_end,
                 wrs: wrs.len() as u32,
             });
         }
@@ -703,7 +604,8 @@ impl RdmaTransport {
         dirty.dedup();
         for conn in dirty {
             self.flush(conn);
-            let finished = self.conns.get(&conn).is_some_and(|c| c.closing && c.tx.is_empty() && c.posts.is_empty());
+            let finished =
+                self.conns.get(&conn).is_some_and(|c| c.closing && c.send.all_planned() && c.posts.is_empty());
             if finished {
                 self.shutdown(conn, CloseReason::Local);
             }
@@ -723,7 +625,7 @@ impl Transport for RdmaTransport {
         }
         // Credits held back while the loop was behind go out once it has caught up.
         if c.withheld > 0 && c.rx.staged_len() < STAGED_LIMIT {
-            c.owed += c.withheld;
+            c.send.owed += c.withheld;
             c.withheld = 0;
             self.dirty.push(conn);
         }
@@ -731,15 +633,13 @@ impl Transport for RdmaTransport {
 
     fn send(&mut self, conn: ConnId, chunks: Vec<Chunk>) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let len = chunks_len(&chunks);
-        c.unsent += len;
-        c.tx.push_back(TxMsg { chunks, posted: 0, len });
+        c.send.push(chunks);
         self.dirty.push(conn);
     }
 
     fn close(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        if (c.tx.is_empty() && c.posts.is_empty()) || c.rx.is_eof() {
+        if (c.send.all_planned() && c.posts.is_empty()) || c.rx.is_eof() {
             self.shutdown(conn, CloseReason::Local);
         } else {
             c.closing = true;
@@ -797,6 +697,6 @@ impl Transport for RdmaTransport {
     }
 
     fn unsent_bytes(&self, conn: ConnId) -> usize {
-        self.conns.get(&conn).map_or(0, |c| c.unsent)
+        self.conns.get(&conn).map_or(0, |c| c.send.unsent())
     }
 }

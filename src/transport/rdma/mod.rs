@@ -37,6 +37,7 @@
 
 #[cfg(feature = "rdma")]
 mod backend;
+pub mod plan;
 #[cfg(feature = "rdma")]
 pub mod stream;
 #[cfg(feature = "rdma")]

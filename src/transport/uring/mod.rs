@@ -33,6 +33,12 @@
 #![allow(unsafe_code)]
 
 pub mod bufring;
+mod recv;
+mod send;
+
+use send::SendOp;
+#[cfg(test)]
+mod tests;
 
 use bufring::BufRing;
 use bytes::{Bytes, BytesMut};
@@ -117,28 +123,6 @@ enum Op {
     Wake(#[allow(dead_code)] Box<[u8; 8]>),
     Cancel,
 }
-
-/// A `SENDMSG`/`SENDMSG_ZC` in flight: the chunks, and the iovecs and header that point at
-/// them (boxed so their addresses stay put).
-struct SendOp {
-    conn: ConnId,
-    /// The messages this op carries, handed back one `Sent` each when done.
-    msgs: Vec<Vec<Chunk>>,
-    /// The byte ranges actually submitted (a resubmission carries only what is left).
-    parts: Vec<Bytes>,
-    /// The iovecs `hdr` points at: owned for the kernel, not read by us.
-    #[allow(dead_code)]
-    iov: Box<[libc::iovec]>,
-    hdr: Box<libc::msghdr>,
-    len: usize,
-    zc: bool,
-    /// Zero-copy: the result arrived, the notification not yet.
-    awaiting_notif: bool,
-}
-
-// SAFETY: the raw pointers in `iov`/`hdr` point into `parts`, which this op owns; moving
-// the op between threads moves the owner with them.
-unsafe impl Send for SendOp {}
 
 /// How ops name a connection's socket: its registered slot, or its descriptor.
 #[derive(Clone, Copy)]
@@ -313,80 +297,6 @@ impl UringTransport {
         unsafe { self.push(entry, Op::Wake(buf)) }.map(|_| ())
     }
 
-    fn arm_recv(&mut self, conn: ConnId, mut buf: BytesMut, max: usize) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.shut || c.closing {
-            return;
-        }
-        let want = (max.saturating_sub(buf.len())).clamp(1, READ_CHUNK);
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
-        let room = (buf.capacity() - buf.len()).min(max.saturating_sub(buf.len()).max(1)) as u32;
-        let target = c.target();
-        c.inflight += 1;
-        // SAFETY: the pointer is the start of `buf`'s spare capacity, `room` bytes of which
-        // exist; `buf` moves into the op (its heap block does not move) until completion.
-        let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
-        let entry = match target {
-            Target::Fd(fd) => opcode::Recv::new(types::Fd(fd), ptr, room).build(),
-            Target::Fixed(i) => opcode::Recv::new(types::Fixed(i), ptr, room).build(),
-        };
-        // SAFETY: see above.
-        if let Err(e) = unsafe { self.push(entry, Op::Recv { conn, buf }) } {
-            self.fail(conn, e);
-        }
-    }
-
-    /// Submits the queued sends of `conn` as one op, if none is in flight.
-    fn start_send(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.sending || c.tx.is_empty() || c.shut {
-            return;
-        }
-        let mut msgs = Vec::new();
-        let mut parts = Vec::new();
-        while let Some(m) = c.tx.front() {
-            if !parts.is_empty() && parts.len() + m.len() > MAX_IOV {
-                break;
-            }
-            let Some(m) = c.tx.pop_front() else { break };
-            parts.extend(m.iter().filter(|c| !c.is_empty()).map(|c| c.bytes().clone()));
-            msgs.push(m);
-        }
-        c.sending = true;
-        let target = c.target();
-        self.submit_send(conn, target, msgs, parts);
-    }
-
-    fn submit_send(&mut self, conn: ConnId, target: Target, msgs: Vec<Vec<Chunk>>, parts: Vec<Bytes>) {
-        let len: usize = parts.iter().map(Bytes::len).sum();
-        let zc = self.send_zc && len >= self.opts.zc_threshold;
-        let iov: Box<[libc::iovec]> =
-            parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() }).collect();
-        // SAFETY: an all-zero msghdr is valid (no name, no control data).
-        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        hdr.msg_iov = iov.as_ptr() as *mut _;
-        hdr.msg_iovlen = iov.len();
-        let op = Box::new(SendOp { conn, msgs, parts, iov, hdr, len, zc, awaiting_notif: false });
-        let hdr_ptr: *const libc::msghdr = &*op.hdr;
-        let flags = libc::MSG_NOSIGNAL as u32 | libc::MSG_WAITALL as u32;
-        let entry = match (zc, target) {
-            (true, Target::Fd(fd)) => opcode::SendMsgZc::new(types::Fd(fd), hdr_ptr).flags(flags).build(),
-            (true, Target::Fixed(i)) => opcode::SendMsgZc::new(types::Fixed(i), hdr_ptr).flags(flags).build(),
-            (false, Target::Fd(fd)) => opcode::SendMsg::new(types::Fd(fd), hdr_ptr).flags(flags).build(),
-            (false, Target::Fixed(i)) => opcode::SendMsg::new(types::Fixed(i), hdr_ptr).flags(flags).build(),
-        };
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.inflight += 1;
-        }
-        // SAFETY: the header, its iovecs and the bytes they point at are all owned by `op`
-        // (boxed or refcounted: none moves), which the op table keeps until completion.
-        if let Err(e) = unsafe { self.push(entry, Op::Send(op)) } {
-            self.fail(conn, e);
-        }
-    }
-
     fn on_cqe(&mut self, id: u64, res: i32, flags: u32) {
         match self.ops.get(&id) {
             None => {}
@@ -424,101 +334,6 @@ impl UringTransport {
             Some(Op::Send(_)) => self.on_send_cqe(id, res, flags),
             Some(Op::RecvMulti { .. }) => self.on_recv_multi(id, res, flags),
         }
-    }
-
-    /// Multishot mode: a receive from the dispatch loop. Staged bytes (or the end of the
-    /// stream) complete it at once; otherwise the buffer waits for the next completion.
-    fn recv_multi(&mut self, conn: ConnId, buf: BytesMut, max: usize) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.shut || c.closing {
-            return;
-        }
-        if let Some((buf, n)) = c.rx.recv(buf, max) {
-            self.ready.push(Completion::Received { conn, buf, n });
-        }
-        self.arm_recv_multi(conn);
-    }
-
-    /// Arms the connection's multishot receive unless it is armed, finished, or
-    /// backpressured by staged bytes.
-    fn arm_recv_multi(&mut self, conn: ConnId) {
-        let Some(group) = self.bufring.as_ref().map(BufRing::group) else { return };
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        if c.recv_op.is_some() || c.shut || c.closing || c.rx.is_eof() || c.rx.staged_len() >= STAGED_PAUSE_AT {
-            return;
-        }
-        let entry = match c.target() {
-            Target::Fd(fd) => opcode::RecvMulti::new(types::Fd(fd), group).build(),
-            Target::Fixed(i) => opcode::RecvMulti::new(types::Fixed(i), group).build(),
-        };
-        c.inflight += 1;
-        // SAFETY: no pointers of ours; the buffers it selects belong to the ring, which
-        // outlives every op (see `bufring`'s invariants).
-        match unsafe { self.push(entry, Op::RecvMulti { conn }) } {
-            Ok(id) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.recv_op = Some(id);
-                    c.recv_cancelling = false;
-                }
-            }
-            Err(e) => self.fail(conn, e),
-        }
-    }
-
-    fn on_recv_multi(&mut self, id: u64, res: i32, flags: u32) {
-        let Some(Op::RecvMulti { conn }) = self.ops.get(&id) else { return };
-        let conn = *conn;
-        let last = !cqueue::more(flags);
-        if last {
-            self.ops.remove(&id);
-            self.op_done(conn);
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.recv_op = None;
-                c.recv_cancelling = false;
-            }
-        }
-        let UringTransport { bufring, conns, ready, .. } = self;
-        let c = conns.get_mut(&conn).filter(|c| !c.shut);
-        if res > 0 {
-            let n = res as usize;
-            let (Some(ring), Some(bid)) = (bufring.as_mut(), cqueue::buffer_select(flags)) else {
-                self.fail(conn, io::Error::other("multishot receive completed without a buffer"));
-                self.reap(conn);
-                return;
-            };
-            match c {
-                Some(c) => {
-                    if let Some((buf, k)) = ring.take(bid, n, |bytes| c.rx.arrived(bytes)) {
-                        ready.push(Completion::Received { conn, buf, n: k });
-                    }
-                    if c.rx.staged_len() >= STAGED_PAUSE_AT && !c.recv_cancelling {
-                        if let Some(op) = c.recv_op {
-                            c.recv_cancelling = true;
-                            let entry = opcode::AsyncCancel::new(op).build();
-                            // SAFETY: no pointers.
-                            if let Err(e) = unsafe { self.push(entry, Op::Cancel) } {
-                                self.fail(conn, e);
-                            }
-                        }
-                    }
-                }
-                // Closed meanwhile: just give the buffer back.
-                None => ring.take(bid, n, |_| ()),
-            }
-        } else if res == 0 {
-            if let Some(buf) = c.and_then(|c| c.rx.set_eof()) {
-                ready.push(Completion::Received { conn, buf, n: 0 });
-            }
-        } else if -res == libc::ENOBUFS || -res == libc::ECANCELED {
-            // The ring ran dry for a moment (every buffer goes back as soon as its
-            // completion is handled), or backpressure cancelled the op: re-armed below.
-        } else {
-            self.fail(conn, io::Error::from_raw_os_error(-res));
-        }
-        if last {
-            self.arm_recv_multi(conn);
-        }
-        self.reap(conn);
     }
 
     fn on_accept(&mut self, id: u64, index: usize, res: i32, flags: u32) {
@@ -569,68 +384,6 @@ impl UringTransport {
             },
         );
         self.ready.push(Completion::Accepted { conn, peer, listener: index });
-    }
-
-    fn on_send_cqe(&mut self, id: u64, res: i32, flags: u32) {
-        let Some(Op::Send(op)) = self.ops.get_mut(&id) else { return };
-        let conn = op.conn;
-        if op.zc && cqueue::notif(flags) {
-            // The kernel no longer reads the pages: the buffers may go.
-            self.ops.remove(&id);
-            self.op_done(conn);
-            self.reap(conn);
-            return;
-        }
-        // The send's result. A zero-copy op with F_MORE still has a notification to come.
-        let keep_for_notif = op.zc && cqueue::more(flags);
-        op.awaiting_notif = keep_for_notif;
-        let len = op.len;
-        let msgs = std::mem::take(&mut op.msgs);
-        let parts = if keep_for_notif { op.parts.clone() } else { std::mem::take(&mut op.parts) };
-        let zc = op.zc;
-        if !keep_for_notif {
-            self.ops.remove(&id);
-            self.op_done(conn);
-        }
-        if res < 0 {
-            self.fail(conn, io::Error::from_raw_os_error(-res));
-            self.reap(conn);
-            return;
-        }
-        let sent = res as usize;
-        if zc {
-            metrics::count_kernel_zero_copy(sent);
-        }
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        if sent < len {
-            // Short send: resubmit exactly the rest (slices of the same buffers, no copy).
-            let mut skip = sent;
-            let mut rest = Vec::new();
-            for p in parts {
-                if skip >= p.len() {
-                    skip -= p.len();
-                } else {
-                    rest.push(p.slice(skip..));
-                    skip = 0;
-                }
-            }
-            c.unsent -= sent;
-            let target = c.target();
-            self.submit_send(conn, target, msgs, rest);
-            return;
-        }
-        c.unsent -= len;
-        c.sending = false;
-        for chunks in msgs {
-            self.ready.push(Completion::Sent { conn, chunks });
-        }
-        let closing = c.closing && c.tx.is_empty();
-        if closing {
-            self.shutdown(conn, CloseReason::Local);
-        } else {
-            self.start_send(conn);
-        }
-        self.reap(conn);
     }
 
     /// Puts `fd` in a free fixed-file slot, if there is a table and a free slot.
@@ -830,81 +583,5 @@ impl Drop for UringTransport {
         } else if let Some(ring) = &self.bufring {
             ring.unregister(&self.ring.submitter());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    fn accept(t: &mut UringTransport) -> ConnId {
-        let mut out = Vec::new();
-        for _ in 0..100 {
-            t.poll(Some(Duration::from_millis(50)), &mut out).expect("poll");
-            if let Some(Completion::Accepted { conn, .. }) = out.drain(..).next() {
-                return conn;
-            }
-        }
-        panic!("no connection accepted");
-    }
-
-    /// Multishot mode: a peer that sends far more than the dispatch loop takes is paused
-    /// at the staging limit (memory stays bounded), and once the loop reads again every
-    /// byte arrives, in order, across the pause and resume.
-    #[test]
-    fn multishot_receive_pauses_a_fast_sender_and_loses_nothing() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let opts = UringOptions { recv_multishot: true, ..UringOptions::default() };
-        let mut t = UringTransport::new(vec![listener], opts).expect("io_uring");
-        assert!(t.bufring.is_some(), "multishot receive not available on this kernel");
-        const TOTAL: usize = 8 << 20;
-        let writer = std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).expect("connect");
-            let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
-            s.write_all(&data).expect("write");
-            let mut b = [0u8; 1];
-            let _ = s.read(&mut b); // keep the socket open until the reader is done
-        });
-        let conn = accept(&mut t);
-        // One small receive, then nobody reads for a while: the sender fills the socket
-        // buffers and the transport stages at most about STAGED_PAUSE_AT.
-        t.recv(conn, BytesMut::with_capacity(1024), 1024);
-        let mut out = Vec::new();
-        let until = Instant::now() + Duration::from_millis(500);
-        let mut got: Vec<u8> = Vec::new();
-        while Instant::now() < until {
-            t.poll(Some(Duration::from_millis(20)), &mut out).expect("poll");
-            for c in out.drain(..) {
-                if let Completion::Received { buf, .. } = c {
-                    got.extend_from_slice(&buf);
-                }
-            }
-        }
-        let staged = t.conns[&conn].rx.staged_len();
-        assert!(staged >= STAGED_PAUSE_AT, "the sender should have outrun the reader: {staged} staged");
-        assert!(staged < STAGED_PAUSE_AT + 2 * BUF_RING_BUF_SIZE * BUF_RING_ENTRIES as usize, "{staged} staged");
-        // Now read everything.
-        let mut buf = Some(BytesMut::new());
-        let until = Instant::now() + Duration::from_secs(20);
-        while got.len() < TOTAL && Instant::now() < until {
-            if let Some(b) = buf.take() {
-                t.recv(conn, b, 256 * 1024); // at most one receive outstanding
-            }
-            t.poll(Some(Duration::from_millis(20)), &mut out).expect("poll");
-            for c in out.drain(..) {
-                if let Completion::Received { buf: mut b, .. } = c {
-                    got.extend_from_slice(&b);
-                    b.clear();
-                    buf = Some(b);
-                }
-            }
-        }
-        assert_eq!(got.len(), TOTAL);
-        assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "bytes out of order");
-        t.close(conn);
-        drop(t);
-        writer.join().expect("writer");
     }
 }
