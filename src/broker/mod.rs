@@ -201,7 +201,8 @@ pub struct Broker {
     offsets: Mutex<OffsetStore>,
     /// The file worker: blocking file work goes here, never onto a dispatch core.
     pub files: Files,
-    next_producer_id: AtomicI64,
+    /// The next producer id, and the bound below which ids are reserved on disk.
+    producer_ids: Mutex<(i64, i64)>,
     producer_id_file: PathBuf,
     pub notifier: Arc<Notifier>,
 }
@@ -319,11 +320,12 @@ impl Broker {
             groups: Mutex::new(groups),
             offsets: Mutex::new(offsets),
             files,
-            next_producer_id: AtomicI64::new(next),
+            // Nothing reserved yet: the first InitProducerId writes the first block (a
+            // broker starting on a full disk must not fail for want of this file).
+            producer_ids: Mutex::new((next, next)),
             producer_id_file,
             notifier,
         };
-        broker.reserve_producer_ids(next)?;
         Ok((broker, shards))
     }
 
@@ -334,18 +336,25 @@ impl Broker {
 
     const PRODUCER_ID_BLOCK: i64 = 1000;
 
-    fn reserve_producer_ids(&self, from: i64) -> Result<(), BrokerError> {
+    /// Writes that ids below `until` may have been handed out (a restart starts there).
+    fn reserve_producer_ids(&self, until: i64) -> Result<(), BrokerError> {
         let tmp = self.producer_id_file.with_extension("tmp");
-        fs::write(&tmp, (from + Self::PRODUCER_ID_BLOCK).to_string()).map_err(io_err(&tmp))?;
+        fs::write(&tmp, until.to_string()).map_err(io_err(&tmp))?;
         fs::rename(&tmp, &self.producer_id_file).map_err(io_err(&self.producer_id_file))
     }
 
+    /// A producer id never handed out before, even across crashes: ids are reserved on
+    /// disk a block at a time before any of the block is handed out (for the file worker:
+    /// it may write that file).
     pub fn allocate_producer_id(&self) -> Result<i64, BrokerError> {
-        let id = self.next_producer_id.fetch_add(1, Ordering::AcqRel);
-        if (id + 1) % Self::PRODUCER_ID_BLOCK == 0 {
-            self.reserve_producer_ids(id + 1)?;
+        let mut ids = self.producer_ids.lock();
+        let (next, reserved) = *ids;
+        if next >= reserved {
+            self.reserve_producer_ids(next + Self::PRODUCER_ID_BLOCK)?;
+            ids.1 = next + Self::PRODUCER_ID_BLOCK;
         }
-        Ok(id)
+        ids.0 = next + 1;
+        Ok(next)
     }
 
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {

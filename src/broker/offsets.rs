@@ -62,7 +62,11 @@ impl OffsetStore {
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let mut store = OffsetStore { path, file };
         if records > 2 * live + 1000 {
-            store.compact(&committed)?;
+            // Only a saving: on a full disk it waits for the next start.
+            if let Err(e) = store.compact(&committed) {
+                log::warn!("{}: not compacted: {e}", store.path.display());
+                let _ = fs::remove_file(store.path.with_extension("tmp"));
+            }
         }
         Ok((store, committed))
     }

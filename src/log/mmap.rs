@@ -13,12 +13,18 @@
 //!   an `Acquire` load, so a reader that sees a length sees the bytes under it.
 //! - The file is never shrunk while mapped: truncation at recovery happens on a
 //!   [`SegmentFile`] that has not been shared yet, and it remaps.
+//! - The writer stores only into blocks the file system has allocated (`fallocate`
+//!   succeeded for the whole file): a store into a hole the file system cannot fill
+//!   would be a SIGBUS, not an error. A segment that could not be allocated (a full
+//!   disk) is shared read-only: its writer has no room, so the log rolls, and the roll
+//!   fails with ENOSPC until space comes back.
 #![allow(unsafe_code)]
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,14 +37,48 @@ pub struct SegmentFile {
     file: File,
     map: MmapRaw,
     capacity: usize,
+    /// Every block of the file is allocated: stores into the mapping cannot fault for
+    /// want of space.
+    allocated: bool,
+}
+
+/// Allocates every block of `file` up to `len` bytes (`posix_fallocate`: the file system's
+/// `fallocate`, or writing a byte per block where it has none).
+fn allocate(file: &File, len: usize) -> io::Result<()> {
+    // SAFETY: a plain syscall on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
 }
 
 impl SegmentFile {
-    /// Creates a new, zero-filled segment of `capacity` bytes. Fails if it exists.
+    /// Creates a new, zero-filled segment of `capacity` bytes, every block allocated (on
+    /// a full disk this fails with ENOSPC and leaves no file behind). Fails if it exists.
     pub fn create(path: &Path, capacity: usize) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
-        file.set_len(capacity as u64)?;
-        Self::map(path, file, capacity)
+        if let Err(e) = allocate(&file, capacity) {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        let mut f = Self::map(path, file, capacity)?;
+        f.allocated = true;
+        Ok(f)
+    }
+
+    /// Allocates every block of the file, so the writer may store anywhere in it; on
+    /// failure (a full disk) the segment stays read-only. Returns whether it is allocated.
+    pub fn try_allocate(&mut self) -> bool {
+        match allocate(&self.file, self.capacity) {
+            Ok(()) => self.allocated = true,
+            Err(e) => {
+                log::warn!("{}: cannot allocate the segment ({e}); no appends to it", self.path.display());
+                self.allocated = false;
+            }
+        }
+        self.allocated
     }
 
     /// Opens an existing segment, growing it to `capacity` if it is shorter (a larger
@@ -55,7 +95,7 @@ impl SegmentFile {
 
     fn map(path: &Path, file: File, capacity: usize) -> io::Result<Self> {
         let map = MmapOptions::new().len(capacity).map_raw(&file)?;
-        Ok(SegmentFile { path: path.to_path_buf(), file, map, capacity })
+        Ok(SegmentFile { path: path.to_path_buf(), file, map, capacity, allocated: false })
     }
 
     pub fn capacity(&self) -> usize {
@@ -71,9 +111,10 @@ impl SegmentFile {
     }
 
     /// Zeroes everything from `at` to the end (a torn or invalid tail), so that no stale
-    /// batch past the cut can ever be mistaken for data by a later scan.
+    /// batch past the cut can ever be mistaken for data by a later scan. The tail is a
+    /// hole afterwards: see [`Self::try_allocate`].
     pub fn truncate_tail(self, at: usize) -> io::Result<Self> {
-        let SegmentFile { path, file, map, capacity } = self;
+        let SegmentFile { path, file, map, capacity, .. } = self;
         drop(map);
         file.set_len(at as u64)?;
         file.set_len(capacity as u64)?;
@@ -88,8 +129,10 @@ impl SegmentFile {
         Ok(self)
     }
 
-    /// Shares the mapping: `len` valid bytes become visible to readers.
+    /// Shares the mapping: `len` valid bytes become visible to readers. The writer may
+    /// append only if every block is allocated.
     pub fn into_shared(self, len: usize) -> (Arc<SegmentMap>, SegmentWriter) {
+        let limit = if self.allocated { self.capacity } else { len };
         let shared = Arc::new(SegmentMap {
             path: self.path,
             _file: self.file,
@@ -97,7 +140,7 @@ impl SegmentFile {
             capacity: self.capacity,
             published: AtomicUsize::new(len),
         });
-        (shared.clone(), SegmentWriter { map: shared, pos: len })
+        (shared.clone(), SegmentWriter { map: shared, pos: len, limit })
     }
 }
 
@@ -186,6 +229,8 @@ impl AsRef<[u8]> for MappedSlice {
 pub struct SegmentWriter {
     map: Arc<SegmentMap>,
     pos: usize,
+    /// Where stores must stop: the capacity, or `pos` of a segment not allocated.
+    limit: usize,
 }
 
 impl SegmentWriter {
@@ -195,7 +240,7 @@ impl SegmentWriter {
     }
 
     pub fn remaining(&self) -> usize {
-        self.map.capacity - self.pos
+        self.limit - self.pos
     }
 
     /// Unpublished room of `len` bytes at the write position, to copy into and patch.
@@ -204,8 +249,9 @@ impl SegmentWriter {
         if len > self.remaining() {
             return None;
         }
-        // SAFETY: `[pos, pos + len)` lies inside the mapping (checked above) and at or past
-        // `published`, so no reader looks at it; `&mut self` makes this the only writer.
+        // SAFETY: `[pos, pos + len)` lies inside the mapping and its allocated blocks
+        // (checked above: `limit` is within both) and at or past `published`, so no reader
+        // looks at it; `&mut self` makes this the only writer.
         Some(unsafe { std::slice::from_raw_parts_mut(self.map.map.as_mut_ptr().add(self.pos), len) })
     }
 

@@ -202,6 +202,8 @@ pub struct PartitionLog {
     /// The next segment's file, being made ahead of time by the file worker (see
     /// [`Self::prepare_spare`]).
     spare: Option<Pending<io::Result<SegmentFile>>>,
+    /// The last spare could not be made (a full disk): rolls create their own.
+    spare_failed: bool,
     /// Where background file work goes.
     files: Files,
 }
@@ -317,7 +319,7 @@ impl PartitionLog {
     /// one is half full (so the roll itself is a rename, not a file creation on the append
     /// path). Returns whether it asked.
     pub fn prepare_spare(&mut self) -> bool {
-        if self.spare.is_some() || self.writer.position() < self.cfg.segment_bytes / 2 {
+        if self.spare.is_some() || self.spare_failed || self.writer.position() < self.cfg.segment_bytes / 2 {
             return false;
         }
         let path = self.dir.join(format!("{}.{SPARE_SUFFIX}", self.active.base_offset));
@@ -326,11 +328,28 @@ impl PartitionLog {
     }
 
     /// Seals the active segment and starts a new one at the next offset.
+    ///
+    /// On a full disk the new segment cannot be allocated: the roll fails with ENOSPC,
+    /// nothing changes, and the append that needed it is refused (a storage error for the
+    /// client); the next append tries again, so writes resume once space comes back.
     fn roll(&mut self) -> Result<(), LogError> {
         let base = self.active.next_offset;
+        let path = Segment::file_stem(&self.dir, base).with_extension("log");
+        // A spare still being made is left to the worker (it is removed at the next
+        // start, like any spare a crash left behind).
+        let spare = self.spare.take().and_then(|p| p.try_take());
+        // One that could not be made is not asked for again before a roll succeeds.
+        self.spare_failed = matches!(spare, Some(Err(_)));
+        let file = match spare {
+            Some(Ok(spare)) if spare.capacity() == self.cfg.segment_bytes => {
+                spare.rename(&path).map_err(io_err(&path))?
+            }
+            _ => SegmentFile::create(&path, self.cfg.segment_bytes).map_err(io_err(&path))?,
+        };
+        self.spare_failed = false;
         // Producer state as of the new segment's start, so recovery does not have to scan
         // sealed segments to know a producer whose last batches are in them (a retry after
-        // a restart is still recognised as a duplicate). Written by the I/O thread; if it
+        // a restart is still recognised as a duplicate). Written by the file worker; if it
         // is lost, recovery falls back to what the active segment shows.
         match serde_json::to_vec(&self.producers) {
             Ok(bytes) => self
@@ -338,15 +357,6 @@ impl PartitionLog {
                 .submit(IoWork::Write { path: Segment::file_stem(&self.dir, base).with_extension("producers"), bytes }),
             Err(e) => log::warn!("{}: producer snapshot not written: {e}", self.dir.display()),
         }
-        let path = Segment::file_stem(&self.dir, base).with_extension("log");
-        // A spare still being made is left to the worker (it is removed at the next
-        // start, like any spare a crash left behind).
-        let file = match self.spare.take().and_then(|p| p.try_take()) {
-            Some(Ok(spare)) if spare.capacity() == self.cfg.segment_bytes => {
-                spare.rename(&path).map_err(io_err(&path))?
-            }
-            _ => SegmentFile::create(&path, self.cfg.segment_bytes).map_err(io_err(&path))?,
-        };
         let (map, writer) = file.into_shared(0);
         // The sealed segment's last msync and its index files go to the I/O thread.
         self.schedule_flush();

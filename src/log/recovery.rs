@@ -73,6 +73,7 @@ impl PartitionLog {
             flushed_to,
             producers: HashMap::new(),
             spare: None,
+            spare_failed: false,
             files,
         };
         log.rebuild_producer_state();
@@ -126,8 +127,11 @@ impl PartitionLog {
                 report.truncated_bytes += file.capacity() - pos;
             }
             // Zero the tail even when it looks empty: a stale batch past a crash point
-            // must never be found by a later scan.
+            // must never be found by a later scan. Then allocate it for appends; on a full
+            // disk the segment is served read-only and the next append rolls (and fails,
+            // answered as a storage error, until space comes back).
             file = file.truncate_tail(pos).map_err(io_err(&path))?;
+            file.try_allocate();
         } else if let Some(reason) = &stop_reason {
             log::warn!("{}: sealed segment ends early at byte {pos}: {reason}", path.display());
         }
@@ -139,8 +143,12 @@ impl PartitionLog {
         if !is_active {
             let stem = Segment::file_stem(dir, base);
             if !stem.with_extension("index").exists() {
-                log::info!("{}: rebuilt missing index", path.display());
-                seg.write_indexes(dir).map_err(io_err(&path))?;
+                // In memory it is rebuilt already; failing to write it (a full disk) only
+                // means rebuilding it again at the next start.
+                match seg.write_indexes(dir) {
+                    Ok(()) => log::info!("{}: rebuilt missing index", path.display()),
+                    Err(e) => log::warn!("{}: rebuilt missing index, not written: {e}", path.display()),
+                }
             }
         }
         Ok((seg, writer))

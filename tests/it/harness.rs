@@ -72,6 +72,25 @@ impl BrokerProc {
         Self::start_at(addr, extra, serves_api_versions)
     }
 
+    /// Starts a broker whose data directory is `data` (e.g. on a file system of the
+    /// test's own).
+    #[allow(dead_code)]
+    pub fn start_with_data(data: PathBuf, extra: &[&str]) -> BrokerProc {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = BrokerProc {
+            ready: serves_api_versions,
+            child: None,
+            addr,
+            data,
+            log: dir.path().join("broker.log"),
+            _dir: dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        b.spawn();
+        b
+    }
+
     /// Starts a broker listening on `addr`, ready once `ready(addr)` says so.
     pub fn start_at(addr: SocketAddr, extra: &[&str], ready: fn(SocketAddr) -> bool) -> BrokerProc {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -7,6 +7,7 @@ mod bad_input;
 mod bench_smoke;
 mod clients;
 mod crash;
+mod disk_full;
 mod groups;
 mod listeners;
 mod long_poll;
