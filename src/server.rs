@@ -54,6 +54,12 @@ fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig) -> Arc<dyn Protocol> {
 
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let started = Instant::now();
+    // A connection is a descriptor: take every one the hard limit allows (as Kafka's
+    // packaging does with LimitNOFILE), not the shell's default soft limit of 1024.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => log::debug!("open file limit {n}"),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
     let (files_worker, files) = FileWorker::spawn().map_err(ServeError::Thread)?;
     let (broker, shards) = Broker::open(cfg.broker.clone(), cfg.cores, files)?;
     let broker = Arc::new(broker);

@@ -42,7 +42,7 @@ mod tests;
 
 use crate::broker::shard::{PartOp, PartResult, Shard};
 use crate::broker::{Broker, PartKey};
-use crate::buffer::IoChunks;
+use crate::buffer::{self, IoChunks};
 use crate::log::now_ms;
 use crate::metrics;
 use crate::transport::{CloseReason, Completion, ConnId, Transport};
@@ -56,6 +56,8 @@ const MAX_PIPELINED: usize = 1024;
 /// How often a core does its housekeeping (background flush, retention checks...).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const RETENTION_EVERY: Duration = Duration::from_secs(5);
+/// Hand freed memory back to the kernel once this many connections closed.
+const TRIM_AFTER_CLOSES: usize = 256;
 
 /// Messages between cores.
 pub enum CoreMsg {
@@ -143,6 +145,8 @@ pub struct Core {
     parked: usize,
     parked_flag: Arc<AtomicBool>,
     seen_epoch: u64,
+    /// Connections closed since memory was last handed back to the kernel.
+    closed_since_trim: usize,
     shutdown: Arc<AtomicBool>,
     /// Core 0 drives the group coordinator's timers.
     drives_groups: bool,
@@ -195,6 +199,7 @@ pub fn build_cores(
             parked: 0,
             parked_flag: Arc::new(AtomicBool::new(false)),
             seen_epoch: 0,
+            closed_since_trim: 0,
             shutdown: shared.shutdown.clone(),
             drives_groups: id == 0,
             busy_poll: shared.busy_poll,
@@ -290,13 +295,20 @@ impl Core {
 
     fn housekeeping(&mut self, retention: bool) {
         self.close_idle(Instant::now());
+        // Many connections gone since the last time: give their memory back.
+        if self.closed_since_trim >= TRIM_AFTER_CLOSES {
+            self.closed_since_trim = 0;
+            buffer::return_free_memory();
+        }
         self.shard.housekeeping(&self.broker, now_ms(), retention);
     }
 
     fn next_timeout(&self, draining: bool, housekeeping: Instant) -> Option<Duration> {
         let now = Instant::now();
         let mut t = housekeeping;
-        for c in self.conns.values() {
+        // Only parked requests have deadlines: no walk over every connection without one.
+        let conns = if self.parked > 0 { self.conns.values() } else { Default::default() };
+        for c in conns {
             for s in &c.queue {
                 if let Slot::Parked(p) = s {
                     if let Some(d) = p.deadline() {
@@ -316,9 +328,11 @@ impl Core {
     }
 
     fn any_deadline_passed(&self, now: Instant) -> bool {
-        self.conns
-            .values()
-            .any(|c| c.queue.iter().any(|s| matches!(s, Slot::Parked(p) if p.deadline().is_some_and(|d| d <= now))))
+        self.parked > 0
+            && self
+                .conns
+                .values()
+                .any(|c| c.queue.iter().any(|s| matches!(s, Slot::Parked(p) if p.deadline().is_some_and(|d| d <= now))))
     }
 
     fn drain_inbox(&mut self) {
@@ -358,7 +372,8 @@ impl Core {
                         last_active: now,
                     },
                 );
-                self.transport.recv(conn, BytesMut::with_capacity(64 * 1024), max);
+                // No buffer until bytes come: the transport sizes it when it reads.
+                self.transport.recv(conn, BytesMut::new(), max);
             }
             Completion::Received { conn, buf, n } => {
                 if n == 0 {
@@ -378,6 +393,8 @@ impl Core {
             }
             Completion::Closed { conn, reason } => {
                 if let Some(c) = self.conns.remove(&conn) {
+                    crate::transport::shrink_after_remove(&mut self.conns);
+                    self.closed_since_trim += 1;
                     for s in &c.queue {
                         match s {
                             Slot::Parked(_) => self.parked -= 1,
@@ -423,7 +440,9 @@ impl Core {
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             if !c.closing {
-                c.rx = Some(buf);
+                // Every frame cut: let the allocation go with them (the transport takes a
+                // new one when bytes come), so a connection between requests holds none.
+                c.rx = Some(if buf.is_empty() { BytesMut::new() } else { buf });
             }
         }
         self.flush(conn);

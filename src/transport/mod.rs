@@ -123,6 +123,15 @@ pub trait Transport: Send {
     fn unsent_bytes(&self, conn: ConnId) -> usize;
 }
 
+/// Gives a per-connection map's spare room back once most of its connections are gone
+/// (a map keeps its largest size otherwise: 10,000 connections that came and went would
+/// stay allocated).
+pub fn shrink_after_remove<K: std::hash::Hash + Eq, V>(map: &mut std::collections::HashMap<K, V>) {
+    if map.capacity() > 1024 && map.capacity() > 4 * map.len() {
+        map.shrink_to(2 * map.len());
+    }
+}
+
 /// The backends built into this binary.
 pub fn built() -> Vec<TransportKind> {
     let mut v = vec![TransportKind::Tcp, TransportKind::Uring];

@@ -13,7 +13,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
+use super::{shrink_after_remove, CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
 use crate::buffer::{chunks_len, Chunk};
 use crate::wake::Wake;
 
@@ -155,7 +155,10 @@ impl TcpTransport {
                 break; // still readable; resumes with the next submitted receive
             }
             if buf.capacity() - buf.len() < 4096 {
-                let want = (max - buf.len()).clamp(1, 64 * 1024);
+                // Between requests a small first read (most requests are small, and a
+                // connection's buffer should cost little); more once that fills.
+                let chunk = if buf.is_empty() { 4096 } else { 64 * 1024 };
+                let want = (max - buf.len()).clamp(1, chunk);
                 buf.reserve(want);
             }
             let room = (buf.capacity() - buf.len()).min(max - buf.len());
@@ -261,6 +264,7 @@ impl TcpTransport {
 
     fn close_now(&mut self, id: ConnId, reason: CloseReason) {
         if let Some(mut c) = self.conns.remove(&id) {
+            shrink_after_remove(&mut self.conns);
             deregister(self.poll.registry(), &mut c.stream);
             self.ready.push(Completion::Closed { conn: id, reason });
         }

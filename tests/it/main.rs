@@ -9,6 +9,7 @@ mod clients;
 mod crash;
 mod disk_full;
 mod groups;
+mod idle_conns;
 mod listeners;
 mod long_poll;
 #[cfg(feature = "rdma")]

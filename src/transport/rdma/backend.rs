@@ -563,6 +563,7 @@ impl RdmaTransport {
 
     fn shutdown(&mut self, conn: ConnId, reason: CloseReason) {
         let Some(mut c) = self.conns.remove(&conn) else { return };
+        super::super::shrink_after_remove(&mut self.conns);
         c.id.disconnect();
         self.by_qp.remove(&c.id.qp_num());
         // Dropping `c` destroys the queue pair: the NIC is done with every buffer its posts

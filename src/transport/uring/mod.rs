@@ -51,7 +51,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::staging::RecvStaging;
-use super::{CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
+use super::{shrink_after_remove, CloseReason, Completion, ConnId, Transport, TransportError, TransportKind};
 use crate::buffer::{chunks_len, Chunk};
 use crate::metrics;
 use crate::wake::{EventFd, Wake};
@@ -99,6 +99,8 @@ const RING_ENTRIES: u32 = 1024;
 const FIXED_SLOTS: u32 = 4096;
 const MAX_IOV: usize = 512;
 const READ_CHUNK: usize = 64 * 1024;
+/// Single mode: the receive buffer of a connection between requests.
+const IDLE_READ: usize = 4 * 1024;
 /// The provided-buffer ring of multishot mode: 256 buffers of 32 KiB per core (8 MiB of
 /// address space, touched as used).
 const BUF_RING_ENTRIES: u16 = 256;
@@ -426,6 +428,9 @@ impl UringTransport {
         let done = self.conns.get(&conn).is_some_and(|c| c.shut && c.inflight == 0);
         if done {
             if let Some(mut c) = self.conns.remove(&conn) {
+                shrink_after_remove(&mut self.conns);
+                // Each connection had ops in flight: the op table grew with them.
+                shrink_after_remove(&mut self.ops);
                 if let Some(slot) = c.slot {
                     // Nothing in flight names the slot any more: empty it before the
                     // socket closes, then reuse it.

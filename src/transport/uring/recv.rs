@@ -11,7 +11,10 @@ impl UringTransport {
         if c.shut || c.closing {
             return;
         }
-        let want = (max.saturating_sub(buf.len())).clamp(1, READ_CHUNK);
+        // A connection between requests waits with a small buffer (the kernel holds it
+        // until bytes come, and idle connections must stay cheap); one in the middle of a
+        // frame gets room for the rest of it.
+        let want = if buf.is_empty() { IDLE_READ } else { (max.saturating_sub(buf.len())).clamp(1, READ_CHUNK) };
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
         }
