@@ -212,14 +212,15 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: i64) {
     batch[0..8].copy_from_slice(&base_offset.to_be_bytes());
 }
 
-/// Stamps LogAppendTime: sets the timestamp-type bit, max timestamp := `now_ms`, and
-/// recomputes the CRC (both fields are inside it).
-pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
-    let attrs = be_i16(batch, ATTRIBUTES_OFFSET) | TIMESTAMP_TYPE_BIT;
-    batch[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2].copy_from_slice(&attrs.to_be_bytes());
-    batch[MAX_TIMESTAMP_OFFSET..MAX_TIMESTAMP_OFFSET + 8].copy_from_slice(&now_ms.to_be_bytes());
-    let crc = crc32c::crc32c(&batch[ATTRIBUTES_OFFSET..]);
-    batch[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+/// Stamps LogAppendTime on a batch's header (`head`, [`HEADER_LEN`] bytes) whose records
+/// are `rest`: sets the timestamp-type bit, max timestamp := `now_ms`, and recomputes the
+/// CRC (both fields are inside it, and so are the records).
+pub fn set_log_append_time(head: &mut [u8], rest: &[u8], now_ms: i64) {
+    let attrs = be_i16(head, ATTRIBUTES_OFFSET) | TIMESTAMP_TYPE_BIT;
+    head[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2].copy_from_slice(&attrs.to_be_bytes());
+    head[MAX_TIMESTAMP_OFFSET..MAX_TIMESTAMP_OFFSET + 8].copy_from_slice(&now_ms.to_be_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[ATTRIBUTES_OFFSET..HEADER_LEN]), rest);
+    head[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Builds an uncompressed RecordBatch v2 (for tests, benches and internal use).
@@ -297,7 +298,8 @@ mod tests {
         let mut b = build_batch(0, 1, &[b"x"]);
         set_base_offset(&mut b, 42);
         assert_eq!(BatchHeader::parse_checked(&b).unwrap().base_offset, 42);
-        set_log_append_time(&mut b, 99);
+        let (head, rest) = b.split_at_mut(HEADER_LEN);
+        set_log_append_time(head, rest, 99);
         let h = BatchHeader::parse_checked(&b).unwrap();
         assert_eq!(h.max_timestamp, 99);
         assert!(h.attributes & TIMESTAMP_TYPE_BIT != 0);

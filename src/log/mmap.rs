@@ -1,9 +1,15 @@
-//! Memory-mapped segment files: one writer, many concurrent readers, no locks.
+//! Segment files: one writer, many concurrent readers, no locks.
 //!
-//! A segment file is preallocated (sparse) to its capacity and mapped shared once. The
-//! partition's single writer copies produced batches into the mapping past the
-//! *published* length; readers on any core take [`Bytes`] views of the published prefix,
-//! which the transport sends straight from the page cache.
+//! A segment file is preallocated (every block allocated) to its capacity and mapped
+//! shared and **read-only** once. The partition's single writer puts produced batches into
+//! the file's page cache with `pwritev` past the *published* length (the kernel's copy,
+//! the only one a produced byte sees); readers on any core take [`Bytes`] views of the
+//! published prefix through the mapping, which the transport sends straight from the page
+//! cache. Why `pwritev` and not stores into a writable mapping: a store into a page that
+//! is not resident is a page fault taken by the dispatch core — the kernel zero-filling
+//! and (under memory pressure) reading pages back while every client of the core waits —
+//! and a store the file system cannot back is a SIGBUS; `bench/micro/log_append.rs`
+//! measured both (docs/architecture.md, "The commit log").
 //!
 //! # Invariants
 //! - Bytes below `published` are never written again while the mapping lives: readers
@@ -13,11 +19,11 @@
 //!   an `Acquire` load, so a reader that sees a length sees the bytes under it.
 //! - The file is never shrunk while mapped: truncation at recovery happens on a
 //!   [`SegmentFile`] that has not been shared yet, and it remaps.
-//! - The writer stores only into blocks the file system has allocated (`fallocate`
-//!   succeeded for the whole file): a store into a hole the file system cannot fill
-//!   would be a SIGBUS, not an error. A segment that could not be allocated (a full
-//!   disk) is shared read-only: its writer has no room, so the log rolls, and the roll
-//!   fails with ENOSPC until space comes back.
+//! - The writer writes only into blocks the file system has allocated (`fallocate`
+//!   succeeded for the whole file), so an acknowledged append never waits for space. A
+//!   segment that could not be allocated (a full disk) gets a writer with no room, so the
+//!   log rolls, and the roll fails with ENOSPC until space comes back.
+//! - Nothing in this process has a writable mapping of a segment.
 #![allow(unsafe_code)]
 
 use bytes::Bytes;
@@ -37,8 +43,7 @@ pub struct SegmentFile {
     file: File,
     map: MmapRaw,
     capacity: usize,
-    /// Every block of the file is allocated: stores into the mapping cannot fault for
-    /// want of space.
+    /// Every block of the file is allocated: appends cannot fail for want of space.
     allocated: bool,
 }
 
@@ -94,7 +99,7 @@ impl SegmentFile {
     }
 
     fn map(path: &Path, file: File, capacity: usize) -> io::Result<Self> {
-        let map = MmapOptions::new().len(capacity).map_raw(&file)?;
+        let map = MmapOptions::new().len(capacity).map_raw_read_only(&file)?;
         Ok(SegmentFile { path: path.to_path_buf(), file, map, capacity, allocated: false })
     }
 
@@ -135,7 +140,7 @@ impl SegmentFile {
         let limit = if self.allocated { self.capacity } else { len };
         let shared = Arc::new(SegmentMap {
             path: self.path,
-            _file: self.file,
+            file: self.file,
             map: self.map,
             capacity: self.capacity,
             published: AtomicUsize::new(len),
@@ -147,7 +152,8 @@ impl SegmentFile {
 /// The shared, read side of a mapped segment.
 pub struct SegmentMap {
     path: PathBuf,
-    _file: File,
+    /// Appends go through it (`pwritev`), flushes too (`fdatasync`).
+    file: File,
     map: MmapRaw,
     capacity: usize,
     published: AtomicUsize,
@@ -190,10 +196,12 @@ impl SegmentMap {
         Some(Bytes::from_owner(MappedSlice { map: self.clone(), start, len }))
     }
 
-    /// Flushes `[start, end)` to stable storage (msync).
+    /// Flushes what was appended up to `end` to stable storage (`fdatasync`: the file's
+    /// size and blocks are fixed, so its data is all there is to sync; `start` is what an
+    /// earlier flush covered already).
     pub fn flush_range(&self, start: usize, end: usize) -> io::Result<()> {
         if end > start {
-            self.map.flush_range(start, end - start)?;
+            self.file.sync_data()?;
         }
         Ok(())
     }
@@ -229,9 +237,12 @@ impl AsRef<[u8]> for MappedSlice {
 pub struct SegmentWriter {
     map: Arc<SegmentMap>,
     pos: usize,
-    /// Where stores must stop: the capacity, or `pos` of a segment not allocated.
+    /// Where appends must stop: the capacity, or `pos` of a segment not allocated.
     limit: usize,
 }
+
+/// Most iovecs one `pwritev` takes (Linux's IOV_MAX).
+const MAX_IOV: usize = 1024;
 
 impl SegmentWriter {
     /// Where the next append goes (equal to `published` between appends).
@@ -243,22 +254,57 @@ impl SegmentWriter {
         self.limit - self.pos
     }
 
-    /// Unpublished room of `len` bytes at the write position, to copy into and patch.
-    /// Returns `None` if the segment has no room.
-    pub fn reserve(&mut self, len: usize) -> Option<&mut [u8]> {
+    /// Writes `parts`, one after the other, at the write position and moves past them
+    /// (not yet visible to readers: see [`Self::publish`]). `Ok(false)`: no room, nothing
+    /// written. On an error the position stays, so whatever reached the file is written
+    /// over by the next append and never published.
+    pub fn write(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > self.remaining() {
-            return None;
+            return Ok(false);
         }
-        // SAFETY: `[pos, pos + len)` lies inside the mapping and its allocated blocks
-        // (checked above: `limit` is within both) and at or past `published`, so no reader
-        // looks at it; `&mut self` makes this the only writer.
-        Some(unsafe { std::slice::from_raw_parts_mut(self.map.map.as_mut_ptr().add(self.pos), len) })
-    }
-
-    /// Moves the write position past `len` reserved bytes (not yet visible to readers).
-    pub fn advance(&mut self, len: usize) {
-        debug_assert!(len <= self.remaining());
+        let mut iov: Vec<libc::iovec> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() })
+            .collect();
+        let mut at = self.pos;
+        let mut first = 0;
+        while first < iov.len() {
+            let n = (iov.len() - first).min(MAX_IOV);
+            // SAFETY: the iovecs point into `parts`, borrowed for this call and only read;
+            // the file offset is ours (the one writer, past `published`).
+            let rc = unsafe {
+                libc::pwritev(self.map.file.as_raw_fd(), iov[first..].as_ptr(), n as libc::c_int, at as libc::off_t)
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // A short write: skip what went, resume within the iovec it stopped in.
+            let mut done = rc as usize;
+            at += done;
+            while done > 0 && first < iov.len() {
+                let v = &mut iov[first];
+                if done >= v.iov_len {
+                    done -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: `done < iov_len`: still inside the same part.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done) }.cast();
+                    v.iov_len -= done;
+                    done = 0;
+                }
+            }
+            if rc == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+            }
+        }
         self.pos += len;
+        Ok(true)
     }
 
     /// Makes everything written so far visible to readers.

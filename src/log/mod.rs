@@ -256,24 +256,35 @@ impl PartitionLog {
         let start = self.writer.position();
         let base_offset = self.active.next_offset;
         let mut next = base_offset;
-        {
-            let Some(dst) = self.writer.reserve(total) else {
-                return Err(LogError::TooLarge { size: total, segment: self.cfg.segment_bytes });
-            };
-            dst.copy_from_slice(records);
-            metrics::count_copy(metrics::Path::ProduceIntoLog, total);
-            let mut at = 0;
-            for h in &headers {
-                let b = &mut dst[at..at + h.total_len()];
-                batch::set_base_offset(b, next);
-                if append_time >= 0 {
-                    batch::set_log_append_time(b, append_time);
-                }
-                next += h.offset_count();
-                at += h.total_len();
+        // Each batch goes out as its header, patched here (base offset, LogAppendTime and
+        // its CRC), and the rest straight from the request: the kernel's copy into the
+        // page cache is the only copy of a produced byte.
+        let mut heads: Vec<[u8; batch::HEADER_LEN]> = Vec::with_capacity(headers.len());
+        let mut at = 0;
+        for h in &headers {
+            let b = &records[at..at + h.total_len()];
+            let mut head = [0u8; batch::HEADER_LEN];
+            head.copy_from_slice(&b[..batch::HEADER_LEN]);
+            batch::set_base_offset(&mut head, next);
+            if append_time >= 0 {
+                batch::set_log_append_time(&mut head, &b[batch::HEADER_LEN..], append_time);
             }
+            heads.push(head);
+            next += h.offset_count();
+            at += h.total_len();
         }
-        self.writer.advance(total);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * heads.len());
+        let mut at = 0;
+        for (h, head) in headers.iter().zip(&heads) {
+            parts.push(head);
+            parts.push(&records[at + batch::HEADER_LEN..at + h.total_len()]);
+            at += h.total_len();
+        }
+        match self.writer.write(&parts) {
+            Ok(true) => metrics::count_copy(metrics::Path::ProduceIntoLog, total),
+            Ok(false) => return Err(LogError::TooLarge { size: total, segment: self.cfg.segment_bytes }),
+            Err(e) => return Err(io_err(self.active.map.path())(e)),
+        }
         let mut at = start;
         let mut off = base_offset;
         for h in &headers {
