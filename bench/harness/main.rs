@@ -81,7 +81,8 @@ pub struct BenchArgs {
     /// the RDMA address in $SLIPSTREAM_RDMA_IP, or $RXE_IP in the soft-RoCE VM, and the
     /// clients go through a `slipstream bridge` the harness starts beside it) or
     /// `NAME=HOST:PORT[,pid=PID]` (any Kafka-compatible broker; the pid enables its CPU
-    /// figures). Repeatable.
+    /// figures). Repeatable. `--data-parent=DIR` among the flags is the harness's: the
+    /// broker's data directory is made in DIR (e.g. /dev/shm), not in $TMPDIR.
     #[arg(long = "target")]
     pub targets: Vec<String>,
     /// Add slipstream on every transport built into this binary to the targets (rdma only
@@ -203,7 +204,12 @@ impl Spawned {
         } else {
             free_loopback_addr()?
         };
-        let data = tempfile::tempdir()?;
+        let parent = flags.iter().find_map(|f| f.strip_prefix("--data-parent="));
+        let flags: Vec<&String> = flags.iter().filter(|f| !f.starts_with("--data-parent=")).collect();
+        let data = match parent {
+            Some(dir) => tempfile::tempdir_in(dir).with_context(|| format!("a data directory in {dir}"))?,
+            None => tempfile::tempdir()?,
+        };
         let exe = slipstream_binary()?;
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new(&exe)

@@ -1,7 +1,7 @@
 //! Segment files: one writer, many concurrent readers, no locks.
 //!
 //! A segment file is preallocated (every block allocated) to its capacity and mapped
-//! shared and **read-only** once. The partition's single writer puts produced batches into
+//! shared once, and never stored into through the mapping. The partition's single writer puts produced batches into
 //! the file's page cache with `pwritev` past the *published* length (the kernel's copy,
 //! the only one a produced byte sees); readers on any core take [`Bytes`] views of the
 //! published prefix through the mapping, which the transport sends straight from the page
@@ -23,7 +23,11 @@
 //!   succeeded for the whole file), so an acknowledged append never waits for space. A
 //!   segment that could not be allocated (a full disk) gets a writer with no room, so the
 //!   log rolls, and the roll fails with ENOSPC until space comes back.
-//! - Nothing in this process has a writable mapping of a segment.
+//! - Nothing stores through a segment's mapping. (It is mapped writable all the same:
+//!   the RDMA backend registers windows of it with a NIC, and soft-RoCE on the VM's 6.1
+//!   kernel refused to register windows of a read-only mapping — the test of fetches by
+//!   one-sided RDMA from the log caught it. Unwritten, its pages are never dirtied
+//!   through it, so no write fault and no write-protect pass of a flush touches it.)
 #![allow(unsafe_code)]
 
 use bytes::Bytes;
@@ -99,7 +103,7 @@ impl SegmentFile {
     }
 
     fn map(path: &Path, file: File, capacity: usize) -> io::Result<Self> {
-        let map = MmapOptions::new().len(capacity).map_raw_read_only(&file)?;
+        let map = MmapOptions::new().len(capacity).map_raw(&file)?;
         Ok(SegmentFile { path: path.to_path_buf(), file, map, capacity, allocated: false })
     }
 
