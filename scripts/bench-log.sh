@@ -33,7 +33,6 @@ wait $perfpid
 # Children share of the fault entry point among the core threads' samples.
 perf report -i "$data.perf" --children --comms core-0,core-1 --sort symbol --stdio 2>/dev/null \
   | grep -E '^ +[0-9.]+%' > "$out/perf-disk.txt" || true
-total=$(perf report -i "$data.perf" --comms core-0,core-1 --sort comm --stdio 2>/dev/null | grep -oE 'of event .* \(([0-9]+)' | head -1 || true)
-fault=$(grep -E ' (asm_exc_page_fault|exc_page_fault)$' "$out/perf-disk.txt" | head -1 | awk '{print $1}' | tr -d '%')
-echo "{\"core_threads_page_fault_share_pct\": ${fault:-0}, \"samples\": \"${total}\", \"kernel\": \"$(uname -r)\", \"date\": \"$(date -u +%F)\"}" > "$out/perf-summary.json"
+fault=$(awk '$NF != "" && / asm_exc_page_fault / {print $1; exit}' "$out/perf-disk.txt" | tr -d '%')
+echo "{\"core_threads_page_fault_share_pct\": ${fault:-0}, \"kernel\": \"$(uname -r)\", \"date\": \"$(date -u +%F)\"}" > "$out/perf-summary.json"
 echo "page-fault handling: ${fault:-0}% of the core threads' samples (docs/bench/log/perf-disk.txt)"

@@ -235,6 +235,24 @@ impl ByteBufMut for ScatterBuf {
     }
 }
 
+/// Receives at most `len` bytes from the socket `fd` into `buf`'s spare capacity, without
+/// zero-filling it first (a 64 KiB memset per read was a sixth of a busy core's time).
+/// Returns the bytes received (0: the peer closed its side).
+pub fn recv_into(buf: &mut BytesMut, fd: &impl std::os::fd::AsRawFd, len: usize) -> std::io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let len = len.min(spare.len());
+    // SAFETY: recv(2) writes at most `len` bytes at the start of the spare capacity, which
+    // is valid for writes of `len` bytes; it reads nothing there.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised exactly `n <= len` bytes past the current length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Hands the allocator's free memory back to the kernel. glibc's malloc keeps what was
 /// freed in its arenas (the receive buffers of thousands of connections that closed, say)
 /// until asked; `malloc_trim` returns every whole free page of every arena.

@@ -440,9 +440,9 @@ impl Core {
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             if !c.closing {
-                // Every frame cut: let the allocation go with them (the transport takes a
-                // new one when bytes come), so a connection between requests holds none.
-                c.rx = Some(if buf.is_empty() { BytesMut::new() } else { buf });
+                // Empty or not, the transport decides what a connection between requests
+                // holds (a pool, a small buffer, nothing).
+                c.rx = Some(buf);
             }
         }
         self.flush(conn);

@@ -43,6 +43,10 @@ impl RecvStaging {
     /// The dispatch loop's receive. Staged bytes (or the end of the stream, as `n == 0`)
     /// complete it at once; otherwise the buffer is parked until bytes arrive.
     pub(crate) fn recv(&mut self, mut buf: BytesMut, max: usize) -> Option<(BytesMut, usize)> {
+        if buf.is_empty() {
+            // A parked buffer would be held for as long as the connection is idle.
+            buf = BytesMut::new();
+        }
         if self.staged.is_empty() {
             if self.eof {
                 return Some((buf, 0));

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,22 @@ fn listener_token(i: usize) -> Token {
 const READ_BUDGET: usize = 1 << 20;
 /// Most iovecs handed to one writev (Linux IOV_MAX is 1024).
 const MAX_IOV: usize = 512;
+/// A read's buffer, when a connection has none.
+const READ_CHUNK: usize = 64 * 1024;
+/// Receive buffers kept for reuse.
+const POOL: usize = 64;
+
+/// A receive buffer from `pool` whose frames are all gone (so its whole allocation, its
+/// pages resident already, is free again), or a new one.
+fn take_pooled(pool: &mut Vec<BytesMut>) -> BytesMut {
+    while let Some(mut b) = pool.pop() {
+        if b.try_reclaim(READ_CHUNK) {
+            return b;
+        }
+        // Still shared with frames in flight: let it go with them.
+    }
+    BytesMut::with_capacity(READ_CHUNK)
+}
 
 struct Conn {
     stream: TcpStream,
@@ -61,6 +77,8 @@ pub struct TcpTransport {
     /// once it stops accepting).
     listeners: Vec<TcpListener>,
     waker: Arc<MioWake>,
+    /// Receive buffers of connections between requests, for the next read of any.
+    pool: Vec<BytesMut>,
     conns: HashMap<ConnId, Conn>,
     next_id: u64,
     /// Completions produced on submission (e.g. a send that finished at once).
@@ -85,6 +103,7 @@ impl TcpTransport {
             events: Events::with_capacity(1024),
             listeners: mio_listeners,
             waker,
+            pool: Vec::new(),
             conns: HashMap::new(),
             next_id: FIRST_CONN,
             ready: Vec::new(),
@@ -154,34 +173,27 @@ impl TcpTransport {
             if buf.len() >= max || got >= READ_BUDGET {
                 break; // still readable; resumes with the next submitted receive
             }
+            if buf.capacity() == 0 {
+                // Between requests a connection holds no buffer: take one now, a pooled
+                // one whose pages are resident if its frames are all gone.
+                buf = take_pooled(&mut self.pool);
+            }
             if buf.capacity() - buf.len() < 4096 {
-                // Between requests a small first read (most requests are small, and a
-                // connection's buffer should cost little); more once that fills.
-                let chunk = if buf.is_empty() { 4096 } else { 64 * 1024 };
-                let want = (max - buf.len()).clamp(1, chunk);
-                buf.reserve(want);
+                buf.reserve((max - buf.len()).clamp(1, READ_CHUNK));
             }
             let room = (buf.capacity() - buf.len()).min(max - buf.len());
-            let start = buf.len();
-            buf.resize(start + room, 0);
-            match c.stream.read(&mut buf[start..]) {
+            match crate::buffer::recv_into(&mut buf, &c.stream, room) {
                 Ok(0) => {
-                    buf.truncate(start);
                     eof = true;
                     break;
                 }
-                Ok(n) => {
-                    buf.truncate(start + n);
-                    got += n;
-                }
+                Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    buf.truncate(start);
                     c.readable = false;
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    buf.truncate(start);
                     result = Some(e);
                     break;
                 }
@@ -284,6 +296,15 @@ impl Transport for TcpTransport {
 
     fn recv(&mut self, conn: ConnId, buf: BytesMut, max: usize) {
         if let Some(c) = self.conns.get_mut(&conn) {
+            // An empty buffer goes to the pool: the connection waits holding none.
+            let buf = if buf.is_empty() && buf.capacity() > 0 {
+                if self.pool.len() < POOL {
+                    self.pool.push(buf);
+                }
+                BytesMut::new()
+            } else {
+                buf
+            };
             c.rx = Some((buf, max));
             self.try_read(conn);
         }

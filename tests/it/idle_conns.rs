@@ -29,7 +29,11 @@ fn rss_anon(pid: u32) -> usize {
 
 per_transport!(ten_thousand_idle_connections_cost_at_most_8_kib_each, idle_connections);
 
+/// One of these tests at a time: each holds 10,000 descriptors in this process.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn idle_connections(transport: &[&str]) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     // Both ends hold a descriptor per connection.
     rlimit::increase_nofile_limit(u64::MAX).expect("raise the open file limit");
     let broker = BrokerProc::start(transport);

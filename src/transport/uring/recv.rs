@@ -14,6 +14,9 @@ impl UringTransport {
         // A connection between requests waits with a small buffer (the kernel holds it
         // until bytes come, and idle connections must stay cheap); one in the middle of a
         // frame gets room for the rest of it.
+        if buf.is_empty() && buf.capacity() > IDLE_READ {
+            buf = BytesMut::new();
+        }
         let want = if buf.is_empty() { IDLE_READ } else { (max.saturating_sub(buf.len())).clamp(1, READ_CHUNK) };
         if buf.capacity() - buf.len() < want {
             buf.reserve(want);
