@@ -10,7 +10,8 @@
 //!   dispatch            thread-per-core, run-to-completion loop; ordered, coalesced
 //!                       replies; parking; gathers of partition operations across cores
 //!   broker              topics, partition owners (shards), consumer groups, producer ids
-//!   log                 memory-mapped commit log: segments, indexes, recovery, retention
+//!   log                 commit log: segments written with pwritev and read through a
+//!                       mapping, indexes, recovery, retention, the file worker
 //!   ════ transport::Transport ═══ the transport seam: completion-style, owned buffers
 //!   transport           tcp (epoll), uring (io_uring), rdma (verbs; feature `rdma`);
 //!                       ustack (AF_XDP + smoltcp) will plug into the same seam
@@ -22,8 +23,9 @@
 //! ```
 //!
 //! A produce request travels transport -> dispatch -> protocol -> log and is copied once,
-//! into the mmap'd segment (io_uring's multishot mode and RDMA first stage received bytes
-//! from their ring or receive buffers: one more copy, counted). A fetch response travels
+//! by the kernel, into the segment's page cache (`pwritev`; io_uring's multishot mode and
+//! RDMA first stage received bytes from their ring or receive buffers: one more copy,
+//! counted). A fetch response travels
 //! log -> protocol -> dispatch -> transport as an I/O vector whose record chunks point into
 //! the mmap and name the segment they lie in: no user-space copy.
 //! `docs/architecture.md` has the picture, the table of what each layer owns and may
