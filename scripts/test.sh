@@ -13,6 +13,10 @@ cargo clippy --workspace --all-targets --features rdma -- -D warnings
 # cannot drift from the decoders they drive (in the main target directory, which already
 # holds their dependencies' check builds).
 (cd fuzz && CARGO_TARGET_DIR=../target cargo check --locked --bins)
+# The binaries themselves: `slipstream bench` (tested below) runs the slipstream-bench
+# binary from beside `slipstream`, and `cargo test` builds only the binaries of the package
+# whose tests it runs.
+cargo build --workspace --bins --features rdma
 # Two threads: the machines have two cores and every integration test runs a broker
 # process plus client processes.
 cargo test --workspace --all-targets --features rdma -- --test-threads=2
