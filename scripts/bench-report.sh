@@ -17,7 +17,7 @@ for client in native rdkafka; do
     --target "tansu=127.0.0.1:9192,pid=${tansu_pid}" \
     --workload latency-128b --workload fixed-rate-1k --workload max-throughput-1k \
     --repetitions "$reps" --duration "$duration" --fetch-wait-ms 5 \
-    --note "Tansu 0.6.0 with the memory:// storage engine (no disk); slipstream with its mmap log on disk (flush interval:1000)." \
+    --note "Tansu 0.6.0 with the memory:// storage engine (no disk); slipstream with its log on disk (flush interval:1000)." \
     --note "Fetch max wait is 5 ms for every target: Tansu sleeps the full wait even when data is there." \
     --out "docs/bench/${client}"
 done

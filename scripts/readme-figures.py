@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Prints the README's benchmark tables from the committed results.json files, so every
+figure in the README is read from a file a script in this repository wrote.
+
+    python3 scripts/readme-figures.py transports|latency-modes|report|log
+"""
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "docs" / "bench"
+
+
+def load(name):
+    return json.loads((BENCH / name / "results.json").read_text())
+
+
+def pct(part, key):
+    return dict(part["percentiles_us"])[key]
+
+
+def limit_p50(w, name="raw TCP ping-pong"):
+    for l in w["limits"]:
+        if l["name"] == name:
+            return pct(l["round_trip"], "p50")
+    return None
+
+
+def f1(x):
+    return f"{x:,.1f}"
+
+
+def transports():
+    d = load("transports")
+    labels = {
+        "latency-128b": "128 B, 1 connection, 1 in flight",
+        "latency-128b-64conn": "128 B, 64 connections, 1 in flight each",
+        "max-throughput-1k": "1 KiB in 64 KiB batches, 4 producers",
+        "fetch-backlog-1k": "fetch a 3 GiB backlog, 1 KiB in 64 KiB batches",
+    }
+    print("| workload | transport | publish p50 | p99 | p99.9 | produce msg/s | fetch msg/s | broker CPU s / M msgs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for w in d["workloads"]:
+        name = w["workload"]["name"]
+        for i, t in enumerate(w["targets"]):
+            label = labels.get(name, name) if i == 0 else ""
+            tr = t["name"].replace("slipstream ", "")
+            cpu = f"{t['broker_cpu_s_per_million_msgs']:.2f}" if t["broker_cpu_s_per_million_msgs"] < 10 else f"{t['broker_cpu_s_per_million_msgs']:.1f}"
+            if name == "fetch-backlog-1k":
+                print(f"| {label} | {tr} | – | – | – | – | {t['consume_msgs_per_s']:,.0f} ({t['throughput_mb_per_s'] / 1000:.2f} GB/s) | {cpu} |")
+            else:
+                p = t["publish"]
+                print(f"| {label} | {tr} | {f1(pct(p, 'p50'))} | {f1(pct(p, 'p99'))} | {f1(pct(p, 'p99.9'))} | "
+                      f"{t['throughput_msgs_per_s']:,.0f} | {t['consume_msgs_per_s']:,.0f} | {cpu} |")
+    w = d["workloads"][0]
+    print(f"\nraw TCP ping-pong p50 in that run: {f1(limit_p50(w))} µs blocking, {f1(limit_p50(w, 'raw TCP busy-poll'))} µs busy-polling")
+
+
+def latency_modes():
+    d = load("latency-modes")
+    w = d["workloads"][0]
+    print("| latency-128b (`docs/bench/latency-modes/`) | publish p50 | p99 | p99.9 | msg/s | × limit |")
+    print("|---|---:|---:|---:|---:|---:|")
+    lim = limit_p50(w)
+    for t in w["targets"]:
+        name = t["name"].replace("slipstream ", "").replace(" busy-poll=true", " `--busy-poll`").replace(" uring-sqpoll=true", " `--uring-sqpoll`")
+        p = t["publish"]
+        print(f"| {name} | {f1(pct(p, 'p50'))} | {f1(pct(p, 'p99'))} | {f1(pct(p, 'p99.9'))} | {t['throughput_msgs_per_s']:,.0f} | {pct(p, 'p50') / lim:.2f} |")
+    print(f"\nraw TCP ping-pong p50 in that run: {f1(lim)} µs blocking, {f1(limit_p50(w, 'raw TCP busy-poll'))} µs busy-polling")
+
+
+def report():
+    d = load("native")
+    print("| workload | target | publish p50 | p99 | p99.9 | end-to-end p50 | msg/s | broker CPU s / M msgs | × limit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for w in d["workloads"]:
+        name = w["workload"]["name"]
+        lim = limit_p50(w)
+        for i, t in enumerate(w["targets"]):
+            p, e = t["publish"], t["end_to_end"]
+            label = name if i == 0 else ""
+            cpu = t["broker_cpu_s_per_million_msgs"]
+            cpu = "–" if cpu is None else (f"{cpu:.2f}" if cpu < 10 else f"{cpu:.1f}")
+            over = "–" if name.startswith("max-throughput") else f"{pct(p, 'p50') / lim:.2f}"
+            print(f"| {label} | {t['name']} | {f1(pct(p, 'p50'))} | {f1(pct(p, 'p99'))} | {f1(pct(p, 'p99.9'))} | "
+                  f"{f1(pct(e, 'p50'))} | {t['throughput_msgs_per_s']:,.0f} | {cpu} | {over} |")
+        print(f"| | (raw TCP ping-pong p50 {f1(lim)}) | | | | | | | |")
+
+
+if __name__ == "__main__":
+    {"transports": transports, "latency-modes": latency_modes, "report": report}[sys.argv[1]]()
