@@ -144,7 +144,8 @@ impl ListenerConfig {
             None => (spec, None),
         };
         let (protocol, hostport) = match url.split_once("://") {
-            None | Some(("kafka", _)) => (ProtocolKind::Kafka, url.rsplit_once("://").map_or(url, |(_, a)| a)),
+            None => (ProtocolKind::Kafka, url),
+            Some(("kafka", hostport)) => (ProtocolKind::Kafka, hostport),
             Some((other, _)) => {
                 return Err(invalid("listener protocol", other, "this build serves: kafka"));
             }

@@ -80,7 +80,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Each core holds its own clones; ours close now.
     drop(listeners);
     let shared = Shared { protocols: protocols.clone(), shutdown: shutdown.clone(), busy_poll: cfg.busy_poll };
-    let (cores, peers) = dispatch::build_cores(&broker, shards, transports, shared);
+    let cores = dispatch::build_cores(&broker, shards, transports, shared);
     let wakers: Vec<_> = cores.iter().map(|c| c.notify_handle().0).collect();
     {
         let shutdown = shutdown.clone();
@@ -100,7 +100,6 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             })
             .map_err(ServeError::Thread)?;
     }
-    drop(peers);
     let stats_thread = {
         let data_dir = cfg.broker.data_dir.clone();
         let shutdown = shutdown.clone();
@@ -144,14 +143,14 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
 /// Writes the stats file once a second until shutdown.
 fn stats_loop(data_dir: &Path, shutdown: &AtomicBool) {
-    while !shutdown.load(Ordering::Acquire) {
-        write_stats(data_dir);
-        thread::sleep(Duration::from_millis(250));
-        for _ in 0..3 {
-            if shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(250));
+    // Short naps, so shutdown is seen within a quarter of a second.
+    for turn in 0u64.. {
+        if shutdown.load(Ordering::Acquire) {
+            return;
         }
+        if turn % 4 == 0 {
+            write_stats(data_dir);
+        }
+        thread::sleep(Duration::from_millis(250));
     }
 }

@@ -164,13 +164,13 @@ pub struct Shared {
 
 /// Makes one core per transport (core `i` owns `shards[i]`), wires every core to every
 /// other, and installs them in the broker's notifier. Returns the cores, to be run each
-/// on its own thread, and how to reach them.
+/// on its own thread.
 pub fn build_cores(
     broker: &Arc<Broker>,
     shards: Vec<Shard>,
     transports: Vec<Box<dyn Transport>>,
     shared: Shared,
-) -> (Vec<Core>, Vec<Peer>) {
+) -> Vec<Core> {
     let mut peers = Vec::new();
     let mut wiring = Vec::new();
     for t in &transports {
@@ -206,7 +206,7 @@ pub fn build_cores(
         })
         .collect();
     broker.notifier.install(cores.iter().map(Core::notify_handle).collect());
-    (cores, peers)
+    cores
 }
 
 impl Core {

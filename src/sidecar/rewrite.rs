@@ -89,7 +89,7 @@ enum Head {
     /// At least this many bytes of the frame (prefix included) are needed.
     Need(usize),
     /// The header is read; `answered` is false for a request that gets no response.
-    Done { pending: Pending, answered: bool },
+    Done { pending: Pending, answered: bool, frame_end: usize },
 }
 
 /// A bounds-checked reader over a request's leading bytes: running out is `Short` with
@@ -159,12 +159,12 @@ fn read_head(h: &[u8]) -> Result<Head, RewriteError> {
     };
     let Some(head) = RequestHead::peek(&h[PREFIX..]) else { return Ok(Head::Need(PREFIX + REQUEST_HEAD)) };
     let pending = Pending { api: head.api, version: head.version, correlation_id: head.correlation_id };
-    if pending.api != ApiKey::Produce as i16 {
-        return Ok(Head::Done { pending, answered: true });
-    }
     let frame_end = len + PREFIX;
+    if pending.api != ApiKey::Produce as i16 {
+        return Ok(Head::Done { pending, answered: true, frame_end });
+    }
     match produce_acks(h, pending.version) {
-        Ok(acks) => Ok(Head::Done { pending, answered: acks != 0 }),
+        Ok(acks) => Ok(Head::Done { pending, answered: acks != 0, frame_end }),
         Err(Short(n)) if n <= frame_end.min(MAX_PRODUCE_HEAD) => Ok(Head::Need(n)),
         Err(Short(_)) => Err(RewriteError::BadRequest("Produce")),
     }
@@ -186,23 +186,22 @@ impl RequestLog {
                     self.head.extend_from_slice(&bytes[..take]);
                     bytes = &bytes[take..];
                 }
-                Head::Done { pending, answered } => self.finish_head(pending, answered),
+                Head::Done { pending, answered, frame_end } => self.finish_head(pending, answered, frame_end),
             }
         }
         // A header completed by the last bytes is settled now, not at the next call.
-        if let Head::Done { pending, answered } = read_head(&self.head)? {
-            self.finish_head(pending, answered);
+        if let Head::Done { pending, answered, frame_end } = read_head(&self.head)? {
+            self.finish_head(pending, answered, frame_end);
         }
         Ok(())
     }
 
-    fn finish_head(&mut self, pending: Pending, answered: bool) {
+    /// The current frame's header is read: `frame_end` is its length, prefix included.
+    fn finish_head(&mut self, pending: Pending, answered: bool, frame_end: usize) {
         if answered {
             self.pending.push_back(pending);
         }
-        // `read_head` checked the prefix before it could say Done.
-        let len = request_framer().peek_len(&self.head).ok().flatten().unwrap_or(0);
-        self.skip = (len + PREFIX).saturating_sub(self.head.len());
+        self.skip = frame_end.saturating_sub(self.head.len());
         self.head.clear();
     }
 
