@@ -35,7 +35,9 @@ pub struct ServeArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// A listener, repeatable: `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT]`. PROTOCOL is
-    /// `kafka` (the default). Each listener gives clients its own advertised address
+    /// `kafka` (the default), `rocketmq` (RocketMQ remoting, the broker role) or
+    /// `rocketmq-namesrv` (its name server; on HOST:9876 of the first `rocketmq` listener
+    /// unless given). Each listener gives clients its own advertised address
     /// [default: its own address]; the same cores serve them all
     /// [default: kafka://127.0.0.1:9092]. In the file: a string or a list of them.
     #[arg(long)]
@@ -125,7 +127,14 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProtocolKind {
     Kafka,
+    /// RocketMQ remoting, the broker role.
+    RocketMq,
+    /// RocketMQ remoting, the name server role (routes name the first `RocketMq` listener).
+    RocketMqNamesrv,
 }
+
+/// Where the name server listens when RocketMQ is on and none is given.
+pub const ROCKETMQ_NAMESRV_PORT: u16 = 9876;
 
 /// One resolved `--listen`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,8 +155,14 @@ impl ListenerConfig {
         let (protocol, hostport) = match url.split_once("://") {
             None => (ProtocolKind::Kafka, url),
             Some(("kafka", hostport)) => (ProtocolKind::Kafka, hostport),
+            Some(("rocketmq", hostport)) => (ProtocolKind::RocketMq, hostport),
+            Some(("rocketmq-namesrv", hostport)) => (ProtocolKind::RocketMqNamesrv, hostport),
             Some((other, _)) => {
-                return Err(invalid("listener protocol", other, "this build serves: kafka"));
+                return Err(invalid(
+                    "listener protocol",
+                    other,
+                    "this build serves: kafka, rocketmq, rocketmq-namesrv",
+                ));
             }
         };
         let addr = hostport
@@ -247,12 +262,29 @@ impl ServeArgs {
         if self.listen.is_empty() {
             self.listen.push("127.0.0.1:9092".into());
         }
-        let listeners = self
+        let mut listeners = self
             .listen
             .iter()
             .enumerate()
             .map(|(i, spec)| ListenerConfig::parse(spec, self.advertised_listener.as_deref().filter(|_| i == 0)))
             .collect::<Result<Vec<_>, _>>()?;
+        let rocketmq = listeners.iter().find(|l| l.protocol == ProtocolKind::RocketMq).cloned();
+        let namesrv = listeners.iter().any(|l| l.protocol == ProtocolKind::RocketMqNamesrv);
+        match (rocketmq, namesrv) {
+            (Some(broker), false) => {
+                let addr = SocketAddr::new(broker.addr.ip(), ROCKETMQ_NAMESRV_PORT);
+                let advertised = (broker.advertised.0.clone(), i32::from(ROCKETMQ_NAMESRV_PORT));
+                listeners.push(ListenerConfig { protocol: ProtocolKind::RocketMqNamesrv, addr, advertised });
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "listeners",
+                    "rocketmq-namesrv",
+                    "a name server needs a rocketmq:// listener to route to",
+                ))
+            }
+            _ => {}
+        }
         for (i, l) in listeners.iter().enumerate() {
             if listeners[..i].iter().any(|o| o.addr == l.addr) {
                 return Err(invalid("listen address", l.addr, "given twice"));

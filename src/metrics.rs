@@ -18,11 +18,19 @@ pub enum Path {
     /// Received bytes copied from an io_uring provided buffer into a connection's frame
     /// buffer (multishot receive mode only).
     ReceiveStaging,
+    /// A RocketMQ message body copied into the record batch it is stored as (before the
+    /// one copy into the log).
+    RocketMqSend,
+    /// A record's body copied into the RocketMQ message layout of a PULL answer (Kafka
+    /// record batches are not what RocketMQ clients decode).
+    RocketMqPull,
 }
 
 static PRODUCE_COPIED: AtomicU64 = AtomicU64::new(0);
 static FETCH_COPIED: AtomicU64 = AtomicU64::new(0);
 static RECEIVE_STAGED: AtomicU64 = AtomicU64::new(0);
+static ROCKETMQ_SEND: AtomicU64 = AtomicU64::new(0);
+static ROCKETMQ_PULL: AtomicU64 = AtomicU64::new(0);
 static FETCH_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static PRODUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
@@ -36,6 +44,8 @@ pub fn count_copy(path: Path, bytes: usize) {
         Path::ProduceIntoLog => &PRODUCE_COPIED,
         Path::FetchOut => &FETCH_COPIED,
         Path::ReceiveStaging => &RECEIVE_STAGED,
+        Path::RocketMqSend => &ROCKETMQ_SEND,
+        Path::RocketMqPull => &ROCKETMQ_PULL,
     };
     c.fetch_add(bytes as u64, Ordering::Relaxed);
 }
@@ -89,6 +99,10 @@ pub struct Snapshot {
     pub rdma_log_bytes_written: u64,
     #[serde(default)]
     pub rdma_tx_staged_bytes: u64,
+    #[serde(default)]
+    pub rocketmq_send_bytes_copied: u64,
+    #[serde(default)]
+    pub rocketmq_pull_bytes_copied: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
 }
@@ -103,6 +117,8 @@ pub fn snapshot() -> Snapshot {
         receive_bytes_staged: RECEIVE_STAGED.load(Ordering::Relaxed),
         rdma_log_bytes_written: RDMA_LOG_BYTES.load(Ordering::Relaxed),
         rdma_tx_staged_bytes: RDMA_TX_STAGED.load(Ordering::Relaxed),
+        rocketmq_send_bytes_copied: ROCKETMQ_SEND.load(Ordering::Relaxed),
+        rocketmq_pull_bytes_copied: ROCKETMQ_PULL.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
     }

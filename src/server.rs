@@ -19,6 +19,7 @@ use crate::log::FileWorker;
 use crate::metrics;
 use crate::protocol::kafka::session::Kafka;
 use crate::protocol::kafka::Endpoint;
+use crate::protocol::rocketmq::{RocketMq, RocketMqState, Role};
 use crate::transport::{self, TransportError};
 
 #[derive(Debug, Error)]
@@ -42,10 +43,15 @@ pub fn write_stats(data_dir: &Path) {
     }
 }
 
-/// The protocol a listener speaks, with that listener's settings.
-fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig) -> Arc<dyn Protocol> {
-    match l.protocol {
-        ProtocolKind::Kafka => {
+/// The protocol a listener speaks, with that listener's settings; RocketMQ listeners
+/// share `rocketmq` (made from the first `rocketmq://` listener).
+fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig, rocketmq: &Option<Arc<RocketMqState>>) -> Arc<dyn Protocol> {
+    match (l.protocol, rocketmq) {
+        (ProtocolKind::RocketMq, Some(state)) => Arc::new(RocketMq::new(Role::Broker, state.clone())),
+        (ProtocolKind::RocketMqNamesrv, Some(state)) => Arc::new(RocketMq::new(Role::NameServer, state.clone())),
+        // Config resolution gives every name server a broker listener; a Kafka listener
+        // is all that is left.
+        _ => {
             let endpoint = Endpoint { host: l.advertised.0.clone(), port: l.advertised.1 };
             Arc::new(Kafka::new(endpoint, cfg.broker.max_request_bytes))
         }
@@ -73,7 +79,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Transports first: every core needs every other core's waker.
     let addrs: Vec<_> = cfg.listeners.iter().map(|l| l.addr).collect();
     let listeners = transport::Listeners::bind(cfg.transport, &addrs)?;
-    let protocols: Vec<Arc<dyn Protocol>> = cfg.listeners.iter().map(|l| protocol_for(l, &cfg)).collect();
+    let rocketmq = cfg.listeners.iter().find(|l| l.protocol == ProtocolKind::RocketMq).map(|l| {
+        let advertised = (l.advertised.0.as_str(), l.advertised.1);
+        RocketMqState::new(&cfg.broker.cluster_id, cfg.broker.node_id, advertised, l.addr)
+    });
+    let protocols: Vec<Arc<dyn Protocol>> = cfg.listeners.iter().map(|l| protocol_for(l, &cfg, &rocketmq)).collect();
     let transports = (0..cfg.cores)
         .map(|_| transport::build(cfg.transport, &listeners, &cfg.transport_options))
         .collect::<Result<Vec<_>, _>>()?;

@@ -207,12 +207,21 @@ pub struct Broker {
     pub notifier: Arc<Notifier>,
 }
 
+/// Names the catalog accepts: Kafka's (`[a-zA-Z0-9._-]`, at most 249) and RocketMQ's,
+/// which also use `%` and `|` (`%RETRY%group`, `%DLQ%group`). A name is never a path
+/// (topics live in directories named by their id). Each protocol refuses what its own
+/// clients may not create ([`kafka_topic_name`]).
 pub fn valid_topic_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'%' | b'|'))
+}
+
+/// Whether a Kafka client may create a topic of this name (Kafka's legal characters).
+pub fn kafka_topic_name(name: &str) -> bool {
+    valid_topic_name(name) && !name.contains(['%', '|'])
 }
 
 /// Topic-level overrides we honour, mapped onto the log config.

@@ -589,10 +589,22 @@ impl Core {
     fn flush(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let mut out: IoChunks = Vec::new();
-        while let Some(Slot::Ready(_)) = c.queue.front() {
-            if let Some(Slot::Ready(chunks)) = c.queue.pop_front() {
-                out.extend(chunks);
+        if c.session.ordered() {
+            while let Some(Slot::Ready(_)) = c.queue.front() {
+                if let Some(Slot::Ready(chunks)) = c.queue.pop_front() {
+                    out.extend(chunks);
+                }
             }
+        } else {
+            // The protocol matches answers to requests itself: every ready answer goes
+            // now, whatever still waits ahead of it.
+            c.queue.retain_mut(|s| match s {
+                Slot::Ready(chunks) => {
+                    out.append(chunks);
+                    false
+                }
+                _ => true,
+            });
         }
         let close = std::mem::take(&mut c.close_after_flush);
         if !out.is_empty() {

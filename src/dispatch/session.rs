@@ -18,9 +18,11 @@
 //! partition operations across cores.
 //!
 //! # Invariants
-//! - A step's answer goes out after every answer to an earlier frame of the same
+//! - On an [`Session::ordered`] connection (Kafka's: clients match answers by order), a
+//!   step's answer goes out after every answer to an earlier frame of the same
 //!   connection, whatever the step: a parked or gathering request holds back the ready
-//!   answers behind it.
+//!   answers behind it. Otherwise (RocketMQ's: answers carry the request's opaque) each
+//!   answer goes as soon as it is ready, and a long-poll pull holds back nothing.
 //! - A [`Fault`] closes its connection alone, after the answers already queued for it;
 //!   nothing the peer sent after the faulty frame is handled.
 
@@ -94,6 +96,10 @@ pub trait Session: Send {
     fn handle(&mut self, cx: &Cx<'_>, frame: Bytes) -> Result<Step, Fault>;
     /// The most bytes a receive buffer must grow to: the largest frame with its prefix.
     fn recv_max(&self) -> usize;
+    /// Whether answers must leave in request order (the client matches them by order).
+    fn ordered(&self) -> bool {
+        true
+    }
 }
 
 /// A wire protocol, bound to a listener: opens a session per connection.

@@ -14,3 +14,4 @@ mod listeners;
 mod long_poll;
 #[cfg(feature = "rdma")]
 mod rdma;
+mod rocketmq;

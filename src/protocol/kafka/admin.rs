@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{sb, Ctx, ErrorCode, Outcome};
-use crate::broker::{effective_configs, valid_topic_name, BrokerError, Topic};
+use crate::broker::{effective_configs, kafka_topic_name, BrokerError, Topic};
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
@@ -96,7 +96,7 @@ pub fn metadata(ctx: &Ctx<'_>, req: MetadataRequest) -> Outcome {
                 };
                 let topic = match (topic, &rt.name) {
                     (Some(t), _) => Ok(t),
-                    (None, Some(n)) if !valid_topic_name(n) => Err(ErrorCode::InvalidTopicException),
+                    (None, Some(n)) if !kafka_topic_name(n) => Err(ErrorCode::InvalidTopicException),
                     (None, Some(n)) if allow => match ctx.broker.create_topic(n, -1, HashMap::new(), false) {
                         Ok(t) => Ok(t),
                         Err(BrokerError::TopicExists(_)) => {
@@ -138,6 +138,8 @@ pub fn create_topics(ctx: &Ctx<'_>, req: CreateTopicsRequest) -> Outcome {
                 ErrorCode::InvalidReplicationFactor,
                 format!("replication factor {} > 1 broker", ct.replication_factor),
             ))
+        } else if !kafka_topic_name(&ct.name) {
+            Err((ErrorCode::InvalidTopicException, format!("'{}' is not a legal Kafka topic name", ct.name.as_str())))
         } else if !ct.assignments.is_empty() {
             Err((ErrorCode::InvalidRequest, "manual replica assignment is not supported".to_string()))
         } else {

@@ -1,0 +1,546 @@
+//! The broker role: sends, pulls (with long polling), consumer offsets, the consumer
+//! registry, queue offsets and topic creation.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::records::RecordBatchDecoder;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::codes::{Request, Response, PULL_COMMIT_OFFSET, PULL_SUBSCRIPTION, PULL_SUSPEND};
+use super::frame::Command;
+use super::message::{self, Message, Stored, TagFilter};
+use super::namesrv::ensure_topic;
+use super::{error, ok, step, Conn, Reply};
+use crate::broker::groups::Committed;
+use crate::broker::shard::{PartOp, PartResult};
+use crate::broker::{Broker, PartKey, PartitionShared, Topic};
+use crate::dispatch::session::{self, Cx, Fault, Finish, Gather, Step};
+use crate::log::LogError;
+use crate::metrics::{self, Path};
+
+/// The most a pull reads from a queue in one go (it answers at most `maxMsgNums`).
+const PULL_READ_BYTES: usize = 1 << 20;
+/// A suspended pull's longest wait, whatever the client asks.
+const MAX_SUSPEND: Duration = Duration::from_secs(30);
+
+pub fn handle(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
+    match Request::from_code(req.code) {
+        Some(Request::SendMessage | Request::SendMessageV2) => send(cx, conn, req, false),
+        Some(Request::SendBatchMessage) => send(cx, conn, req, true),
+        Some(Request::PullMessage) => pull(cx, conn, req),
+        Some(Request::QueryConsumerOffset) => query_offset(cx, req),
+        Some(Request::UpdateConsumerOffset) => update_offset(cx, req),
+        Some(Request::HeartBeat) => heartbeat(cx, conn, req),
+        Some(Request::UnregisterClient) => {
+            if let (Some(client), Some(group)) = (req.field("clientID"), req.field("consumerGroup")) {
+                conn.state.clients.unregister(group, client);
+            }
+            Reply::Done(ok(req))
+        }
+        Some(Request::GetConsumerListByGroup) => {
+            let group = req.field("consumerGroup").unwrap_or_default();
+            let ids = conn.state.clients.members(group, cx.now);
+            if ids.is_empty() {
+                return error(req, Response::SystemError, format!("no consumer for this group, {group}"));
+            }
+            let mut resp = ok(req);
+            resp.body = serde_json::to_vec(&serde_json::json!({ "consumerIdList": ids })).unwrap_or_default().into();
+            Reply::Done(resp)
+        }
+        Some(Request::GetMaxOffset) => queue_offset(cx, req, |s| s.next_offset()),
+        Some(Request::GetMinOffset) => queue_offset(cx, req, |s| s.log_start()),
+        Some(Request::SearchOffsetByTimestamp) => search_offset(cx, req),
+        Some(Request::GetEarliestMsgStoreTime) => earliest_time(cx, req),
+        Some(Request::UpdateAndCreateTopic) => create_topic(cx, req),
+        Some(Request::CheckClientConfig) => Reply::Done(ok(req)),
+        _ => error(
+            req,
+            Response::RequestCodeNotSupported,
+            format!("request code {} is not supported by slipstream's RocketMQ broker", req.code),
+        ),
+    }
+}
+
+/// A request's header without its body (what a gather or a parked request keeps).
+fn head(req: &Command) -> Command {
+    Command { body: Bytes::new(), ..req.clone() }
+}
+
+fn int<T: std::str::FromStr>(req: &Command, names: &[&str]) -> Option<T> {
+    names.iter().find_map(|n| req.field(n)).and_then(|v| v.trim().parse().ok())
+}
+
+/// The queue a request names: its topic, partition key and shared counters.
+fn queue(
+    cx: &Cx<'_>,
+    req: &Command,
+    topic_field: &[&str],
+    queue_field: &[&str],
+) -> Result<(Arc<Topic>, i32, PartKey, Arc<PartitionShared>), Reply> {
+    let name = topic_field.iter().find_map(|n| req.field(n)).unwrap_or_default();
+    let Some(topic) = cx.broker.topic(name) else {
+        return Err(error(req, Response::TopicNotExist, format!("topic[{name}] not exist, apply first please!")));
+    };
+    let queue_id: i32 = int(req, queue_field).unwrap_or(-1);
+    match (topic.key(queue_id), topic.shared(queue_id).cloned()) {
+        (Some(key), Some(shared)) => Ok((topic, queue_id, key, shared)),
+        _ => Err(error(
+            req,
+            Response::SystemError,
+            format!("queueId[{queue_id}] is illegal, topic: {name} has {} queues", topic.meta.partitions),
+        )),
+    }
+}
+
+fn topic_tag(topic: &Topic) -> u16 {
+    topic.meta.id.as_u64_pair().0 as u16
+}
+
+/// Runs `f` on the gathered results.
+struct FinishWith<F>(F);
+
+impl<F> Finish for FinishWith<F>
+where
+    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send,
+{
+    fn finish(self: Box<Self>, cx: &Cx<'_>, results: Vec<PartResult>) -> Result<Step, Fault> {
+        Ok((self.0)(cx, results))
+    }
+}
+
+fn gather<F>(ops: Vec<(PartKey, PartOp)>, then: F) -> Reply
+where
+    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send + 'static,
+{
+    Reply::Step(Step::Gather(Gather { ops, then: Box::new(FinishWith(then)) }))
+}
+
+fn log_error_reply(req: &Command, e: &LogError) -> Reply {
+    match e {
+        LogError::Io { .. } => error(
+            req,
+            Response::ServiceNotAvailable,
+            format!("service not available now: the message cannot be stored ({e})"),
+        ),
+        LogError::TooLarge { .. } | LogError::Corrupt(_) | LogError::Empty => {
+            error(req, Response::MessageIllegal, e.to_string())
+        }
+        _ => error(req, Response::SystemError, e.to_string()),
+    }
+}
+
+fn send(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, batch: bool) -> Reply {
+    let (topic, queue_id, key, _) = match queue(cx, req, &["topic", "b"], &["queueId", "e"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let sys_flag: i32 = int(req, &["sysFlag", "f"]).unwrap_or(0);
+    let born_timestamp: i64 = int(req, &["bornTimestamp", "g"]).unwrap_or_else(now_ms);
+    let reconsume_times: i32 = int(req, &["reconsumeTimes", "j"]).unwrap_or(0);
+    let properties = message::parse_properties(req.field("properties").or(req.field("i")).unwrap_or_default());
+    let mut messages = Vec::new();
+    if batch {
+        match message::decode_batch(&req.body) {
+            Ok(list) => {
+                for (flag, body, mut props) in list {
+                    // The batch's own properties (e.g. WAIT) apply to each message.
+                    for (k, v) in &properties {
+                        if !props.iter().any(|(pk, _)| pk == k) {
+                            props.push((k.clone(), v.clone()));
+                        }
+                    }
+                    messages.push(Message {
+                        flag,
+                        born_timestamp,
+                        born_host: Some(conn.peer),
+                        reconsume_times,
+                        properties: props,
+                        body,
+                    });
+                }
+            }
+            Err(e) => return error(req, Response::MessageIllegal, format!("batch body: {e}")),
+        }
+    } else {
+        let (body, _) = match message::plain_body(req.body.clone(), sys_flag) {
+            Ok(b) => b,
+            Err(e) => return error(req, Response::MessageIllegal, e.to_string()),
+        };
+        messages.push(Message {
+            flag: int(req, &["flag", "h"]).unwrap_or(0),
+            born_timestamp,
+            born_host: Some(conn.peer),
+            reconsume_times,
+            properties,
+            body,
+        });
+    }
+    if messages.is_empty() {
+        return error(req, Response::MessageIllegal, "no message in the request");
+    }
+    if let Some(m) = messages.iter().find(|m| message::format_properties(&m.properties).len() > i16::MAX as usize) {
+        let len = message::format_properties(&m.properties).len();
+        return error(req, Response::MessageIllegal, message::MessageError::PropertiesTooLong(len).to_string());
+    }
+    let records: Vec<_> = messages.iter().map(message::to_record).collect();
+    let batch_bytes = match message::encode_batch(&records) {
+        Ok(b) => b,
+        Err(e) => return error(req, Response::SystemError, e.to_string()),
+    };
+    metrics::count_copy(Path::RocketMqSend, messages.iter().map(|m| m.body.len()).sum());
+    let count = messages.len() as i64;
+    let (req, tag, store_host) = (head(req), topic_tag(&topic), conn.state.store_host);
+    gather(vec![(key, PartOp::Append { records: batch_bytes })], move |_cx, results| {
+        let reply = match results.first() {
+            Some(PartResult::Appended(info, _)) => {
+                let ids: Vec<String> = (0..count)
+                    .map(|i| {
+                        message::offset_msg_id(
+                            store_host,
+                            message::physical_offset(tag, queue_id, info.base_offset + i),
+                        )
+                    })
+                    .collect();
+                Reply::Done(
+                    ok(&req)
+                        .with("msgId", ids.join(","))
+                        .with("queueId", queue_id)
+                        .with("queueOffset", info.base_offset)
+                        .with("MSG_REGION", "DefaultRegion")
+                        .with("TRACE_ON", "true"),
+                )
+            }
+            Some(PartResult::Failed { error: e, .. }) => {
+                log::warn!("RocketMQ send to {}-{queue_id} refused: {e}", topic.name());
+                log_error_reply(&req, e)
+            }
+            _ => error(&req, Response::TopicNotExist, format!("topic[{}] not exist any more", topic.name())),
+        };
+        step(&req, reply)
+    })
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A pull, from its first read to its answer (it may park and read again).
+#[derive(Clone)]
+struct PullPlan {
+    req: Command,
+    topic: Arc<Topic>,
+    queue_id: i32,
+    key: PartKey,
+    shared: Arc<PartitionShared>,
+    offset: i64,
+    max_msgs: usize,
+    filter: TagFilter,
+    suspend: bool,
+    deadline: Instant,
+    store_host: SocketAddr,
+}
+
+fn pull(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
+    let (topic, queue_id, key, shared) = match queue(cx, req, &["topic"], &["queueId"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let group = req.field("consumerGroup").unwrap_or_default().to_string();
+    let sys_flag: i32 = int(req, &["sysFlag"]).unwrap_or(0);
+    if req.field("expressionType").is_some_and(|t| !t.eq_ignore_ascii_case("TAG")) {
+        return error(req, Response::SubscriptionParseFailed, "only TAG subscriptions are supported by slipstream");
+    }
+    let filter = if sys_flag & PULL_SUBSCRIPTION != 0 {
+        TagFilter::parse(req.field("subscription").unwrap_or("*"))
+    } else {
+        conn.state.clients.subscription(&group, topic.name()).unwrap_or(TagFilter::All)
+    };
+    if sys_flag & PULL_COMMIT_OFFSET != 0 {
+        if let Some(offset) = int::<i64>(req, &["commitOffset"]).filter(|o| *o >= 0) {
+            // The pull does not wait for its piggy-backed commit (RocketMQ's does not
+            // either); the commit is stored, in order, by the file worker.
+            let broker = cx.broker.clone();
+            let (t, now) = (topic.name().to_string(), cx.now);
+            drop(cx.broker.files.run(move || commit(&broker, &group, &t, queue_id, offset, now)));
+        }
+    }
+    let suspend_ms: u64 = int(req, &["suspendTimeoutMillis"]).unwrap_or(0);
+    let plan = PullPlan {
+        req: head(req),
+        store_host: conn.state.store_host,
+        topic,
+        queue_id,
+        key,
+        shared,
+        offset: int(req, &["queueOffset"]).unwrap_or(0),
+        max_msgs: int::<usize>(req, &["maxMsgNums"]).unwrap_or(32).clamp(1, 1024),
+        filter,
+        suspend: sys_flag & PULL_SUSPEND != 0,
+        deadline: cx.now + Duration::from_millis(suspend_ms).min(MAX_SUSPEND),
+    };
+    Reply::Step(plan.next(cx.now, false))
+}
+
+impl PullPlan {
+    /// Reads if there is something to read, parks if the client may wait, answers else.
+    fn next(self, now: Instant, force: bool) -> Step {
+        let (start, end) = (self.shared.log_start(), self.shared.next_offset());
+        if self.offset < start || self.offset > end {
+            let next = self.offset.clamp(start, end);
+            return self.answer(Response::PullOffsetMoved, next, None);
+        }
+        if self.offset == end {
+            if self.suspend && !force && now < self.deadline {
+                let appended = self.shared.appended();
+                return Step::Park(Box::new(ParkedPull { plan: self, appended }));
+            }
+            return self.answer(Response::PullNotFound, self.offset, None);
+        }
+        let op = PartOp::Read { offset: self.offset, max_bytes: PULL_READ_BYTES };
+        let key = self.key;
+        Step::Gather(Gather {
+            ops: vec![(key, op)],
+            then: Box::new(FinishWith(move |cx: &Cx<'_>, r| self.read(cx, r))),
+        })
+    }
+
+    fn read(self, cx: &Cx<'_>, results: Vec<PartResult>) -> Step {
+        let read = match results.into_iter().next() {
+            Some(PartResult::Read(r)) => r,
+            Some(PartResult::Failed { error: LogError::OffsetOutOfRange { .. }, .. }) => {
+                // Retention moved the start since we looked: the counters say where now.
+                return self.next(cx.now, true);
+            }
+            Some(PartResult::Failed { error: e, .. }) => return step(&self.req, log_error_reply(&self.req, &e)),
+            _ => return step(&self.req, error(&self.req, Response::TopicNotExist, "topic deleted")),
+        };
+        let mut body = BytesMut::new();
+        let (mut found, mut next) = (0usize, self.offset);
+        let at = Stored {
+            topic: self.topic.name(),
+            queue_id: self.queue_id,
+            store_host: self.store_host,
+            physical_offset: 0,
+        };
+        let mut buf = read.records.bytes().clone();
+        let tag = topic_tag(&self.topic);
+        'batches: while !buf.is_empty() {
+            let set = match RecordBatchDecoder::decode(&mut buf) {
+                Ok(s) => s,
+                Err(e) => {
+                    if found > 0 {
+                        break;
+                    }
+                    let remark = format!("a batch at offset {next} cannot be read by RocketMQ consumers: {e}");
+                    return step(&self.req, error(&self.req, Response::SystemError, remark));
+                }
+            };
+            for rec in &set.records {
+                if rec.offset < next {
+                    continue;
+                }
+                next = rec.offset + 1;
+                if rec.control || !self.filter.matches(message::record_tag(rec)) {
+                    continue;
+                }
+                let before = body.len();
+                let stored = Stored { physical_offset: message::physical_offset(tag, self.queue_id, rec.offset), ..at };
+                message::encode_for_pull(&mut body, rec, &stored, rec.timestamp);
+                metrics::count_copy(Path::RocketMqPull, body.len() - before);
+                found += 1;
+                if found >= self.max_msgs {
+                    break 'batches;
+                }
+            }
+        }
+        if found > 0 {
+            let mut resp = self.header(Response::Success, next);
+            resp.body = body.freeze();
+            return step(&self.req, Reply::Done(resp));
+        }
+        if next > self.offset {
+            // Read past messages the subscription does not take.
+            return self.answer(Response::PullRetryImmediately, next, None);
+        }
+        self.next(cx.now, true)
+    }
+
+    fn header(&self, code: Response, next: i64) -> Command {
+        Command::response_to(&self.req, code.code(), None)
+            .with("suggestWhichBrokerId", 0)
+            .with("nextBeginOffset", next)
+            .with("minOffset", self.shared.log_start())
+            .with("maxOffset", self.shared.next_offset())
+    }
+
+    fn answer(&self, code: Response, next: i64, remark: Option<String>) -> Step {
+        let mut resp = self.header(code, next);
+        resp.remark = remark;
+        step(&self.req, Reply::Done(resp))
+    }
+}
+
+/// A pull waiting for a message (or its deadline): re-polled from the queue's lock-free
+/// counters, without asking its owner.
+struct ParkedPull {
+    plan: PullPlan,
+    appended: u64,
+}
+
+impl session::Parked for ParkedPull {
+    fn deadline(&self) -> Option<Instant> {
+        Some(self.plan.deadline)
+    }
+
+    fn poll(&mut self, cx: &Cx<'_>, force: bool) -> Option<Result<Step, Fault>> {
+        let moved = self.plan.shared.appended() != self.appended;
+        if !(moved || force || cx.now >= self.plan.deadline) {
+            return None;
+        }
+        Some(Ok(self.plan.clone().next(cx.now, force || cx.now >= self.plan.deadline)))
+    }
+}
+
+/// Stores a consumer offset (for the file worker). RocketMQ consumers commit without a
+/// Kafka group membership, as a standalone Kafka consumer does.
+fn commit(broker: &Broker, group: &str, topic: &str, queue: i32, offset: i64, now: Instant) -> Result<(), String> {
+    let c = Committed { offset, leader_epoch: -1, metadata: None };
+    broker.commit_offsets(group, "", -1, vec![(topic.to_string(), queue, c)], now).map_err(|e| e.to_string())
+}
+
+fn query_offset(cx: &Cx<'_>, req: &Command) -> Reply {
+    let (topic, queue_id, _, _) = match queue(cx, req, &["topic"], &["queueId"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let group = req.field("consumerGroup").unwrap_or_default();
+    match cx.broker.groups.lock().committed(group, topic.name(), queue_id) {
+        Some(c) => Reply::Done(ok(req).with("offset", c.offset)),
+        None => error(req, Response::QueryNotFound, "Not found, maybe this group consumer boot first"),
+    }
+}
+
+fn update_offset(cx: &Cx<'_>, req: &Command) -> Reply {
+    let (topic, queue_id, _, _) = match queue(cx, req, &["topic"], &["queueId"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let Some(offset) = int::<i64>(req, &["commitOffset"]) else {
+        return error(req, Response::SystemError, "commitOffset missing");
+    };
+    let group = req.field("consumerGroup").unwrap_or_default().to_string();
+    let (broker, req, now) = (cx.broker.clone(), head(req), cx.now);
+    Reply::Blocking(cx.broker.files.run(move || match commit(&broker, &group, topic.name(), queue_id, offset, now) {
+        Ok(()) => ok(&req),
+        Err(e) => Command::response_to(&req, Response::SystemError.code(), Some(e)),
+    }))
+}
+
+fn heartbeat(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
+    let data: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => return error(req, Response::SystemError, format!("heartbeat body is not JSON: {e}")),
+    };
+    let Some(client) = data.get("clientID").and_then(Value::as_str) else {
+        return error(req, Response::SystemError, "heartbeat without clientID");
+    };
+    let mut retry_topics = Vec::new();
+    for c in data.get("consumerDataSet").and_then(Value::as_array).into_iter().flatten() {
+        let Some(group) = c.get("groupName").and_then(Value::as_str) else { continue };
+        let mut subs = HashMap::new();
+        for s in c.get("subscriptionDataSet").and_then(Value::as_array).into_iter().flatten() {
+            if let Some(topic) = s.get("topic").and_then(Value::as_str) {
+                let expr = s.get("subString").and_then(Value::as_str).unwrap_or("*");
+                subs.insert(topic.to_string(), TagFilter::parse(expr));
+            }
+        }
+        conn.state.clients.heartbeat(group, client, conn.id, subs, cx.now);
+        if c.get("messageModel").and_then(Value::as_str) != Some("BROADCASTING") {
+            let retry = format!("%RETRY%{group}");
+            if cx.broker.topic(&retry).is_none() {
+                retry_topics.push(retry);
+            }
+        }
+    }
+    if retry_topics.is_empty() {
+        return Reply::Done(ok(req));
+    }
+    // Clustering consumers subscribe to their retry topic: it exists once they heartbeat,
+    // as a RocketMQ broker makes it.
+    let (broker, req) = (cx.broker.clone(), head(req));
+    Reply::Blocking(cx.broker.files.run(move || {
+        for t in retry_topics {
+            if let Err(e) = ensure_topic(&broker, &t) {
+                return Command::response_to(&req, Response::SystemError.code(), Some(e.to_string()));
+            }
+        }
+        ok(&req)
+    }))
+}
+
+fn queue_offset(cx: &Cx<'_>, req: &Command, f: impl Fn(&PartitionShared) -> i64) -> Reply {
+    match queue(cx, req, &["topic"], &["queueId"]) {
+        Ok((_, _, _, shared)) => Reply::Done(ok(req).with("offset", f(&shared))),
+        Err(r) => r,
+    }
+}
+
+fn search_offset(cx: &Cx<'_>, req: &Command) -> Reply {
+    let (_, _, key, shared) = match queue(cx, req, &["topic"], &["queueId"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let timestamp: i64 = int(req, &["timestamp"]).unwrap_or(0);
+    let req = head(req);
+    gather(vec![(key, PartOp::OffsetForTime { timestamp })], move |_cx, results| {
+        let offset = match results.first() {
+            Some(PartResult::Offset(Some(o))) => *o,
+            _ => shared.next_offset(),
+        };
+        step(&req, Reply::Done(ok(&req).with("offset", offset)))
+    })
+}
+
+fn earliest_time(cx: &Cx<'_>, req: &Command) -> Reply {
+    let (_, _, key, shared) = match queue(cx, req, &["topic"], &["queueId"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let req = head(req);
+    let op = PartOp::Read { offset: shared.log_start(), max_bytes: 1 };
+    gather(vec![(key, op)], move |_cx, results| {
+        let ts = match results.first() {
+            Some(PartResult::Read(r)) => {
+                let mut b = r.records.bytes().clone();
+                RecordBatchDecoder::decode(&mut b)
+                    .ok()
+                    .and_then(|s| s.records.first().map(|r| r.timestamp))
+                    .unwrap_or(-1)
+            }
+            _ => -1,
+        };
+        step(&req, Reply::Done(ok(&req).with("timestamp", ts)))
+    })
+}
+
+fn create_topic(cx: &Cx<'_>, req: &Command) -> Reply {
+    let Some(name) = req.field("topic").map(str::to_string) else {
+        return error(req, Response::SystemError, "topic missing");
+    };
+    let queues: i32 = int(req, &["writeQueueNums"]).or_else(|| int(req, &["readQueueNums"])).unwrap_or(-1);
+    let (broker, req) = (cx.broker.clone(), head(req));
+    Reply::Blocking(cx.broker.files.run(move || {
+        let result = match broker.topic(&name) {
+            Some(t) if queues > t.meta.partitions => broker.create_partitions(&name, queues, false),
+            Some(_) => Ok(()),
+            None => broker.create_topic(&name, queues, HashMap::new(), false).map(|_| ()),
+        };
+        match result {
+            Ok(()) => ok(&req),
+            Err(e) => Command::response_to(&req, Response::SystemError.code(), Some(e.to_string())),
+        }
+    }))
+}

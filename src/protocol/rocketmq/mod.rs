@@ -1,0 +1,218 @@
+//! RocketMQ remoting behind the dispatch seam, on the same log as Kafka.
+//!
+//! Two listener roles: the **name server** ([`Role::NameServer`], `rocketmq-namesrv://`)
+//! answers route queries naming this broker's RocketMQ listener, and the **broker**
+//! ([`Role::Broker`], `rocketmq://`) sends, pulls, and keeps consumer offsets and the
+//! consumer registry. Both cut frames with the one remoting [`frame::Framer`].
+//!
+//! Topic = topic, queue = partition: a send appends a Kafka record batch (see
+//! [`message`] for the mapping), a pull reads record batches and re-lays them out as the
+//! messages RocketMQ clients decode. Consumer offsets live in the broker's group offset
+//! store, keyed by group name, topic and queue: a RocketMQ consumer group and a Kafka
+//! consumer group of the same name share committed offsets (not membership).
+//!
+//! # Invariants
+//! - Partition logs are touched only through [`crate::broker::shard::PartOp`]s gathered to
+//!   their owner cores; file work (topic creation, offset commits) goes to the file
+//!   worker, and the request parks until it is done.
+//! - One-way requests get no answer, whatever happens; every other request gets one, with
+//!   a response code and a remark when it fails.
+
+pub mod codes;
+pub mod frame;
+pub mod message;
+
+mod broker;
+mod clients;
+mod namesrv;
+
+use bytes::{Bytes, BytesMut};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::buffer::{Chunk, IoChunks};
+use crate::dispatch::session::{self, Cx, Fault, Protocol, Session, Step};
+use crate::log::Pending;
+use clients::Clients;
+use codes::Response;
+use frame::{Command, Framer};
+
+/// Which half of RocketMQ a listener plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    NameServer,
+    Broker,
+}
+
+/// What every RocketMQ listener of one broker shares: its identity as RocketMQ clients
+/// see it, and the consumer registry.
+pub struct RocketMqState {
+    pub cluster: String,
+    pub broker_name: String,
+    /// The broker listener's advertised `host:port` (what routes name).
+    pub broker_addr: String,
+    /// The address put in message ids (the advertised one when it is an IP address).
+    pub store_host: SocketAddr,
+    clients: Clients,
+    next_conn: AtomicU64,
+}
+
+impl RocketMqState {
+    /// `advertised`: the broker listener's advertised (host, port); `bound`: its socket.
+    pub fn new(cluster: &str, node_id: i32, advertised: (&str, i32), bound: SocketAddr) -> Arc<RocketMqState> {
+        let port = u16::try_from(advertised.1).unwrap_or(bound.port());
+        let ip = advertised.0.parse::<IpAddr>().ok().unwrap_or(match bound.ip() {
+            ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ip => ip,
+        });
+        let host = if advertised.0.contains(':') { format!("[{}]", advertised.0) } else { advertised.0.to_string() };
+        Arc::new(RocketMqState {
+            cluster: cluster.to_string(),
+            broker_name: format!("broker-{node_id}"),
+            broker_addr: format!("{host}:{}", advertised.1),
+            store_host: SocketAddr::new(ip, port),
+            clients: Clients::default(),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+}
+
+/// A RocketMQ listener.
+pub struct RocketMq {
+    role: Role,
+    state: Arc<RocketMqState>,
+    framer: Framer,
+}
+
+impl RocketMq {
+    pub fn new(role: Role, state: Arc<RocketMqState>) -> RocketMq {
+        RocketMq { role, state, framer: Framer::default() }
+    }
+}
+
+impl Protocol for RocketMq {
+    fn name(&self) -> &str {
+        match self.role {
+            Role::NameServer => "rocketmq-namesrv",
+            Role::Broker => "rocketmq",
+        }
+    }
+
+    fn open(&self, peer: SocketAddr) -> Box<dyn Session> {
+        let conn = self.state.next_conn.fetch_add(1, Ordering::Relaxed);
+        Box::new(RocketMqSession { role: self.role, state: self.state.clone(), framer: self.framer, peer, conn })
+    }
+}
+
+/// One RocketMQ connection.
+pub struct RocketMqSession {
+    role: Role,
+    state: Arc<RocketMqState>,
+    framer: Framer,
+    peer: SocketAddr,
+    /// Names this connection in the consumer registry (its clients go when it closes).
+    conn: u64,
+}
+
+impl Drop for RocketMqSession {
+    fn drop(&mut self) {
+        if self.role == Role::Broker {
+            self.state.clients.connection_closed(self.conn);
+        }
+    }
+}
+
+/// What a handler needs to know about the request's connection.
+pub(crate) struct Conn<'a> {
+    pub state: &'a Arc<RocketMqState>,
+    pub peer: SocketAddr,
+    pub id: u64,
+}
+
+impl Session for RocketMqSession {
+    fn cut(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Fault> {
+        self.framer.cut(buf).map_err(|e| Fault::BadInput(e.to_string()))
+    }
+
+    fn handle(&mut self, cx: &Cx<'_>, frame: Bytes) -> Result<Step, Fault> {
+        let cmd = Command::decode(frame).map_err(|e| Fault::BadInput(e.to_string()))?;
+        if cmd.is_response() {
+            // Answers to broker-initiated requests: nothing here waits for one.
+            return Ok(Step::Silent);
+        }
+        let conn = Conn { state: &self.state, peer: self.peer, id: self.conn };
+        let reply = match self.role {
+            Role::NameServer => namesrv::handle(cx, &conn, &cmd),
+            Role::Broker => broker::handle(cx, &conn, &cmd),
+        };
+        Ok(step(&cmd, reply))
+    }
+
+    fn recv_max(&self) -> usize {
+        self.framer.recv_max()
+    }
+
+    /// Answers carry their request's opaque: a parked pull must not hold back the
+    /// heartbeat or the send behind it on a client's one connection.
+    fn ordered(&self) -> bool {
+        false
+    }
+}
+
+/// What a handler decided.
+pub(crate) enum Reply {
+    /// The response command (header fields, body).
+    Done(Command),
+    /// File work on the worker; its response comes back through the pending.
+    Blocking(Pending<Command>),
+    /// Anything else the dispatch loop runs (gathers, parked pulls): already a step.
+    Step(Step),
+}
+
+/// A failure answer.
+pub(crate) fn error(req: &Command, code: Response, remark: impl Into<String>) -> Reply {
+    Reply::Done(Command::response_to(req, code.code(), Some(remark.into())))
+}
+
+pub(crate) fn ok(req: &Command) -> Command {
+    Command::response_to(req, Response::Success.code(), None)
+}
+
+/// Encodes a reply into the loop's step; one-way requests answer nothing.
+pub(crate) fn step(req: &Command, reply: Reply) -> Step {
+    let oneway = req.is_oneway();
+    match reply {
+        Reply::Step(s) => s,
+        _ if oneway && !matches!(reply, Reply::Blocking(_)) => Step::Silent,
+        Reply::Done(cmd) => respond(cmd),
+        Reply::Blocking(pending) => Step::Park(Box::new(Blocking { pending, oneway })),
+    }
+}
+
+fn respond(cmd: Command) -> Step {
+    let mut out: IoChunks = vec![Chunk::Heap(cmd.encode_head(cmd.body.len()))];
+    if !cmd.body.is_empty() {
+        out.push(Chunk::Heap(cmd.body));
+    }
+    Step::Respond(out)
+}
+
+/// A request waiting for the file worker.
+struct Blocking {
+    pending: Pending<Command>,
+    oneway: bool,
+}
+
+impl session::Parked for Blocking {
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn poll(&mut self, _cx: &Cx<'_>, _force: bool) -> Option<Result<Step, Fault>> {
+        // Not even a shutdown answers it early: what it writes may be half done.
+        let cmd = self.pending.try_take()?;
+        Some(Ok(if self.oneway { Step::Silent } else { respond(cmd) }))
+    }
+}

@@ -1,0 +1,149 @@
+//! RocketMQ remoting: unmodified RocketMQ clients against the built-in name server and
+//! broker listener, on the same log Kafka clients read and write.
+
+use crate::harness::{flags, free_port, run_client, BrokerProc};
+use bytes::{BufMut, Bytes, BytesMut};
+use slipstream::protocol::rocketmq::frame::{Command, Framer};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A broker with a Kafka listener (the harness's), a RocketMQ broker listener and its name
+/// server; returns the broker and the two RocketMQ addresses.
+fn start(transport: &[&str], extra: &[&str]) -> (BrokerProc, String, String) {
+    let (rmq, ns) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (l1, l2) = (format!("rocketmq://{rmq}"), format!("rocketmq-namesrv://{ns}"));
+    let mut args = vec!["--listen", l1.as_str(), "--listen", l2.as_str(), "--default-partitions", "4"];
+    args.extend_from_slice(extra);
+    let broker = BrokerProc::start(&flags(&args, transport));
+    (broker, rmq, ns)
+}
+
+// ali-ons (pure JavaScript, RocketMQ 4.x remoting): 10k tagged messages over 4 queues,
+// tag-filtered and whole consumption, a restart, the group resuming exactly after its
+// committed offsets, broadcast consumption.
+per_transport!(ali_ons_remoting, |t| {
+    let (mut broker, _, ns) = start(t, &[]);
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "1"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    broker.spawn();
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "2"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    let s = broker.stats();
+    println!("copy counters after phase 2: {s:?}");
+    // A send copies the body into the record batch, the log copies the batch once; a pull
+    // lays records out as RocketMQ messages (the one copy on the way out).
+    assert!(s.rocketmq_send_bytes_copied > 0 && s.rocketmq_pull_bytes_copied > 0, "{s:?}");
+    assert_eq!(s.produce_bytes_copied, s.produce_payload_bytes, "stored more than once: {s:?}");
+});
+
+// One log, both protocols: ali-ons sends, confluent-kafka reads (body = value, KEYS = key,
+// properties = headers); confluent-kafka produces, ali-ons consumes with a tag filter.
+per_transport!(cross_protocol_ali_ons_and_confluent_kafka, |t| {
+    let (broker, _, ns) = start(t, &[]);
+    let bootstrap = broker.addr.to_string();
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "cross-send"], SUITE_TIMEOUT);
+    run_client("python3", &["cross_protocol.py", "--bootstrap", &bootstrap, "--phase", "read"], SUITE_TIMEOUT);
+    run_client("python3", &["cross_protocol.py", "--bootstrap", &bootstrap, "--phase", "write"], SUITE_TIMEOUT);
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "cross-receive"], SUITE_TIMEOUT);
+});
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s
+}
+
+fn request(code: i32, opaque: i32, ext: &[(&str, &str)]) -> Command {
+    let ext = ext.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Command::request(code, ext, false, opaque)
+}
+
+/// Sends `req` and reads the answer with the same opaque.
+fn call(s: &mut TcpStream, req: &Command) -> Command {
+    s.write_all(&req.encode()).expect("write");
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(frame) = Framer::default().cut(&mut buf).expect("frame length") {
+            let resp = Command::decode(frame).expect("response decodes");
+            assert!(resp.is_response());
+            assert_eq!(resp.opaque, req.opaque);
+            return resp;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "connection closed while waiting for opaque {}", req.opaque);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Whether the broker closed `s` (within the read timeout).
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+// Garbage, truncated and oversized frames and malformed headers cost only their own
+// connection; an unknown request code is answered REQUEST_CODE_NOT_SUPPORTED.
+per_transport!(rocketmq_bad_input_costs_only_that_connection, |t| {
+    let (mut broker, rmq, ns) = start(t, &[]);
+    let mut good = connect(&rmq);
+    let resp = call(&mut good, &request(46, 1, &[]));
+    assert_eq!(resp.code, 0, "CHECK_CLIENT_CONFIG");
+    let resp = call(&mut good, &request(9999, 2, &[]));
+    assert_eq!(resp.code, 3, "unknown code: {resp:?}");
+    assert!(resp.remark.as_deref().is_some_and(|r| r.contains("9999")), "{resp:?}");
+    // Both JSON and the binary ROCKETMQ header, answered in kind.
+    let mut binary = request(105, 3, &[("topic", "TBW102")]);
+    binary.serialize = slipstream::protocol::rocketmq::frame::Serialize::RocketMq;
+    let mut ns_conn = connect(&ns);
+    let route = call(&mut ns_conn, &binary);
+    assert_eq!((route.code, route.serialize), (0, binary.serialize), "{route:?}");
+    let body: serde_json::Value = serde_json::from_slice(&route.body).expect("route JSON");
+    assert_eq!(body["brokerDatas"][0]["brokerAddrs"]["0"], serde_json::Value::String(rmq.clone()));
+
+    let json_header = |header: &[u8]| {
+        let mut f = BytesMut::new();
+        f.put_u32(4 + header.len() as u32);
+        f.put_u32(header.len() as u32);
+        f.extend_from_slice(header);
+        f.freeze()
+    };
+    let bad: Vec<(&str, Bytes)> = vec![
+        ("garbage", Bytes::from_static(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")),
+        ("oversized", Bytes::from(((17u32 << 20).to_be_bytes()).to_vec())),
+        ("negative length", Bytes::from_static(&[0xff, 0xff, 0xff, 0xf0])),
+        ("malformed JSON header", json_header(br#"{"code":10,"opaque":"#)),
+        ("header longer than the frame", Bytes::from_static(&[0, 0, 0, 8, 0, 0, 0, 99, b'{', b'}', 0, 0])),
+        ("binary header with a bad remark length", {
+            let mut f = BytesMut::new();
+            f.put_u32(4 + 17);
+            f.put_u32(1 << 24 | 17);
+            f.extend_from_slice(&[0, 10, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff]);
+            f.freeze()
+        }),
+    ];
+    for (what, bytes) in &bad {
+        let mut s = connect(&rmq);
+        s.write_all(bytes).expect("write");
+        assert!(closed(&mut s), "{what}: connection not closed");
+    }
+    // Half a frame, then the peer goes away: nothing for anyone else.
+    let mut s = connect(&rmq);
+    s.write_all(&[0, 0, 0, 100, 0, 0, 0]).expect("write");
+    drop(s);
+    let resp = call(&mut good, &request(46, 4, &[]));
+    assert_eq!(resp.code, 0, "the good connection stopped answering");
+    assert!(broker.is_running(), "broker died:\n{}", broker.log_tail());
+    assert!(broker.terminate().success());
+    assert!(broker.stats().connections_closed_bad_input >= bad.len() as u64, "{:?}", broker.stats());
+});
