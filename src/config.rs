@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// This broker's node id in metadata [default: 0].
     #[arg(long)]
     pub node_id: Option<i32>,
+    /// RocketMQ's delay-level table (`messageDelayLevel`): the delay of `DELAY=1`, `2`, …
+    /// and of the retries of a failed message [default: 1s 5s 10s 30s 1m 2m 3m 4m 5m 6m
+    /// 7m 8m 9m 10m 20m 30m 1h 2h].
+    #[arg(long)]
+    pub rocketmq_delay_levels: Option<String>,
     /// Partitions of auto-created topics and of CreateTopics without a count [default: 1].
     #[arg(long)]
     pub default_partitions: Option<i32>,
@@ -212,6 +217,8 @@ pub struct ServeConfig {
     pub transport_options: TransportOptions,
     pub cores: usize,
     pub broker: BrokerSettings,
+    /// RocketMQ's delay levels.
+    pub rocketmq_delay_levels: Vec<std::time::Duration>,
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
@@ -256,7 +263,8 @@ impl ServeArgs {
                 rdma_credits,
                 rdma_stall_timeout_ms,
                 connections_max_idle_ms,
-                busy_poll
+                busy_poll,
+                rocketmq_delay_levels
             );
         }
         if self.listen.is_empty() {
@@ -321,7 +329,12 @@ impl ServeArgs {
             flush,
             log_append_time: self.log_append_time.unwrap_or(false),
         };
+        let levels =
+            self.rocketmq_delay_levels.as_deref().unwrap_or(crate::protocol::rocketmq::schedule::DEFAULT_DELAY_LEVELS);
+        let rocketmq_delay_levels = crate::protocol::rocketmq::schedule::parse_levels(levels)
+            .map_err(|e| invalid("rocketmq delay levels", levels, e))?;
         Ok(ServeConfig {
+            rocketmq_delay_levels,
             busy_poll: self.busy_poll.unwrap_or(false),
             listeners,
             transport: self.transport.unwrap_or(TransportKind::Tcp),

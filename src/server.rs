@@ -81,7 +81,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let listeners = transport::Listeners::bind(cfg.transport, &addrs)?;
     let rocketmq = cfg.listeners.iter().find(|l| l.protocol == ProtocolKind::RocketMq).map(|l| {
         let advertised = (l.advertised.0.as_str(), l.advertised.1);
-        RocketMqState::new(&cfg.broker.cluster_id, cfg.broker.node_id, advertised, l.addr)
+        RocketMqState::new(
+            &cfg.broker.cluster_id,
+            cfg.broker.node_id,
+            advertised,
+            l.addr,
+            cfg.rocketmq_delay_levels.clone(),
+        )
     });
     let protocols: Vec<Arc<dyn Protocol>> = cfg.listeners.iter().map(|l| protocol_for(l, &cfg, &rocketmq)).collect();
     let transports = (0..cfg.cores)

@@ -21,9 +21,14 @@
 //! the tickets of its gathers and the parked count — and each of its invariants spans
 //! them; the protocol seam is [`session`], its tests are in `tests.rs`.
 //!
+//! Protocols may also run a *service* ([`Protocol::service`]): work with no connection,
+//! such as RocketMQ's delayed delivery. Core 0 runs each as a pseudo-connection (ids from
+//! `SERVICE_BASE`, never seen by a transport) whose slot is the service's parked state.
+//!
 //! # Invariants
-//! - Responses leave in request order per connection (Kafka pipelining): a parked or
-//!   gathering slot holds back every slot behind it.
+//! - Responses leave in request order per connection when its session is
+//!   [`Session::ordered`] (Kafka pipelining): a parked or gathering slot holds back every
+//!   slot behind it. Otherwise each leaves as soon as it is ready.
 //! - A partition's log is touched only by its owner core's [`Shard`].
 //! - A connection that sends bad input is closed alone, after any responses already
 //!   queued for it; nothing it sent after the bad frame is executed.
@@ -58,6 +63,31 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const RETENTION_EVERY: Duration = Duration::from_secs(5);
 /// Hand freed memory back to the kernel once this many connections closed.
 const TRIM_AFTER_CLOSES: usize = 256;
+/// Protocol services ([`Protocol::service`]) run as connections with ids from here up:
+/// no transport ever sees these ids.
+const SERVICE_BASE: ConnId = 1 << 62;
+
+fn is_service(conn: ConnId) -> bool {
+    conn >= SERVICE_BASE
+}
+
+/// The session of a service's pseudo-connection: it never receives a byte.
+struct NoPeer;
+
+impl Session for NoPeer {
+    fn cut(&mut self, _buf: &mut BytesMut) -> Result<Option<bytes::Bytes>, Fault> {
+        Ok(None)
+    }
+    fn handle(&mut self, _cx: &Cx<'_>, _frame: bytes::Bytes) -> Result<Step, Fault> {
+        Err(Fault::Internal("a service received a frame".into()))
+    }
+    fn recv_max(&self) -> usize {
+        0
+    }
+    fn ordered(&self) -> bool {
+        false
+    }
+}
 
 /// Messages between cores.
 pub enum CoreMsg {
@@ -215,8 +245,35 @@ impl Core {
         (self.transport.waker(), self.parked_flag.clone())
     }
 
+    /// Starts the protocols' services (core 0 only), each as a pseudo-connection whose
+    /// one slot is the service's parked state.
+    fn start_services(&mut self) {
+        if self.id != 0 {
+            return;
+        }
+        let services: Vec<_> =
+            self.protocols.iter().filter_map(|p| Some((p.name().to_string(), p.service()?))).collect();
+        for (i, (name, service)) in services.into_iter().enumerate() {
+            log::info!("core {}: running the {name} service", self.id);
+            let mut queue = VecDeque::new();
+            queue.push_back(Slot::Parked(service));
+            self.parked += 1;
+            let conn = Conn {
+                peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+                session: Box::new(NoPeer),
+                rx: None,
+                queue,
+                closing: false,
+                close_after_flush: false,
+                last_active: Instant::now(),
+            };
+            self.conns.insert(SERVICE_BASE + i as ConnId, conn);
+        }
+    }
+
     /// Runs until shutdown is requested and in-flight work is answered.
     pub fn run(mut self) {
+        self.start_services();
         let mut completions = Vec::with_capacity(256);
         let mut drain_deadline: Option<Instant> = None;
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
@@ -279,7 +336,7 @@ impl Core {
                 next_housekeeping = now + HOUSEKEEPING_EVERY;
             }
         }
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        let ids: Vec<ConnId> = self.conns.keys().copied().filter(|id| !is_service(*id)).collect();
         for id in ids {
             self.transport.close(id);
         }
@@ -457,7 +514,9 @@ impl Core {
         let idle: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.closing && c.queue.is_empty() && now.duration_since(c.last_active) > limit)
+            .filter(|(id, c)| {
+                !is_service(**id) && !c.closing && c.queue.is_empty() && now.duration_since(c.last_active) > limit
+            })
             .map(|(id, _)| *id)
             .collect();
         for conn in idle {
@@ -607,6 +666,24 @@ impl Core {
             });
         }
         let close = std::mem::take(&mut c.close_after_flush);
+        if is_service(conn) {
+            // A service's answers go nowhere; it ends when it stops waiting or fails.
+            if close || c.queue.is_empty() {
+                log::info!("core {}: a service ended", self.id);
+                if let Some(c) = self.conns.remove(&conn) {
+                    for s in &c.queue {
+                        match s {
+                            Slot::Parked(_) => self.parked -= 1,
+                            Slot::Gathering(g) => {
+                                self.tickets.remove(&g.ticket);
+                            }
+                            Slot::Ready(_) => {}
+                        }
+                    }
+                }
+            }
+            return;
+        }
         if !out.is_empty() {
             self.transport.send(conn, out);
         }

@@ -107,4 +107,12 @@ pub trait Protocol: Send + Sync {
     /// For logs (`kafka`, `rocketmq`, …).
     fn name(&self) -> &str;
     fn open(&self, peer: SocketAddr) -> Box<dyn Session>;
+    /// Work the protocol runs inside the broker with no connection (RocketMQ's delayed
+    /// delivery): core 0 takes it once at start and runs it like a parked request of a
+    /// connection of its own — re-polled when the notifier moves and at its deadline,
+    /// its gathers routed like any other — until it answers anything but `Park` or
+    /// `Gather` (what it answers is dropped). It is forced at shutdown and must end then.
+    fn service(&self) -> Option<Box<dyn Parked>> {
+        None
+    }
 }

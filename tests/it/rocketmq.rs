@@ -50,6 +50,21 @@ per_transport!(cross_protocol_ali_ons_and_confluent_kafka, |t| {
     run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "cross-receive"], SUITE_TIMEOUT);
 });
 
+/// Every delay level 1 s but level 2 (2 s): retries come back within seconds.
+const FAST_LEVELS: &str = "1s 2s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s 1s";
+
+// Retries with back-off, dead letters after maxReconsumeTimes, delay levels and timer
+// messages (none early), and delayed messages surviving a restart before they are due.
+per_transport!(ali_ons_retry_dead_letters_and_delays, |t| {
+    let (mut broker, _, ns) = start(t, &["--rocketmq-delay-levels", FAST_LEVELS]);
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "retry"], SUITE_TIMEOUT);
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "delay"], SUITE_TIMEOUT);
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "delay-send"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    broker.spawn();
+    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "delay-receive"], SUITE_TIMEOUT);
+});
+
 fn connect(addr: &str) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");

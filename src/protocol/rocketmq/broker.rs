@@ -13,7 +13,8 @@ use super::codes::{Request, Response, PULL_COMMIT_OFFSET, PULL_SUBSCRIPTION, PUL
 use super::frame::Command;
 use super::message::{self, Message, Stored, TagFilter};
 use super::namesrv::ensure_topic;
-use super::{error, ok, step, Conn, Reply};
+use super::schedule;
+use super::{error, ok, step, AfterFiles, Conn, Reply};
 use crate::broker::groups::Committed;
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{Broker, PartKey, PartitionShared, Topic};
@@ -55,6 +56,7 @@ pub fn handle(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
         Some(Request::SearchOffsetByTimestamp) => search_offset(cx, req),
         Some(Request::GetEarliestMsgStoreTime) => earliest_time(cx, req),
         Some(Request::UpdateAndCreateTopic) => create_topic(cx, req),
+        Some(Request::ConsumerSendMsgBack) => send_back(cx, conn, req),
         Some(Request::CheckClientConfig) => Reply::Done(ok(req)),
         _ => error(
             req,
@@ -96,7 +98,7 @@ fn queue(
 }
 
 fn topic_tag(topic: &Topic) -> u16 {
-    topic.meta.id.as_u64_pair().0 as u16
+    message::topic_tag(&topic.meta.id)
 }
 
 /// Runs `f` on the gathered results.
@@ -185,6 +187,31 @@ fn send(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, batch: bool) -> Reply {
         let len = message::format_properties(&m.properties).len();
         return error(req, Response::MessageIllegal, message::MessageError::PropertiesTooLong(len).to_string());
     }
+    if topic.name() == schedule::TIMER_TOPIC {
+        return error(req, Response::NoPermission, format!("{} is a system topic", schedule::TIMER_TOPIC));
+    }
+    // A message due later waits in the timer queue; the answer still names the queue the
+    // producer chose (as RocketMQ's does), with the offset in the timer queue.
+    let mut target = (key, topic_tag(&topic));
+    let now = now_ms();
+    for m in messages.iter_mut() {
+        match schedule::due(m, &conn.state.delay_levels, now) {
+            Ok(None) => {}
+            Ok(Some(_)) if batch => return error(req, Response::MessageIllegal, "a batch message cannot be delayed"),
+            Ok(Some(due)) => {
+                let Some(timer) = cx.broker.topic(schedule::TIMER_TOPIC) else {
+                    return error(req, Response::ServiceNotAvailable, "the scheduler is starting; try again");
+                };
+                let Some(timer_key) = timer.key(0) else {
+                    return error(req, Response::SystemError, "the timer topic has no queue");
+                };
+                schedule::to_timer(m, topic.name(), queue_id, due);
+                target = (timer_key, topic_tag(&timer));
+            }
+            Err(e) => return error(req, Response::MessageIllegal, e),
+        }
+    }
+    let (key, tag) = target;
     let records: Vec<_> = messages.iter().map(message::to_record).collect();
     let batch_bytes = match message::encode_batch(&records) {
         Ok(b) => b,
@@ -192,7 +219,7 @@ fn send(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, batch: bool) -> Reply {
     };
     metrics::count_copy(Path::RocketMqSend, messages.iter().map(|m| m.body.len()).sum());
     let count = messages.len() as i64;
-    let (req, tag, store_host) = (head(req), topic_tag(&topic), conn.state.store_host);
+    let (req, store_host) = (head(req), conn.state.store_host);
     gather(vec![(key, PartOp::Append { records: batch_bytes })], move |_cx, results| {
         let reply = match results.first() {
             Some(PartResult::Appended(info, _)) => {
@@ -543,4 +570,122 @@ fn create_topic(cx: &Cx<'_>, req: &Command) -> Reply {
             Err(e) => Command::response_to(&req, Response::SystemError.code(), Some(e.to_string())),
         }
     }))
+}
+
+const P_RETRY_TOPIC: &str = "RETRY_TOPIC";
+const P_ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
+const RETRY_PREFIX: &str = "%RETRY%";
+const DLQ_PREFIX: &str = "%DLQ%";
+/// The first retry's delay level when the consumer leaves it to the broker (10 s by
+/// default); each further retry goes one level up.
+const FIRST_RETRY_LEVEL: i32 = 3;
+
+/// CONSUMER_SEND_MSG_BACK: a message its consumer failed goes to the group's retry topic,
+/// due after the back-off of its attempt, or after `maxReconsumeTimes` attempts (or when
+/// the consumer asks, with a negative delay level) to the group's dead-letter topic.
+fn send_back(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
+    let Some(group) = req.field("group").map(str::to_string) else {
+        return error(req, Response::SystemError, "group missing");
+    };
+    let Some(physical) = int::<i64>(req, &["offset"]) else {
+        return error(req, Response::SystemError, "offset missing");
+    };
+    let delay_level: i32 = int(req, &["delayLevel"]).unwrap_or(0);
+    let max_times: i32 = int(req, &["maxReconsumeTimes"]).unwrap_or(16);
+    let origin_id = req.field("originMsgId").map(str::to_string);
+    let (tag, queue_id, offset) = message::split_physical_offset(physical);
+    // The message's topic is named by its id; the consumer's originTopic is a hint (it is
+    // the original topic even for a message read from the retry topic).
+    let retry_topic = format!("{RETRY_PREFIX}{group}");
+    let candidates = [req.field("originTopic").map(str::to_string), Some(retry_topic)];
+    let topic = candidates
+        .iter()
+        .flatten()
+        .filter_map(|n| cx.broker.topic(n))
+        .find(|t| topic_tag(t) == tag)
+        .or_else(|| cx.broker.topics().into_iter().find(|t| topic_tag(t) == tag));
+    let Some((topic, key)) = topic.and_then(|t| Some((t.clone(), t.key(queue_id)?))) else {
+        return error(req, Response::SystemError, format!("no message at offset {physical}"));
+    };
+    let (req, store_host, levels) = (head(req), conn.state.store_host, conn.state.delay_levels.clone());
+    gather(vec![(key, PartOp::Read { offset, max_bytes: 1 })], move |cx, results| {
+        let record = match results.into_iter().next() {
+            Some(PartResult::Read(r)) => {
+                let mut b = r.records.bytes().clone();
+                RecordBatchDecoder::decode(&mut b).ok().and_then(|s| s.records.into_iter().find(|r| r.offset == offset))
+            }
+            _ => None,
+        };
+        let Some(record) = record else {
+            return step(&req, error(&req, Response::SystemError, format!("no message at offset {physical}")));
+        };
+        let mut m = message::record_to_message(&record, store_host);
+        let attempts = m.reconsume_times;
+        let dead = delay_level < 0 || attempts >= max_times;
+        let target = if dead { format!("{DLQ_PREFIX}{group}") } else { format!("{RETRY_PREFIX}{group}") };
+        if !m.properties.iter().any(|(k, _)| k == P_RETRY_TOPIC) && !topic.name().starts_with(RETRY_PREFIX) {
+            m.properties.push((P_RETRY_TOPIC.into(), topic.name().to_string()));
+        }
+        if let Some(id) = origin_id.filter(|_| !m.properties.iter().any(|(k, _)| k == P_ORIGIN_MESSAGE_ID)) {
+            m.properties.push((P_ORIGIN_MESSAGE_ID.into(), id));
+        }
+        m.properties.retain(|(k, _)| k != schedule::P_DELAY);
+        m.reconsume_times = attempts + 1;
+        let due = if dead {
+            None
+        } else {
+            let level = if delay_level == 0 { FIRST_RETRY_LEVEL + attempts } else { delay_level };
+            let i = (level.max(1) as usize).min(levels.len()) - 1;
+            Some(now_ms() + levels[i].as_millis() as i64)
+        };
+        if dead {
+            log::info!("group {group}: message {physical} failed {attempts} times; moved to {target}");
+        }
+        match cx.broker.topic(&target) {
+            Some(_) => store_back(cx, req, m, target, due),
+            None => {
+                let (broker, name) = (cx.broker.clone(), target.clone());
+                AfterFiles::step(
+                    cx.broker.files.run(move || ensure_topic(&broker, &name).map_err(|e| e.to_string())),
+                    {
+                        move |cx, made| match made {
+                            Ok(_) => store_back(cx, req, m, target, due),
+                            Err(e) => step(&req, error(&req, Response::SystemError, e)),
+                        }
+                    },
+                )
+            }
+        }
+    })
+}
+
+/// Appends a sent-back message to its retry or dead-letter topic (through the timer
+/// queue when it is due later) and answers.
+fn store_back(cx: &Cx<'_>, req: Command, mut m: Message, target: String, due: Option<i64>) -> Step {
+    let dest = match due {
+        Some(due) => {
+            schedule::to_timer(&mut m, &target, 0, due);
+            schedule::TIMER_TOPIC
+        }
+        None => target.as_str(),
+    };
+    let Some(key) = cx.broker.topic(dest).and_then(|t| t.key(0)) else {
+        return step(&req, error(&req, Response::ServiceNotAvailable, format!("{dest} is not there yet; try again")));
+    };
+    let records = match message::encode_batch(&[message::to_record(&m)]) {
+        Ok(b) => b,
+        Err(e) => return step(&req, error(&req, Response::SystemError, e.to_string())),
+    };
+    metrics::count_copy(Path::RocketMqSend, m.body.len());
+    Step::Gather(Gather {
+        ops: vec![(key, PartOp::Append { records })],
+        then: Box::new(FinishWith(move |_cx: &Cx<'_>, results: Vec<PartResult>| {
+            let reply = match results.first() {
+                Some(PartResult::Appended(..)) => Reply::Done(ok(&req)),
+                Some(PartResult::Failed { error: e, .. }) => log_error_reply(&req, e),
+                _ => error(&req, Response::SystemError, format!("{target} disappeared")),
+            };
+            step(&req, reply)
+        })),
+    })
 }

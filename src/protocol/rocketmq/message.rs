@@ -248,16 +248,25 @@ pub fn offset_msg_id(store_host: SocketAddr, physical_offset: i64) -> String {
     b.iter().map(|x| format!("{x:02X}")).collect()
 }
 
-/// The physical offset slipstream reports for a message: 15 bits naming the topic, 8 the
-/// queue, 40 the queue offset. It is unique per message of queues 0–255 below 2^40
-/// messages, which is what message ids need; it is not a byte position.
+/// The physical offset slipstream reports for a message: 11 bits naming the topic, 8 the
+/// queue, 34 the queue offset — 53 bits, because JavaScript clients (ali-ons) read it into
+/// a double and send it back in CONSUMER_SEND_MSG_BACK. Unique per message of queues
+/// 0–255 below 2^34 messages, which is what message ids need; it is not a byte position.
 pub fn physical_offset(topic_tag: u16, queue_id: i32, offset: i64) -> i64 {
-    (i64::from(topic_tag & 0x7fff) << 48) | ((i64::from(queue_id) & 0xff) << 40) | (offset & 0xff_ffff_ffff)
+    (i64::from(topic_tag & TAG_MASK) << 42) | ((i64::from(queue_id) & 0xff) << 34) | (offset & OFFSET_MASK)
 }
+
+const TAG_MASK: u16 = 0x7ff;
+const OFFSET_MASK: i64 = (1 << 34) - 1;
 
 /// Splits a physical offset back into (topic tag, queue, offset).
 pub fn split_physical_offset(p: i64) -> (u16, i32, i64) {
-    (((p >> 48) & 0x7fff) as u16, ((p >> 40) & 0xff) as i32, p & 0xff_ffff_ffff)
+    (((p >> 42) as u16) & TAG_MASK, ((p >> 34) & 0xff) as i32, p & OFFSET_MASK)
+}
+
+/// The tag [`physical_offset`] names a topic by.
+pub fn topic_tag(id: &uuid::Uuid) -> u16 {
+    (id.as_u64_pair().0 as u16) & TAG_MASK
 }
 
 fn put_host(out: &mut BytesMut, host: SocketAddr) {
@@ -268,20 +277,24 @@ fn put_host(out: &mut BytesMut, host: SocketAddr) {
     out.put_i32(i32::from(host.port()));
 }
 
-/// Appends the message a record reads as, in the commit-log layout clients decode
-/// (`MessageDecoder`), to `out`; returns its `TAGS`. Properties the client adds itself
-/// (queue offsets, min/max offset) are not written.
-pub fn encode_for_pull(out: &mut BytesMut, record: &Record, at: &Stored<'_>, store_timestamp: i64) {
+/// The message a record reads as (see the module's mapping); `born_host` defaults to
+/// `store_host` for records that carry none.
+pub fn record_to_message(record: &Record, store_host: SocketAddr) -> Message {
     let mut props: Vec<(String, String)> = Vec::new();
-    let mut flag = 0;
-    let mut born_host = at.store_host;
-    let mut reconsume = 0;
+    let mut m = Message {
+        flag: 0,
+        born_timestamp: record.timestamp,
+        born_host: Some(store_host),
+        reconsume_times: 0,
+        properties: Vec::new(),
+        body: record.value.clone().unwrap_or_default(),
+    };
     for (k, v) in &record.headers {
         let Some(v) = v.as_ref().and_then(|v| std::str::from_utf8(v).ok()) else { continue };
         match k.as_str() {
-            H_FLAG => flag = v.parse().unwrap_or(0),
-            H_BORN_HOST => born_host = v.parse().unwrap_or(born_host),
-            H_RECONSUME => reconsume = v.parse().unwrap_or(0),
+            H_FLAG => m.flag = v.parse().unwrap_or(0),
+            H_BORN_HOST => m.born_host = v.parse().ok().or(m.born_host),
+            H_RECONSUME => m.reconsume_times = v.parse().unwrap_or(0),
             name if !name.contains([NAME_VALUE_SEPARATOR, PROPERTY_SEPARATOR])
                 && !v.contains([NAME_VALUE_SEPARATOR, PROPERTY_SEPARATOR]) =>
             {
@@ -297,6 +310,18 @@ pub fn encode_for_pull(out: &mut BytesMut, record: &Record, at: &Stored<'_>, sto
             }
         }
     }
+    m.properties = props;
+    m
+}
+
+/// Appends the message a record reads as, in the commit-log layout clients decode
+/// (`MessageDecoder`), to `out`. Properties the client adds itself (queue offsets,
+/// min/max offset) are not written.
+pub fn encode_for_pull(out: &mut BytesMut, record: &Record, at: &Stored<'_>, store_timestamp: i64) {
+    let m = record_to_message(record, at.store_host);
+    let (flag, reconsume) = (m.flag, m.reconsume_times);
+    let born_host = m.born_host.unwrap_or(at.store_host);
+    let mut props = m.properties;
     let mut properties = format_properties(&props);
     // The properties length is an i16: drop what does not fit rather than corrupt.
     while properties.len() > i16::MAX as usize && props.pop().is_some() {
@@ -439,6 +464,7 @@ mod tests {
         assert_eq!(r.i32("flag").expect("flag"), 3);
         assert!(out.ends_with(format_properties(&m.properties).as_bytes()));
         assert_eq!(split_physical_offset(physical_offset(7, 2, 99)), (7, 2, 99));
+        assert!(physical_offset(0x7ff, 255, (1 << 34) - 1) < 1 << 53, "exact in a double");
         assert_eq!(offset_msg_id(host, 1).len(), 32);
     }
 

@@ -22,15 +22,17 @@ pub mod codes;
 pub mod frame;
 pub mod message;
 
+pub mod schedule;
+
 mod broker;
 mod clients;
 mod namesrv;
 
 use bytes::{Bytes, BytesMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::buffer::{Chunk, IoChunks};
 use crate::dispatch::session::{self, Cx, Fault, Protocol, Session, Step};
@@ -55,13 +57,23 @@ pub struct RocketMqState {
     pub broker_addr: String,
     /// The address put in message ids (the advertised one when it is an IP address).
     pub store_host: SocketAddr,
+    /// RocketMQ's `messageDelayLevel` table.
+    pub delay_levels: Vec<Duration>,
     clients: Clients,
     next_conn: AtomicU64,
+    /// The delayed-delivery service is handed out once, whatever the listener count.
+    scheduler_taken: AtomicBool,
 }
 
 impl RocketMqState {
     /// `advertised`: the broker listener's advertised (host, port); `bound`: its socket.
-    pub fn new(cluster: &str, node_id: i32, advertised: (&str, i32), bound: SocketAddr) -> Arc<RocketMqState> {
+    pub fn new(
+        cluster: &str,
+        node_id: i32,
+        advertised: (&str, i32),
+        bound: SocketAddr,
+        delay_levels: Vec<Duration>,
+    ) -> Arc<RocketMqState> {
         let port = u16::try_from(advertised.1).unwrap_or(bound.port());
         let ip = advertised.0.parse::<IpAddr>().ok().unwrap_or(match bound.ip() {
             ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -73,8 +85,10 @@ impl RocketMqState {
             broker_name: format!("broker-{node_id}"),
             broker_addr: format!("{host}:{}", advertised.1),
             store_host: SocketAddr::new(ip, port),
+            delay_levels,
             clients: Clients::default(),
             next_conn: AtomicU64::new(1),
+            scheduler_taken: AtomicBool::new(false),
         })
     }
 }
@@ -103,6 +117,12 @@ impl Protocol for RocketMq {
     fn open(&self, peer: SocketAddr) -> Box<dyn Session> {
         let conn = self.state.next_conn.fetch_add(1, Ordering::Relaxed);
         Box::new(RocketMqSession { role: self.role, state: self.state.clone(), framer: self.framer, peer, conn })
+    }
+
+    /// Delayed delivery (delay levels, timers, retry back-off), once per broker.
+    fn service(&self) -> Option<Box<dyn session::Parked>> {
+        let first = self.role == Role::Broker && !self.state.scheduler_taken.swap(true, Ordering::AcqRel);
+        first.then(|| Box::new(schedule::Scheduler::new()) as Box<dyn session::Parked>)
     }
 }
 
@@ -197,6 +217,33 @@ fn respond(cmd: Command) -> Step {
         out.push(Chunk::Heap(cmd.body));
     }
     Step::Respond(out)
+}
+
+/// What to do with a file-work result.
+type AndThen<T> = Box<dyn FnOnce(&Cx<'_>, T) -> Step + Send>;
+
+/// File work, then whatever comes of its result (e.g. a topic made, then a send).
+pub(crate) struct AfterFiles<T> {
+    pending: Pending<T>,
+    then: Option<AndThen<T>>,
+}
+
+impl<T: Send + 'static> AfterFiles<T> {
+    pub fn step(pending: Pending<T>, then: impl FnOnce(&Cx<'_>, T) -> Step + Send + 'static) -> Step {
+        Step::Park(Box::new(AfterFiles { pending, then: Some(Box::new(then)) }))
+    }
+}
+
+impl<T: Send> session::Parked for AfterFiles<T> {
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn poll(&mut self, cx: &Cx<'_>, _force: bool) -> Option<Result<Step, Fault>> {
+        let value = self.pending.try_take()?;
+        let then = self.then.take()?;
+        Some(Ok(then(cx, value)))
+    }
 }
 
 /// A request waiting for the file worker.

@@ -1,0 +1,469 @@
+//! Delayed delivery: delay levels (`DELAY`), timer messages (`TIMER_DELIVER_MS`,
+//! `TIMER_DELAY_SEC`, `TIMER_DELAY_MS`, ONS's `__STARTDELIVERTIME`) and the back-off of
+//! retried messages, on the log.
+//!
+//! A message due later is stored in the system topic [`TIMER_TOPIC`] (one queue) with
+//! its destination in `REAL_TOPIC` / `REAL_QID` and its due time in `__rmq.due`. The
+//! [`Scheduler`] (a dispatch service on core 0) scans that queue into an index of what is
+//! pending, and when a message falls due appends it to its destination, then appends a
+//! *marker* record (`__rmq.delivered`: the offsets delivered) to the timer queue itself.
+//! A restart scans from the committed cursor (the oldest offset still pending), and the
+//! markers it meets strike out what was already delivered: nothing is lost across a
+//! restart, and a message is delivered twice only if the broker dies between its delivery
+//! and its marker.
+//!
+//! # Invariants
+//! - A marker is appended only after the delivery it records is acknowledged by the log.
+//! - The cursor never passes an offset still pending.
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+use kafka_protocol::records::{Record, RecordBatchDecoder};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::message::{self, Message};
+use super::namesrv::ensure_topic;
+use crate::broker::groups::Committed;
+use crate::broker::shard::{PartOp, PartResult};
+use crate::broker::{Broker, PartKey};
+use crate::dispatch::session::{Cx, Fault, Finish, Gather, Parked, Step};
+use crate::log::batch::BatchHeader;
+use crate::log::{now_ms, Pending};
+
+/// Where messages wait until they are due.
+pub const TIMER_TOPIC: &str = "rmq_sys_wheel_timer";
+/// The offset-store group holding the scheduler's cursor.
+const CURSOR_GROUP: &str = "%TIMER%scheduler";
+/// RocketMQ's default `messageDelayLevel`.
+pub const DEFAULT_DELAY_LEVELS: &str = "1s 5s 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h";
+/// The longest a timer message may wait (RocketMQ's `timerMaxDelaySec`), well inside the
+/// default retention, which would otherwise delete it before it is due.
+pub const MAX_TIMER_DELAY_MS: i64 = 3 * 24 * 3600 * 1000;
+
+pub const P_REAL_TOPIC: &str = "REAL_TOPIC";
+pub const P_REAL_QID: &str = "REAL_QID";
+pub const P_DELAY: &str = "DELAY";
+const P_DUE: &str = "__rmq.due";
+const H_DELIVERED: &str = "__rmq.delivered";
+const TIMER_PROPS: [&str; 4] = ["TIMER_DELIVER_MS", "TIMER_DELAY_SEC", "TIMER_DELAY_MS", "__STARTDELIVERTIME"];
+
+/// Due messages delivered per round.
+const ROUND: usize = 64;
+/// How long to wait after a failed round (a full disk, a missing topic being made).
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// Parses a delay-level table such as `1s 5s 1m 2h 1d`.
+pub fn parse_levels(s: &str) -> Result<Vec<Duration>, String> {
+    let levels = s
+        .split_whitespace()
+        .map(|l| {
+            let (num, unit) = l.split_at(l.find(|c: char| !c.is_ascii_digit()).unwrap_or(l.len()));
+            let n: u64 = num.parse().map_err(|_| format!("bad delay level '{l}'"))?;
+            Ok(match unit {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                "m" => Duration::from_secs(n * 60),
+                "h" => Duration::from_secs(n * 3600),
+                "d" => Duration::from_secs(n * 86400),
+                _ => return Err(format!("bad delay level unit in '{l}' (ms, s, m, h, d)")),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if levels.is_empty() {
+        return Err("no delay levels".into());
+    }
+    Ok(levels)
+}
+
+/// When a message is due, if later than now: from its delay level (clamped to the table,
+/// as RocketMQ does) or its timer properties.
+pub fn due(m: &Message, levels: &[Duration], now: i64) -> Result<Option<i64>, String> {
+    let prop = |name: &str| -> Result<Option<i64>, String> {
+        m.property(name).map(|v| v.trim().parse::<i64>().map_err(|_| format!("{name}={v} is not a number"))).transpose()
+    };
+    let due = if let Some(level) = prop(P_DELAY)?.filter(|l| *l > 0) {
+        let i = (level as usize).min(levels.len()) - 1;
+        Some(now + levels[i].as_millis() as i64)
+    } else if let Some(at) = prop("TIMER_DELIVER_MS")? {
+        Some(at)
+    } else if let Some(sec) = prop("TIMER_DELAY_SEC")? {
+        Some(now.saturating_add(sec.saturating_mul(1000)))
+    } else if let Some(ms) = prop("TIMER_DELAY_MS")? {
+        Some(now.saturating_add(ms))
+    } else {
+        prop("__STARTDELIVERTIME")?
+    };
+    match due {
+        Some(d) if d - now > MAX_TIMER_DELAY_MS => Err(format!(
+            "the message is due in {} s, beyond the {} s limit",
+            (d - now) / 1000,
+            MAX_TIMER_DELAY_MS / 1000
+        )),
+        Some(d) if d > now => Ok(Some(d)),
+        _ => Ok(None),
+    }
+}
+
+/// Redirects `m` to the timer queue: its destination and due time go into properties.
+pub fn to_timer(m: &mut Message, real_topic: &str, real_qid: i32, due: i64) {
+    m.properties.retain(|(k, _)| k != P_REAL_TOPIC && k != P_REAL_QID && k != P_DUE);
+    m.properties.push((P_REAL_TOPIC.into(), real_topic.into()));
+    m.properties.push((P_REAL_QID.into(), real_qid.to_string()));
+    m.properties.push((P_DUE.into(), due.to_string()));
+}
+
+fn header<'a>(r: &'a Record, name: &str) -> Option<&'a str> {
+    r.headers.iter().find(|(k, _)| k.as_str() == name).and_then(|(_, v)| std::str::from_utf8(v.as_ref()?).ok())
+}
+
+/// The record a due timer record becomes, and where it goes.
+fn delivery(r: &Record) -> Option<(String, i32, Record)> {
+    let topic = header(r, P_REAL_TOPIC)?.to_string();
+    let qid = header(r, P_REAL_QID)?.parse().ok()?;
+    let mut out = r.clone();
+    out.headers.retain(|k, _| k.as_str() != P_DELAY && k.as_str() != P_DUE && !TIMER_PROPS.contains(&k.as_str()));
+    Some((topic, qid, out))
+}
+
+fn marker(offsets: &[i64]) -> Record {
+    let list: Vec<String> = offsets.iter().map(i64::to_string).collect();
+    let mut m = Message {
+        flag: 0,
+        born_timestamp: now_ms(),
+        born_host: None,
+        reconsume_times: 0,
+        properties: Vec::new(),
+        body: Bytes::new(),
+    };
+    m.properties.push((H_DELIVERED.into(), list.join(",")));
+    message::to_record(&m)
+}
+
+#[derive(Default)]
+enum Phase {
+    /// Make sure the timer topic exists.
+    #[default]
+    Start,
+    Creating(Pending<Result<(), String>>),
+    Running,
+    Backoff(Instant),
+}
+
+/// What is pending, by due time and by offset.
+#[derive(Default)]
+struct Index {
+    by_due: BTreeSet<(i64, i64)>,
+    due_of: HashMap<i64, i64>,
+    /// The next offset of the timer queue to scan (`None`: read the cursor first).
+    scanned_to: Option<i64>,
+    committed: i64,
+    last_commit: Option<Instant>,
+}
+
+impl Index {
+    fn insert(&mut self, offset: i64, due: i64) {
+        if self.due_of.insert(offset, due).is_none() {
+            self.by_due.insert((due, offset));
+        }
+    }
+    fn remove(&mut self, offset: i64) {
+        if let Some(due) = self.due_of.remove(&offset) {
+            self.by_due.remove(&(due, offset));
+        }
+    }
+    /// Where a restart must scan from.
+    fn cursor(&self) -> i64 {
+        self.due_of.keys().min().copied().unwrap_or(self.scanned_to.unwrap_or(0))
+    }
+}
+
+/// The delayed-delivery service.
+#[derive(Default)]
+pub struct Scheduler {
+    phase: Phase,
+    index: Index,
+}
+
+impl Scheduler {
+    pub fn new() -> Scheduler {
+        Scheduler::default()
+    }
+
+    fn timer_key(broker: &Broker) -> Option<(PartKey, Arc<crate::broker::PartitionShared>)> {
+        let t = broker.topic(TIMER_TOPIC)?;
+        Some((t.key(0)?, t.shared(0)?.clone()))
+    }
+
+    /// The next thing to do: scan what is new, deliver what is due, or wait.
+    fn work(mut self, cx: &Cx<'_>) -> Step {
+        let Some((key, shared)) = Self::timer_key(cx.broker) else {
+            // Deleted under us: make it again.
+            self.phase = Phase::Start;
+            return Step::Park(Box::new(self));
+        };
+        let start = shared.log_start();
+        let scanned = *self.index.scanned_to.get_or_insert_with(|| {
+            let c = cx.broker.groups.lock().committed(CURSOR_GROUP, TIMER_TOPIC, 0).map(|c| c.offset);
+            c.unwrap_or(start)
+        });
+        if scanned < start {
+            // Retention removed the oldest: nothing below can be read any more.
+            self.index.scanned_to = Some(start);
+        }
+        let scanned = self.index.scanned_to.unwrap_or(start);
+        if scanned < shared.next_offset() {
+            let op = PartOp::Read { offset: scanned, max_bytes: 1 << 20 };
+            return gather(vec![(key, op)], move |cx, results| self.scanned(cx, results));
+        }
+        let now = now_ms();
+        let due: Vec<i64> =
+            self.index.by_due.iter().take_while(|(d, _)| *d <= now).take(ROUND).map(|(_, o)| *o).collect();
+        if due.is_empty() {
+            self.maybe_commit(cx);
+            return Step::Park(Box::new(self));
+        }
+        let ops = due.iter().map(|o| (key, PartOp::Read { offset: *o, max_bytes: 1 })).collect();
+        gather(ops, move |cx, results| self.deliver(cx, due, results))
+    }
+
+    fn scanned(mut self, cx: &Cx<'_>, results: Vec<PartResult>) -> Step {
+        let Some(PartResult::Read(read)) = results.into_iter().next() else {
+            return self.backoff("reading the timer queue failed");
+        };
+        let mut buf = read.records.bytes().clone();
+        let mut next = self.index.scanned_to.unwrap_or(0);
+        while !buf.is_empty() {
+            let last = BatchHeader::parse(&buf).map(|h| h.last_offset()).ok();
+            let Ok(set) = RecordBatchDecoder::decode(&mut buf) else {
+                log::error!("timer queue: unreadable batch at offset {next}; skipped");
+                match last {
+                    Some(l) => {
+                        next = next.max(l + 1);
+                        continue;
+                    }
+                    None => {
+                        next = read.high_watermark;
+                        break;
+                    }
+                }
+            };
+            let from = next;
+            for r in set.records.iter().filter(|r| r.offset >= from) {
+                if let Some(list) = header(r, H_DELIVERED) {
+                    for o in list.split(',').filter_map(|o| o.parse().ok()) {
+                        self.index.remove(o);
+                    }
+                } else if let Some(due) = header(r, P_DUE).and_then(|d| d.parse().ok()) {
+                    self.index.insert(r.offset, due);
+                }
+                next = r.offset + 1;
+            }
+        }
+        if next == self.index.scanned_to.unwrap_or(0) {
+            next = read.high_watermark;
+        }
+        self.index.scanned_to = Some(next);
+        self.work(cx)
+    }
+
+    fn deliver(self, cx: &Cx<'_>, offsets: Vec<i64>, results: Vec<PartResult>) -> Step {
+        let mut by_key: IndexMap<PartKey, Vec<Record>> = IndexMap::new();
+        let mut done = Vec::new();
+        for (offset, result) in offsets.iter().zip(results) {
+            let PartResult::Read(read) = result else {
+                return self.backoff("reading a due message failed");
+            };
+            let mut buf = read.records.bytes().clone();
+            let found = RecordBatchDecoder::decode(&mut buf)
+                .ok()
+                .and_then(|set| set.records.into_iter().find(|r| r.offset == *offset));
+            let Some((topic, qid, record)) = found.as_ref().and_then(delivery) else {
+                log::warn!("timer queue: offset {offset} is not a due message any more; dropped");
+                done.push(*offset);
+                continue;
+            };
+            match cx.broker.topic(&topic) {
+                Some(t) => {
+                    let key = t
+                        .key(qid.rem_euclid(t.meta.partitions))
+                        .unwrap_or(PartKey { topic_id: t.meta.id, partition: 0 });
+                    by_key.entry(key).or_default().push(record);
+                    done.push(*offset);
+                }
+                None => {
+                    log::warn!("delayed message for topic {topic}, which no longer exists; dropped");
+                    done.push(*offset);
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        for (key, records) in by_key {
+            match message::encode_batch(&records) {
+                Ok(b) => ops.push((key, PartOp::Append { records: b })),
+                Err(e) => log::error!("delayed messages cannot be encoded ({e}); dropped"),
+            }
+        }
+        gather(ops, move |cx, results| {
+            if results.iter().any(|r| !matches!(r, PartResult::Appended(..))) {
+                // Some destinations refused: everything of this round stays pending and is
+                // tried again (the appended ones may be delivered twice, never lost).
+                return self.backoff("delivering due messages failed");
+            }
+            self.mark(cx, done)
+        })
+    }
+
+    /// Records on the timer queue that `offsets` are delivered.
+    fn mark(mut self, cx: &Cx<'_>, offsets: Vec<i64>) -> Step {
+        for o in &offsets {
+            self.index.remove(*o);
+        }
+        let Some((key, _)) = Self::timer_key(cx.broker) else { return self.work(cx) };
+        let Ok(batch) = message::encode_batch(&[marker(&offsets)]) else { return self.work(cx) };
+        gather(vec![(key, PartOp::Append { records: batch })], move |cx, results| {
+            if !matches!(results.first(), Some(PartResult::Appended(..))) {
+                log::warn!("timer queue: the delivery marker was not stored; a restart may deliver again");
+            }
+            self.work(cx)
+        })
+    }
+
+    /// Stores the cursor at most once a second (a restart scans from it; the markers
+    /// after it keep it exact).
+    fn maybe_commit(&mut self, cx: &Cx<'_>) {
+        let cursor = self.index.cursor();
+        if cursor <= self.index.committed || self.index.last_commit.is_some_and(|t| t.elapsed() < BACKOFF) {
+            return;
+        }
+        self.index.committed = cursor;
+        self.index.last_commit = Some(cx.now);
+        let (broker, now) = (cx.broker.clone(), cx.now);
+        drop(cx.broker.files.run(move || {
+            let c = Committed { offset: cursor, leader_epoch: -1, metadata: None };
+            if let Err(e) = broker.commit_offsets(CURSOR_GROUP, "", -1, vec![(TIMER_TOPIC.into(), 0, c)], now) {
+                log::warn!("storing the scheduler's cursor: {e}");
+            }
+        }));
+    }
+
+    fn backoff(mut self, why: &str) -> Step {
+        log::warn!("scheduler: {why}; trying again in {} ms", BACKOFF.as_millis());
+        self.phase = Phase::Backoff(Instant::now() + BACKOFF);
+        Step::Park(Box::new(self))
+    }
+}
+
+impl Parked for Scheduler {
+    fn deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Backoff(t) => Some(*t),
+            Phase::Running => {
+                let (due, _) = self.index.by_due.first()?;
+                let wait = (*due - now_ms()).max(0) as u64;
+                Some(Instant::now() + Duration::from_millis(wait))
+            }
+            _ => None,
+        }
+    }
+
+    fn poll(&mut self, cx: &Cx<'_>, force: bool) -> Option<Result<Step, Fault>> {
+        if force {
+            // Shutdown: what is pending stays in the timer queue for the next start.
+            return Some(Ok(Step::Silent));
+        }
+        match &self.phase {
+            Phase::Start => {
+                if cx.broker.topic(TIMER_TOPIC).is_some() {
+                    self.phase = Phase::Running;
+                } else {
+                    let broker = cx.broker.clone();
+                    self.phase = Phase::Creating(
+                        cx.broker
+                            .files
+                            .run(move || ensure_topic(&broker, TIMER_TOPIC).map(|_| ()).map_err(|e| e.to_string())),
+                    );
+                    return None;
+                }
+            }
+            Phase::Creating(p) => match p.try_take()? {
+                Ok(()) => self.phase = Phase::Running,
+                Err(e) => {
+                    log::error!("cannot create the timer topic {TIMER_TOPIC}: {e}");
+                    self.phase = Phase::Backoff(cx.now + BACKOFF * 5);
+                    return None;
+                }
+            },
+            Phase::Backoff(t) if cx.now >= *t => self.phase = Phase::Running,
+            Phase::Backoff(_) => return None,
+            Phase::Running => {}
+        }
+        // The state moves into the next step (a gather's finisher, or a new parked slot).
+        Some(Ok(std::mem::take(self).work(cx)))
+    }
+}
+
+/// Runs `f` on the gathered results.
+struct Then<F>(F);
+
+impl<F> Finish for Then<F>
+where
+    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send,
+{
+    fn finish(self: Box<Self>, cx: &Cx<'_>, results: Vec<PartResult>) -> Result<Step, Fault> {
+        Ok((self.0)(cx, results))
+    }
+}
+
+fn gather<F>(ops: Vec<(PartKey, PartOp)>, then: F) -> Step
+where
+    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send + 'static,
+{
+    Step::Gather(Gather { ops, then: Box::new(Then(then)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(props: &[(&str, &str)]) -> Message {
+        Message {
+            flag: 0,
+            born_timestamp: 0,
+            born_host: None,
+            reconsume_times: 0,
+            properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            body: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn due_times_from_levels_and_timers() {
+        let levels = parse_levels(DEFAULT_DELAY_LEVELS).expect("levels");
+        assert_eq!(levels.len(), 18);
+        assert_eq!(levels[17], Duration::from_secs(7200));
+        assert_eq!(due(&msg(&[("DELAY", "3")]), &levels, 1000), Ok(Some(11_000)));
+        assert_eq!(due(&msg(&[("DELAY", "99")]), &levels, 0), Ok(Some(7_200_000)), "clamped to the last level");
+        assert_eq!(due(&msg(&[("DELAY", "0")]), &levels, 0), Ok(None));
+        assert_eq!(due(&msg(&[("TIMER_DELAY_SEC", "2")]), &levels, 5), Ok(Some(2005)));
+        assert_eq!(due(&msg(&[("__STARTDELIVERTIME", "4")]), &levels, 5), Ok(None), "already due");
+        assert!(due(&msg(&[("TIMER_DELAY_SEC", "x")]), &levels, 0).is_err());
+        assert!(due(&msg(&[("TIMER_DELAY_SEC", "999999999")]), &levels, 0).is_err());
+        assert!(parse_levels("1s 2x").is_err() && parse_levels("").is_err());
+    }
+
+    #[test]
+    fn a_delivery_goes_to_its_real_queue_without_the_timer_properties() {
+        let mut m = msg(&[("DELAY", "2"), ("TAGS", "a")]);
+        to_timer(&mut m, "orders", 3, 99);
+        let r = message::to_record(&m);
+        let (topic, qid, out) = delivery(&r).expect("a delivery");
+        assert_eq!((topic.as_str(), qid), ("orders", 3));
+        assert_eq!(header(&out, "TAGS"), Some("a"));
+        assert!(header(&out, P_DELAY).is_none() && header(&out, P_DUE).is_none());
+        let mk = marker(&[4, 7]);
+        assert_eq!(header(&mk, H_DELIVERED), Some("4,7"));
+        assert_eq!(mk.headers.len(), 1);
+    }
+}
