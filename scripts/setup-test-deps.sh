@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives: kcat (Debian's, librdkafka 2.0.2), the Python
-# clients (confluent-kafka bundles librdkafka 2.x; kafka-python is pure Python) and
-# kafkajs (pure JavaScript). Idempotent; needs root for apt (CI and the dev machines are).
+# clients (confluent-kafka bundles librdkafka 2.x; kafka-python is pure Python), kafkajs
+# and ali-ons (pure JavaScript), and builds the rocketmq-client-rust suite (its own crate
+# under tests/clients/rocketmq-rust). Idempotent; needs root for apt (CI and the dev
+# machines are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +23,10 @@ echo "setup: pip install -r tests/clients/requirements.txt"
 python3 -m pip install -q --disable-pip-version-check -r tests/clients/requirements.txt 2>/dev/null \
   || python3 -m pip install -q --disable-pip-version-check --break-system-packages -r tests/clients/requirements.txt
 
-echo "setup: npm ci (kafkajs)"
+echo "setup: npm ci (kafkajs, ali-ons)"
 (cd tests/clients && npm ci --no-audit --no-fund --loglevel=error)
+
+# rocketmq-client-rust 1.0.0 (about 2.5 minutes the first time; a debug build is plenty
+# for a client). Into target/clients, where the tests look for it.
+echo "setup: cargo build tests/clients/rocketmq-rust"
+CARGO_TARGET_DIR=target/clients cargo build --quiet --locked --manifest-path tests/clients/rocketmq-rust/Cargo.toml

@@ -64,6 +64,17 @@ pub struct ServeArgs {
     /// 7m 8m 9m 10m 20m 30m 1h 2h].
     #[arg(long)]
     pub rocketmq_delay_levels: Option<String>,
+    /// When an unresolved RocketMQ transactional message is first checked back with its
+    /// producer (`transactionTimeOut`) [default: 6000].
+    #[arg(long)]
+    pub rocketmq_transaction_timeout_ms: Option<u64>,
+    /// Between later check-backs (`transactionCheckInterval`) [default: 60000].
+    #[arg(long)]
+    pub rocketmq_transaction_check_interval_ms: Option<u64>,
+    /// Check-backs before an unresolved transaction is rolled back
+    /// (`transactionCheckMax`) [default: 15].
+    #[arg(long)]
+    pub rocketmq_transaction_check_max: Option<u32>,
     /// Partitions of auto-created topics and of CreateTopics without a count [default: 1].
     #[arg(long)]
     pub default_partitions: Option<i32>,
@@ -219,6 +230,7 @@ pub struct ServeConfig {
     pub broker: BrokerSettings,
     /// RocketMQ's delay levels.
     pub rocketmq_delay_levels: Vec<std::time::Duration>,
+    pub rocketmq_transactions: crate::protocol::rocketmq::schedule::TxSettings,
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
@@ -264,7 +276,10 @@ impl ServeArgs {
                 rdma_stall_timeout_ms,
                 connections_max_idle_ms,
                 busy_poll,
-                rocketmq_delay_levels
+                rocketmq_delay_levels,
+                rocketmq_transaction_timeout_ms,
+                rocketmq_transaction_check_interval_ms,
+                rocketmq_transaction_check_max
             );
         }
         if self.listen.is_empty() {
@@ -333,7 +348,15 @@ impl ServeArgs {
             self.rocketmq_delay_levels.as_deref().unwrap_or(crate::protocol::rocketmq::schedule::DEFAULT_DELAY_LEVELS);
         let rocketmq_delay_levels = crate::protocol::rocketmq::schedule::parse_levels(levels)
             .map_err(|e| invalid("rocketmq delay levels", levels, e))?;
+        let d = crate::protocol::rocketmq::schedule::TxSettings::default();
+        let ms = |v: Option<u64>, d: std::time::Duration| v.map_or(d, std::time::Duration::from_millis);
+        let rocketmq_transactions = crate::protocol::rocketmq::schedule::TxSettings {
+            first_check: ms(self.rocketmq_transaction_timeout_ms, d.first_check),
+            interval: ms(self.rocketmq_transaction_check_interval_ms, d.interval),
+            max_checks: self.rocketmq_transaction_check_max.unwrap_or(d.max_checks),
+        };
         Ok(ServeConfig {
+            rocketmq_transactions,
             rocketmq_delay_levels,
             busy_poll: self.busy_poll.unwrap_or(false),
             listeners,

@@ -87,6 +87,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             advertised,
             l.addr,
             cfg.rocketmq_delay_levels.clone(),
+            cfg.rocketmq_transactions,
+            broker.notifier.clone(),
         )
     });
     let protocols: Vec<Arc<dyn Protocol>> = cfg.listeners.iter().map(|l| protocol_for(l, &cfg, &rocketmq)).collect();

@@ -575,6 +575,14 @@ impl Core {
                 Some(Slot::Parked(p))
             }
             Step::Gather(g) => self.start_gather(conn, g, now),
+            Step::Emit(chunks, p) => {
+                // At the back: no slot ahead moves (callers hold positions).
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.queue.push_back(Slot::Ready(chunks));
+                }
+                self.parked += 1;
+                Some(Slot::Parked(p))
+            }
         }
     }
 

@@ -53,6 +53,11 @@ pub enum Step {
     Park(Box<dyn Parked>),
     /// Run partition operations on their owners, then finish.
     Gather(Gather),
+    /// Send these frames now and keep waiting: how a parked watcher pushes
+    /// server-initiated frames (RocketMQ's NOTIFY_CONSUMER_IDS_CHANGED and
+    /// CHECK_TRANSACTION_STATE) to its connection. They queue behind the connection's
+    /// earlier answers like any other; on an unordered session they leave at once.
+    Emit(IoChunks, Box<dyn Parked>),
 }
 
 /// Partition operations (run by each partition's owner core) and what to do with their

@@ -65,6 +65,27 @@ per_transport!(ali_ons_retry_dead_letters_and_delays, |t| {
     run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "delay-receive"], SUITE_TIMEOUT);
 });
 
+/// The rocketmq-client-rust suite, built by scripts/setup-test-deps.sh.
+fn rust_suite() -> String {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/clients/debug/rocketmq-rust-suite");
+    assert!(bin.exists(), "{} is missing: run scripts/setup-test-deps.sh", bin.display());
+    bin.to_string_lossy().into_owned()
+}
+
+// rocketmq-client-rust 1.0.0: sync (10k over 4 queues), async, one-way and batch sends;
+// push consumers (all tags and one tag), a lite pull consumer, ordered consumption under
+// queue locks, transactions committed, rolled back and resolved by check-back; a restart,
+// and the group resuming exactly after its committed offsets.
+per_transport!(rocketmq_client_rust_remoting, |t| {
+    let fast_checks = ["--rocketmq-transaction-timeout-ms", "1000", "--rocketmq-transaction-check-interval-ms", "1000"];
+    let (mut broker, _, ns) = start(t, &fast_checks);
+    let suite = rust_suite();
+    run_client(&suite, &["--namesrv", &ns, "--phase", "1"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    broker.spawn();
+    run_client(&suite, &["--namesrv", &ns, "--phase", "2"], SUITE_TIMEOUT);
+});
+
 fn connect(addr: &str) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");

@@ -36,11 +36,14 @@ pub fn handle(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
         Some(Request::UpdateConsumerOffset) => update_offset(cx, req),
         Some(Request::HeartBeat) => heartbeat(cx, conn, req),
         Some(Request::UnregisterClient) => {
-            if let (Some(client), Some(group)) = (req.field("clientID"), req.field("consumerGroup")) {
-                conn.state.clients.unregister(group, client);
+            if let Some(client) = req.field("clientID") {
+                conn.state.clients.unregister(req.field("consumerGroup"), req.field("producerGroup"), client);
             }
             Reply::Done(ok(req))
         }
+        Some(Request::LockBatchMq) => lock_batch(cx, conn, req, true),
+        Some(Request::EndTransaction) => end_transaction(cx, conn, req),
+        Some(Request::UnlockBatchMq) => lock_batch(cx, conn, req, false),
         Some(Request::GetConsumerListByGroup) => {
             let group = req.field("consumerGroup").unwrap_or_default();
             let ids = conn.state.clients.members(group, cx.now);
@@ -211,6 +214,29 @@ fn send(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, batch: bool) -> Reply {
             Err(e) => return error(req, Response::MessageIllegal, e),
         }
     }
+    // A transactional half waits in the timer queue, invisible, until END_TRANSACTION
+    // (or a check-back) resolves it.
+    let mut transaction_id = None;
+    if let [m] = &mut messages[..] {
+        if schedule::is_half(m, sys_flag) {
+            let Some((timer_key, timer_tag)) =
+                cx.broker.topic(schedule::TIMER_TOPIC).and_then(|t| Some((t.key(0)?, topic_tag(&t))))
+            else {
+                return error(req, Response::ServiceNotAvailable, "the scheduler is starting; try again");
+            };
+            if m.property(schedule::P_TRAN_MSG).is_none() {
+                m.properties.push((schedule::P_TRAN_MSG.into(), "true".into()));
+            }
+            if m.property("PGROUP").is_none() {
+                let group = req.field("producerGroup").or(req.field("a")).unwrap_or_default();
+                m.properties.push(("PGROUP".into(), group.into()));
+            }
+            transaction_id = m.property("UNIQ_KEY").map(str::to_string);
+            let due = now + conn.state.tx.first_check.as_millis() as i64;
+            schedule::to_timer(m, topic.name(), queue_id, due);
+            target = (timer_key, timer_tag);
+        }
+    }
     let (key, tag) = target;
     let records: Vec<_> = messages.iter().map(message::to_record).collect();
     let batch_bytes = match message::encode_batch(&records) {
@@ -231,14 +257,16 @@ fn send(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, batch: bool) -> Reply {
                         )
                     })
                     .collect();
-                Reply::Done(
-                    ok(&req)
-                        .with("msgId", ids.join(","))
-                        .with("queueId", queue_id)
-                        .with("queueOffset", info.base_offset)
-                        .with("MSG_REGION", "DefaultRegion")
-                        .with("TRACE_ON", "true"),
-                )
+                let mut resp = ok(&req)
+                    .with("msgId", ids.join(","))
+                    .with("queueId", queue_id)
+                    .with("queueOffset", info.base_offset)
+                    .with("MSG_REGION", "DefaultRegion")
+                    .with("TRACE_ON", "true");
+                if let Some(id) = transaction_id {
+                    resp = resp.with("transactionId", id);
+                }
+                Reply::Done(resp)
             }
             Some(PartResult::Failed { error: e, .. }) => {
                 log::warn!("RocketMQ send to {}-{queue_id} refused: {e}", topic.name());
@@ -264,6 +292,8 @@ struct PullPlan {
     shared: Arc<PartitionShared>,
     offset: i64,
     max_msgs: usize,
+    /// The most bytes to read (the client's `maxMsgBytes`, within our own cap).
+    max_bytes: usize,
     filter: TagFilter,
     suspend: bool,
     deadline: Instant,
@@ -304,6 +334,7 @@ fn pull(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
         shared,
         offset: int(req, &["queueOffset"]).unwrap_or(0),
         max_msgs: int::<usize>(req, &["maxMsgNums"]).unwrap_or(32).clamp(1, 1024),
+        max_bytes: int::<usize>(req, &["maxMsgBytes"]).unwrap_or(PULL_READ_BYTES).clamp(1, PULL_READ_BYTES),
         filter,
         suspend: sys_flag & PULL_SUSPEND != 0,
         deadline: cx.now + Duration::from_millis(suspend_ms).min(MAX_SUSPEND),
@@ -326,7 +357,7 @@ impl PullPlan {
             }
             return self.answer(Response::PullNotFound, self.offset, None);
         }
-        let op = PartOp::Read { offset: self.offset, max_bytes: PULL_READ_BYTES };
+        let op = PartOp::Read { offset: self.offset, max_bytes: self.max_bytes };
         let key = self.key;
         Step::Gather(Gather {
             ops: vec![(key, op)],
@@ -474,6 +505,11 @@ fn heartbeat(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
     let Some(client) = data.get("clientID").and_then(Value::as_str) else {
         return error(req, Response::SystemError, "heartbeat without clientID");
     };
+    for p in data.get("producerDataSet").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(group) = p.get("groupName").and_then(Value::as_str) {
+            conn.state.clients.producer_heartbeat(group, client, conn.id, cx.now);
+        }
+    }
     let mut retry_topics = Vec::new();
     for c in data.get("consumerDataSet").and_then(Value::as_array).into_iter().flatten() {
         let Some(group) = c.get("groupName").and_then(Value::as_str) else { continue };
@@ -687,5 +723,111 @@ fn store_back(cx: &Cx<'_>, req: Command, mut m: Message, target: String, due: Op
             };
             step(&req, reply)
         })),
+    })
+}
+
+/// LOCK_BATCH_MQ / UNLOCK_BATCH_MQ: the queue locks under which ordered consumers read
+/// a queue one client at a time.
+fn lock_batch(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, lock: bool) -> Reply {
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => return error(req, Response::SystemError, format!("lock body is not JSON: {e}")),
+    };
+    let (Some(group), Some(client)) =
+        (body.get("consumerGroup").and_then(Value::as_str), body.get("clientId").and_then(Value::as_str))
+    else {
+        return error(req, Response::SystemError, "consumerGroup and clientId are required");
+    };
+    let mut queues = Vec::new();
+    let mut by_key = HashMap::new();
+    for mq in body.get("mqSet").and_then(Value::as_array).into_iter().flatten() {
+        let (Some(topic), Some(q)) =
+            (mq.get("topic").and_then(Value::as_str), mq.get("queueId").and_then(Value::as_i64))
+        else {
+            continue;
+        };
+        by_key.insert((topic.to_string(), q as i32), mq.clone());
+        queues.push((topic.to_string(), q as i32));
+    }
+    if !lock {
+        conn.state.clients.unlock(group, client, &queues);
+        return Reply::Done(ok(req));
+    }
+    let held = conn.state.clients.lock(group, client, &queues, cx.now);
+    let set: Vec<Value> = held.iter().filter_map(|k| by_key.get(k).cloned()).collect();
+    let mut resp = ok(req);
+    resp.body = serde_json::to_vec(&serde_json::json!({ "lockOKMQSet": set })).unwrap_or_default().into();
+    Reply::Done(resp)
+}
+
+/// `MessageSysFlag`'s commit and rollback types, as END_TRANSACTION carries them.
+const TRANSACTION_COMMIT: i32 = 8;
+const TRANSACTION_ROLLBACK: i32 = 12;
+
+/// END_TRANSACTION: commits (appends the half to its destination) or rolls back a half
+/// message, then marks it resolved in the timer queue. A half the scheduler is checking
+/// right now, or already resolved, is left alone: its next check asks again.
+fn end_transaction(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
+    let kind: i32 = int(req, &["commitOrRollback"]).unwrap_or(0);
+    if kind != TRANSACTION_COMMIT && kind != TRANSACTION_ROLLBACK {
+        // Unknown: the check-backs will ask.
+        return Reply::Done(ok(req));
+    }
+    let Some(offset) = int::<i64>(req, &["tranStateTableOffset"]) else {
+        return error(req, Response::SystemError, "tranStateTableOffset missing");
+    };
+    let Some(timer) = cx.broker.topic(schedule::TIMER_TOPIC).and_then(|t| t.key(0)) else {
+        return error(req, Response::SystemError, "no transaction is pending");
+    };
+    if !conn.state.timers.lock().claim(offset) {
+        log::debug!("END_TRANSACTION for {offset}: resolved already or being checked");
+        return Reply::Done(ok(req));
+    }
+    let (req, state) = (head(req), conn.state.clone());
+    let fail = move |req: &Command, why: String| {
+        state.timers.lock().unclaim(offset, now_ms() + state.tx.interval.as_millis() as i64);
+        step(req, error(req, Response::SystemError, why))
+    };
+    gather(vec![(timer, PartOp::Read { offset, max_bytes: 1 })], move |cx, results| {
+        let record = match results.into_iter().next() {
+            Some(PartResult::Read(r)) => {
+                let mut b = r.records.bytes().clone();
+                RecordBatchDecoder::decode(&mut b).ok().and_then(|s| s.records.into_iter().find(|r| r.offset == offset))
+            }
+            _ => None,
+        };
+        let Some(record) = record else { return fail(&req, format!("no half message at {offset}")) };
+        let commit = match schedule::commit_of(&record) {
+            Some((topic, qid, r)) if kind == TRANSACTION_COMMIT => {
+                let Some(t) = cx.broker.topic(&topic) else {
+                    return fail(&req, format!("topic {topic} of the transaction is gone"));
+                };
+                let key =
+                    t.key(qid.rem_euclid(t.meta.partitions)).unwrap_or(PartKey { topic_id: t.meta.id, partition: 0 });
+                match message::encode_batch(&[r]) {
+                    Ok(b) => vec![(key, PartOp::Append { records: b })],
+                    Err(e) => return fail(&req, e.to_string()),
+                }
+            }
+            _ => Vec::new(),
+        };
+        let Ok(mark) = schedule::marker_batch(&[offset]) else { return fail(&req, "marker".into()) };
+        Step::Gather(Gather {
+            ops: commit,
+            then: Box::new(FinishWith(move |_cx: &Cx<'_>, results: Vec<PartResult>| {
+                if let Some(PartResult::Failed { error: e, .. }) = results.first() {
+                    return fail(&req, format!("committing the transaction: {e}"));
+                }
+                Step::Gather(Gather {
+                    ops: vec![(timer, PartOp::Append { records: mark })],
+                    then: Box::new(FinishWith(move |_cx: &Cx<'_>, results: Vec<PartResult>| {
+                        if !matches!(results.first(), Some(PartResult::Appended(..))) {
+                            log::warn!("the resolution of half {offset} was not marked; a restart checks it again");
+                        }
+                        step(&req, Reply::Done(ok(&req)))
+                    })),
+                })
+            })),
+        })
     })
 }

@@ -8,8 +8,13 @@ pub enum Request {
     PullMessage,
     QueryConsumerOffset,
     UpdateConsumerOffset,
+    QueryMessage,
     UpdateAndCreateTopic,
+    ViewMessageById,
     ConsumerSendMsgBack,
+    EndTransaction,
+    LockBatchMq,
+    UnlockBatchMq,
     SearchOffsetByTimestamp,
     GetMaxOffset,
     GetMinOffset,
@@ -34,8 +39,13 @@ impl Request {
             11 => Request::PullMessage,
             14 => Request::QueryConsumerOffset,
             15 => Request::UpdateConsumerOffset,
+            12 => Request::QueryMessage,
             17 => Request::UpdateAndCreateTopic,
+            33 => Request::ViewMessageById,
             36 => Request::ConsumerSendMsgBack,
+            37 => Request::EndTransaction,
+            41 => Request::LockBatchMq,
+            42 => Request::UnlockBatchMq,
             29 => Request::SearchOffsetByTimestamp,
             30 => Request::GetMaxOffset,
             31 => Request::GetMinOffset,
@@ -51,10 +61,17 @@ impl Request {
             217 => Request::GetKvConfigByValue,
             310 => Request::SendMessageV2,
             320 => Request::SendBatchMessage,
+            // LITE_PULL_MESSAGE: a pull from a lite pull consumer (the same header).
+            361 => Request::PullMessage,
             _ => return None,
         })
     }
 }
+
+/// Broker-initiated requests (to clients).
+pub const HEART_BEAT: i32 = 34;
+pub const CHECK_TRANSACTION_STATE: i32 = 39;
+pub const NOTIFY_CONSUMER_IDS_CHANGED: i32 = 40;
 
 /// Response codes slipstream sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,10 +34,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::broker::Notifier;
 use crate::buffer::{Chunk, IoChunks};
 use crate::dispatch::session::{self, Cx, Fault, Protocol, Session, Step};
 use crate::log::Pending;
-use clients::Clients;
+use clients::{Clients, Outbox};
 use codes::Response;
 use frame::{Command, Framer};
 
@@ -59,6 +60,10 @@ pub struct RocketMqState {
     pub store_host: SocketAddr,
     /// RocketMQ's `messageDelayLevel` table.
     pub delay_levels: Vec<Duration>,
+    /// Transaction check-backs.
+    pub tx: schedule::TxSettings,
+    /// What waits in the timer queue (shared by the scheduler and END_TRANSACTION).
+    pub timers: parking_lot::Mutex<schedule::Index>,
     clients: Clients,
     next_conn: AtomicU64,
     /// The delayed-delivery service is handed out once, whatever the listener count.
@@ -73,6 +78,8 @@ impl RocketMqState {
         advertised: (&str, i32),
         bound: SocketAddr,
         delay_levels: Vec<Duration>,
+        tx: schedule::TxSettings,
+        notifier: Arc<Notifier>,
     ) -> Arc<RocketMqState> {
         let port = u16::try_from(advertised.1).unwrap_or(bound.port());
         let ip = advertised.0.parse::<IpAddr>().ok().unwrap_or(match bound.ip() {
@@ -86,7 +93,9 @@ impl RocketMqState {
             broker_addr: format!("{host}:{}", advertised.1),
             store_host: SocketAddr::new(ip, port),
             delay_levels,
-            clients: Clients::default(),
+            tx,
+            timers: Default::default(),
+            clients: Clients::new(notifier),
             next_conn: AtomicU64::new(1),
             scheduler_taken: AtomicBool::new(false),
         })
@@ -116,13 +125,14 @@ impl Protocol for RocketMq {
 
     fn open(&self, peer: SocketAddr) -> Box<dyn Session> {
         let conn = self.state.next_conn.fetch_add(1, Ordering::Relaxed);
-        Box::new(RocketMqSession { role: self.role, state: self.state.clone(), framer: self.framer, peer, conn })
+        let state = self.state.clone();
+        Box::new(RocketMqSession { role: self.role, state, framer: self.framer, peer, conn, watching: false })
     }
 
     /// Delayed delivery (delay levels, timers, retry back-off), once per broker.
     fn service(&self) -> Option<Box<dyn session::Parked>> {
         let first = self.role == Role::Broker && !self.state.scheduler_taken.swap(true, Ordering::AcqRel);
-        first.then(|| Box::new(schedule::Scheduler::new()) as Box<dyn session::Parked>)
+        first.then(|| Box::new(schedule::Scheduler::new(self.state.clone())) as Box<dyn session::Parked>)
     }
 }
 
@@ -132,8 +142,10 @@ pub struct RocketMqSession {
     state: Arc<RocketMqState>,
     framer: Framer,
     peer: SocketAddr,
-    /// Names this connection in the consumer registry (its clients go when it closes).
+    /// Names this connection in the client registry (its clients go when it closes).
     conn: u64,
+    /// A [`Watch`] is parked for this connection (from its first heartbeat on).
+    watching: bool,
 }
 
 impl Drop for RocketMqSession {
@@ -162,12 +174,29 @@ impl Session for RocketMqSession {
             // Answers to broker-initiated requests: nothing here waits for one.
             return Ok(Step::Silent);
         }
+        log::trace!("rocketmq request {} from {}: {:?}", cmd.code, self.peer, cmd.ext);
         let conn = Conn { state: &self.state, peer: self.peer, id: self.conn };
         let reply = match self.role {
             Role::NameServer => namesrv::handle(cx, &conn, &cmd),
             Role::Broker => broker::handle(cx, &conn, &cmd),
         };
-        Ok(step(&cmd, reply))
+        let step = step(&cmd, reply);
+        if self.role != Role::Broker || cmd.code != codes::HEART_BEAT || self.watching {
+            return Ok(step);
+        }
+        // A client that heartbeats may be sent requests (rebalance notices, transaction
+        // check-backs): from now on a watch waits on this connection's outbox.
+        let watch = Box::new(Watch { outbox: self.state.clients.outbox(self.conn) });
+        self.watching = true;
+        Ok(match step {
+            Step::Respond(chunks) => Step::Emit(chunks, watch),
+            Step::Silent => Step::Park(watch),
+            other => {
+                // Still working on the heartbeat (making a retry topic): the next one.
+                self.watching = false;
+                other
+            }
+        })
     }
 
     fn recv_max(&self) -> usize {
@@ -178,6 +207,29 @@ impl Session for RocketMqSession {
     /// heartbeat or the send behind it on a client's one connection.
     fn ordered(&self) -> bool {
         false
+    }
+}
+
+/// Waits for frames the broker sends a connection's client, and sends them.
+struct Watch {
+    outbox: Arc<Outbox>,
+}
+
+impl session::Parked for Watch {
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn poll(&mut self, _cx: &Cx<'_>, force: bool) -> Option<Result<Step, Fault>> {
+        if force {
+            return Some(Ok(Step::Silent));
+        }
+        let frames = self.outbox.take();
+        if frames.is_empty() {
+            return None;
+        }
+        let watch = Box::new(Watch { outbox: self.outbox.clone() });
+        Some(Ok(Step::Emit(frames.into_iter().map(Chunk::Heap).collect(), watch)))
     }
 }
 

@@ -92,11 +92,7 @@ fn route_response(req: &Command, state: &RocketMqState, queues: i32, perm: i32) 
             "perm": perm,
             "topicSysFlag": 0,
         }],
-        "brokerDatas": [{
-            "cluster": state.cluster,
-            "brokerName": state.broker_name,
-            "brokerAddrs": { "0": state.broker_addr },
-        }],
+        "brokerDatas": [broker_data(state)],
         "filterServerTable": {},
     });
     let mut resp = ok(req);
@@ -104,14 +100,22 @@ fn route_response(req: &Command, state: &RocketMqState, queues: i32, perm: i32) 
     resp
 }
 
+/// This broker as a route's `BrokerData` (broker id 0: the master; no zone; 5.x clients
+/// require `enableActingMaster`).
+fn broker_data(state: &RocketMqState) -> serde_json::Value {
+    json!({
+        "cluster": state.cluster,
+        "brokerName": state.broker_name,
+        "brokerAddrs": { "0": state.broker_addr },
+        "zoneName": null,
+        "enableActingMaster": false,
+    })
+}
+
 fn cluster_info(state: &RocketMqState, req: &Command) -> Reply {
     let body = json!({
         "brokerAddrTable": {
-            state.broker_name.clone(): {
-                "cluster": state.cluster,
-                "brokerName": state.broker_name,
-                "brokerAddrs": { "0": state.broker_addr },
-            }
+            state.broker_name.clone(): broker_data(state)
         },
         "clusterAddrTable": { state.cluster.clone(): [state.broker_name] },
     });

@@ -1,6 +1,14 @@
 //! Delayed delivery: delay levels (`DELAY`), timer messages (`TIMER_DELIVER_MS`,
-//! `TIMER_DELAY_SEC`, `TIMER_DELAY_MS`, ONS's `__STARTDELIVERTIME`) and the back-off of
-//! retried messages, on the log.
+//! `TIMER_DELAY_SEC`, `TIMER_DELAY_MS`, ONS's `__STARTDELIVERTIME`), the back-off of
+//! retried messages, and the check-backs of transactional half messages, on the log.
+//!
+//! A transactional *half* message waits in the same queue, due at its first check. When
+//! it falls due unresolved, the scheduler puts it back with its check count raised, due
+//! one check interval later, marks the old copy, and sends CHECK_TRANSACTION_STATE (naming
+//! the new copy) to a connected producer of its group; after the most checks allowed it is
+//! discarded (rolled back). END_TRANSACTION *claims* a half from the shared [`Index`]
+//! before it commits or rolls back, so a half is acted on once: by a claim, or by the
+//! scheduler, which takes what it works on out of the index first.
 //!
 //! A message due later is stored in the system topic [`TIMER_TOPIC`] (one queue) with
 //! its destination in `REAL_TOPIC` / `REAL_QID` and its due time in `__rmq.due`. The
@@ -19,12 +27,14 @@
 use bytes::Bytes;
 use indexmap::IndexMap;
 use kafka_protocol::records::{Record, RecordBatchDecoder};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::message::{self, Message};
+use super::frame::Command;
+use super::message::{self, Message, Stored};
 use super::namesrv::ensure_topic;
+use super::RocketMqState;
 use crate::broker::groups::Committed;
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{Broker, PartKey};
@@ -45,6 +55,11 @@ pub const MAX_TIMER_DELAY_MS: i64 = 3 * 24 * 3600 * 1000;
 pub const P_REAL_TOPIC: &str = "REAL_TOPIC";
 pub const P_REAL_QID: &str = "REAL_QID";
 pub const P_DELAY: &str = "DELAY";
+/// Set on transactional half messages by producers.
+pub const P_TRAN_MSG: &str = "TRAN_MSG";
+const P_PGROUP: &str = "PGROUP";
+const P_CHECK_TIMES: &str = "TRANSACTION_CHECK_TIMES";
+const P_UNIQ_KEY: &str = "UNIQ_KEY";
 const P_DUE: &str = "__rmq.due";
 const H_DELIVERED: &str = "__rmq.delivered";
 const TIMER_PROPS: [&str; 4] = ["TIMER_DELIVER_MS", "TIMER_DELAY_SEC", "TIMER_DELAY_MS", "__STARTDELIVERTIME"];
@@ -151,11 +166,14 @@ enum Phase {
     Backoff(Instant),
 }
 
-/// What is pending, by due time and by offset.
+/// What is pending in the timer queue, by due time and by offset; shared by the
+/// scheduler and END_TRANSACTION (see the module doc).
 #[derive(Default)]
-struct Index {
+pub struct Index {
     by_due: BTreeSet<(i64, i64)>,
     due_of: HashMap<i64, i64>,
+    /// Halves resolved before the scan reached them: skipped when it does.
+    claimed: HashSet<i64>,
     /// The next offset of the timer queue to scan (`None`: read the cursor first).
     scanned_to: Option<i64>,
     committed: i64,
@@ -164,6 +182,9 @@ struct Index {
 
 impl Index {
     fn insert(&mut self, offset: i64, due: i64) {
+        if self.claimed.remove(&offset) {
+            return;
+        }
         if self.due_of.insert(offset, due).is_none() {
             self.by_due.insert((due, offset));
         }
@@ -173,22 +194,92 @@ impl Index {
             self.by_due.remove(&(due, offset));
         }
     }
+    /// Takes out up to `n` entries due by `now`.
+    fn take_due(&mut self, now: i64, n: usize) -> Vec<i64> {
+        let due: Vec<i64> = self.by_due.iter().take_while(|(d, _)| *d <= now).take(n).map(|(_, o)| *o).collect();
+        for o in &due {
+            self.remove(*o);
+        }
+        due
+    }
+    /// Claims a pending (or not yet scanned) half for END_TRANSACTION: false when the
+    /// scheduler has it, or it is resolved already.
+    pub fn claim(&mut self, offset: i64) -> bool {
+        if self.due_of.contains_key(&offset) {
+            self.remove(offset);
+            return true;
+        }
+        if self.scanned_to.is_none_or(|s| offset >= s) {
+            return self.claimed.insert(offset);
+        }
+        false
+    }
+    /// Puts a claimed half back (its resolution failed): due again at `due`.
+    pub fn unclaim(&mut self, offset: i64, due: i64) {
+        self.claimed.remove(&offset);
+        if self.scanned_to.is_some_and(|s| offset < s) {
+            self.insert(offset, due);
+        }
+    }
     /// Where a restart must scan from.
     fn cursor(&self) -> i64 {
         self.due_of.keys().min().copied().unwrap_or(self.scanned_to.unwrap_or(0))
     }
 }
 
+/// Transaction check-back settings (RocketMQ's `transactionTimeOut`,
+/// `transactionCheckInterval`, `transactionCheckMax`).
+#[derive(Debug, Clone, Copy)]
+pub struct TxSettings {
+    pub first_check: Duration,
+    pub interval: Duration,
+    pub max_checks: u32,
+}
+
+impl Default for TxSettings {
+    fn default() -> Self {
+        TxSettings { first_check: Duration::from_secs(6), interval: Duration::from_secs(60), max_checks: 15 }
+    }
+}
+
+/// Whether a message is a transactional half.
+pub fn is_half(m: &Message, sys_flag: i32) -> bool {
+    sys_flag & TRANSACTION_PREPARED != 0 || m.property(P_TRAN_MSG) == Some("true")
+}
+
+/// `MessageSysFlag.TRANSACTION_PREPARED_TYPE`.
+pub const TRANSACTION_PREPARED: i32 = 1 << 2;
+
+/// A marker batch saying `offsets` of the timer queue are done with.
+pub fn marker_batch(offsets: &[i64]) -> Result<Bytes, message::MessageError> {
+    message::encode_batch(&[marker(offsets)])
+}
+
+/// Where a resolved half goes: its destination and the record to append there.
+pub fn commit_of(r: &Record) -> Option<(String, i32, Record)> {
+    let (topic, qid, mut out) = delivery(r)?;
+    out.headers.retain(|k, _| k.as_str() != P_TRAN_MSG && k.as_str() != P_CHECK_TIMES);
+    Some((topic, qid, out))
+}
+
+/// Whether a timer-queue record is a half message.
+fn record_is_half(r: &Record) -> bool {
+    header(r, P_TRAN_MSG) == Some("true")
+}
+
 /// The delayed-delivery service.
-#[derive(Default)]
 pub struct Scheduler {
     phase: Phase,
-    index: Index,
+    state: Arc<RocketMqState>,
 }
 
 impl Scheduler {
-    pub fn new() -> Scheduler {
-        Scheduler::default()
+    pub fn new(state: Arc<RocketMqState>) -> Scheduler {
+        Scheduler { phase: Phase::Start, state }
+    }
+
+    fn index(&self) -> parking_lot::MutexGuard<'_, Index> {
+        self.state.timers.lock()
     }
 
     fn timer_key(broker: &Broker) -> Option<(PartKey, Arc<crate::broker::PartitionShared>)> {
@@ -204,22 +295,22 @@ impl Scheduler {
             return Step::Park(Box::new(self));
         };
         let start = shared.log_start();
-        let scanned = *self.index.scanned_to.get_or_insert_with(|| {
-            let c = cx.broker.groups.lock().committed(CURSOR_GROUP, TIMER_TOPIC, 0).map(|c| c.offset);
-            c.unwrap_or(start)
-        });
-        if scanned < start {
-            // Retention removed the oldest: nothing below can be read any more.
-            self.index.scanned_to = Some(start);
-        }
-        let scanned = self.index.scanned_to.unwrap_or(start);
+        let scanned = {
+            let mut index = self.index();
+            let scanned = *index.scanned_to.get_or_insert_with(|| {
+                let c = cx.broker.groups.lock().committed(CURSOR_GROUP, TIMER_TOPIC, 0).map(|c| c.offset);
+                c.unwrap_or(start)
+            });
+            // Retention may have removed the oldest: nothing below can be read any more.
+            let scanned = scanned.max(start);
+            index.scanned_to = Some(scanned);
+            scanned
+        };
         if scanned < shared.next_offset() {
             let op = PartOp::Read { offset: scanned, max_bytes: 1 << 20 };
             return gather(vec![(key, op)], move |cx, results| self.scanned(cx, results));
         }
-        let now = now_ms();
-        let due: Vec<i64> =
-            self.index.by_due.iter().take_while(|(d, _)| *d <= now).take(ROUND).map(|(_, o)| *o).collect();
+        let due = self.index().take_due(now_ms(), ROUND);
         if due.is_empty() {
             self.maybe_commit(cx);
             return Step::Park(Box::new(self));
@@ -228,12 +319,13 @@ impl Scheduler {
         gather(ops, move |cx, results| self.deliver(cx, due, results))
     }
 
-    fn scanned(mut self, cx: &Cx<'_>, results: Vec<PartResult>) -> Step {
+    fn scanned(self, cx: &Cx<'_>, results: Vec<PartResult>) -> Step {
         let Some(PartResult::Read(read)) = results.into_iter().next() else {
-            return self.backoff("reading the timer queue failed");
+            return self.backoff("reading the timer queue failed", Vec::new());
         };
         let mut buf = read.records.bytes().clone();
-        let mut next = self.index.scanned_to.unwrap_or(0);
+        let mut index = self.state.timers.lock();
+        let mut next = index.scanned_to.unwrap_or(0);
         while !buf.is_empty() {
             let last = BatchHeader::parse(&buf).map(|h| h.last_offset()).ok();
             let Ok(set) = RecordBatchDecoder::decode(&mut buf) else {
@@ -253,32 +345,39 @@ impl Scheduler {
             for r in set.records.iter().filter(|r| r.offset >= from) {
                 if let Some(list) = header(r, H_DELIVERED) {
                     for o in list.split(',').filter_map(|o| o.parse().ok()) {
-                        self.index.remove(o);
+                        index.remove(o);
                     }
                 } else if let Some(due) = header(r, P_DUE).and_then(|d| d.parse().ok()) {
-                    self.index.insert(r.offset, due);
+                    index.insert(r.offset, due);
                 }
                 next = r.offset + 1;
             }
         }
-        if next == self.index.scanned_to.unwrap_or(0) {
+        if next == index.scanned_to.unwrap_or(0) {
             next = read.high_watermark;
         }
-        self.index.scanned_to = Some(next);
+        index.scanned_to = Some(next);
+        drop(index);
         self.work(cx)
     }
 
     fn deliver(self, cx: &Cx<'_>, offsets: Vec<i64>, results: Vec<PartResult>) -> Step {
         let mut by_key: IndexMap<PartKey, Vec<Record>> = IndexMap::new();
         let mut done = Vec::new();
+        let mut halves = Vec::new();
         for (offset, result) in offsets.iter().zip(results) {
             let PartResult::Read(read) = result else {
-                return self.backoff("reading a due message failed");
+                return self.backoff("reading a due message failed", offsets);
             };
             let mut buf = read.records.bytes().clone();
             let found = RecordBatchDecoder::decode(&mut buf)
                 .ok()
                 .and_then(|set| set.records.into_iter().find(|r| r.offset == *offset));
+            if let Some(r) = found.as_ref().filter(|r| record_is_half(r)) {
+                halves.push(r.clone());
+                done.push(*offset);
+                continue;
+            }
             let Some((topic, qid, record)) = found.as_ref().and_then(delivery) else {
                 log::warn!("timer queue: offset {offset} is not a due message any more; dropped");
                 done.push(*offset);
@@ -299,26 +398,101 @@ impl Scheduler {
             }
         }
         let mut ops = Vec::new();
+        let delivered = by_key.len();
         for (key, records) in by_key {
             match message::encode_batch(&records) {
                 Ok(b) => ops.push((key, PartOp::Append { records: b })),
                 Err(e) => log::error!("delayed messages cannot be encoded ({e}); dropped"),
             }
         }
+        // Unresolved halves go back into the queue, due at their next check; the checks
+        // go out once the copies they name are stored.
+        let mut checks = Vec::new();
+        if let Some((timer, _)) = Self::timer_key(cx.broker) {
+            for r in halves {
+                match self.recheck(&r) {
+                    Some(again) => match message::encode_batch(&[again]) {
+                        Ok(b) => {
+                            ops.push((timer, PartOp::Append { records: b }));
+                            checks.push(r);
+                        }
+                        Err(e) => log::error!("a half message cannot be encoded ({e}); dropped"),
+                    },
+                    None => log::warn!(
+                        "transaction of message {} unresolved after {} checks: rolled back",
+                        header(&r, P_UNIQ_KEY).unwrap_or("?"),
+                        self.state.tx.max_checks
+                    ),
+                }
+            }
+        }
         gather(ops, move |cx, results| {
-            if results.iter().any(|r| !matches!(r, PartResult::Appended(..))) {
+            if results[..delivered].iter().any(|r| !matches!(r, PartResult::Appended(..))) {
                 // Some destinations refused: everything of this round stays pending and is
                 // tried again (the appended ones may be delivered twice, never lost).
-                return self.backoff("delivering due messages failed");
+                return self.backoff("delivering due messages failed", offsets);
+            }
+            for (r, put) in checks.iter().zip(&results[delivered..]) {
+                match put {
+                    PartResult::Appended(info, _) => self.send_check(cx, r, info.base_offset),
+                    _ => log::warn!("a half message could not be put back for its next check"),
+                }
             }
             self.mark(cx, done)
         })
     }
 
+    /// The copy of a half that waits for its next check, or `None` when it has had all
+    /// its checks.
+    fn recheck(&self, r: &Record) -> Option<Record> {
+        let checks: u32 = header(r, P_CHECK_TIMES).and_then(|c| c.parse().ok()).unwrap_or(0);
+        if checks >= self.state.tx.max_checks {
+            return None;
+        }
+        let mut again = r.clone();
+        let due = now_ms() + self.state.tx.interval.as_millis() as i64;
+        again.headers.insert(P_CHECK_TIMES.into(), Some(Bytes::from((checks + 1).to_string())));
+        again.headers.insert(P_DUE.into(), Some(Bytes::from(due.to_string())));
+        Some(again)
+    }
+
+    /// Asks a connected producer of the half's group how its transaction ended
+    /// (CHECK_TRANSACTION_STATE, naming the copy at `offset`); it answers with
+    /// END_TRANSACTION.
+    fn send_check(&self, cx: &Cx<'_>, r: &Record, offset: i64) {
+        let Some(group) = header(r, P_PGROUP) else { return };
+        let Some(conn) = self.state.clients.producer_conn(group, cx.now) else {
+            log::debug!("no producer of group {group} connected to check a transaction");
+            return;
+        };
+        let Some(timer) = cx.broker.topic(TIMER_TOPIC) else { return };
+        let physical = message::physical_offset(message::topic_tag(&timer.meta.id), 0, offset);
+        let (Some(topic), Some(qid)) = (header(r, P_REAL_TOPIC), header(r, P_REAL_QID).and_then(|q| q.parse().ok()))
+        else {
+            return;
+        };
+        let mut copy = r.clone();
+        copy.offset = offset;
+        let mut body = bytes::BytesMut::new();
+        let at = Stored { topic, queue_id: qid, store_host: self.state.store_host, physical_offset: physical };
+        message::encode_for_pull(&mut body, &copy, &at, r.timestamp);
+        let msg_id = message::offset_msg_id(self.state.store_host, physical);
+        let mut cmd = Command::request(super::codes::CHECK_TRANSACTION_STATE, Vec::new(), true, 0)
+            .with("tranStateTableOffset", offset)
+            .with("commitLogOffset", physical)
+            .with("msgId", header(r, P_UNIQ_KEY).unwrap_or(&msg_id))
+            .with("offsetMsgId", &msg_id);
+        if let Some(id) = header(r, P_UNIQ_KEY) {
+            cmd = cmd.with("transactionId", id);
+        }
+        cmd.body = body.freeze();
+        self.state.clients.push(conn, cmd);
+    }
+
     /// Records on the timer queue that `offsets` are delivered.
-    fn mark(mut self, cx: &Cx<'_>, offsets: Vec<i64>) -> Step {
-        for o in &offsets {
-            self.index.remove(*o);
+    fn mark(self, cx: &Cx<'_>, offsets: Vec<i64>) -> Step {
+        if offsets.is_empty() {
+            return self.work(cx);
         }
         let Some((key, _)) = Self::timer_key(cx.broker) else { return self.work(cx) };
         let Ok(batch) = message::encode_batch(&[marker(&offsets)]) else { return self.work(cx) };
@@ -333,12 +507,14 @@ impl Scheduler {
     /// Stores the cursor at most once a second (a restart scans from it; the markers
     /// after it keep it exact).
     fn maybe_commit(&mut self, cx: &Cx<'_>) {
-        let cursor = self.index.cursor();
-        if cursor <= self.index.committed || self.index.last_commit.is_some_and(|t| t.elapsed() < BACKOFF) {
+        let mut index = self.index();
+        let cursor = index.cursor();
+        if cursor <= index.committed || index.last_commit.is_some_and(|t| t.elapsed() < BACKOFF) {
             return;
         }
-        self.index.committed = cursor;
-        self.index.last_commit = Some(cx.now);
+        index.committed = cursor;
+        index.last_commit = Some(cx.now);
+        drop(index);
         let (broker, now) = (cx.broker.clone(), cx.now);
         drop(cx.broker.files.run(move || {
             let c = Committed { offset: cursor, leader_epoch: -1, metadata: None };
@@ -348,8 +524,15 @@ impl Scheduler {
         }));
     }
 
-    fn backoff(mut self, why: &str) -> Step {
+    /// Waits a moment after a failure; `taken` go back into the index, due now.
+    fn backoff(mut self, why: &str, taken: Vec<i64>) -> Step {
         log::warn!("scheduler: {why}; trying again in {} ms", BACKOFF.as_millis());
+        let now = now_ms();
+        let mut index = self.index();
+        for o in taken {
+            index.insert(o, now);
+        }
+        drop(index);
         self.phase = Phase::Backoff(Instant::now() + BACKOFF);
         Step::Park(Box::new(self))
     }
@@ -360,8 +543,8 @@ impl Parked for Scheduler {
         match &self.phase {
             Phase::Backoff(t) => Some(*t),
             Phase::Running => {
-                let (due, _) = self.index.by_due.first()?;
-                let wait = (*due - now_ms()).max(0) as u64;
+                let (due, _) = *self.index().by_due.first()?;
+                let wait = (due - now_ms()).max(0) as u64;
                 Some(Instant::now() + Duration::from_millis(wait))
             }
             _ => None,
@@ -400,7 +583,8 @@ impl Parked for Scheduler {
             Phase::Running => {}
         }
         // The state moves into the next step (a gather's finisher, or a new parked slot).
-        Some(Ok(std::mem::take(self).work(cx)))
+        let me = Scheduler { phase: std::mem::take(&mut self.phase), state: self.state.clone() };
+        Some(Ok(me.work(cx)))
     }
 }
 
