@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|log
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq
 """
 import json
 import sys
@@ -87,5 +87,20 @@ def report():
         print(f"| | (raw TCP ping-pong p50 {f1(lim)}) | | | | | | | |")
 
 
+def rocketmq():
+    d = load("rocketmq")
+    print("| workload (`docs/bench/rocketmq/`) | target | send p50 | p99 | p99.9 | end-to-end p50 | msg/s | × limit |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for w in d["workloads"]:
+        name = w["workload"]["name"]
+        lim = limit_p50(w)
+        for i, t in enumerate(w["targets"]):
+            p, e = t["publish"], t["end_to_end"]
+            over = "–" if "throughput" in name else f"{pct(p, 'p50') / lim:.2f}"
+            print(f"| {name if i == 0 else ''} | {t['name']} | {f1(pct(p, 'p50'))} | {f1(pct(p, 'p99'))} | "
+                  f"{f1(pct(p, 'p99.9'))} | {f1(pct(e, 'p50'))} | {t['throughput_msgs_per_s']:,.0f} | {over} |")
+        print(f"| | (raw TCP ping-pong p50 {f1(lim)}) | | | | | | |")
+
+
 if __name__ == "__main__":
-    {"transports": transports, "latency-modes": latency_modes, "report": report}[sys.argv[1]]()
+    {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq}[sys.argv[1]]()

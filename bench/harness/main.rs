@@ -20,6 +20,7 @@ mod rawtcp;
 #[cfg(feature = "rdkafka-client")]
 mod rdk;
 mod report;
+mod rmq;
 mod stats;
 mod workload;
 
@@ -71,8 +72,20 @@ impl ClientKind {
     }
 }
 
+/// The wire protocol the clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    Kafka,
+    /// RocketMQ remoting (native client): slipstream targets get a RocketMQ listener and
+    /// name server; an external target's address is its name server.
+    Rocketmq,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// What the clients speak.
+    #[arg(long, value_enum, default_value_t = Protocol::Kafka)]
+    pub protocol: Protocol,
     /// Workload name (from bench/workloads) or file; repeatable [default: latency-128b].
     #[arg(long = "workload")]
     pub workloads: Vec<String>,
@@ -192,11 +205,19 @@ struct Spawned {
     bridge: Option<Child>,
     /// Where clients connect: the broker, or its bridge.
     addr: SocketAddr,
+    /// The RocketMQ name server, when started with one.
+    namesrv: Option<SocketAddr>,
     _data: tempfile::TempDir,
 }
 
 impl Spawned {
-    fn start(kind: TransportKind, flags: &[String], cores: usize, log: &Path) -> anyhow::Result<Spawned> {
+    fn start(
+        kind: TransportKind,
+        flags: &[String],
+        cores: usize,
+        log: &Path,
+        protocol: Protocol,
+    ) -> anyhow::Result<Spawned> {
         let listen: SocketAddr = if kind == TransportKind::Rdma {
             let ip = rdma_ip().context("slipstream:rdma needs SLIPSTREAM_RDMA_IP (an address of an RDMA device)")?;
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -212,17 +233,29 @@ impl Spawned {
         };
         let exe = slipstream_binary()?;
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let (mut extra, mut namesrv) = (Vec::new(), None);
+        if protocol == Protocol::Rocketmq {
+            let (rmq, ns) = (free_loopback_addr()?, free_loopback_addr()?);
+            extra = vec![
+                "--listen".to_string(),
+                format!("rocketmq://{rmq}"),
+                "--listen".to_string(),
+                format!("rocketmq-namesrv://{ns}"),
+            ];
+            namesrv = Some(ns);
+        }
         let child = Command::new(&exe)
             .args(["serve", "--listen", &listen.to_string(), "--cores", &cores.to_string(), "--transport"])
             .arg(format!("{kind:?}").to_lowercase())
             .arg("--data-dir")
             .arg(data.path())
+            .args(&extra)
             .args(flags)
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
             .context("starting slipstream serve")?;
-        let mut s = Spawned { child, bridge: None, addr: listen, _data: data };
+        let mut s = Spawned { child, bridge: None, addr: listen, namesrv, _data: data };
         if kind == TransportKind::Rdma {
             s.addr = free_loopback_addr()?;
             let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
@@ -363,13 +396,21 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
             for (ti, target) in targets.iter().enumerate() {
                 bar.set_prefix(format!("{} #{}", target.name(), rep + 1));
                 let topic = format!("bench-{}-{}", w.name, uuid::Uuid::new_v4().simple());
-                let (out, bootstrap) = match target {
-                    Target::Slipstream(kind, flags) => {
-                        let s = Spawned::start(*kind, flags, args.broker_cores, &broker_log)?;
-                        let out = args.client.run(s.addr, w, &topic, args.fetch_wait_ms, Some(s.child.id()), &bar)?;
-                        (out, s.addr.to_string())
+                let (out, bootstrap) = match (target, args.protocol) {
+                    (Target::Slipstream(kind, flags), protocol) => {
+                        let s = Spawned::start(*kind, flags, args.broker_cores, &broker_log, protocol)?;
+                        let pid = Some(s.child.id());
+                        match s.namesrv {
+                            Some(ns) => (rmq::run(ns, w, &topic, pid, &bar)?, ns.to_string()),
+                            None => {
+                                (args.client.run(s.addr, w, &topic, args.fetch_wait_ms, pid, &bar)?, s.addr.to_string())
+                            }
+                        }
                     }
-                    Target::External { addr, pid, .. } => {
+                    (Target::External { addr, pid, .. }, Protocol::Rocketmq) => {
+                        (rmq::run(*addr, w, &topic, *pid, &bar)?, addr.to_string())
+                    }
+                    (Target::External { addr, pid, .. }, Protocol::Kafka) => {
                         (args.client.run(*addr, w, &topic, args.fetch_wait_ms, *pid, &bar)?, addr.to_string())
                     }
                 };
@@ -452,7 +493,10 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
         slipstream_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         machine,
-        client: args.client.name().into(),
+        client: match args.protocol {
+            Protocol::Kafka => args.client.name().into(),
+            Protocol::Rocketmq => "rocketmq remoting (native)".into(),
+        },
         notes,
         workloads: results,
     };
