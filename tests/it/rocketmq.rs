@@ -183,3 +183,63 @@ per_transport!(rocketmq_bad_input_costs_only_that_connection, |t| {
     assert!(broker.terminate().success());
     assert!(broker.stats().connections_closed_bad_input >= bad.len() as u64, "{:?}", broker.stats());
 });
+
+fn heartbeat(client: &str, group: &str, model: &str, opaque: i32) -> Command {
+    let mut hb = request(34, opaque, &[]);
+    hb.body = Bytes::from(
+        serde_json::json!({
+            "clientID": client,
+            "producerDataSet": [],
+            "consumerDataSet": [{
+                "groupName": group,
+                "consumeType": "CONSUME_PASSIVELY",
+                "messageModel": model,
+                "consumeFromWhere": "CONSUME_FROM_LAST_OFFSET",
+                "subscriptionDataSet": [{"topic": "t", "subString": "*"}],
+            }],
+        })
+        .to_string(),
+    );
+    hb
+}
+
+/// Reads frames until one the broker initiated (not a response) arrives.
+fn next_request(s: &mut TcpStream, buf: &mut BytesMut) -> Command {
+    loop {
+        if let Some(frame) = Framer::default().cut(buf).expect("frame length") {
+            let cmd = Command::decode(frame).expect("decodes");
+            if !cmd.is_response() {
+                return cmd;
+            }
+            continue;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("read (no notification in time?)");
+        assert!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+// The broker tells a consumer group's clients when the group's membership changes
+// (NOTIFY_CONSUMER_IDS_CHANGED), on the connection they heartbeat on: a new member, and a
+// member whose connection closes. The first heartbeat of a clustering consumer waits for
+// its retry topic to be made, and its connection is watched all the same.
+per_transport!(rocketmq_group_members_are_told_when_the_group_changes, |t| {
+    let (_broker, rmq, _) = start(t, &[]);
+    let mut a = connect(&rmq);
+    assert_eq!(call(&mut a, &heartbeat("client-a", "g", "CLUSTERING", 1)).code, 0);
+    let mut b = connect(&rmq);
+    assert_eq!(call(&mut b, &heartbeat("client-b", "g", "CLUSTERING", 1)).code, 0);
+    let mut buf = BytesMut::new();
+    let notice = next_request(&mut a, &mut buf);
+    assert_eq!((notice.code, notice.field("consumerGroup"), notice.is_oneway()), (40, Some("g"), true));
+    let list = call(&mut a, &request(38, 2, &[("consumerGroup", "g")]));
+    let ids: serde_json::Value = serde_json::from_slice(&list.body).expect("JSON");
+    assert_eq!(ids["consumerIdList"], serde_json::json!(["client-a", "client-b"]));
+    drop(b);
+    let notice = next_request(&mut a, &mut buf);
+    assert_eq!((notice.code, notice.field("consumerGroup")), (40, Some("g")));
+    let list = call(&mut a, &request(38, 3, &[("consumerGroup", "g")]));
+    let ids: serde_json::Value = serde_json::from_slice(&list.body).expect("JSON");
+    assert_eq!(ids["consumerIdList"], serde_json::json!(["client-a"]));
+});

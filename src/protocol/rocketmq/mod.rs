@@ -180,21 +180,22 @@ impl Session for RocketMqSession {
             Role::NameServer => namesrv::handle(cx, &conn, &cmd),
             Role::Broker => broker::handle(cx, &conn, &cmd),
         };
-        let step = step(&cmd, reply);
         if self.role != Role::Broker || cmd.code != codes::HEART_BEAT || self.watching {
-            return Ok(step);
+            return Ok(step(&cmd, reply));
         }
         // A client that heartbeats may be sent requests (rebalance notices, transaction
-        // check-backs): from now on a watch waits on this connection's outbox.
-        let watch = Box::new(Watch { outbox: self.state.clients.outbox(self.conn) });
+        // check-backs): from its first heartbeat on, a watch waits on this connection's
+        // outbox (once the heartbeat is answered, if that waits for the file worker).
         self.watching = true;
-        Ok(match step {
-            Step::Respond(chunks) => Step::Emit(chunks, watch),
-            Step::Silent => Step::Park(watch),
-            other => {
-                // Still working on the heartbeat (making a retry topic): the next one.
+        let watch = Box::new(Watch { outbox: self.state.clients.outbox(self.conn) });
+        let oneway = cmd.is_oneway();
+        Ok(match reply {
+            Reply::Blocking(pending) => Step::Park(Box::new(Blocking { pending, oneway, watch: Some(watch) })),
+            Reply::Done(_) if oneway => Step::Park(watch),
+            Reply::Done(resp) => Step::Emit(encode(resp), watch),
+            Reply::Step(s) => {
                 self.watching = false;
-                other
+                s
             }
         })
     }
@@ -258,17 +259,17 @@ pub(crate) fn step(req: &Command, reply: Reply) -> Step {
     match reply {
         Reply::Step(s) => s,
         _ if oneway && !matches!(reply, Reply::Blocking(_)) => Step::Silent,
-        Reply::Done(cmd) => respond(cmd),
-        Reply::Blocking(pending) => Step::Park(Box::new(Blocking { pending, oneway })),
+        Reply::Done(cmd) => Step::Respond(encode(cmd)),
+        Reply::Blocking(pending) => Step::Park(Box::new(Blocking { pending, oneway, watch: None })),
     }
 }
 
-fn respond(cmd: Command) -> Step {
+fn encode(cmd: Command) -> IoChunks {
     let mut out: IoChunks = vec![Chunk::Heap(cmd.encode_head(cmd.body.len()))];
     if !cmd.body.is_empty() {
         out.push(Chunk::Heap(cmd.body));
     }
-    Step::Respond(out)
+    out
 }
 
 /// What to do with a file-work result.
@@ -298,10 +299,11 @@ impl<T: Send> session::Parked for AfterFiles<T> {
     }
 }
 
-/// A request waiting for the file worker.
+/// A request waiting for the file worker (and the watch its connection gets after it).
 struct Blocking {
     pending: Pending<Command>,
     oneway: bool,
+    watch: Option<Box<Watch>>,
 }
 
 impl session::Parked for Blocking {
@@ -312,6 +314,11 @@ impl session::Parked for Blocking {
     fn poll(&mut self, _cx: &Cx<'_>, _force: bool) -> Option<Result<Step, Fault>> {
         // Not even a shutdown answers it early: what it writes may be half done.
         let cmd = self.pending.try_take()?;
-        Some(Ok(if self.oneway { Step::Silent } else { respond(cmd) }))
+        Some(Ok(match (self.watch.take(), self.oneway) {
+            (Some(watch), true) => Step::Park(watch),
+            (Some(watch), false) => Step::Emit(encode(cmd), watch),
+            (None, true) => Step::Silent,
+            (None, false) => Step::Respond(encode(cmd)),
+        }))
     }
 }
