@@ -1,11 +1,12 @@
 //! # slipstream: a kernel-bypass accelerated broker data path
 //!
-//! Stock Kafka clients connect unchanged (RocketMQ's next); what is underneath is ours end
+//! Stock Kafka and RocketMQ clients connect unchanged; what is underneath is ours end
 //! to end. The layers, top down, each a module; a layer imports only from those below it:
 //!
 //! ```text
 //!   server              `serve`: listeners (each bound to a protocol), cores, I/O thread
 //!   protocol::kafka     wire protocol: framer, session, handlers, response encoding
+//!   protocol::rocketmq  remoting: framer, name server, broker, scheduler service
 //!   ════ dispatch::session ═══ the protocol seam: Protocol, Session, Step, Parked, Finish
 //!   dispatch            thread-per-core, run-to-completion loop; ordered, coalesced
 //!                       replies; parking; gathers of partition operations across cores

@@ -96,6 +96,20 @@ pub fn measure_window(
     (per_second, measured_s, cpu)
 }
 
+/// Waits until the schedule's next send is due (sleeping, then spinning the last 100 µs);
+/// returns at once in a closed loop.
+pub fn pace(schedule: &Schedule, clock: Clock) {
+    if let Some(t) = schedule.next_intended() {
+        let now = clock.ns();
+        if t > now + 200_000 {
+            thread::sleep(Duration::from_nanos(t - now - 100_000));
+        }
+        while clock.ns() < t {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
     Client::connect(addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))
 }
@@ -313,15 +327,7 @@ fn produce(
     let mut i = k as i64;
     // A backlog's fill stops at its size (give or take a request per producer).
     while !stop.load(Ordering::Relaxed) && !w.backlog_written(produced.load(Ordering::Relaxed)) {
-        if let Some(t) = schedule.next_intended() {
-            let now = clock.ns();
-            if t > now + 200_000 {
-                thread::sleep(Duration::from_nanos(t - now - 100_000));
-            }
-            while clock.ns() < t {
-                std::hint::spin_loop();
-            }
-        }
+        pace(&schedule, clock);
         let partition = (i % w.partitions as i64) as i32;
         i += 1;
         let sent = clock.ns();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::native::{measure_window, Clock, RunOutput};
+use super::native::{measure_window, pace, Clock, RunOutput};
 use super::stats::{Recorder, Schedule};
 use super::workload::Workload;
 
@@ -211,15 +211,7 @@ fn produce(
     let mut values = vec![vec![0u8; w.message_size]; w.batch_messages];
     let mut i = k as i64;
     while !stop.load(Ordering::Relaxed) {
-        if let Some(t) = schedule.next_intended() {
-            let now = clock.ns();
-            if t > now + 200_000 {
-                thread::sleep(Duration::from_nanos(t - now - 100_000));
-            }
-            while clock.ns() < t {
-                std::hint::spin_loop();
-            }
-        }
+        pace(&schedule, clock);
         let queue = (i % w.partitions as i64) as i32;
         i += 1;
         let sent = clock.ns();

@@ -452,16 +452,7 @@ impl Core {
                 if let Some(c) = self.conns.remove(&conn) {
                     crate::transport::shrink_after_remove(&mut self.conns);
                     self.closed_since_trim += 1;
-                    for s in &c.queue {
-                        match s {
-                            Slot::Parked(_) => self.parked -= 1,
-                            Slot::Gathering(g) => {
-                                // Results still on their way are dropped on arrival.
-                                self.tickets.remove(&g.ticket);
-                            }
-                            Slot::Ready(_) => {}
-                        }
-                    }
+                    self.forget_slots(&c.queue);
                     match reason {
                         CloseReason::Error(e) => log::debug!("connection from {} ended: {e}", c.peer),
                         _ => log::debug!("connection from {} closed", c.peer),
@@ -652,6 +643,20 @@ impl Core {
         self.maybe_resume(conn);
     }
 
+    /// Accounts for the slots of a connection that is gone: its parked requests no longer
+    /// count, and results still on their way to its gathers are dropped on arrival.
+    fn forget_slots(&mut self, queue: &VecDeque<Slot>) {
+        for s in queue {
+            match s {
+                Slot::Parked(_) => self.parked -= 1,
+                Slot::Gathering(g) => {
+                    self.tickets.remove(&g.ticket);
+                }
+                Slot::Ready(_) => {}
+            }
+        }
+    }
+
     /// Sends the ready responses at the head of `conn`'s queue as one vectored write.
     fn flush(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
@@ -679,15 +684,7 @@ impl Core {
             if close || c.queue.is_empty() {
                 log::info!("core {}: a service ended", self.id);
                 if let Some(c) = self.conns.remove(&conn) {
-                    for s in &c.queue {
-                        match s {
-                            Slot::Parked(_) => self.parked -= 1,
-                            Slot::Gathering(g) => {
-                                self.tickets.remove(&g.ticket);
-                            }
-                            Slot::Ready(_) => {}
-                        }
-                    }
+                    self.forget_slots(&c.queue);
                 }
             }
             return;

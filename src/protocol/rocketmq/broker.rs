@@ -14,11 +14,11 @@ use super::frame::Command;
 use super::message::{self, Message, Stored, TagFilter};
 use super::namesrv::ensure_topic;
 use super::schedule;
-use super::{error, ok, step, AfterFiles, Conn, Reply};
+use super::{error, gather_then, ok, step, AfterFiles, Conn, FinishWith, Reply};
 use crate::broker::groups::Committed;
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{Broker, PartKey, PartitionShared, Topic};
-use crate::dispatch::session::{self, Cx, Fault, Finish, Gather, Step};
+use crate::dispatch::session::{self, Cx, Fault, Gather, Step};
 use crate::log::LogError;
 use crate::metrics::{self, Path};
 
@@ -104,23 +104,11 @@ fn topic_tag(topic: &Topic) -> u16 {
     message::topic_tag(&topic.meta.id)
 }
 
-/// Runs `f` on the gathered results.
-struct FinishWith<F>(F);
-
-impl<F> Finish for FinishWith<F>
-where
-    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send,
-{
-    fn finish(self: Box<Self>, cx: &Cx<'_>, results: Vec<PartResult>) -> Result<Step, Fault> {
-        Ok((self.0)(cx, results))
-    }
-}
-
 fn gather<F>(ops: Vec<(PartKey, PartOp)>, then: F) -> Reply
 where
     F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send + 'static,
 {
-    Reply::Step(Step::Gather(Gather { ops, then: Box::new(FinishWith(then)) }))
+    Reply::Step(gather_then(ops, then))
 }
 
 fn log_error_reply(req: &Command, e: &LogError) -> Reply {

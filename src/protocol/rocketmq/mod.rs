@@ -34,7 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::Notifier;
+use crate::broker::shard::{PartOp, PartResult};
+use crate::broker::{Notifier, PartKey};
 use crate::buffer::{Chunk, IoChunks};
 use crate::dispatch::session::{self, Cx, Fault, Protocol, Session, Step};
 use crate::log::Pending;
@@ -270,6 +271,26 @@ fn encode(cmd: Command) -> IoChunks {
         out.push(Chunk::Heap(cmd.body));
     }
     out
+}
+
+/// A [`Finish`](session::Finish) that runs a closure on the gathered results.
+pub(crate) struct FinishWith<F>(pub F);
+
+impl<F> session::Finish for FinishWith<F>
+where
+    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send,
+{
+    fn finish(self: Box<Self>, cx: &Cx<'_>, results: Vec<PartResult>) -> Result<Step, Fault> {
+        Ok((self.0)(cx, results))
+    }
+}
+
+/// Partition operations on their owners, then `then` on their results.
+pub(crate) fn gather_then<F>(ops: Vec<(PartKey, PartOp)>, then: F) -> Step
+where
+    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send + 'static,
+{
+    Step::Gather(session::Gather { ops, then: Box::new(FinishWith(then)) })
 }
 
 /// What to do with a file-work result.

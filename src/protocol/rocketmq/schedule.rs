@@ -34,11 +34,11 @@ use std::time::{Duration, Instant};
 use super::frame::Command;
 use super::message::{self, Message, Stored};
 use super::namesrv::ensure_topic;
-use super::RocketMqState;
+use super::{gather_then as gather, RocketMqState};
 use crate::broker::groups::Committed;
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{Broker, PartKey};
-use crate::dispatch::session::{Cx, Fault, Finish, Gather, Parked, Step};
+use crate::dispatch::session::{Cx, Fault, Parked, Step};
 use crate::log::batch::BatchHeader;
 use crate::log::{now_ms, Pending};
 
@@ -586,25 +586,6 @@ impl Parked for Scheduler {
         let me = Scheduler { phase: std::mem::take(&mut self.phase), state: self.state.clone() };
         Some(Ok(me.work(cx)))
     }
-}
-
-/// Runs `f` on the gathered results.
-struct Then<F>(F);
-
-impl<F> Finish for Then<F>
-where
-    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send,
-{
-    fn finish(self: Box<Self>, cx: &Cx<'_>, results: Vec<PartResult>) -> Result<Step, Fault> {
-        Ok((self.0)(cx, results))
-    }
-}
-
-fn gather<F>(ops: Vec<(PartKey, PartOp)>, then: F) -> Step
-where
-    F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send + 'static,
-{
-    Step::Gather(Gather { ops, then: Box::new(Then(then)) })
 }
 
 #[cfg(test)]
