@@ -243,3 +243,52 @@ per_transport!(rocketmq_group_members_are_told_when_the_group_changes, |t| {
     let ids: serde_json::Value = serde_json::from_slice(&list.body).expect("JSON");
     assert_eq!(ids["consumerIdList"], serde_json::json!(["client-a"]));
 });
+
+fn holds(body: &[u8], text: &str) -> bool {
+    body.windows(text.len()).any(|w| w == text.as_bytes())
+}
+
+// VIEW_MESSAGE_BY_ID with the offset message id a send answered, and QUERY_MESSAGE by key
+// and by unique key; a key that is not there is QUERY_NOT_FOUND.
+per_transport!(rocketmq_messages_are_found_by_id_and_by_key, |t| {
+    let (_broker, rmq, ns) = start(t, &[]);
+    let mut ns_conn = connect(&ns);
+    assert_eq!(call(&mut ns_conn, &request(105, 1, &[("topic", "lookup")])).code, 0, "route (auto-create)");
+    let mut c = connect(&rmq);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let props = format!("KEYS\u{1}k{i} shared\u{2}UNIQ_KEY\u{1}U{i}\u{2}TAGS\u{1}t\u{2}");
+        let q = (i % 4).to_string();
+        let born = "1700000000000".to_string();
+        let ext = [("a", "p"), ("b", "lookup"), ("e", q.as_str()), ("g", born.as_str()), ("i", props.as_str())];
+        let mut send = request(310, 10 + i, &ext);
+        send.body = Bytes::from(format!("body-{i}"));
+        let resp = call(&mut c, &send);
+        assert_eq!(resp.code, 0, "{resp:?}");
+        ids.push(resp.field("msgId").expect("msgId").to_string());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let physical = i64::from_str_radix(&id[16..], 16).expect("hex");
+        let resp = call(&mut c, &request(33, 100 + i as i32, &[("offset", &physical.to_string())]));
+        assert_eq!(resp.code, 0, "view {id}: {resp:?}");
+        // The body, then the one-byte topic length and the topic: exactly this message.
+        assert!(holds(&resp.body, &format!("body-{i}\u{6}lookup")), "view {id} found another message");
+    }
+    let query = |c: &mut TcpStream, key: &str, unique: bool, opaque: i32| {
+        let mut ext = vec![("topic", "lookup"), ("key", key), ("maxNum", "32"), ("beginTimestamp", "0")];
+        ext.push(("endTimestamp", "9999999999999"));
+        if unique {
+            ext.push(("_UNIQUE_KEY_QUERY", "true"));
+        }
+        call(c, &request(12, opaque, &ext))
+    };
+    let by_key = query(&mut c, "k7", false, 200);
+    assert_eq!(by_key.code, 0, "{by_key:?}");
+    assert!(holds(&by_key.body, "body-7") && !holds(&by_key.body, "body-1"), "query k7");
+    let shared = query(&mut c, "shared", false, 201);
+    let n = (10..20).filter(|i| holds(&shared.body, &format!("body-{i}"))).count();
+    assert!(shared.code == 0 && n == 10, "a key every message carries: {n} of body-10..19 found");
+    let unique = query(&mut c, "U3", true, 202);
+    assert!(unique.code == 0 && holds(&unique.body, "body-3") && !holds(&unique.body, "body-13"), "{unique:?}");
+    assert_eq!(query(&mut c, "nope", false, 203).code, 22);
+});

@@ -60,6 +60,8 @@ pub fn handle(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
         Some(Request::GetEarliestMsgStoreTime) => earliest_time(cx, req),
         Some(Request::UpdateAndCreateTopic) => create_topic(cx, req),
         Some(Request::ConsumerSendMsgBack) => send_back(cx, conn, req),
+        Some(Request::ViewMessageById) => super::lookup::view_by_id(cx, conn, req),
+        Some(Request::QueryMessage) => super::lookup::query(cx, conn, req),
         Some(Request::CheckClientConfig) => Reply::Done(ok(req)),
         _ => error(
             req,

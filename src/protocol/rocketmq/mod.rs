@@ -26,6 +26,7 @@ pub mod schedule;
 
 mod broker;
 mod clients;
+mod lookup;
 mod namesrv;
 
 use bytes::{Bytes, BytesMut};
