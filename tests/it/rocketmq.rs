@@ -86,6 +86,17 @@ per_transport!(rocketmq_client_rust_remoting, |t| {
     run_client(&suite, &["--namesrv", &ns, "--phase", "2"], SUITE_TIMEOUT);
 });
 
+// The same round trip with rocketmq-client-rust: its messages read by confluent-kafka,
+// confluent-kafka's records read by it through a tag subscription.
+per_transport!(cross_protocol_rocketmq_client_rust_and_confluent_kafka, |t| {
+    let (broker, _, ns) = start(t, &[]);
+    let (bootstrap, suite) = (broker.addr.to_string(), rust_suite());
+    run_client(&suite, &["--namesrv", &ns, "--phase", "cross-send"], SUITE_TIMEOUT);
+    run_client("python3", &["cross_protocol.py", "--bootstrap", &bootstrap, "--phase", "read"], SUITE_TIMEOUT);
+    run_client("python3", &["cross_protocol.py", "--bootstrap", &bootstrap, "--phase", "write"], SUITE_TIMEOUT);
+    run_client(&suite, &["--namesrv", &ns, "--phase", "cross-receive"], SUITE_TIMEOUT);
+});
+
 fn connect(addr: &str) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");

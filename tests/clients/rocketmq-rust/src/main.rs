@@ -9,12 +9,15 @@
 //!   transactions committed, rolled back and left unknown (resolved by check-back).
 //! phase 2 (after a broker restart): 1,000 more sync sends; the all-tags group resumes
 //!   exactly after its committed offsets.
+//! cross-send / cross-receive: the RocketMQ halves of the round trip with confluent-kafka
+//!   (cross_protocol.py).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cheetah_string::CheetahString;
 use parking_lot::Mutex;
 use rocketmq_client_rust::*;
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
@@ -282,6 +285,39 @@ async fn transactions(rt: &Arc<ClientRuntime>, ns: &str) -> ClientResult<()> {
     Ok(())
 }
 
+/// The RocketMQ half of the round trip with confluent-kafka (cross_protocol.py): 100
+/// messages to `cross-r2k` with tag, keys and a user property.
+async fn cross_send(rt: &Arc<ClientRuntime>, ns: &str) -> ClientResult<()> {
+    let mut producer = DefaultMQProducer::builder(rt.clone()).producer_group("rs-cross".to_string()).name_server_addr(ns.to_string()).build();
+    producer.start().await?;
+    for i in 0..100 {
+        let mut m = msg("cross-r2k", "TagX", Some(format!("rk-{i}")), format!("from-rocketmq-{i}"));
+        m.put_user_property(CheetahString::from("user_prop"), CheetahString::from(format!("v{i}"))).unwrap_or_else(|e| fail(format!("property: {e}")));
+        let r = producer.send_with_timeout(m, 10_000).await?.unwrap_or_else(|| fail("no send result".into()));
+        check!(r.send_status == SendStatus::SendOk, "send status {:?}", r.send_status);
+    }
+    producer.shutdown().await;
+    Ok(())
+}
+
+/// Reads what cross_protocol.py produced with confluent-kafka to `cross-k2r`, through a
+/// TagK subscription: key → KEYS, headers → properties.
+async fn cross_receive(rt: &Arc<ClientRuntime>, ns: &str) -> ClientResult<()> {
+    let seen: Seen = Arc::default();
+    let mut c = push_consumer(rt, ns, "rs-cross-reader", "cross-k2r", "TagK", seen.clone()).await?;
+    wait_for("Kafka records", 120, || seen.lock().len() >= 50).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.shutdown().await;
+    let seen = seen.lock();
+    check!(seen.len() == 50, "got {} of the 50 TagK records", seen.len());
+    for (body, (_, keys, _)) in seen.iter() {
+        let i: usize = body.rsplit('-').next().and_then(|i| i.parse().ok()).unwrap_or(1);
+        check!(i % 2 == 0, "{body} does not carry TagK");
+        check!(keys.as_deref() == Some(&format!("kk-{i}")[..]), "Kafka key did not become KEYS: {keys:?}");
+    }
+    Ok(())
+}
+
 async fn phase2(rt: &Arc<ClientRuntime>, ns: &str) -> ClientResult<()> {
     let mut producer = DefaultMQProducer::builder(rt.clone()).producer_group("rs-producer".to_string()).name_server_addr(ns.to_string()).build();
     producer.start().await?;
@@ -320,6 +356,8 @@ async fn main() {
     let result = match phase.as_str() {
         "1" => phase1(&rt, &ns).await,
         "2" => phase2(&rt, &ns).await,
+        "cross-send" => cross_send(&rt, &ns).await,
+        "cross-receive" => cross_receive(&rt, &ns).await,
         other => fail(format!("unknown phase {other}")),
     };
     if let Err(e) = result {
