@@ -303,3 +303,26 @@ per_transport!(rocketmq_messages_are_found_by_id_and_by_key, |t| {
     assert!(unique.code == 0 && holds(&unique.body, "body-3") && !holds(&unique.body, "body-13"), "{unique:?}");
     assert_eq!(query(&mut c, "nope", false, 203).code, 22);
 });
+
+// With auto-creation off, an unknown topic has no route (TOPIC_NOT_EXIST) and a send to it
+// is refused with TOPIC_NOT_EXIST; TBW102 and a topic made with UPDATE_AND_CREATE_TOPIC
+// are routed, with the queue count asked for.
+per_transport!(rocketmq_routes_without_auto_creation, |t| {
+    let (_broker, rmq, ns) = start(t, &["--auto-create-topics", "false"]);
+    let mut n = connect(&ns);
+    assert_eq!(call(&mut n, &request(105, 1, &[("topic", "unknown")])).code, 17);
+    assert_eq!(call(&mut n, &request(105, 2, &[("topic", "TBW102")])).code, 0);
+    let mut c = connect(&rmq);
+    let mut send = request(310, 3, &[("a", "p"), ("b", "unknown"), ("e", "0")]);
+    send.body = Bytes::from_static(b"x");
+    assert_eq!(call(&mut c, &send).code, 17);
+    let made = call(&mut c, &request(17, 4, &[("topic", "made"), ("readQueueNums", "3"), ("writeQueueNums", "3")]));
+    assert_eq!(made.code, 0, "{made:?}");
+    let route = call(&mut n, &request(105, 5, &[("topic", "made")]));
+    assert_eq!(route.code, 0);
+    let body: serde_json::Value = serde_json::from_slice(&route.body).expect("route JSON");
+    assert_eq!(
+        (body["queueDatas"][0]["writeQueueNums"].as_i64(), body["queueDatas"][0]["perm"].as_i64()),
+        (Some(3), Some(6))
+    );
+});
