@@ -96,6 +96,24 @@ pub fn measure_window(
     (per_second, measured_s, cpu)
 }
 
+/// Whether a consumer should stop: the producers have stopped and this partition got
+/// about its share of what they produced (every partition gets about the same), or 5 s
+/// have passed since they stopped.
+pub fn drained(
+    stop: &AtomicBool,
+    stop_seen_at: &mut Option<Instant>,
+    produced: &AtomicU64,
+    partitions: u64,
+    seen: u64,
+) -> bool {
+    if !stop.load(Ordering::Relaxed) {
+        return false;
+    }
+    let since = *stop_seen_at.get_or_insert_with(Instant::now);
+    let share = produced.load(Ordering::Relaxed) / partitions.max(1);
+    seen >= share.saturating_sub(1) || since.elapsed() > Duration::from_secs(5)
+}
+
 /// Waits until the schedule's next send is due (sleeping, then spinning the last 100 µs);
 /// returns at once in a closed loop.
 pub fn pace(schedule: &Schedule, clock: Clock) {
@@ -354,12 +372,7 @@ fn produce(
         let done = clock.ns();
         produced.fetch_add(per_request, Ordering::Relaxed);
         if measuring {
-            if w.acks != 0 {
-                r.publish.record_ns_n(done - sent, per_request);
-            }
-            r.publish_delay.record_ns_n(delay, per_request);
-            r.messages_sent += per_request;
-            r.bytes_sent += per_request * w.message_size as u64;
+            r.acknowledged((w.acks != 0).then_some(done - sent), delay, per_request, w.message_size);
             acked.fetch_add(per_request, Ordering::Relaxed);
         }
     }
@@ -383,13 +396,8 @@ fn consume(
     let mut seen = 0u64;
     let mut stop_seen_at: Option<Instant> = None;
     loop {
-        if stop.load(Ordering::Relaxed) {
-            let since = *stop_seen_at.get_or_insert_with(Instant::now);
-            // Every partition gets about its share; stop once this one looks drained.
-            let share = produced.load(Ordering::Relaxed) / partitions.max(1);
-            if seen >= share.saturating_sub(1) || since.elapsed() > Duration::from_secs(5) {
-                break;
-            }
+        if drained(stop, &mut stop_seen_at, produced, partitions, seen) {
+            break;
         }
         let f = c.fetch(topic, partition, offset, 4 << 20, fetch_wait_ms)?;
         if f.error_code != 0 {

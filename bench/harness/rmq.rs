@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::native::{measure_window, pace, Clock, RunOutput};
+use super::native::{drained, measure_window, pace, Clock, RunOutput};
 use super::stats::{Recorder, Schedule};
 use super::workload::Workload;
 
@@ -249,10 +249,7 @@ fn produce(
         let done = clock.ns();
         produced.fetch_add(per_request, Ordering::Relaxed);
         if sent >= warmup_ns {
-            r.publish.record_ns_n(done - sent, per_request);
-            r.publish_delay.record_ns_n(delay, per_request);
-            r.messages_sent += per_request;
-            r.bytes_sent += per_request * w.message_size as u64;
+            r.acknowledged(Some(done - sent), delay, per_request, w.message_size);
             acked.fetch_add(per_request, Ordering::Relaxed);
         }
     }
@@ -295,12 +292,8 @@ fn consume(
     let (mut offset, mut seen) = (0i64, 0u64);
     let mut stop_seen_at: Option<Instant> = None;
     loop {
-        if stop.load(Ordering::Relaxed) {
-            let since = *stop_seen_at.get_or_insert_with(Instant::now);
-            let share = produced.load(Ordering::Relaxed) / queues.max(1);
-            if seen >= share.saturating_sub(1) || since.elapsed() > Duration::from_secs(5) {
-                break;
-            }
+        if drained(stop, &mut stop_seen_at, produced, queues, seen) {
+            break;
         }
         let ext = [
             ("consumerGroup", group.to_string()),

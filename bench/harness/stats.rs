@@ -149,6 +149,18 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// `n` messages of `size` bytes acknowledged in the measured window, `publish_ns`
+    /// after they were sent (`None`: nothing to wait for, acks=0) and `delay_ns` late
+    /// against the schedule.
+    pub fn acknowledged(&mut self, publish_ns: Option<u64>, delay_ns: u64, n: u64, size: usize) {
+        if let Some(p) = publish_ns {
+            self.publish.record_ns_n(p, n);
+        }
+        self.publish_delay.record_ns_n(delay_ns, n);
+        self.messages_sent += n;
+        self.bytes_sent += n * size as u64;
+    }
+
     pub fn merge(&mut self, o: &Recorder) {
         self.publish.merge(&o.publish);
         self.publish_delay.merge(&o.publish_delay);

@@ -10,8 +10,8 @@
 //! core owns the partition and otherwise sent to the owner as a [`CoreMsg::Op`]; the
 //! request waits in a *gathering* slot until every result is back. Requests that must wait
 //! for data or a rebalance are *parked* and re-polled when the broker's notifier wakes the
-//! core or their deadline passes. Ready responses at the head of a connection's queue are
-//! coalesced into one vectored send.
+//! core or their deadline passes. Ready responses at the head of a connection's queue (on
+//! an unordered session, all ready ones) are coalesced into one vectored send.
 //!
 //! Slow file-system work (msync for the `interval` flush policy, sealed-segment indexes,
 //! retention's unlinks, creating the next segment file) goes from the logs straight to the
@@ -657,7 +657,8 @@ impl Core {
         }
     }
 
-    /// Sends the ready responses at the head of `conn`'s queue as one vectored write.
+    /// Sends the ready responses of `conn` as one vectored write: those at the head of its
+    /// queue, or on an unordered session every ready one.
     fn flush(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let mut out: IoChunks = Vec::new();

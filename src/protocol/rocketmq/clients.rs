@@ -86,11 +86,17 @@ impl Clients {
         self.inner.lock().outboxes.entry(conn).or_default().clone()
     }
 
-    /// Sends `cmd` (a broker-initiated request) to `conn`'s client.
-    pub fn push(&self, conn: u64, mut cmd: Command) -> bool {
-        let Some(outbox) = self.inner.lock().outboxes.get(&conn).cloned() else { return false };
+    /// Puts `cmd` (a broker-initiated request) in `outbox`, with an opaque of its own; the
+    /// caller pokes the notifier.
+    fn put(&self, outbox: &Outbox, mut cmd: Command) {
         cmd.opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
         outbox.put(cmd.encode());
+    }
+
+    /// Sends `cmd` (a broker-initiated request) to `conn`'s client.
+    pub fn push(&self, conn: u64, cmd: Command) -> bool {
+        let Some(outbox) = self.inner.lock().outboxes.get(&conn).cloned() else { return false };
+        self.put(&outbox, cmd);
         self.notifier.notify();
         true
     }
@@ -99,18 +105,10 @@ impl Clients {
     fn notify_changed(&self, reg: &Registry, group: &str) {
         let Some(members) = reg.consumers.get(group) else { return };
         let mut pushed = false;
-        for m in members.values() {
-            if let Some(o) = reg.outboxes.get(&m.conn) {
-                let mut cmd = Command::request(
-                    NOTIFY_CONSUMER_IDS_CHANGED,
-                    vec![("consumerGroup".into(), group.into())],
-                    true,
-                    0,
-                );
-                cmd.opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
-                o.put(cmd.encode());
-                pushed = true;
-            }
+        for o in members.values().filter_map(|m| reg.outboxes.get(&m.conn)) {
+            let ext = vec![("consumerGroup".into(), group.into())];
+            self.put(o, Command::request(NOTIFY_CONSUMER_IDS_CHANGED, ext, true, 0));
+            pushed = true;
         }
         if pushed {
             self.notifier.notify();

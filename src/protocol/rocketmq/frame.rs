@@ -107,6 +107,11 @@ impl Command {
         }
     }
 
+    /// This command without its body (what a request that waits keeps of itself).
+    pub fn head(&self) -> Command {
+        Command { body: Bytes::new(), ..self.clone() }
+    }
+
     pub fn with(mut self, key: &str, value: impl ToString) -> Command {
         self.ext.push((key.to_string(), value.to_string()));
         self

@@ -14,12 +14,11 @@ use std::sync::Arc;
 
 use super::codes::Response;
 use super::frame::Command;
-use super::message::{self, Stored};
-use super::{error, gather_then, ok, step, Conn, Reply};
+use super::message;
+use super::{error, gather_then, ok, record_at, step, Conn, Reply};
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{PartKey, Topic};
 use crate::dispatch::session::{Cx, Step};
-use crate::metrics::{self, Path};
 
 /// The most a QUERY_MESSAGE reads from one queue.
 pub const SCAN_BYTES: usize = 64 << 20;
@@ -27,25 +26,6 @@ pub const SCAN_BYTES: usize = 64 << 20;
 const READ: usize = 1 << 20;
 /// The most matches one query returns, whatever it asks.
 const MAX_MATCHES: usize = 64;
-
-fn record_at(results: Vec<PartResult>, offset: i64) -> Option<Record> {
-    let Some(PartResult::Read(r)) = results.into_iter().next() else { return None };
-    let mut b = r.records.bytes().clone();
-    RecordBatchDecoder::decode(&mut b).ok()?.records.into_iter().find(|r| r.offset == offset)
-}
-
-fn layout(out: &mut BytesMut, topic: &Topic, queue_id: i32, rec: &Record, store_host: SocketAddr) {
-    let tag = message::topic_tag(&topic.meta.id);
-    let at = Stored {
-        topic: topic.name(),
-        queue_id,
-        store_host,
-        physical_offset: message::physical_offset(tag, queue_id, rec.offset),
-    };
-    let before = out.len();
-    message::encode_for_pull(out, rec, &at, rec.timestamp);
-    metrics::count_copy(Path::RocketMqPull, out.len() - before);
-}
 
 /// VIEW_MESSAGE_BY_ID: the message at a physical offset. Topics are named there by an
 /// 11-bit tag; of the topics with that tag, the first holding a message at that queue
@@ -61,7 +41,7 @@ pub fn view_by_id(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
         .into_iter()
         .filter(|t| message::topic_tag(&t.meta.id) == tag && t.key(queue_id).is_some())
         .collect();
-    let req = Command { body: bytes::Bytes::new(), ..req.clone() };
+    let req = req.head();
     Reply::Step(try_candidates(candidates, queue_id, offset, req, conn.state.store_host))
 }
 
@@ -71,10 +51,10 @@ fn try_candidates(mut candidates: Vec<Arc<Topic>>, queue_id: i32, offset: i64, r
     };
     let Some(key) = topic.key(queue_id) else { return try_candidates(candidates, queue_id, offset, req, host) };
     gather_then(vec![(key, PartOp::Read { offset, max_bytes: 1 })], move |_cx, results| {
-        match record_at(results, offset) {
+        match record_at(results.into_iter().next(), offset) {
             Some(rec) => {
                 let mut body = BytesMut::new();
-                layout(&mut body, &topic, queue_id, &rec, host);
+                message::encode_stored(&mut body, &topic, queue_id, &rec, host);
                 let mut resp = ok(&req);
                 resp.body = body.freeze();
                 step(&req, Reply::Done(resp))
@@ -119,7 +99,7 @@ pub fn query(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
     let num = |n: &str, d: i64| req.field(n).and_then(|v| v.parse::<i64>().ok()).unwrap_or(d);
     let begin = num("beginTimestamp", 0);
     let q = Query {
-        req: Command { body: bytes::Bytes::new(), ..req.clone() },
+        req: req.head(),
         key,
         unique: req.field("_UNIQUE_KEY_QUERY") == Some("true"),
         end: num("endTimestamp", i64::MAX),
@@ -200,7 +180,7 @@ impl Query {
                 }
                 if !r.control && self.matches(r) && self.matches < self.max {
                     let queue_id = self.cursors[i].queue_id;
-                    layout(&mut self.found, &self.topic, queue_id, r, self.host);
+                    message::encode_stored(&mut self.found, &self.topic, queue_id, r, self.host);
                     self.matches += 1;
                 }
             }

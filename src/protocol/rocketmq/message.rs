@@ -29,6 +29,9 @@ use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use thiserror::Error;
 
+use crate::broker::Topic;
+use crate::metrics::{self, Path};
+
 pub const NAME_VALUE_SEPARATOR: char = '\u{1}';
 pub const PROPERTY_SEPARATOR: char = '\u{2}';
 
@@ -383,6 +386,20 @@ pub fn encode_for_pull(out: &mut BytesMut, record: &Record, at: &Stored<'_>, sto
     out.extend_from_slice(topic);
     out.put_i16(properties.len() as i16);
     out.extend_from_slice(properties.as_bytes());
+}
+
+/// Appends the message `rec` of queue `queue_id` of `topic` reads as (see
+/// [`encode_for_pull`]), stored on `store_host`; the copy is counted.
+pub fn encode_stored(out: &mut BytesMut, topic: &Topic, queue_id: i32, rec: &Record, store_host: SocketAddr) {
+    let at = Stored {
+        topic: topic.name(),
+        queue_id,
+        store_host,
+        physical_offset: physical_offset(topic_tag(&topic.meta.id), queue_id, rec.offset),
+    };
+    let before = out.len();
+    encode_for_pull(out, rec, &at, rec.timestamp);
+    metrics::count_copy(Path::RocketMqPull, out.len() - before);
 }
 
 /// The `TAGS` a record carries (a header of that name).

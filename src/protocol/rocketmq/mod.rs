@@ -35,8 +35,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::broker::groups::Committed;
 use crate::broker::shard::{PartOp, PartResult};
-use crate::broker::{Notifier, PartKey};
+use crate::broker::{Broker, Notifier, PartKey};
 use crate::buffer::{Chunk, IoChunks};
 use crate::dispatch::session::{self, Cx, Fault, Protocol, Session, Step};
 use crate::log::Pending;
@@ -275,7 +276,7 @@ fn encode(cmd: Command) -> IoChunks {
 }
 
 /// A [`Finish`](session::Finish) that runs a closure on the gathered results.
-pub(crate) struct FinishWith<F>(pub F);
+struct FinishWith<F>(F);
 
 impl<F> session::Finish for FinishWith<F>
 where
@@ -292,6 +293,29 @@ where
     F: FnOnce(&Cx<'_>, Vec<PartResult>) -> Step + Send + 'static,
 {
     Step::Gather(session::Gather { ops, then: Box::new(FinishWith(then)) })
+}
+
+/// Stores a consumer offset (for the file worker). RocketMQ consumers (and the scheduler's
+/// cursor) commit without a Kafka group membership, as a standalone Kafka consumer does.
+pub(crate) fn commit(
+    broker: &Broker,
+    group: &str,
+    topic: &str,
+    queue: i32,
+    offset: i64,
+    now: Instant,
+) -> Result<(), String> {
+    let c = Committed { offset, leader_epoch: -1, metadata: None };
+    broker.commit_offsets(group, "", -1, vec![(topic.to_string(), queue, c)], now).map_err(|e| e.to_string())
+}
+
+/// The record at `offset` in a read's result (a read returns whole batches, from the one
+/// holding `offset`).
+pub(crate) fn record_at(result: Option<PartResult>, offset: i64) -> Option<kafka_protocol::records::Record> {
+    let Some(PartResult::Read(r)) = result else { return None };
+    let mut b = r.records.bytes().clone();
+    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut b).ok()?;
+    set.records.into_iter().find(|r| r.offset == offset)
 }
 
 /// What to do with a file-work result.

@@ -34,8 +34,7 @@ use std::time::{Duration, Instant};
 use super::frame::Command;
 use super::message::{self, Message, Stored};
 use super::namesrv::ensure_topic;
-use super::{gather_then as gather, RocketMqState};
-use crate::broker::groups::Committed;
+use super::{commit, gather_then as gather, record_at, RocketMqState};
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{Broker, PartKey};
 use crate::dispatch::session::{Cx, Fault, Parked, Step};
@@ -92,6 +91,13 @@ pub fn parse_levels(s: &str) -> Result<Vec<Duration>, String> {
     Ok(levels)
 }
 
+/// When delay level `level` (1-based, clamped to the table as RocketMQ does) started
+/// at `now` ends.
+pub fn level_due(levels: &[Duration], level: i64, now: i64) -> i64 {
+    let i = (level.max(1) as usize).min(levels.len()) - 1;
+    now + levels[i].as_millis() as i64
+}
+
 /// When a message is due, if later than now: from its delay level (clamped to the table,
 /// as RocketMQ does) or its timer properties.
 pub fn due(m: &Message, levels: &[Duration], now: i64) -> Result<Option<i64>, String> {
@@ -99,8 +105,7 @@ pub fn due(m: &Message, levels: &[Duration], now: i64) -> Result<Option<i64>, St
         m.property(name).map(|v| v.trim().parse::<i64>().map_err(|_| format!("{name}={v} is not a number"))).transpose()
     };
     let due = if let Some(level) = prop(P_DELAY)?.filter(|l| *l > 0) {
-        let i = (level as usize).min(levels.len()) - 1;
-        Some(now + levels[i].as_millis() as i64)
+        Some(level_due(levels, level, now))
     } else if let Some(at) = prop("TIMER_DELIVER_MS")? {
         Some(at)
     } else if let Some(sec) = prop("TIMER_DELAY_SEC")? {
@@ -262,6 +267,12 @@ pub fn commit_of(r: &Record) -> Option<(String, i32, Record)> {
     Some((topic, qid, out))
 }
 
+/// The partition a delivery to `qid` of `t` goes to (a queue the topic no longer has
+/// wraps onto the ones it has).
+pub fn destination(t: &crate::broker::Topic, qid: i32) -> PartKey {
+    t.key(qid.rem_euclid(t.meta.partitions)).unwrap_or(PartKey { topic_id: t.meta.id, partition: 0 })
+}
+
 /// Whether a timer-queue record is a half message.
 fn record_is_half(r: &Record) -> bool {
     header(r, P_TRAN_MSG) == Some("true")
@@ -366,13 +377,10 @@ impl Scheduler {
         let mut done = Vec::new();
         let mut halves = Vec::new();
         for (offset, result) in offsets.iter().zip(results) {
-            let PartResult::Read(read) = result else {
+            if !matches!(result, PartResult::Read(_)) {
                 return self.backoff("reading a due message failed", offsets);
-            };
-            let mut buf = read.records.bytes().clone();
-            let found = RecordBatchDecoder::decode(&mut buf)
-                .ok()
-                .and_then(|set| set.records.into_iter().find(|r| r.offset == *offset));
+            }
+            let found = record_at(Some(result), *offset);
             if let Some(r) = found.as_ref().filter(|r| record_is_half(r)) {
                 halves.push(r.clone());
                 done.push(*offset);
@@ -385,9 +393,7 @@ impl Scheduler {
             };
             match cx.broker.topic(&topic) {
                 Some(t) => {
-                    let key = t
-                        .key(qid.rem_euclid(t.meta.partitions))
-                        .unwrap_or(PartKey { topic_id: t.meta.id, partition: 0 });
+                    let key = destination(&t, qid);
                     by_key.entry(key).or_default().push(record);
                     done.push(*offset);
                 }
@@ -517,8 +523,7 @@ impl Scheduler {
         drop(index);
         let (broker, now) = (cx.broker.clone(), cx.now);
         drop(cx.broker.files.run(move || {
-            let c = Committed { offset: cursor, leader_epoch: -1, metadata: None };
-            if let Err(e) = broker.commit_offsets(CURSOR_GROUP, "", -1, vec![(TIMER_TOPIC.into(), 0, c)], now) {
+            if let Err(e) = commit(&broker, CURSOR_GROUP, TIMER_TOPIC, 0, cursor, now) {
                 log::warn!("storing the scheduler's cursor: {e}");
             }
         }));
