@@ -35,8 +35,9 @@ pub struct ServeArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// A listener, repeatable: `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT]`. PROTOCOL is
-    /// `kafka` (the default), `rocketmq` (RocketMQ remoting, the broker role) or
+    /// `kafka` (the default), `rocketmq` (RocketMQ remoting, the broker role),
     /// `rocketmq-namesrv` (its name server; on HOST:9876 of the first `rocketmq` listener
+    /// unless given) or `rocketmq-grpc` (RocketMQ 5's gRPC `MessagingService`; port 8081
     /// unless given). Each listener gives clients its own advertised address
     /// [default: its own address]; the same cores serve them all
     /// [default: kafka://127.0.0.1:9092]. In the file: a string or a list of them.
@@ -75,6 +76,10 @@ pub struct ServeArgs {
     /// (`transactionCheckMax`) [default: 15].
     #[arg(long)]
     pub rocketmq_transaction_check_max: Option<u32>,
+    /// Deliveries of a message to a RocketMQ 5 (gRPC) consumer group before it goes to the
+    /// group's dead-letter queue `%DLQ%group` [default: 17: the first and 16 retries].
+    #[arg(long)]
+    pub rocketmq_max_delivery_attempts: Option<i32>,
     /// Partitions of auto-created topics and of CreateTopics without a count [default: 1].
     #[arg(long)]
     pub default_partitions: Option<i32>,
@@ -147,7 +152,12 @@ pub enum ProtocolKind {
     RocketMq,
     /// RocketMQ remoting, the name server role (routes name the first `RocketMq` listener).
     RocketMqNamesrv,
+    /// RocketMQ 5's gRPC `MessagingService` (its own runtime, not a transport listener).
+    RocketMqGrpc,
 }
+
+/// Where the RocketMQ 5 gRPC listener listens when its port is not given (the proxy's).
+pub const ROCKETMQ_GRPC_PORT: u16 = 8081;
 
 /// Where the name server listens when RocketMQ is on and none is given.
 pub const ROCKETMQ_NAMESRV_PORT: u16 = 9876;
@@ -173,13 +183,22 @@ impl ListenerConfig {
             Some(("kafka", hostport)) => (ProtocolKind::Kafka, hostport),
             Some(("rocketmq", hostport)) => (ProtocolKind::RocketMq, hostport),
             Some(("rocketmq-namesrv", hostport)) => (ProtocolKind::RocketMqNamesrv, hostport),
+            Some(("rocketmq-grpc", hostport)) => (ProtocolKind::RocketMqGrpc, hostport),
             Some((other, _)) => {
                 return Err(invalid(
                     "listener protocol",
                     other,
-                    "this build serves: kafka, rocketmq, rocketmq-namesrv",
+                    "this build serves: kafka, rocketmq, rocketmq-namesrv, rocketmq-grpc",
                 ));
             }
+        };
+        // `rocketmq-grpc://HOST` listens on the proxy's port.
+        let with_port;
+        let hostport = if protocol == ProtocolKind::RocketMqGrpc && host_port(hostport).is_err() {
+            with_port = format!("{hostport}:{ROCKETMQ_GRPC_PORT}");
+            with_port.as_str()
+        } else {
+            hostport
         };
         let addr = hostport
             .to_socket_addrs()
@@ -231,6 +250,7 @@ pub struct ServeConfig {
     /// RocketMQ's delay levels.
     pub rocketmq_delay_levels: Vec<std::time::Duration>,
     pub rocketmq_transactions: crate::protocol::rocketmq::schedule::TxSettings,
+    pub rocketmq_grpc: crate::protocol::rocketmq::grpc::GrpcSettings,
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
@@ -279,7 +299,8 @@ impl ServeArgs {
                 rocketmq_delay_levels,
                 rocketmq_transaction_timeout_ms,
                 rocketmq_transaction_check_interval_ms,
-                rocketmq_transaction_check_max
+                rocketmq_transaction_check_max,
+                rocketmq_max_delivery_attempts
             );
         }
         if self.listen.is_empty() {
@@ -355,7 +376,15 @@ impl ServeArgs {
             interval: ms(self.rocketmq_transaction_check_interval_ms, d.interval),
             max_checks: self.rocketmq_transaction_check_max.unwrap_or(d.max_checks),
         };
+        let rocketmq_grpc = crate::protocol::rocketmq::grpc::GrpcSettings {
+            max_delivery_attempts: match self.rocketmq_max_delivery_attempts {
+                Some(n) if n < 1 => return Err(invalid("rocketmq max delivery attempts", n, "at least 1")),
+                Some(n) => n,
+                None => crate::protocol::rocketmq::grpc::GrpcSettings::default().max_delivery_attempts,
+            },
+        };
         Ok(ServeConfig {
+            rocketmq_grpc,
             rocketmq_transactions,
             rocketmq_delay_levels,
             busy_poll: self.busy_poll.unwrap_or(false),

@@ -24,6 +24,9 @@ pub enum Path {
     /// A record's body copied into the RocketMQ message layout of a PULL answer (Kafka
     /// record batches are not what RocketMQ clients decode).
     RocketMqPull,
+    /// A message body encoded into a RocketMQ 5 gRPC answer (protobuf framing: the one
+    /// copy on that consume path), and a gzip body inflated on send.
+    RocketMqGrpc,
 }
 
 static PRODUCE_COPIED: AtomicU64 = AtomicU64::new(0);
@@ -31,6 +34,7 @@ static FETCH_COPIED: AtomicU64 = AtomicU64::new(0);
 static RECEIVE_STAGED: AtomicU64 = AtomicU64::new(0);
 static ROCKETMQ_SEND: AtomicU64 = AtomicU64::new(0);
 static ROCKETMQ_PULL: AtomicU64 = AtomicU64::new(0);
+static ROCKETMQ_GRPC: AtomicU64 = AtomicU64::new(0);
 static FETCH_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static PRODUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
@@ -46,6 +50,7 @@ pub fn count_copy(path: Path, bytes: usize) {
         Path::ReceiveStaging => &RECEIVE_STAGED,
         Path::RocketMqSend => &ROCKETMQ_SEND,
         Path::RocketMqPull => &ROCKETMQ_PULL,
+        Path::RocketMqGrpc => &ROCKETMQ_GRPC,
     };
     c.fetch_add(bytes as u64, Ordering::Relaxed);
 }
@@ -103,6 +108,8 @@ pub struct Snapshot {
     pub rocketmq_send_bytes_copied: u64,
     #[serde(default)]
     pub rocketmq_pull_bytes_copied: u64,
+    #[serde(default)]
+    pub rocketmq_grpc_bytes_copied: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
 }
@@ -119,6 +126,7 @@ pub fn snapshot() -> Snapshot {
         rdma_tx_staged_bytes: RDMA_TX_STAGED.load(Ordering::Relaxed),
         rocketmq_send_bytes_copied: ROCKETMQ_SEND.load(Ordering::Relaxed),
         rocketmq_pull_bytes_copied: ROCKETMQ_PULL.load(Ordering::Relaxed),
+        rocketmq_grpc_bytes_copied: ROCKETMQ_GRPC.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
     }

@@ -19,7 +19,7 @@ use crate::log::FileWorker;
 use crate::metrics;
 use crate::protocol::kafka::session::Kafka;
 use crate::protocol::kafka::Endpoint;
-use crate::protocol::rocketmq::{RocketMq, RocketMqState, Role};
+use crate::protocol::rocketmq::{grpc, RocketMq, RocketMqState, Role};
 use crate::transport::{self, TransportError};
 
 #[derive(Debug, Error)]
@@ -32,6 +32,8 @@ pub enum ServeError {
     Thread(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(std::net::SocketAddr, std::io::Error),
 }
 
 /// Writes the counters to `<data-dir>/stats.json` (atomically, via rename).
@@ -76,10 +78,19 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     );
     let shutdown = Arc::new(AtomicBool::new(false));
 
-    // Transports first: every core needs every other core's waker.
-    let addrs: Vec<_> = cfg.listeners.iter().map(|l| l.addr).collect();
+    // Transports first: every core needs every other core's waker. The gRPC listeners are
+    // not the loop's: the gRPC front accepts on them itself.
+    let (grpc, looped): (Vec<&ListenerConfig>, Vec<&ListenerConfig>) =
+        cfg.listeners.iter().partition(|l| l.protocol == ProtocolKind::RocketMqGrpc);
+    let addrs: Vec<_> = looped.iter().map(|l| l.addr).collect();
     let listeners = transport::Listeners::bind(cfg.transport, &addrs)?;
-    let rocketmq = cfg.listeners.iter().find(|l| l.protocol == ProtocolKind::RocketMq).map(|l| {
+    let grpc_sockets = grpc
+        .iter()
+        .map(|l| std::net::TcpListener::bind(l.addr).map_err(|e| ServeError::Bind(l.addr, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    // RocketMQ's identity comes from the remoting broker listener, else the gRPC one.
+    let rocketmq_listener = looped.iter().copied().find(|l| l.protocol == ProtocolKind::RocketMq).or(grpc.first().copied());
+    let rocketmq = rocketmq_listener.map(|l| {
         let advertised = (l.advertised.0.as_str(), l.advertised.1);
         RocketMqState::new(
             &cfg.broker.cluster_id,
@@ -91,14 +102,28 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             broker.notifier.clone(),
         )
     });
-    let protocols: Vec<Arc<dyn Protocol>> = cfg.listeners.iter().map(|l| protocol_for(l, &cfg, &rocketmq)).collect();
+    let protocols: Vec<Arc<dyn Protocol>> = looped.iter().map(|l| protocol_for(l, &cfg, &rocketmq)).collect();
+    // gRPC alone still needs the RocketMQ services (delayed delivery, check-backs).
+    let services: Vec<Arc<dyn Protocol>> = match (&rocketmq, looped.iter().any(|l| l.protocol == ProtocolKind::RocketMq)) {
+        (Some(state), false) => vec![Arc::new(RocketMq::new(Role::Broker, state.clone()))],
+        _ => Vec::new(),
+    };
     let transports = (0..cfg.cores)
         .map(|_| transport::build(cfg.transport, &listeners, &cfg.transport_options))
         .collect::<Result<Vec<_>, _>>()?;
     // Each core holds its own clones; ours close now.
     drop(listeners);
-    let shared = Shared { protocols: protocols.clone(), shutdown: shutdown.clone(), busy_poll: cfg.busy_poll };
+    let shared = Shared { protocols: protocols.clone(), shutdown: shutdown.clone(), busy_poll: cfg.busy_poll, services };
     let cores = dispatch::build_cores(&broker, shards, transports, shared);
+    let mut grpc_threads = Vec::new();
+    if let (Some(state), Some(core)) = (&rocketmq, cores.first()) {
+        for (l, socket) in grpc.iter().zip(grpc_sockets) {
+            let t = grpc::spawn(socket, l.advertised.clone(), core.port(), state.clone(), cfg.rocketmq_grpc, shutdown.clone())
+                .map_err(ServeError::Thread)?;
+            log::info!("slipstream serving rocketmq-grpc on {}, advertising {}:{}", l.addr, l.advertised.0, l.advertised.1);
+            grpc_threads.push(t);
+        }
+    }
     let wakers: Vec<_> = cores.iter().map(|c| c.notify_handle().0).collect();
     {
         let shutdown = shutdown.clone();
@@ -126,7 +151,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             .spawn(move || stats_loop(&data_dir, &shutdown))
             .map_err(ServeError::Thread)?
     };
-    for (l, p) in cfg.listeners.iter().zip(&protocols) {
+    for (l, p) in looped.iter().zip(&protocols) {
         log::info!(
             "slipstream serving {} on {} ({:?} transport, {} core(s)), advertising {}:{}",
             p.name(),
@@ -146,6 +171,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     for h in handles {
         if h.join().is_err() {
             log::error!("a dispatch core panicked");
+        }
+    }
+    for t in grpc_threads {
+        if t.join().is_err() {
+            log::error!("the gRPC front panicked");
         }
     }
     // The cores have closed their shards: the file worker finishes what they queued.

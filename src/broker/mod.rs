@@ -162,6 +162,8 @@ type CoreHandle = (Arc<dyn Wake>, Arc<AtomicBool>);
 #[derive(Default)]
 pub struct Notifier {
     cores: OnceLock<Vec<CoreHandle>>,
+    /// Waiters outside the loop (the RocketMQ gRPC front's long polls), woken every time.
+    listeners: parking_lot::RwLock<Vec<Arc<dyn Wake>>>,
     epoch: AtomicU64,
 }
 
@@ -173,6 +175,11 @@ impl Notifier {
         }
     }
 
+    /// Adds a waiter outside the loop, woken on every notification.
+    pub fn listen(&self, waker: Arc<dyn Wake>) {
+        self.listeners.write().push(waker);
+    }
+
     /// Moves the epoch and wakes the cores with parked work. (A core raises its parked
     /// flag before it reads the epoch; we move the epoch before reading the flags: one of
     /// the two always sees the other.)
@@ -182,6 +189,9 @@ impl Notifier {
             if parked.load(Ordering::SeqCst) {
                 w.wake();
             }
+        }
+        for w in self.listeners.read().iter() {
+            w.wake();
         }
     }
 

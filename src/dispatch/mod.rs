@@ -104,6 +104,39 @@ pub enum CoreMsg {
         idx: usize,
         result: PartResult,
     },
+    /// Run `op` on a partition this core owns for a thread outside the loop (a [`Port`]),
+    /// and hand the result to `reply` on this core.
+    Call {
+        key: PartKey,
+        op: PartOp,
+        reply: Box<dyn FnOnce(PartResult) + Send>,
+    },
+}
+
+/// Partition operations from outside the loop (the RocketMQ gRPC front runs on its own
+/// runtime): each goes to the partition's owner core through the channel cores use among
+/// themselves, so a partition's log is still touched by its owner alone. An operation
+/// queued when the cores stop is dropped with its `reply`, unanswered.
+#[derive(Clone)]
+pub struct Port {
+    broker: Arc<Broker>,
+    peers: Vec<Peer>,
+}
+
+impl Port {
+    /// Runs `op` on `key`'s owner; `reply` gets the result there (keep it short: it runs
+    /// on a dispatch core).
+    pub fn call(&self, key: PartKey, op: PartOp, reply: impl FnOnce(PartResult) + Send + 'static) {
+        let owner = self.broker.owner(key);
+        match self.peers.get(owner) {
+            Some(p) => p.send(CoreMsg::Call { key, op, reply: Box::new(reply) }),
+            None => reply(PartResult::Unknown),
+        }
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
 }
 
 /// How to reach a core from another thread.
@@ -164,6 +197,8 @@ pub struct Core {
     transport: Box<dyn Transport>,
     /// The protocol of each listener, by the index the transport reports on accept.
     protocols: Vec<Arc<dyn Protocol>>,
+    /// Protocols with no listener here, asked for their services only.
+    services: Vec<Arc<dyn Protocol>>,
     shard: Shard,
     inbox: Receiver<CoreMsg>,
     peers: Vec<Peer>,
@@ -190,6 +225,9 @@ pub struct Shared {
     pub shutdown: Arc<AtomicBool>,
     /// Spin on the transport's poll instead of sleeping in it.
     pub busy_poll: bool,
+    /// Protocols served off the loop (RocketMQ gRPC, on its own runtime), here only for
+    /// their services ([`Protocol::service`]).
+    pub services: Vec<Arc<dyn Protocol>>,
 }
 
 /// Makes one core per transport (core `i` owns `shards[i]`), wires every core to every
@@ -219,6 +257,7 @@ pub fn build_cores(
             broker: broker.clone(),
             transport,
             protocols: shared.protocols.clone(),
+            services: shared.services.clone(),
             shard,
             inbox,
             peers: peers.clone(),
@@ -240,6 +279,11 @@ pub fn build_cores(
 }
 
 impl Core {
+    /// A handle for running partition operations from outside the loop.
+    pub fn port(&self) -> Port {
+        Port { broker: self.broker.clone(), peers: self.peers.clone() }
+    }
+
     /// This core's waker and has-parked-work flag, for the broker's notifier.
     pub fn notify_handle(&self) -> (Arc<dyn Wake>, Arc<AtomicBool>) {
         (self.transport.waker(), self.parked_flag.clone())
@@ -252,7 +296,7 @@ impl Core {
             return;
         }
         let services: Vec<_> =
-            self.protocols.iter().filter_map(|p| Some((p.name().to_string(), p.service()?))).collect();
+            self.protocols.iter().chain(&self.services).filter_map(|p| Some((p.name().to_string(), p.service()?))).collect();
         for (i, (name, service)) in services.into_iter().enumerate() {
             log::info!("core {}: running the {name} service", self.id);
             let mut queue = VecDeque::new();
@@ -402,6 +446,7 @@ impl Core {
                     }
                 }
                 CoreMsg::Done { ticket, idx, result } => self.on_done(ticket, idx, result),
+                CoreMsg::Call { key, op, reply } => reply(self.shard.execute(&self.broker, key, op)),
             }
         }
     }

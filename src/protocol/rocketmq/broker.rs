@@ -1,7 +1,7 @@
 //! The broker role: sends, pulls (with long polling), consumer offsets, the consumer
 //! registry, queue offsets and topic creation.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::records::RecordBatchDecoder;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -14,9 +14,9 @@ use super::frame::Command;
 use super::message::{self, Message, TagFilter};
 use super::namesrv::ensure_topic;
 use super::schedule;
-use super::{commit, error, gather_then, ok, record_at, step, AfterFiles, Conn, Reply};
+use super::{commit, error, gather_then, ok, record_at, step, AfterFiles, Conn, Reply, RocketMqState};
 use crate::broker::shard::{PartOp, PartResult};
-use crate::broker::{PartKey, PartitionShared, Topic};
+use crate::broker::{Broker, PartKey, PartitionShared, Topic};
 use crate::dispatch::session::{self, Cx, Fault, Step};
 use crate::log::{now_ms, LogError};
 use crate::metrics::{self, Path};
@@ -170,65 +170,12 @@ fn send(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, batch: bool) -> Reply {
     if messages.is_empty() {
         return error(req, Response::MessageIllegal, "no message in the request");
     }
-    if let Some(m) = messages.iter().find(|m| message::format_properties(&m.properties).len() > i16::MAX as usize) {
-        let len = message::format_properties(&m.properties).len();
-        return error(req, Response::MessageIllegal, message::MessageError::PropertiesTooLong(len).to_string());
-    }
-    if topic.name() == schedule::TIMER_TOPIC {
-        return error(req, Response::NoPermission, format!("{} is a system topic", schedule::TIMER_TOPIC));
-    }
-    // A message due later waits in the timer queue; the answer still names the queue the
-    // producer chose (as RocketMQ's does), with the offset in the timer queue.
-    let mut target = (key, topic_tag(&topic));
-    // Where a message that waits goes: the timer queue, made by the scheduler at start.
-    let timer = || {
-        let t = cx.broker.topic(schedule::TIMER_TOPIC);
-        t.and_then(|t| Some((t.key(0)?, topic_tag(&t))))
-            .ok_or_else(|| error(req, Response::ServiceNotAvailable, "the scheduler is starting; try again"))
+    let group = req.field("producerGroup").or(req.field("a")).unwrap_or_default();
+    let plan = match plan_send(cx.broker, conn.state, &topic, queue_id, key, &mut messages, sys_flag, group, batch) {
+        Ok(p) => p,
+        Err((code, why)) => return error(req, code, why),
     };
-    let now = now_ms();
-    for m in messages.iter_mut() {
-        match schedule::due(m, &conn.state.delay_levels, now) {
-            Ok(None) => {}
-            Ok(Some(_)) if batch => return error(req, Response::MessageIllegal, "a batch message cannot be delayed"),
-            Ok(Some(due)) => {
-                target = match timer() {
-                    Ok(t) => t,
-                    Err(r) => return r,
-                };
-                schedule::to_timer(m, topic.name(), queue_id, due);
-            }
-            Err(e) => return error(req, Response::MessageIllegal, e),
-        }
-    }
-    // A transactional half waits in the timer queue, invisible, until END_TRANSACTION
-    // (or a check-back) resolves it.
-    let mut transaction_id = None;
-    if let [m] = &mut messages[..] {
-        if schedule::is_half(m, sys_flag) {
-            target = match timer() {
-                Ok(t) => t,
-                Err(r) => return r,
-            };
-            if m.property(schedule::P_TRAN_MSG).is_none() {
-                m.properties.push((schedule::P_TRAN_MSG.into(), "true".into()));
-            }
-            if m.property("PGROUP").is_none() {
-                let group = req.field("producerGroup").or(req.field("a")).unwrap_or_default();
-                m.properties.push(("PGROUP".into(), group.into()));
-            }
-            transaction_id = m.property("UNIQ_KEY").map(str::to_string);
-            let due = now + conn.state.tx.first_check.as_millis() as i64;
-            schedule::to_timer(m, topic.name(), queue_id, due);
-        }
-    }
-    let (key, tag) = target;
-    let records: Vec<_> = messages.iter().map(message::to_record).collect();
-    let batch_bytes = match message::encode_batch(&records) {
-        Ok(b) => b,
-        Err(e) => return error(req, Response::SystemError, e.to_string()),
-    };
-    metrics::count_copy(Path::RocketMqSend, messages.iter().map(|m| m.body.len()).sum());
+    let SendPlan { key, tag, batch: batch_bytes, transaction_id } = plan;
     let count = messages.len() as i64;
     let (req, store_host) = (req.head(), conn.state.store_host);
     gather(vec![(key, PartOp::Append { records: batch_bytes })], move |_cx, results| {
@@ -261,6 +208,82 @@ fn send(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command, batch: bool) -> Reply {
         };
         step(&req, reply)
     })
+}
+
+/// What a send appends, and where: the one send path of remoting and gRPC producers.
+pub(crate) struct SendPlan {
+    pub key: PartKey,
+    /// The topic tag of the partition appended to (for message ids).
+    pub tag: u16,
+    pub batch: Bytes,
+    /// A transactional half's id (its `UNIQ_KEY`).
+    pub transaction_id: Option<String>,
+}
+
+/// Routes `messages` for queue `queue_id` (`key`) of `topic`: a message due later, or a
+/// transactional half (`sys_flag` or `TRAN_MSG`), goes to the timer queue with its
+/// destination in its properties; then encodes the one record batch to append.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn plan_send(
+    broker: &Broker,
+    state: &RocketMqState,
+    topic: &Topic,
+    queue_id: i32,
+    key: PartKey,
+    messages: &mut [Message],
+    sys_flag: i32,
+    producer_group: &str,
+    batch: bool,
+) -> Result<SendPlan, (Response, String)> {
+    if let Some(m) = messages.iter().find(|m| message::format_properties(&m.properties).len() > i16::MAX as usize) {
+        let len = message::format_properties(&m.properties).len();
+        return Err((Response::MessageIllegal, message::MessageError::PropertiesTooLong(len).to_string()));
+    }
+    if topic.name() == schedule::TIMER_TOPIC {
+        return Err((Response::NoPermission, format!("{} is a system topic", schedule::TIMER_TOPIC)));
+    }
+    // A message due later waits in the timer queue; the answer still names the queue the
+    // producer chose (as RocketMQ's does), with the offset in the timer queue.
+    let mut target = (key, topic_tag(topic));
+    // Where a message that waits goes: the timer queue, made by the scheduler at start.
+    let timer = || {
+        let t = broker.topic(schedule::TIMER_TOPIC);
+        t.and_then(|t| Some((t.key(0)?, topic_tag(&t))))
+            .ok_or_else(|| (Response::ServiceNotAvailable, "the scheduler is starting; try again".to_string()))
+    };
+    let now = now_ms();
+    for m in messages.iter_mut() {
+        match schedule::due(m, &state.delay_levels, now) {
+            Ok(None) => {}
+            Ok(Some(_)) if batch => return Err((Response::MessageIllegal, "a batch message cannot be delayed".into())),
+            Ok(Some(due)) => {
+                target = timer()?;
+                schedule::to_timer(m, topic.name(), queue_id, due);
+            }
+            Err(e) => return Err((Response::MessageIllegal, e)),
+        }
+    }
+    // A transactional half waits in the timer queue, invisible, until END_TRANSACTION
+    // (or a check-back) resolves it.
+    let mut transaction_id = None;
+    if let [m] = &mut messages[..] {
+        if schedule::is_half(m, sys_flag) {
+            target = timer()?;
+            if m.property(schedule::P_TRAN_MSG).is_none() {
+                m.properties.push((schedule::P_TRAN_MSG.into(), "true".into()));
+            }
+            if m.property("PGROUP").is_none() {
+                m.properties.push(("PGROUP".into(), producer_group.into()));
+            }
+            transaction_id = m.property("UNIQ_KEY").map(str::to_string);
+            let due = now + state.tx.first_check.as_millis() as i64;
+            schedule::to_timer(m, topic.name(), queue_id, due);
+        }
+    }
+    let records: Vec<_> = messages.iter().map(message::to_record).collect();
+    let batch = message::encode_batch(&records).map_err(|e| (Response::SystemError, e.to_string()))?;
+    metrics::count_copy(Path::RocketMqSend, messages.iter().map(|m| m.body.len()).sum());
+    Ok(SendPlan { key: target.0, tag: target.1, batch, transaction_id })
 }
 
 /// A pull, from its first read to its answer (it may park and read again).
@@ -739,18 +762,9 @@ fn end_transaction(cx: &Cx<'_>, conn: &Conn<'_>, req: &Command) -> Reply {
     gather(vec![(timer, PartOp::Read { offset, max_bytes: 1 })], move |cx, results| {
         let record = record_at(results.into_iter().next(), offset);
         let Some(record) = record else { return fail(&req, format!("no half message at {offset}")) };
-        let commit = match schedule::commit_of(&record) {
-            Some((topic, qid, r)) if kind == TRANSACTION_COMMIT => {
-                let Some(t) = cx.broker.topic(&topic) else {
-                    return fail(&req, format!("topic {topic} of the transaction is gone"));
-                };
-                let key = schedule::destination(&t, qid);
-                match message::encode_batch(&[r]) {
-                    Ok(b) => vec![(key, PartOp::Append { records: b })],
-                    Err(e) => return fail(&req, e.to_string()),
-                }
-            }
-            _ => Vec::new(),
+        let commit = match schedule::resolution(cx.broker, &record, kind == TRANSACTION_COMMIT) {
+            Ok(ops) => ops,
+            Err(why) => return fail(&req, why),
         };
         let Ok(mark) = schedule::marker_batch(&[offset]) else { return fail(&req, "marker".into()) };
         gather_then(commit, move |_cx, results| {

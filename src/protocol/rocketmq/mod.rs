@@ -22,6 +22,7 @@ pub mod codes;
 pub mod frame;
 pub mod message;
 
+pub mod grpc;
 pub mod schedule;
 
 mod broker;
@@ -32,7 +33,7 @@ mod namesrv;
 use bytes::{Bytes, BytesMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::broker::groups::Committed;
@@ -71,7 +72,13 @@ pub struct RocketMqState {
     next_conn: AtomicU64,
     /// The delayed-delivery service is handed out once, whatever the listener count.
     scheduler_taken: AtomicBool,
+    /// Sends a transaction check-back to a gRPC producer (set by the gRPC front).
+    grpc_checks: OnceLock<CheckBack>,
 }
+
+/// Asks a gRPC producer about the half `record`, whose copy waits at `offset` of the timer
+/// queue; false when none is connected.
+pub type CheckBack = Box<dyn Fn(&kafka_protocol::records::Record, i64) -> bool + Send + Sync>;
 
 impl RocketMqState {
     /// `advertised`: the broker listener's advertised (host, port); `bound`: its socket.
@@ -101,7 +108,19 @@ impl RocketMqState {
             clients: Clients::new(notifier),
             next_conn: AtomicU64::new(1),
             scheduler_taken: AtomicBool::new(false),
+            grpc_checks: OnceLock::new(),
         })
+    }
+
+    /// Installs the gRPC front's check-back (once).
+    pub fn set_grpc_checks(&self, f: CheckBack) {
+        if self.grpc_checks.set(f).is_err() {
+            log::error!("gRPC transaction check-backs installed twice");
+        }
+    }
+
+    fn grpc_check(&self, record: &kafka_protocol::records::Record, offset: i64) -> bool {
+        self.grpc_checks.get().is_some_and(|f| f(record, offset))
     }
 }
 

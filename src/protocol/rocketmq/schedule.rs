@@ -267,6 +267,19 @@ pub fn commit_of(r: &Record) -> Option<(String, i32, Record)> {
     Some((topic, qid, out))
 }
 
+/// What resolving the half `r` appends: on commit, the message at its destination;
+/// on rollback, nothing. (The marker that records the resolution is appended after.)
+pub fn resolution(broker: &Broker, r: &Record, commit: bool) -> Result<Vec<(PartKey, PartOp)>, String> {
+    match commit_of(r) {
+        Some((topic, qid, out)) if commit => {
+            let t = broker.topic(&topic).ok_or_else(|| format!("topic {topic} of the transaction is gone"))?;
+            let batch = message::encode_batch(&[out]).map_err(|e| e.to_string())?;
+            Ok(vec![(destination(&t, qid), PartOp::Append { records: batch })])
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// The partition a delivery to `qid` of `t` goes to (a queue the topic no longer has
 /// wraps onto the ones it has).
 pub fn destination(t: &crate::broker::Topic, qid: i32) -> PartKey {
@@ -466,9 +479,12 @@ impl Scheduler {
     /// (CHECK_TRANSACTION_STATE, naming the copy at `offset`); it answers with
     /// END_TRANSACTION.
     fn send_check(&self, cx: &Cx<'_>, r: &Record, offset: i64) {
-        let Some(group) = header(r, P_PGROUP) else { return };
+        let group = header(r, P_PGROUP).unwrap_or_default();
         let Some(conn) = self.state.clients.producer_conn(group, cx.now) else {
-            log::debug!("no producer of group {group} connected to check a transaction");
+            // No remoting producer of its group: a gRPC producer of its topic, if any.
+            if !self.state.grpc_check(r, offset) {
+                log::debug!("no producer of group '{group}' connected to check a transaction");
+            }
             return;
         };
         let Some(timer) = cx.broker.topic(TIMER_TOPIC) else { return };
