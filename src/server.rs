@@ -89,7 +89,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .map(|l| std::net::TcpListener::bind(l.addr).map_err(|e| ServeError::Bind(l.addr, e)))
         .collect::<Result<Vec<_>, _>>()?;
     // RocketMQ's identity comes from the remoting broker listener, else the gRPC one.
-    let rocketmq_listener = looped.iter().copied().find(|l| l.protocol == ProtocolKind::RocketMq).or(grpc.first().copied());
+    let rocketmq_listener =
+        looped.iter().copied().find(|l| l.protocol == ProtocolKind::RocketMq).or(grpc.first().copied());
     let rocketmq = rocketmq_listener.map(|l| {
         let advertised = (l.advertised.0.as_str(), l.advertised.1);
         RocketMqState::new(
@@ -104,23 +105,37 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     let protocols: Vec<Arc<dyn Protocol>> = looped.iter().map(|l| protocol_for(l, &cfg, &rocketmq)).collect();
     // gRPC alone still needs the RocketMQ services (delayed delivery, check-backs).
-    let services: Vec<Arc<dyn Protocol>> = match (&rocketmq, looped.iter().any(|l| l.protocol == ProtocolKind::RocketMq)) {
-        (Some(state), false) => vec![Arc::new(RocketMq::new(Role::Broker, state.clone()))],
-        _ => Vec::new(),
-    };
+    let services: Vec<Arc<dyn Protocol>> =
+        match (&rocketmq, looped.iter().any(|l| l.protocol == ProtocolKind::RocketMq)) {
+            (Some(state), false) => vec![Arc::new(RocketMq::new(Role::Broker, state.clone()))],
+            _ => Vec::new(),
+        };
     let transports = (0..cfg.cores)
         .map(|_| transport::build(cfg.transport, &listeners, &cfg.transport_options))
         .collect::<Result<Vec<_>, _>>()?;
     // Each core holds its own clones; ours close now.
     drop(listeners);
-    let shared = Shared { protocols: protocols.clone(), shutdown: shutdown.clone(), busy_poll: cfg.busy_poll, services };
+    let shared =
+        Shared { protocols: protocols.clone(), shutdown: shutdown.clone(), busy_poll: cfg.busy_poll, services };
     let cores = dispatch::build_cores(&broker, shards, transports, shared);
     let mut grpc_threads = Vec::new();
     if let (Some(state), Some(core)) = (&rocketmq, cores.first()) {
         for (l, socket) in grpc.iter().zip(grpc_sockets) {
-            let t = grpc::spawn(socket, l.advertised.clone(), core.port(), state.clone(), cfg.rocketmq_grpc, shutdown.clone())
-                .map_err(ServeError::Thread)?;
-            log::info!("slipstream serving rocketmq-grpc on {}, advertising {}:{}", l.addr, l.advertised.0, l.advertised.1);
+            let t = grpc::spawn(
+                socket,
+                l.advertised.clone(),
+                core.port(),
+                state.clone(),
+                cfg.rocketmq_grpc,
+                shutdown.clone(),
+            )
+            .map_err(ServeError::Thread)?;
+            log::info!(
+                "slipstream serving rocketmq-grpc on {}, advertising {}:{}",
+                l.addr,
+                l.advertised.0,
+                l.advertised.1
+            );
             grpc_threads.push(t);
         }
     }

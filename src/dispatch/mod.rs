@@ -295,8 +295,12 @@ impl Core {
         if self.id != 0 {
             return;
         }
-        let services: Vec<_> =
-            self.protocols.iter().chain(&self.services).filter_map(|p| Some((p.name().to_string(), p.service()?))).collect();
+        let services: Vec<_> = self
+            .protocols
+            .iter()
+            .chain(&self.services)
+            .filter_map(|p| Some((p.name().to_string(), p.service()?)))
+            .collect();
         for (i, (name, service)) in services.into_iter().enumerate() {
             log::info!("core {}: running the {name} service", self.id);
             let mut queue = VecDeque::new();

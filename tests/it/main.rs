@@ -15,3 +15,4 @@ mod long_poll;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod rocketmq;
+mod rocketmq_grpc;

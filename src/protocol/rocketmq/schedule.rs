@@ -54,6 +54,8 @@ pub const MAX_TIMER_DELAY_MS: i64 = 3 * 24 * 3600 * 1000;
 pub const P_REAL_TOPIC: &str = "REAL_TOPIC";
 pub const P_REAL_QID: &str = "REAL_QID";
 pub const P_DELAY: &str = "DELAY";
+/// When a delivered delay or timer message fell due.
+pub const P_TIMER_OUT_MS: &str = "TIMER_OUT_MS";
 /// Set on transactional half messages by producers.
 pub const P_TRAN_MSG: &str = "TRAN_MSG";
 const P_PGROUP: &str = "PGROUP";
@@ -65,6 +67,8 @@ const TIMER_PROPS: [&str; 4] = ["TIMER_DELIVER_MS", "TIMER_DELAY_SEC", "TIMER_DE
 
 /// Due messages delivered per round.
 const ROUND: usize = 64;
+/// How often a starting scheduler looks whether its timer topic is made.
+const STARTING_POLL: Duration = Duration::from_millis(50);
 /// How long to wait after a failed round (a full disk, a missing topic being made).
 const BACKOFF: Duration = Duration::from_secs(1);
 
@@ -144,6 +148,11 @@ fn delivery(r: &Record) -> Option<(String, i32, Record)> {
     let qid = header(r, P_REAL_QID)?.parse().ok()?;
     let mut out = r.clone();
     out.headers.retain(|k, _| k.as_str() != P_DELAY && k.as_str() != P_DUE && !TIMER_PROPS.contains(&k.as_str()));
+    // When it fell due, as RocketMQ's timer store records it (5.x consumers read it as
+    // the delivery timestamp); a half's due time is only its check.
+    if let (Some(due), false) = (header(r, P_DUE), record_is_half(r)) {
+        out.headers.insert(P_TIMER_OUT_MS.into(), Some(Bytes::from(due.to_string())));
+    }
     Some((topic, qid, out))
 }
 
@@ -295,11 +304,19 @@ fn record_is_half(r: &Record) -> bool {
 pub struct Scheduler {
     phase: Phase,
     state: Arc<RocketMqState>,
+    /// When to look again while starting: nothing else wakes the core for that (a broker
+    /// whose only RocketMQ listener is the gRPC front has no connection on the loop).
+    wake: Option<Instant>,
+    /// An instant and the wall-clock milliseconds it was: due times (wall clock) become
+    /// fixed deadlines, so the loop sees one pass (a deadline recomputed from `now` at
+    /// every look would never be behind the loop's `now`).
+    anchor: (Instant, i64),
 }
 
 impl Scheduler {
     pub fn new(state: Arc<RocketMqState>) -> Scheduler {
-        Scheduler { phase: Phase::Start, state }
+        let now = Instant::now();
+        Scheduler { phase: Phase::Start, state, wake: Some(now), anchor: (now, now_ms()) }
     }
 
     fn index(&self) -> parking_lot::MutexGuard<'_, Index> {
@@ -563,18 +580,19 @@ impl Parked for Scheduler {
     fn deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Backoff(t) => Some(*t),
+            Phase::Start | Phase::Creating(_) => self.wake,
             Phase::Running => {
                 let (due, _) = *self.index().by_due.first()?;
-                let wait = (due - now_ms()).max(0) as u64;
-                Some(Instant::now() + Duration::from_millis(wait))
+                let (at, ms) = self.anchor;
+                Some(at + Duration::from_millis((due - ms).max(0) as u64))
             }
-            _ => None,
         }
     }
 
     fn poll(&mut self, cx: &Cx<'_>, force: bool) -> Option<Result<Step, Fault>> {
-        if force {
-            // Shutdown: what is pending stays in the timer queue for the next start.
+        // Forced with our own deadline passed: that is our wake-up. Forced otherwise: the
+        // shutdown, and what is pending stays in the timer queue for the next start.
+        if force && self.deadline().is_none_or(|d| d > cx.now) {
             return Some(Ok(Step::Silent));
         }
         match &self.phase {
@@ -588,23 +606,35 @@ impl Parked for Scheduler {
                             .files
                             .run(move || ensure_topic(&broker, TIMER_TOPIC).map(|_| ()).map_err(|e| e.to_string())),
                     );
+                    self.wake = Some(cx.now + STARTING_POLL);
                     return None;
                 }
             }
-            Phase::Creating(p) => match p.try_take()? {
-                Ok(()) => self.phase = Phase::Running,
-                Err(e) => {
-                    log::error!("cannot create the timer topic {TIMER_TOPIC}: {e}");
-                    self.phase = Phase::Backoff(cx.now + BACKOFF * 5);
+            Phase::Creating(p) => {
+                let Some(done) = p.try_take() else {
+                    self.wake = Some(cx.now + STARTING_POLL);
                     return None;
+                };
+                match done {
+                    Ok(()) => self.phase = Phase::Running,
+                    Err(e) => {
+                        log::error!("cannot create the timer topic {TIMER_TOPIC}: {e}");
+                        self.phase = Phase::Backoff(cx.now + BACKOFF * 5);
+                        return None;
+                    }
                 }
-            },
+            }
             Phase::Backoff(t) if cx.now >= *t => self.phase = Phase::Running,
             Phase::Backoff(_) => return None,
             Phase::Running => {}
         }
         // The state moves into the next step (a gather's finisher, or a new parked slot).
-        let me = Scheduler { phase: std::mem::take(&mut self.phase), state: self.state.clone() };
+        let me = Scheduler {
+            phase: std::mem::take(&mut self.phase),
+            state: self.state.clone(),
+            wake: None,
+            anchor: self.anchor,
+        };
         Some(Ok(me.work(cx)))
     }
 }
@@ -648,6 +678,7 @@ mod tests {
         assert_eq!((topic.as_str(), qid), ("orders", 3));
         assert_eq!(header(&out, "TAGS"), Some("a"));
         assert!(header(&out, P_DELAY).is_none() && header(&out, P_DUE).is_none());
+        assert_eq!(header(&out, P_TIMER_OUT_MS), Some("99"));
         let mk = marker(&[4, 7]);
         assert_eq!(header(&mk, H_DELIVERED), Some("4,7"));
         assert_eq!(mk.headers.len(), 1);

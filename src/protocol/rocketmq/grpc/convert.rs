@@ -22,7 +22,8 @@ pub const P_TIMER_DELIVER_MS: &str = "TIMER_DELIVER_MS";
 pub const MAX_BODY: usize = 4 << 20;
 
 /// Properties the broker keeps for itself: never user properties, never accepted from one.
-const SYSTEM: [&str; 24] = [
+const SYSTEM: [&str; 25] = [
+    "TIMER_OUT_MS",
     "TAGS",
     "KEYS",
     "UNIQ_KEY",
@@ -66,7 +67,10 @@ pub fn from_pb(m: pb::Message, peer: Option<SocketAddr>) -> Result<Message, Refu
     let mut props: Vec<(String, String)> = Vec::new();
     for (k, v) in m.user_properties {
         if is_system(&k) || k.is_empty() || k.contains(['\u{1}', '\u{2}']) || v.contains(['\u{1}', '\u{2}']) {
-            return Err(refuse(pb::Code::IllegalMessagePropertyKey, format!("property key '{k}' is reserved or invalid")));
+            return Err(refuse(
+                pb::Code::IllegalMessagePropertyKey,
+                format!("property key '{k}' is reserved or invalid"),
+            ));
         }
         props.push((k, v));
     }
@@ -118,7 +122,10 @@ pub fn from_pb(m: pb::Message, peer: Option<SocketAddr>) -> Result<Message, Refu
         return Err(refuse(pb::Code::MessageBodyEmpty, "the message body is empty"));
     }
     if body.len() > MAX_BODY {
-        return Err(refuse(pb::Code::MessageBodyTooLarge, format!("the body of {} bytes exceeds {MAX_BODY}", body.len())));
+        return Err(refuse(
+            pb::Code::MessageBodyTooLarge,
+            format!("the body of {} bytes exceeds {MAX_BODY}", body.len()),
+        ));
     }
     let born_host = sys.born_host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)).or(peer);
     let born_timestamp = sys.born_timestamp.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
@@ -204,7 +211,7 @@ pub fn to_pb(record: &Record, at: &Delivery<'_>) -> pb::Message {
                 sys.message_group = Some(v);
                 sys.message_type = pb::MessageType::Fifo as i32;
             }
-            P_TIMER_DELIVER_MS => {
+            P_TIMER_DELIVER_MS | "TIMER_OUT_MS" => {
                 if let Ok(at) = v.parse::<i64>() {
                     sys.delivery_timestamp = Some(timestamp(at));
                     sys.message_type = pb::MessageType::Delay as i32;

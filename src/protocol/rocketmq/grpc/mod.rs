@@ -69,6 +69,8 @@ const MAX_BATCH: usize = 1024;
 /// How long a push consumer's message stays invisible (they ask for auto-renewal, not a
 /// duration); renewed while its client still heartbeats.
 const AUTO_RENEW_MS: i64 = 60_000;
+/// A client silent this long is gone (they heartbeat every 10 s).
+const CLIENT_GONE: Duration = Duration::from_secs(35);
 /// The bytes one read of a queue takes.
 const READ_BYTES: usize = 1 << 20;
 /// A request larger than this is refused (bodies are at most 4 MiB; batches a few).
@@ -135,8 +137,10 @@ pub fn spawn(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             };
-            if let Err(e) =
-                tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(incoming, stop).await
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await
             {
                 log::error!("rocketmq-grpc: server stopped: {e}");
             }
@@ -253,7 +257,11 @@ impl Front {
             topic: Some(pb::Resource { resource_namespace: String::new(), name: topic.name().to_string() }),
             id,
             permission: perm as i32,
-            broker: Some(pb::Broker { name: self.state.broker_name.clone(), id: 0, endpoints: Some(self.endpoint.clone()) }),
+            broker: Some(pb::Broker {
+                name: self.state.broker_name.clone(),
+                id: 0,
+                endpoints: Some(self.endpoint.clone()),
+            }),
             accept_message_types: [
                 pb::MessageType::Normal,
                 pb::MessageType::Fifo,
@@ -283,7 +291,8 @@ impl Front {
 
     async fn send_one(&self, m: pb::Message, peer: Option<SocketAddr>) -> pb::SendResultEntry {
         let id = m.system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default();
-        let entry = |status: Option<pb::Status>| pb::SendResultEntry { status, message_id: id.clone(), ..Default::default() };
+        let entry =
+            |status: Option<pb::Status>| pb::SendResultEntry { status, message_id: id.clone(), ..Default::default() };
         let topic = match self.topic(m.topic.as_ref(), false).await {
             Ok(t) => t,
             Err(s) => return entry(s),
@@ -344,10 +353,10 @@ impl Front {
         record_at(Some(self.call(key, PartOp::Read { offset, max_bytes: 1 }).await), offset)
     }
 
-    /// Whether a push consumer that received with auto-renewal is still with us.
-    fn alive(&self, now: Instant) -> bool {
-        let clients = self.clients.lock();
-        clients.values().any(|c| c.kind == pb::ClientType::PushConsumer && now.duration_since(c.seen) < MAX_POLL * 2)
+    /// Whether a client is still with us (it heartbeats every 10 s and has not said
+    /// goodbye).
+    fn alive(&self, client: &str) -> bool {
+        self.clients.lock().get(client).is_some_and(|c| c.seen.elapsed() < CLIENT_GONE)
     }
 
     /// One pass over `queues`: expired messages again (or to the dead-letter queue), then
@@ -361,7 +370,7 @@ impl Front {
         filter: &TagFilter,
         max: usize,
         invisible_ms: i64,
-        auto_renew: bool,
+        renew_for: Option<&str>,
     ) -> Vec<Leased> {
         let mut out: Vec<Leased> = Vec::new();
         let name = topic.name();
@@ -379,20 +388,37 @@ impl Front {
                     pop.queue(group, name, q).next = Some(start);
                 }
                 let due = pop.queue(group, name, q).expired(now, max - out.len());
-                // Auto-renewed messages of a live push consumer stay invisible.
-                let renew = auto_renew && self.alive(Instant::now());
                 let mut again = Vec::new();
                 for (offset, f) in due {
-                    let next = if renew && f.auto_renew { f.attempt } else { f.attempt + 1 };
-                    let lease = Lease { attempt: next, visible_at: now + invisible_ms, auto_renew, group: f.group };
+                    // A push consumer's message stays invisible while that client lives.
+                    let renew = f.renew_for.as_deref().is_some_and(|c| self.alive(c));
+                    let next = if renew { f.attempt } else { f.attempt + 1 };
+                    let lease =
+                        Lease { attempt: next, visible_at: now + invisible_ms, renew_for: f.renew_for, group: f.group };
                     let handle = pop.lease(group, name, q, offset, lease);
-                    if next != f.attempt {
+                    if !renew {
                         again.push((offset, next, handle));
                     }
                 }
                 again
             };
-            for (offset, attempt, handle) in expired {
+            // Held-back FIFO messages whose group is free again.
+            let released: Vec<(i64, i32, String)> = {
+                let mut pop = self.pop.lock();
+                let free = pop.queue(group, name, q).release(max.saturating_sub(out.len() + expired.len()));
+                free.into_iter()
+                    .map(|(offset, g)| {
+                        let lease = Lease {
+                            attempt: 1,
+                            visible_at: now + invisible_ms,
+                            renew_for: renew_for.map(str::to_string),
+                            group: Some(g),
+                        };
+                        (offset, 1, pop.lease(group, name, q, offset, lease))
+                    })
+                    .collect()
+            };
+            for (offset, attempt, handle) in expired.into_iter().chain(released) {
                 let Some(record) = self.read_one(key, offset).await else {
                     // Gone (retention): nothing to deliver.
                     let _ = self.finish(group, name, &handle);
@@ -451,19 +477,29 @@ impl Front {
                 if out.len() >= max {
                     break;
                 }
-                let msg_group = header(&rec, convert::P_SHARDING_KEY).map(str::to_string);
-                if let Some(g) = &msg_group {
-                    // An earlier message of its group is in flight: the group (and this
-                    // queue behind it) waits.
-                    if queue.group_busy(g) || taken_groups.contains(g) {
-                        break;
-                    }
+                if queue.held.len() >= pop::MAX_HELD {
+                    break;
                 }
                 queue.next = Some(rec.offset + 1);
                 if rec.control || !filter.matches(message::record_tag(&rec)) {
                     continue;
                 }
-                let lease = Lease { attempt: 1, visible_at: now + invisible_ms, auto_renew, group: msg_group.clone() };
+                let msg_group = header(&rec, convert::P_SHARDING_KEY).map(str::to_string);
+                if let Some(g) = &msg_group {
+                    // An earlier message of its group is in flight, held back, or taken
+                    // in this pass: this one waits its turn.
+                    let waiting = queue.held.values().any(|h| h == g);
+                    if queue.group_busy(g) || waiting || taken_groups.contains(g) {
+                        queue.held.insert(rec.offset, g.clone());
+                        continue;
+                    }
+                }
+                let lease = Lease {
+                    attempt: 1,
+                    visible_at: now + invisible_ms,
+                    renew_for: renew_for.map(str::to_string),
+                    group: msg_group.clone(),
+                };
                 let handle = pop.lease(group, name, q, rec.offset, lease);
                 if let Some(g) = msg_group {
                     taken_groups.push(g);
@@ -513,6 +549,8 @@ impl Front {
     /// Ends a delivery and stores the offset it lets the group commit.
     fn finish(&self, group: &str, topic: &str, handle: &str) -> Result<(), pop::HandleError> {
         let (queue, committed) = self.pop.lock().finish(group, topic, handle)?;
+        // A FIFO group may be free now: waiting receives look again.
+        self.data.notify_waiters();
         if let Some(offset) = committed {
             self.store_offset(group, topic, queue, offset);
         }
@@ -558,7 +596,10 @@ impl Front {
         let cmd = pb::TelemetryCommand {
             status: ok(),
             command: Some(pb::telemetry_command::Command::RecoverOrphanedTransactionCommand(
-                pb::RecoverOrphanedTransactionCommand { message: Some(convert::to_pb(&copy, &at)), transaction_id: txid },
+                pb::RecoverOrphanedTransactionCommand {
+                    message: Some(convert::to_pb(&copy, &at)),
+                    transaction_id: txid,
+                },
             )),
         };
         client.telemetry.as_ref().is_some_and(|tx| tx.send(Ok(cmd)).is_ok())
@@ -644,7 +685,10 @@ struct Service(Arc<Front>);
 
 #[tonic::async_trait]
 impl MessagingService for Service {
-    async fn query_route(&self, req: Request<pb::QueryRouteRequest>) -> Result<Response<pb::QueryRouteResponse>, Status> {
+    async fn query_route(
+        &self,
+        req: Request<pb::QueryRouteRequest>,
+    ) -> Result<Response<pb::QueryRouteResponse>, Status> {
         let req = req.into_inner();
         let f = &self.0;
         Ok(Response::new(match f.topic(req.topic.as_ref(), true).await {
@@ -663,7 +707,10 @@ impl MessagingService for Service {
         Ok(Response::new(pb::HeartbeatResponse { status: ok() }))
     }
 
-    async fn send_message(&self, req: Request<pb::SendMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+    async fn send_message(
+        &self,
+        req: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
         let peer = req.remote_addr();
         let messages = req.into_inner().messages;
         if messages.is_empty() {
@@ -717,8 +764,10 @@ impl MessagingService for Service {
     ) -> Result<Response<Self::ReceiveMessageStream>, Status> {
         let id = client_id(&req)?;
         let req = req.into_inner();
+        log::trace!("rocketmq-grpc: receive from {id}: {req:?}");
         let f = &self.0;
         let fail = |s: Option<pb::Status>| {
+            log::trace!("rocketmq-grpc: receive answered {s:?}");
             Ok(Response::new(once(vec![pb::ReceiveMessageResponse {
                 content: s.map(pb::receive_message_response::Content::Status),
             }])))
@@ -739,14 +788,19 @@ impl MessagingService for Service {
             Some(e) => TagFilter::parse(&e.expression),
             None => TagFilter::All,
         };
-        let queues: Vec<i32> = match mq.id {
-            -1 => (0..topic.meta.partitions).collect(),
-            q if (0..topic.meta.partitions).contains(&q) => vec![q],
-            q => return fail(status(pb::Code::BadRequest, format!("queue {q} of {} does not exist", topic.name()))),
-        };
+        // Pop consumption is per broker, not per queue: the proxy takes from every queue
+        // of the broker the request's queue names (and 1.0.8 of the Node.js client only
+        // ever names queue 0). A queue this topic does not have is still refused.
+        if mq.id < -1 || mq.id >= topic.meta.partitions {
+            return fail(status(pb::Code::BadRequest, format!("queue {} of {} does not exist", mq.id, topic.name())));
+        }
+        let queues: Vec<i32> = (0..topic.meta.partitions).collect();
         let batch = usize::try_from(req.batch_size).unwrap_or(0);
         if batch == 0 || batch > MAX_BATCH {
-            return fail(status(pb::Code::BadRequest, format!("batch size {} is not within 1..{MAX_BATCH}", req.batch_size)));
+            return fail(status(
+                pb::Code::BadRequest,
+                format!("batch size {} is not within 1..{MAX_BATCH}", req.batch_size),
+            ));
         }
         let invisible_ms = match (req.invisible_duration.as_ref().map(convert::millis), req.auto_renew) {
             (Some(ms), _) if ms > 0 => ms,
@@ -764,7 +818,8 @@ impl MessagingService for Service {
             let notified = f.data.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let leased = f.pop_once(&group, &topic, &queues, &filter, batch, invisible_ms, req.auto_renew).await;
+            let renew_for = req.auto_renew.then_some(id.as_str());
+            let leased = f.pop_once(&group, &topic, &queues, &filter, batch, invisible_ms, renew_for).await;
             if !leased.is_empty() || Instant::now() >= deadline {
                 break leased;
             }
@@ -778,7 +833,8 @@ impl MessagingService for Service {
         if leased.is_empty() {
             return fail(status(pb::Code::MessageNotFound, "no new message"));
         }
-        let mut out = vec![pb::ReceiveMessageResponse { content: ok().map(pb::receive_message_response::Content::Status) }];
+        let mut out =
+            vec![pb::ReceiveMessageResponse { content: ok().map(pb::receive_message_response::Content::Status) }];
         for l in &leased {
             out.push(pb::ReceiveMessageResponse {
                 content: Some(pb::receive_message_response::Content::Message(f.delivered(&topic, l, invisible_ms))),
@@ -794,7 +850,10 @@ impl MessagingService for Service {
         Ok(Response::new(once(out)))
     }
 
-    async fn ack_message(&self, req: Request<pb::AckMessageRequest>) -> Result<Response<pb::AckMessageResponse>, Status> {
+    async fn ack_message(
+        &self,
+        req: Request<pb::AckMessageRequest>,
+    ) -> Result<Response<pb::AckMessageResponse>, Status> {
         let req = req.into_inner();
         let f = &self.0;
         let group = match group_name(req.group.as_ref()) {
@@ -856,11 +915,16 @@ impl MessagingService for Service {
 
     type PullMessageStream = Stream_<pb::PullMessageResponse>;
 
-    async fn pull_message(&self, req: Request<pb::PullMessageRequest>) -> Result<Response<Self::PullMessageStream>, Status> {
+    async fn pull_message(
+        &self,
+        req: Request<pb::PullMessageRequest>,
+    ) -> Result<Response<Self::PullMessageStream>, Status> {
         let req = req.into_inner();
         let f = &self.0;
         let fail = |s: Option<pb::Status>| {
-            Ok(Response::new(once(vec![pb::PullMessageResponse { content: s.map(pb::pull_message_response::Content::Status) }])))
+            Ok(Response::new(once(vec![pb::PullMessageResponse {
+                content: s.map(pb::pull_message_response::Content::Status),
+            }])))
         };
         let mq = req.message_queue.unwrap_or_default();
         let topic = match f.topic(mq.topic.as_ref(), false).await {
@@ -930,7 +994,10 @@ impl MessagingService for Service {
         Ok(Response::new(once(out)))
     }
 
-    async fn update_offset(&self, req: Request<pb::UpdateOffsetRequest>) -> Result<Response<pb::UpdateOffsetResponse>, Status> {
+    async fn update_offset(
+        &self,
+        req: Request<pb::UpdateOffsetRequest>,
+    ) -> Result<Response<pb::UpdateOffsetResponse>, Status> {
         let req = req.into_inner();
         let f = &self.0;
         let reply = |s| Ok(Response::new(pb::UpdateOffsetResponse { status: s }));
@@ -975,7 +1042,10 @@ impl MessagingService for Service {
         }
     }
 
-    async fn query_offset(&self, req: Request<pb::QueryOffsetRequest>) -> Result<Response<pb::QueryOffsetResponse>, Status> {
+    async fn query_offset(
+        &self,
+        req: Request<pb::QueryOffsetRequest>,
+    ) -> Result<Response<pb::QueryOffsetResponse>, Status> {
         let req = req.into_inner();
         let f = &self.0;
         let reply = |s, offset| Ok(Response::new(pb::QueryOffsetResponse { status: s, offset }));
@@ -991,7 +1061,9 @@ impl MessagingService for Service {
             Ok(pb::QueryOffsetPolicy::Beginning) => reply(ok(), shared.log_start()),
             Ok(pb::QueryOffsetPolicy::End) => reply(ok(), shared.next_offset()),
             Ok(pb::QueryOffsetPolicy::Timestamp) => {
-                let Some(ts) = req.timestamp else { return reply(status(pb::Code::BadRequest, "timestamp missing"), 0) };
+                let Some(ts) = req.timestamp else {
+                    return reply(status(pb::Code::BadRequest, "timestamp missing"), 0);
+                };
                 let ms = ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000;
                 match f.call(key, PartOp::OffsetForTime { timestamp: ms }).await {
                     PartResult::Offset(o) => reply(ok(), o.unwrap_or_else(|| shared.next_offset())),
@@ -1010,7 +1082,10 @@ impl MessagingService for Service {
         let f = &self.0;
         let reply = |s| Ok(Response::new(pb::EndTransactionResponse { status: s }));
         let Some(offset) = f.timer_offset(&req.transaction_id) else {
-            return reply(status(pb::Code::InvalidTransactionId, format!("unknown transaction id '{}'", req.transaction_id)));
+            return reply(status(
+                pb::Code::InvalidTransactionId,
+                format!("unknown transaction id '{}'", req.transaction_id),
+            ));
         };
         let commit_it = match pb::TransactionResolution::try_from(req.resolution) {
             Ok(pb::TransactionResolution::Commit) => true,
@@ -1047,7 +1122,9 @@ impl MessagingService for Service {
         match schedule::marker_batch(&[offset]) {
             Ok(mark) => {
                 if !matches!(f.call(timer, PartOp::Append { records: mark }).await, PartResult::Appended(..)) {
-                    log::warn!("rocketmq-grpc: the resolution of half {offset} was not marked; a restart checks it again");
+                    log::warn!(
+                        "rocketmq-grpc: the resolution of half {offset} was not marked; a restart checks it again"
+                    );
                 }
             }
             Err(e) => log::warn!("rocketmq-grpc: marker: {e}"),
@@ -1119,7 +1196,9 @@ impl MessagingService for Service {
     ) -> Result<Response<pb::ChangeInvisibleDurationResponse>, Status> {
         let req = req.into_inner();
         let f = &self.0;
-        let reply = |s, handle: String| Ok(Response::new(pb::ChangeInvisibleDurationResponse { status: s, receipt_handle: handle }));
+        let reply = |s, handle: String| {
+            Ok(Response::new(pb::ChangeInvisibleDurationResponse { status: s, receipt_handle: handle }))
+        };
         let group = match group_name(req.group.as_ref()) {
             Ok(g) => g,
             Err(s) => return reply(s, String::new()),
@@ -1134,11 +1213,16 @@ impl MessagingService for Service {
         let extended = f.pop.lock().extend(&group, &topic, &req.receipt_handle, now_ms() + ms);
         match extended {
             Ok(handle) => reply(ok(), handle),
-            Err(why) => reply(status(pb::Code::InvalidReceiptHandle, format!("receipt handle is {why:?}")), String::new()),
+            Err(why) => {
+                reply(status(pb::Code::InvalidReceiptHandle, format!("receipt handle is {why:?}")), String::new())
+            }
         }
     }
 
-    async fn recall_message(&self, _: Request<pb::RecallMessageRequest>) -> Result<Response<pb::RecallMessageResponse>, Status> {
+    async fn recall_message(
+        &self,
+        _: Request<pb::RecallMessageRequest>,
+    ) -> Result<Response<pb::RecallMessageResponse>, Status> {
         Err(Status::unimplemented("RecallMessage is not served by slipstream"))
     }
 

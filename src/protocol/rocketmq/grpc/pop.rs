@@ -11,8 +11,10 @@
 //! so nothing unacknowledged is lost, and what was in flight at a crash is delivered again.
 //!
 //! FIFO: a message group lives in one queue (producers pick the queue by the group); its
-//! next message is not delivered while one of it is in flight ([`Queue::group_busy`]),
-//! and the reader stops at such a message, so the queue's offset never passes it.
+//! next message is not delivered while one of it is in flight ([`Queue::group_busy`]).
+//! The reader holds such a message back ([`Queue::held`]) and goes on with the other
+//! groups; a held message goes out, oldest of its group first, once its group is free.
+//! The committed offset stays below every held message.
 //!
 //! A receipt handle names (queue, offset, delivery) and carries a MAC keyed per broker
 //! run over those and the group and topic: a forged handle fails the MAC, a handle of an
@@ -35,8 +37,8 @@ pub struct Inflight {
     pub attempt: i32,
     /// Names this delivery in its receipt handle.
     pub seq: u64,
-    /// Received by a push consumer asking for renewal while it lives.
-    pub auto_renew: bool,
+    /// The client that received it asked for renewal while it lives (push consumers).
+    pub renew_for: Option<String>,
     /// Its FIFO message group.
     pub group: Option<String>,
 }
@@ -46,23 +48,53 @@ pub struct Inflight {
 pub struct Lease {
     pub attempt: i32,
     pub visible_at: i64,
-    pub auto_renew: bool,
+    pub renew_for: Option<String>,
     pub group: Option<String>,
 }
 
 /// One queue of one group.
 #[derive(Debug, Default)]
 pub struct Queue {
-    /// The next offset never delivered; `None` until loaded from the committed offset.
+    /// The next offset never looked at; `None` until loaded from the committed offset.
     pub next: Option<i64>,
     pub inflight: BTreeMap<i64, Inflight>,
+    /// Looked at but held back: an earlier message of the same FIFO group was in flight.
+    pub held: BTreeMap<i64, String>,
 }
+
+/// Held-back messages kept per queue before the reader stops moving on (memory bound).
+pub const MAX_HELD: usize = 10_000;
 
 impl Queue {
     /// Where a restart would resume: the oldest unfinished offset.
     pub fn committed(&self) -> Option<i64> {
         let next = self.next?;
-        Some(self.inflight.keys().next().copied().unwrap_or(next).min(next))
+        let inflight = self.inflight.keys().next().copied().unwrap_or(next);
+        let held = self.held.keys().next().copied().unwrap_or(next);
+        Some(next.min(inflight).min(held))
+    }
+
+    /// Held-back messages whose group is free now, oldest first, one per group, at most
+    /// `n`; taken out of the held set.
+    pub fn release(&mut self, n: usize) -> Vec<(i64, String)> {
+        let mut out: Vec<(i64, String)> = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        for (&offset, g) in &self.held {
+            if out.len() >= n {
+                break;
+            }
+            if seen.contains(&g.as_str()) {
+                continue;
+            }
+            seen.push(g);
+            if !self.group_busy(g) {
+                out.push((offset, g.clone()));
+            }
+        }
+        for (offset, _) in &out {
+            self.held.remove(offset);
+        }
+        out
     }
 
     /// In-flight messages visible again by `now`, oldest first, at most `n`.
@@ -115,7 +147,7 @@ impl Pop {
     pub fn lease(&mut self, group: &str, topic: &str, queue: i32, offset: i64, l: Lease) -> String {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let f = Inflight { visible_at: l.visible_at, attempt: l.attempt, seq, auto_renew: l.auto_renew, group: l.group };
+        let f = Inflight { visible_at: l.visible_at, attempt: l.attempt, seq, renew_for: l.renew_for, group: l.group };
         self.queue(group, topic, queue).inflight.insert(offset, f);
         self.handle(group, topic, Handle { queue, offset, seq })
     }
@@ -157,10 +189,12 @@ impl Pop {
         Ok((h.queue, q.committed()))
     }
 
-    /// Makes the delivery `text` names invisible until `visible_at`, under a new handle.
+    /// Makes the delivery `text` names invisible until `visible_at`, under a new handle,
+    /// and no longer renewed for its client.
     pub fn extend(&mut self, group: &str, topic: &str, text: &str, visible_at: i64) -> Result<String, HandleError> {
         let (h, f) = self.check(group, topic, text)?;
-        let l = Lease { attempt: f.attempt, visible_at, auto_renew: f.auto_renew, group: f.group };
+        // The client now says when: automatic renewal ends (a push consumer's nack).
+        let l = Lease { attempt: f.attempt, visible_at, renew_for: None, group: f.group };
         Ok(self.lease(group, topic, h.queue, h.offset, l))
     }
 
@@ -175,7 +209,7 @@ mod tests {
     use super::*;
 
     fn at(visible_at: i64, group: Option<&str>) -> Lease {
-        Lease { attempt: 1, visible_at, auto_renew: false, group: group.map(str::to_string) }
+        Lease { attempt: 1, visible_at, renew_for: None, group: group.map(str::to_string) }
     }
 
     #[test]
@@ -215,5 +249,15 @@ mod tests {
         let due: Vec<i64> = q.expired(100, 10).into_iter().map(|(o, _)| o).collect();
         assert_eq!(due, vec![0, 2]);
         assert_eq!(q.expired(100, 1).len(), 1);
+        // Group a's next two wait behind its flight; b's goes at once.
+        q.held.insert(5, "a".into());
+        q.held.insert(6, "a".into());
+        q.held.insert(7, "b".into());
+        assert_eq!(q.committed(), Some(0));
+        assert_eq!(q.release(10), vec![(7, "b".to_string())]);
+        // Group a's flight lands.
+        q.inflight.remove(&0);
+        assert_eq!(q.release(10), vec![(5, "a".to_string())]);
+        assert_eq!(q.held.keys().copied().collect::<Vec<_>>(), vec![6]);
     }
 }
