@@ -8,7 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={root}");
     let fds = protox::compile(files, [root])?;
     tonic_prost_build::configure()
-        .build_client(false)
+        .build_client(true)
+        // The client (for `slipstream bench`) without tonic's channel: the bench brings it.
+        .build_transport(false)
         .build_server(true)
         // Bodies as `Bytes`: decoded messages share the request buffer (no copy).
         .bytes(".apache.rocketmq.v2.Message.body")

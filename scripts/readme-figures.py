@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc
 """
 import json
 import sys
@@ -87,9 +87,9 @@ def report():
         print(f"| | (raw TCP ping-pong p50 {f1(lim)}) | | | | | | | |")
 
 
-def rocketmq():
-    d = load("rocketmq")
-    print("| workload (`docs/bench/rocketmq/`) | target | send p50 | p99 | p99.9 | end-to-end p50 | msg/s | × limit |")
+def rocketmq(results="rocketmq"):
+    d = load(results)
+    print(f"| workload (`docs/bench/{results}/`) | target | send p50 | p99 | p99.9 | end-to-end p50 | msg/s | × limit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for w in d["workloads"]:
         name = w["workload"]["name"]
@@ -103,4 +103,5 @@ def rocketmq():
 
 
 if __name__ == "__main__":
-    {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq}[sys.argv[1]]()
+    {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
+     "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc")}[sys.argv[1]]()

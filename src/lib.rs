@@ -6,7 +6,9 @@
 //! ```text
 //!   server              `serve`: listeners (each bound to a protocol), cores, I/O thread
 //!   protocol::kafka     wire protocol: framer, session, handlers, response encoding
-//!   protocol::rocketmq  remoting: framer, name server, broker, scheduler service
+//!   protocol::rocketmq  remoting: framer, name server, broker, scheduler service;
+//!                       grpc: RocketMQ 5's gRPC front on its own runtime, reaching
+//!                       partitions through dispatch::Port (not a session)
 //!   ════ dispatch::session ═══ the protocol seam: Protocol, Session, Step, Parked, Finish
 //!   dispatch            thread-per-core, run-to-completion loop; ordered, coalesced
 //!                       replies; parking; gathers of partition operations across cores

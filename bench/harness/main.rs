@@ -15,6 +15,7 @@
 
 #![deny(unsafe_code)]
 
+mod grpc;
 mod native;
 mod rawtcp;
 #[cfg(feature = "rdkafka-client")]
@@ -79,13 +80,27 @@ pub enum Protocol {
     /// RocketMQ remoting (native client): slipstream targets get a RocketMQ listener and
     /// name server; an external target's address is its name server.
     Rocketmq,
+    /// RocketMQ 5 gRPC (`apache.rocketmq.v2.MessagingService`, as the 5.x SDKs): slipstream
+    /// targets get a `rocketmq-grpc` listener; an external target's address is its proxy.
+    RocketmqGrpc,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Kafka => "kafka",
+            Protocol::Rocketmq => "remoting",
+            Protocol::RocketmqGrpc => "grpc",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What the clients speak.
-    #[arg(long, value_enum, default_value_t = Protocol::Kafka)]
-    pub protocol: Protocol,
+    /// What the clients speak [default: kafka]. Repeatable: every target is then run
+    /// with each protocol, side by side in one report.
+    #[arg(long = "protocol", value_enum)]
+    pub protocols: Vec<Protocol>,
     /// Workload name (from bench/workloads) or file; repeatable [default: latency-128b].
     #[arg(long = "workload")]
     pub workloads: Vec<String>,
@@ -193,6 +208,13 @@ fn rdma_ip() -> Option<String> {
     std::env::var("SLIPSTREAM_RDMA_IP").or_else(|_| std::env::var("RXE_IP")).ok().filter(|s| !s.is_empty())
 }
 
+/// `n` distinct free loopback addresses (held open together while chosen, so two of them
+/// are never the same port).
+fn free_loopback_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let held = (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+    Ok(held.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?)
+}
+
 fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     Ok(format!("127.0.0.1:{port}").parse()?)
@@ -207,6 +229,8 @@ struct Spawned {
     addr: SocketAddr,
     /// The RocketMQ name server, when started with one.
     namesrv: Option<SocketAddr>,
+    /// The RocketMQ 5 gRPC endpoint, when started with one.
+    grpc: Option<SocketAddr>,
     _data: tempfile::TempDir,
 }
 
@@ -218,12 +242,14 @@ impl Spawned {
         log: &Path,
         protocol: Protocol,
     ) -> anyhow::Result<Spawned> {
+        // Every address this broker listens on, chosen together.
+        let picked = free_loopback_addrs(4)?;
         let listen: SocketAddr = if kind == TransportKind::Rdma {
             let ip = rdma_ip().context("slipstream:rdma needs SLIPSTREAM_RDMA_IP (an address of an RDMA device)")?;
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             format!("{ip}:{port}").parse().context("bad SLIPSTREAM_RDMA_IP")?
         } else {
-            free_loopback_addr()?
+            picked[0]
         };
         let parent = flags.iter().find_map(|f| f.strip_prefix("--data-parent="));
         let flags: Vec<&String> = flags.iter().filter(|f| !f.starts_with("--data-parent=")).collect();
@@ -233,16 +259,21 @@ impl Spawned {
         };
         let exe = slipstream_binary()?;
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let (mut extra, mut namesrv) = (Vec::new(), None);
-        if protocol == Protocol::Rocketmq {
-            let (rmq, ns) = (free_loopback_addr()?, free_loopback_addr()?);
-            extra = vec![
+        let (mut extra, mut namesrv, mut grpc) = (Vec::new(), None, None);
+        // The gRPC runs make their topics through the remoting admin request.
+        if matches!(protocol, Protocol::Rocketmq | Protocol::RocketmqGrpc) {
+            let addrs = &picked[1..];
+            extra.extend([
                 "--listen".to_string(),
-                format!("rocketmq://{rmq}"),
+                format!("rocketmq://{}", addrs[0]),
                 "--listen".to_string(),
-                format!("rocketmq-namesrv://{ns}"),
-            ];
-            namesrv = Some(ns);
+                format!("rocketmq-namesrv://{}", addrs[1]),
+            ]);
+            namesrv = Some(addrs[1]);
+            if protocol == Protocol::RocketmqGrpc {
+                extra.extend(["--listen".to_string(), format!("rocketmq-grpc://{}", addrs[2])]);
+                grpc = Some(addrs[2]);
+            }
         }
         let child = Command::new(&exe)
             .args(["serve", "--listen", &listen.to_string(), "--cores", &cores.to_string(), "--transport"])
@@ -255,7 +286,7 @@ impl Spawned {
             .stderr(logf)
             .spawn()
             .context("starting slipstream serve")?;
-        let mut s = Spawned { child, bridge: None, addr: listen, namesrv, _data: data };
+        let mut s = Spawned { child, bridge: None, addr: listen, namesrv, grpc, _data: data };
         if kind == TransportKind::Rdma {
             s.addr = free_loopback_addr()?;
             let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
@@ -379,36 +410,50 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
     if targets.is_empty() {
         targets.push(Target::Slipstream(TransportKind::Tcp, Vec::new()));
     }
+    let protocols = if args.protocols.is_empty() { vec![Protocol::Kafka] } else { args.protocols.clone() };
+    // Every target with every protocol; named by both when there is more than one.
+    let mut runs: Vec<(Target, Protocol, String)> = Vec::new();
+    for t in &targets {
+        for p in &protocols {
+            let name = if protocols.len() > 1 { format!("{} ({})", t.name(), p.label()) } else { t.name() };
+            runs.push((t.clone(), *p, name));
+        }
+    }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let broker_log = args.out.join("brokers.log");
     let mut results = Vec::new();
     for w in &workloads {
         let per_run = (w.duration_s.ceil() as u64).max(1);
-        let bar = ProgressBar::new(per_run * (targets.len() * args.repetitions) as u64);
+        let bar = ProgressBar::new(per_run * (runs.len() * args.repetitions) as u64);
         bar.set_style(
             ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} s  {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        let mut accums: Vec<Accum> = targets.iter().map(|_| Accum::default()).collect();
+        let mut accums: Vec<Accum> = runs.iter().map(|_| Accum::default()).collect();
         // Interleaved: rep 0 of every target, then rep 1 of every target, ...
         for rep in 0..args.repetitions {
-            for (ti, target) in targets.iter().enumerate() {
-                bar.set_prefix(format!("{} #{}", target.name(), rep + 1));
+            for (ti, (target, protocol, name)) in runs.iter().enumerate() {
+                bar.set_prefix(format!("{name} #{}", rep + 1));
                 let topic = format!("bench-{}-{}", w.name, uuid::Uuid::new_v4().simple());
-                let (out, bootstrap) = match (target, args.protocol) {
+                let (out, bootstrap) = match (target, *protocol) {
                     (Target::Slipstream(kind, flags), protocol) => {
                         let s = Spawned::start(*kind, flags, args.broker_cores, &broker_log, protocol)?;
                         let pid = Some(s.child.id());
-                        match s.namesrv {
-                            Some(ns) => (rmq::run(ns, w, &topic, pid, &bar)?, ns.to_string()),
-                            None => {
-                                (args.client.run(s.addr, w, &topic, args.fetch_wait_ms, pid, &bar)?, s.addr.to_string())
+                        match (protocol, s.namesrv, s.grpc) {
+                            (Protocol::RocketmqGrpc, Some(ns), Some(g)) => {
+                                let create = |t: &str, q: i32| rmq::create_topic(ns, t, q).map(|_| ());
+                                (grpc::run(g, Some(&create), w, &topic, pid, &bar)?, g.to_string())
                             }
+                            (Protocol::Rocketmq, Some(ns), _) => (rmq::run(ns, w, &topic, pid, &bar)?, ns.to_string()),
+                            _ => (args.client.run(s.addr, w, &topic, args.fetch_wait_ms, pid, &bar)?, s.addr.to_string()),
                         }
                     }
                     (Target::External { addr, pid, .. }, Protocol::Rocketmq) => {
                         (rmq::run(*addr, w, &topic, *pid, &bar)?, addr.to_string())
+                    }
+                    (Target::External { addr, pid, .. }, Protocol::RocketmqGrpc) => {
+                        (grpc::run(*addr, None, w, &topic, *pid, &bar)?, addr.to_string())
                     }
                     (Target::External { addr, pid, .. }, Protocol::Kafka) => {
                         (args.client.run(*addr, w, &topic, args.fetch_wait_ms, *pid, &bar)?, addr.to_string())
@@ -440,10 +485,10 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
                 round_trip: rawtcp::ping_pong(w.message_size, d, true)?.summary(),
             });
         }
-        let targets_out = targets
+        let targets_out = runs
             .iter()
             .zip(accums)
-            .map(|(t, a)| {
+            .map(|((_, _, name), a)| {
                 let publish = a.recorder.publish.summary();
                 let ratio = if publish.count == 0 {
                     Vec::new()
@@ -458,7 +503,7 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
                     (a.recorder.messages_sent, a.recorder.bytes_sent)
                 };
                 TargetResult {
-                    name: t.name(),
+                    name: name.clone(),
                     bootstrap: a.bootstrap,
                     repetitions: a.reps,
                     measured_s: a.measured_s,
@@ -493,10 +538,15 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
         slipstream_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         machine,
-        client: match args.protocol {
-            Protocol::Kafka => args.client.name().into(),
-            Protocol::Rocketmq => "rocketmq remoting (native)".into(),
-        },
+        client: protocols
+            .iter()
+            .map(|p| match p {
+                Protocol::Kafka => args.client.name(),
+                Protocol::Rocketmq => "rocketmq remoting (native)",
+                Protocol::RocketmqGrpc => "rocketmq 5 gRPC (tonic)",
+            })
+            .collect::<Vec<_>>()
+            .join(" / "),
         notes,
         workloads: results,
     };

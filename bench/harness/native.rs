@@ -114,6 +114,19 @@ pub fn drained(
     seen >= share.saturating_sub(1) || since.elapsed() > Duration::from_secs(5)
 }
 
+/// Joins a run's producer or consumer threads (`what` names them), merging what each
+/// recorded.
+pub fn merge_joined(
+    recorder: &mut Recorder,
+    threads: Vec<thread::JoinHandle<anyhow::Result<Recorder>>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    for t in threads {
+        recorder.merge(&t.join().map_err(|_| anyhow::anyhow!("a {what} thread panicked"))??);
+    }
+    Ok(())
+}
+
 /// Waits until the schedule's next send is due (sleeping, then spinning the last 100 µs);
 /// returns at once in a closed loop.
 pub fn pace(schedule: &Schedule, clock: Clock) {
@@ -190,17 +203,11 @@ pub fn run(
     let (per_second, measured_s, broker_cpu_s) = measure_window(clock, warmup_ns, end_ns, &acked, broker_pid, bar);
     stop_producing.store(true, Ordering::Relaxed);
     let mut recorder = Recorder::default();
-    for p in producers {
-        let r = p.join().map_err(|_| anyhow::anyhow!("a producer thread panicked"))??;
-        recorder.merge(&r);
-    }
+    merge_joined(&mut recorder, producers, "producer")?;
     // Let consumers catch up with everything produced, then stop them.
     let deadline = Instant::now() + Duration::from_secs(10);
     stop_consuming.store(true, Ordering::Relaxed);
-    for c in consumers {
-        let r = c.join().map_err(|_| anyhow::anyhow!("a consumer thread panicked"))??;
-        recorder.merge(&r);
-    }
+    merge_joined(&mut recorder, consumers, "consumer")?;
     if Instant::now() > deadline {
         log::warn!("consumers took more than 10 s to drain");
     }

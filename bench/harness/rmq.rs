@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::native::{drained, measure_window, pace, Clock, RunOutput};
+use super::native::{drained, measure_window, merge_joined, pace, Clock, RunOutput};
 use super::stats::{Recorder, Schedule};
 use super::workload::Workload;
 
@@ -166,13 +166,9 @@ pub fn run(
     let (per_second, measured_s, broker_cpu_s) = measure_window(clock, warmup_ns, end_ns, &acked, broker_pid, bar);
     stop_producing.store(true, Ordering::Relaxed);
     let mut recorder = Recorder::default();
-    for p in producers {
-        recorder.merge(&p.join().map_err(|_| anyhow::anyhow!("a producer thread panicked"))??);
-    }
+    merge_joined(&mut recorder, producers, "producer")?;
     stop_consuming.store(true, Ordering::Relaxed);
-    for c in consumers {
-        recorder.merge(&c.join().map_err(|_| anyhow::anyhow!("a consumer thread panicked"))??);
-    }
+    merge_joined(&mut recorder, consumers, "consumer")?;
     Ok(RunOutput { recorder, per_second, measured_s, broker_cpu_s })
 }
 

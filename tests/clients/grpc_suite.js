@@ -19,6 +19,9 @@
 //   in %DLQ%group after two deliveries.
 // cross-send / cross-receive: the gRPC half of the Kafka round trip (cross_protocol.py).
 // cross-ons (broker with a remoting listener too): gRPC -> ali-ons and ali-ons -> gRPC.
+// raw-rpcs: the RPCs the Node.js SDK does not call, through its generated stubs:
+//   QueryOffset (beginning, end, timestamp), PullMessage (with long polling),
+//   UpdateOffset / GetOffset, ForwardMessageToDeadLetterQueue.
 // bad-input: malformed protobuf, unknown topic, forged receipt handle, oversized body,
 //   unimplemented RPC, missing client id: each refused, other streams unaffected.
 'use strict';
@@ -434,21 +437,111 @@ async function phaseCrossOns() {
   console.log('ali-ons -> gRPC ok');
 }
 
-async function phaseBadInput() {
+// The SDK's generated gRPC stubs, for RPCs it does not call and for raw requests.
+function stubs() {
   const grpc = require(require.resolve('@grpc/grpc-js', { paths: [ require.resolve('rocketmq-client-nodejs') ] }));
   const protoDir = path.join(path.dirname(require.resolve('rocketmq-client-nodejs/package.json')), 'proto/apache/rocketmq/v2');
   const svc = require(path.join(protoDir, 'service_grpc_pb.js'));
   const pb = require(path.join(protoDir, 'service_pb.js'));
   const def = require(path.join(protoDir, 'definition_pb.js'));
+  const { Duration } = require('google-protobuf/google/protobuf/duration_pb');
+  const { Timestamp } = require('google-protobuf/google/protobuf/timestamp_pb');
   const client = new svc.MessagingServiceClient(ENDPOINTS, grpc.credentials.createInsecure(),
     { 'grpc.max_send_message_length': 64 << 20 });
   const md = () => {
     const m = new grpc.Metadata();
-    m.set('x-mq-client-id', `bad-input-${process.pid}`);
+    m.set('x-mq-client-id', `raw-${process.pid}`);
     return m;
   };
   const unary = (method, req, meta) => new Promise((res, rej) => client[method](req, meta || md(), (e, r) => (e ? rej(e) : res(r))));
+  // A server-streaming call's items.
+  const stream = (method, req) => new Promise((res, rej) => {
+    const items = [];
+    const s = client[method](req, md());
+    s.on('data', d => items.push(d));
+    s.on('end', () => res(items));
+    s.on('error', rej);
+  });
   const resource = name => new def.Resource().setName(name);
+  const duration = ms => new Duration().setSeconds(Math.floor(ms / 1000)).setNanos((ms % 1000) * 1e6);
+  return { grpc, pb, def, client, md, unary, stream, resource, duration, Timestamp };
+}
+
+async function phaseRawRpcs() {
+  const { pb, def, client, unary, stream, resource, duration, Timestamp } = stubs();
+  const topic = 'grpc-raw';
+  const p = await producer([ topic ]);
+  for (let i = 0; i < 10; i++) await p.send({ topic, body: Buffer.from(`raw-${i}`) });
+  const mq = new def.MessageQueue().setTopic(resource(topic)).setId(0);
+  const offset = async (policy, ts) => {
+    const req = new pb.QueryOffsetRequest().setMessageQueue(mq).setQueryOffsetPolicy(policy);
+    if (ts) req.setTimestamp(ts);
+    const r = await unary('queryOffset', req);
+    check(r.getStatus().getCode() === def.Code.OK, `QueryOffset ${policy}: ${r.getStatus().getMessage()}`);
+    return r.getOffset();
+  };
+  check(await offset(def.QueryOffsetPolicy.BEGINNING) === 0, 'beginning');
+  check(await offset(def.QueryOffsetPolicy.END) === 10, 'end');
+  const hourAgo = new Timestamp().setSeconds(Math.floor(Date.now() / 1000) - 3600);
+  check(await offset(def.QueryOffsetPolicy.TIMESTAMP, hourAgo) === 0, 'by timestamp');
+
+  // PullMessage: five from offset 3, then a long poll at the end answered by a new send.
+  const pull = (from, n, waitMs) => stream('pullMessage', new pb.PullMessageRequest().setGroup(resource('raw-g'))
+    .setMessageQueue(mq).setOffset(from).setBatchSize(n)
+    .setFilterExpression(new def.FilterExpression().setType(def.FilterType.TAG).setExpression('*'))
+    .setLongPollingTimeout(duration(waitMs)));
+  let items = await pull(3, 5, 0);
+  const bodies = items.filter(i => i.hasMessage()).map(i => Buffer.from(i.getMessage().getBody_asU8()).toString());
+  check(bodies.join() === 'raw-3,raw-4,raw-5,raw-6,raw-7', `pulled ${bodies}`);
+  const next = items.filter(i => i.hasNextOffset()).map(i => i.getNextOffset());
+  check(next.length === 1 && next[0] === 8, `next offset ${next}`);
+  const t0 = Date.now();
+  const waiting = pull(10, 5, 5000);
+  await sleep(500);
+  await p.send({ topic, body: Buffer.from('raw-late') });
+  items = await waiting;
+  const late = items.filter(i => i.hasMessage()).map(i => Buffer.from(i.getMessage().getBody_asU8()).toString());
+  check(late.join() === 'raw-late' && Date.now() - t0 < 4000, `long poll got ${late} after ${Date.now() - t0} ms`);
+  items = await pull(11, 5, 300);
+  check(items.length === 1 && items[0].getStatus().getCode() === def.Code.MESSAGE_NOT_FOUND, 'an empty long poll');
+
+  // UpdateOffset / GetOffset.
+  let r = await unary('getOffset', new pb.GetOffsetRequest().setGroup(resource('raw-g')).setMessageQueue(mq));
+  check(r.getStatus().getCode() === def.Code.OFFSET_NOT_FOUND, `a new group's offset: ${r.getStatus().getCode()}`);
+  r = await unary('updateOffset', new pb.UpdateOffsetRequest().setGroup(resource('raw-g')).setMessageQueue(mq).setOffset(8));
+  check(r.getStatus().getCode() === def.Code.OK, 'UpdateOffset');
+  r = await unary('getOffset', new pb.GetOffsetRequest().setGroup(resource('raw-g')).setMessageQueue(mq));
+  check(r.getStatus().getCode() === def.Code.OK && r.getOffset() === 8, `GetOffset ${r.getOffset()}`);
+
+  // ForwardMessageToDeadLetterQueue with a received message's handle, once.
+  const recv = await stream('receiveMessage', new pb.ReceiveMessageRequest().setGroup(resource('raw-dlq'))
+    .setMessageQueue(new def.MessageQueue().setTopic(resource(topic)).setId(-1)).setBatchSize(1)
+    .setFilterExpression(new def.FilterExpression().setType(def.FilterType.TAG).setExpression('*'))
+    .setInvisibleDuration(duration(30000)).setLongPollingTimeout(duration(1000)));
+  const m = recv.filter(i => i.hasMessage()).map(i => i.getMessage())[0];
+  check(m, 'nothing received');
+  check(recv.some(i => i.hasDeliveryTimestamp()), 'no delivery timestamp');
+  const sys = m.getSystemProperties();
+  check(sys.getBodyDigest().getType() === def.DigestType.MD5 && /^[0-9A-F]{32}$/.test(sys.getBodyDigest().getChecksum()), 'digest');
+  const forward = () => unary('forwardMessageToDeadLetterQueue', new pb.ForwardMessageToDeadLetterQueueRequest()
+    .setGroup(resource('raw-dlq')).setTopic(resource(topic)).setReceiptHandle(sys.getReceiptHandle())
+    .setMessageId(sys.getMessageId()).setDeliveryAttempt(1).setMaxDeliveryAttempts(16));
+  r = await forward();
+  check(r.getStatus().getCode() === def.Code.OK, `forward: ${r.getStatus().getMessage()}`);
+  r = await forward();
+  check(r.getStatus().getCode() === def.Code.INVALID_RECEIPT_HANDLE, 'forwarded twice');
+  const d = await simple('raw-dlq-reader', [[ '%DLQ%raw-dlq', '*' ]]);
+  const dead = [];
+  await drain(d, 1, 30000, x => dead.push(x.body.toString()));
+  check(dead.join() === Buffer.from(m.getBody_asU8()).toString(), `dead letters ${dead}`);
+  await d.shutdown();
+  await p.shutdown();
+  client.close();
+  console.log('raw-rpcs ok: QueryOffset, PullMessage, UpdateOffset/GetOffset, ForwardMessageToDeadLetterQueue');
+}
+
+async function phaseBadInput() {
+  const { grpc, pb, def, client, md, unary, resource, duration } = stubs();
 
   // A healthy consumer long-polls on another stream the whole time.
   const topic = 'grpc-bad-input';
@@ -497,7 +590,7 @@ async function phaseBadInput() {
     const req = new pb.ReceiveMessageRequest().setGroup(resource('g')).setBatchSize(1)
       .setMessageQueue(new def.MessageQueue().setTopic(resource(topic)).setId(-1))
       .setFilterExpression(new def.FilterExpression().setType(def.FilterType.SQL).setExpression('a > 1'))
-      .setInvisibleDuration(new (require('google-protobuf/google/protobuf/duration_pb').Duration)().setSeconds(10));
+      .setInvisibleDuration(duration(10000));
     const codes = [];
     const s = client.receiveMessage(req, md());
     s.on('data', d => d.hasStatus() && codes.push(d.getStatus().getCode()));
@@ -527,6 +620,7 @@ const phases = {
   'cross-send': phaseCrossSend,
   'cross-receive': phaseCrossReceive,
   'cross-ons': phaseCrossOns,
+  'raw-rpcs': phaseRawRpcs,
   'bad-input': phaseBadInput,
 };
 

@@ -80,12 +80,15 @@ per_transport!(grpc_cross_protocol, |t| {
     suite(&grpc, "cross-ons", &["--namesrv", &ns]);
 });
 
-// Malformed protobuf, an unknown topic, forged receipt handles, an oversized body, an RPC
-// not served, a request without a client id, a SQL filter: each refused with its status,
-// while another consumer's long poll on the same broker goes on unharmed.
+// The RPCs the Node.js SDK does not call (QueryOffset, PullMessage with long polling,
+// UpdateOffset / GetOffset, ForwardMessageToDeadLetterQueue) through its generated stubs;
+// then bad input: malformed protobuf, an unknown topic, forged receipt handles, an
+// oversized body, an RPC not served, a request without a client id, a SQL filter — each
+// refused with its status, while another consumer's long poll goes on unharmed.
 #[test]
-fn grpc_bad_input() {
+fn grpc_offsets_pull_forward_and_bad_input() {
     let (mut broker, grpc, _) = start(&[], &[]);
+    suite(&grpc, "raw-rpcs", &[]);
     suite(&grpc, "bad-input", &[]);
     assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
 }

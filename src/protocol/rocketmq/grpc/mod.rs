@@ -30,7 +30,7 @@
 //! - Every RPC answers a `Status`; an RPC this front does not serve answers gRPC
 //!   UNIMPLEMENTED, never a made-up OK.
 
-mod convert;
+pub mod convert;
 pub mod pb;
 pub mod pop;
 
@@ -289,43 +289,76 @@ impl Front {
         (tag == message::topic_tag(&timer.meta.id) && queue == 0).then_some(offset)
     }
 
-    async fn send_one(&self, m: pb::Message, peer: Option<SocketAddr>) -> pb::SendResultEntry {
-        let id = m.system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default();
-        let entry =
-            |status: Option<pb::Status>| pb::SendResultEntry { status, message_id: id.clone(), ..Default::default() };
-        let topic = match self.topic(m.topic.as_ref(), false).await {
-            Ok(t) => t,
-            Err(s) => return entry(s),
+    /// Sends messages for one queue of one topic: one append for all of them (a batch),
+    /// or one each when any waits in the timer queue (delay, transaction). One result per
+    /// message, in order.
+    async fn send_to_queue(&self, ms: Vec<pb::Message>, peer: Option<SocketAddr>) -> Vec<pb::SendResultEntry> {
+        let ids: Vec<String> =
+            ms.iter().map(|m| m.system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default()).collect();
+        let failed = |i: usize, status: Option<pb::Status>| pb::SendResultEntry {
+            status,
+            message_id: ids[i].clone(),
+            ..Default::default()
         };
-        let qid = m.system_properties.as_ref().map(|s| s.queue_id).unwrap_or(0);
+        let all = |status: Option<pb::Status>| (0..ids.len()).map(|i| failed(i, status.clone())).collect();
+        let topic = match self.topic(ms.first().and_then(|m| m.topic.as_ref()), false).await {
+            Ok(t) => t,
+            Err(s) => return all(s),
+        };
+        let qid = ms.first().and_then(|m| m.system_properties.as_ref()).map(|s| s.queue_id).unwrap_or(0);
         let Some(key) = topic.key(qid) else {
             let why = format!("queue {qid} of {} does not exist ({} queues)", topic.name(), topic.meta.partitions);
-            return entry(status(pb::Code::BadRequest, why));
+            return all(status(pb::Code::BadRequest, why));
         };
-        let msg = match convert::from_pb(m, peer) {
-            Ok(m) => m,
-            Err((code, why)) => return entry(status(code, why)),
-        };
-        let mut one = [msg];
-        let plan = plan_send(&self.broker, &self.state, &topic, qid, key, &mut one, 0, "", false);
-        let SendPlan { key, batch, transaction_id, .. } = match plan {
-            Ok(p) => p,
-            Err((code, why)) => return entry(status(code_of(code), why)),
-        };
-        match self.call(key, PartOp::Append { records: batch }).await {
-            PartResult::Appended(info, _) => pb::SendResultEntry {
-                status: ok(),
-                message_id: id.clone(),
-                transaction_id: transaction_id.and_then(|_| self.transaction_id(info.base_offset)).unwrap_or_default(),
-                offset: info.base_offset,
-                recall_handle: String::new(),
-            },
-            PartResult::Failed { error, .. } => {
-                log::warn!("rocketmq-grpc: send to {}-{qid} refused: {error}", topic.name());
-                entry(status(pb::Code::InternalError, error.to_string()))
+        let mut out: Vec<Option<pb::SendResultEntry>> = vec![None; ids.len()];
+        let mut good = Vec::new();
+        for (i, m) in ms.into_iter().enumerate() {
+            match convert::from_pb(m, peer) {
+                Ok(msg) => good.push((i, msg)),
+                Err((code, why)) => out[i] = Some(failed(i, status(code, why))),
             }
-            _ => entry(status(pb::Code::TopicNotFound, format!("topic {} is gone", topic.name()))),
         }
+        let waits = |m: &message::Message| m.property(convert::P_TIMER_DELIVER_MS).is_some() || m.property("TRAN_MSG").is_some();
+        let groups: Vec<Vec<(usize, message::Message)>> = if good.len() > 1 && !good.iter().any(|(_, m)| waits(m)) {
+            vec![good]
+        } else {
+            good.into_iter().map(|g| vec![g]).collect()
+        };
+        for group in groups {
+            let (idx, mut msgs): (Vec<usize>, Vec<message::Message>) = group.into_iter().unzip();
+            let batch = msgs.len() > 1;
+            let plan = plan_send(&self.broker, &self.state, &topic, qid, key, &mut msgs, 0, "", batch);
+            let SendPlan { key, batch, transaction_id, .. } = match plan {
+                Ok(p) => p,
+                Err((code, why)) => {
+                    for &i in &idx {
+                        out[i] = Some(failed(i, status(code_of(code), why.clone())));
+                    }
+                    continue;
+                }
+            };
+            let result = self.call(key, PartOp::Append { records: batch }).await;
+            for (n, &i) in idx.iter().enumerate() {
+                out[i] = Some(match &result {
+                    PartResult::Appended(info, _) => pb::SendResultEntry {
+                        status: ok(),
+                        message_id: ids[i].clone(),
+                        transaction_id: transaction_id
+                            .as_ref()
+                            .and_then(|_| self.transaction_id(info.base_offset))
+                            .unwrap_or_default(),
+                        offset: info.base_offset + n as i64,
+                        recall_handle: String::new(),
+                    },
+                    PartResult::Failed { error, .. } => {
+                        log::warn!("rocketmq-grpc: send to {}-{qid} refused: {error}", topic.name());
+                        failed(i, status(pb::Code::InternalError, error.to_string()))
+                    }
+                    _ => failed(i, status(pb::Code::TopicNotFound, format!("topic {} is gone", topic.name()))),
+                });
+            }
+        }
+        out.into_iter().enumerate().map(|(i, e)| e.unwrap_or_else(|| failed(i, status(pb::Code::InternalError, "not sent")))).collect()
     }
 
     /// Where a group starts on a queue it has no state for: its committed offset, else
@@ -719,10 +752,20 @@ impl MessagingService for Service {
                 entries: Vec::new(),
             }));
         }
+        // Consecutive messages for the same queue go as one batch.
         let mut entries = Vec::with_capacity(messages.len());
+        let mut run: Vec<pb::Message> = Vec::new();
+        let same = |a: &pb::Message, b: &pb::Message| {
+            a.topic.as_ref().map(|t| &t.name) == b.topic.as_ref().map(|t| &t.name)
+                && a.system_properties.as_ref().map(|s| s.queue_id) == b.system_properties.as_ref().map(|s| s.queue_id)
+        };
         for m in messages {
-            entries.push(self.0.send_one(m, peer).await);
+            if run.last().is_some_and(|last| !same(last, &m)) {
+                entries.extend(self.0.send_to_queue(std::mem::take(&mut run), peer).await);
+            }
+            run.push(m);
         }
+        entries.extend(self.0.send_to_queue(run, peer).await);
         // The request's status: the one failure when all failed alike, else OK or
         // MULTIPLE_RESULTS (clients read each entry).
         let codes: Vec<i32> = entries.iter().map(|e| e.status.as_ref().map(|s| s.code).unwrap_or(0)).collect();
