@@ -203,7 +203,10 @@ async fn consume(
         let req = pb::ReceiveMessageRequest {
             group: resource(group),
             message_queue: Some(queue.clone()),
-            filter_expression: Some(pb::FilterExpression { r#type: pb::FilterType::Tag as i32, expression: "*".into() }),
+            filter_expression: Some(pb::FilterExpression {
+                r#type: pb::FilterType::Tag as i32,
+                expression: "*".into(),
+            }),
             batch_size: 256,
             invisible_duration: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
             auto_renew: false,

@@ -446,7 +446,9 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
                                 (grpc::run(g, Some(&create), w, &topic, pid, &bar)?, g.to_string())
                             }
                             (Protocol::Rocketmq, Some(ns), _) => (rmq::run(ns, w, &topic, pid, &bar)?, ns.to_string()),
-                            _ => (args.client.run(s.addr, w, &topic, args.fetch_wait_ms, pid, &bar)?, s.addr.to_string()),
+                            _ => {
+                                (args.client.run(s.addr, w, &topic, args.fetch_wait_ms, pid, &bar)?, s.addr.to_string())
+                            }
                         }
                     }
                     (Target::External { addr, pid, .. }, Protocol::Rocketmq) => {

@@ -69,6 +69,10 @@ const MAX_BATCH: usize = 1024;
 /// How long a push consumer's message stays invisible (they ask for auto-renewal, not a
 /// duration); renewed while its client still heartbeats.
 const AUTO_RENEW_MS: i64 = 60_000;
+/// How long a stopping front waits for open streams to end.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How often acknowledged offsets are written.
+const OFFSET_FLUSH: Duration = Duration::from_millis(500);
 /// A client silent this long is gone (they heartbeat every 10 s).
 const CLIENT_GONE: Duration = Duration::from_secs(35);
 /// The bytes one read of a queue takes.
@@ -112,6 +116,7 @@ pub fn spawn(
         clients: Mutex::new(HashMap::new()),
         data,
         settings,
+        dirty: Mutex::new(HashMap::new()),
     });
     let weak = Arc::downgrade(&front);
     state.set_grpc_checks(Box::new(move |record, offset| {
@@ -129,21 +134,35 @@ pub fn spawn(
                     let _ = s.set_nodelay(true);
                 })
             });
-            let service = MessagingServiceServer::new(Service(front))
+            tokio::spawn(front.clone().offset_flusher());
+            let service = MessagingServiceServer::new(Service(front.clone()))
                 .max_decoding_message_size(MAX_REQUEST)
                 .max_encoding_message_size(MAX_REQUEST);
-            let stop = async move {
+            let stopping = |shutdown: Arc<AtomicBool>| async move {
                 while !shutdown.load(Ordering::Acquire) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             };
-            if let Err(e) = tonic::transport::Server::builder()
+            let server = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stop)
-                .await
-            {
-                log::error!("rocketmq-grpc: server stopped: {e}");
+                .serve_with_incoming_shutdown(incoming, stopping(shutdown.clone()));
+            // A graceful stop waits for open streams, and a client's Telemetry stream
+            // never ends by itself: give them a moment, then close them.
+            let cut = async {
+                stopping(shutdown).await;
+                tokio::time::sleep(STOP_GRACE).await;
+            };
+            tokio::select! {
+                r = server => {
+                    if let Err(e) = r {
+                        log::error!("rocketmq-grpc: server stopped: {e}");
+                    }
+                }
+                _ = cut => log::info!("rocketmq-grpc: closing the streams still open"),
             }
+            // What was acknowledged last is not lost to the shutdown.
+            let dirty = std::mem::take(&mut *front.dirty.lock());
+            Front::store_offsets(&front.broker, dirty);
         })
     })
 }
@@ -206,6 +225,8 @@ struct Front {
     clients: Mutex<HashMap<String, Client>>,
     data: Arc<Notify>,
     settings: GrpcSettings,
+    /// Committed offsets not yet written (see [`Front::store_offset`]).
+    dirty: Mutex<HashMap<(String, String, i32), i64>>,
 }
 
 /// A message read for delivery.
@@ -318,7 +339,9 @@ impl Front {
                 Err((code, why)) => out[i] = Some(failed(i, status(code, why))),
             }
         }
-        let waits = |m: &message::Message| m.property(convert::P_TIMER_DELIVER_MS).is_some() || m.property("TRAN_MSG").is_some();
+        let waits = |m: &message::Message| {
+            m.property(convert::P_TIMER_DELIVER_MS).is_some() || m.property("TRAN_MSG").is_some()
+        };
         let groups: Vec<Vec<(usize, message::Message)>> = if good.len() > 1 && !good.iter().any(|(_, m)| waits(m)) {
             vec![good]
         } else {
@@ -358,7 +381,10 @@ impl Front {
                 });
             }
         }
-        out.into_iter().enumerate().map(|(i, e)| e.unwrap_or_else(|| failed(i, status(pb::Code::InternalError, "not sent")))).collect()
+        out.into_iter()
+            .enumerate()
+            .map(|(i, e)| e.unwrap_or_else(|| failed(i, status(pb::Code::InternalError, "not sent"))))
+            .collect()
     }
 
     /// Where a group starts on a queue it has no state for: its committed offset, else
@@ -371,14 +397,33 @@ impl Front {
         }
     }
 
-    /// Stores a group's committed offset for a queue (off the event loop).
+    /// Notes a group's new committed offset for a queue; [`Front::store_offsets`] writes
+    /// what changed every [`OFFSET_FLUSH`] (and at shutdown), as RocketMQ brokers persist
+    /// consumer offsets periodically: one file write per interval, not one per ack.
     fn store_offset(&self, group: &str, topic: &str, queue: i32, offset: i64) {
-        let (broker, group, topic) = (self.broker.clone(), group.to_string(), topic.to_string());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = commit(&broker, &group, &topic, queue, offset, Instant::now()) {
+        self.dirty.lock().insert((group.to_string(), topic.to_string(), queue), offset);
+    }
+
+    /// Writes the offsets noted since the last call (blocking: the file worker's kind of
+    /// work, run from `spawn_blocking` or at shutdown).
+    fn store_offsets(broker: &Broker, dirty: HashMap<(String, String, i32), i64>) {
+        for ((group, topic, queue), offset) in dirty {
+            if let Err(e) = commit(broker, &group, &topic, queue, offset, Instant::now()) {
                 log::warn!("rocketmq-grpc: storing the offset of {group} on {topic}-{queue}: {e}");
             }
-        });
+        }
+    }
+
+    /// Flushes noted offsets every [`OFFSET_FLUSH`] until the runtime stops.
+    async fn offset_flusher(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(OFFSET_FLUSH).await;
+            let dirty = std::mem::take(&mut *self.dirty.lock());
+            if !dirty.is_empty() {
+                let broker = self.broker.clone();
+                let _ = tokio::task::spawn_blocking(move || Front::store_offsets(&broker, dirty)).await;
+            }
+        }
     }
 
     /// The record at `offset` of a queue.
