@@ -22,6 +22,8 @@ use super::stats::{Recorder, Schedule};
 use super::workload::Workload;
 
 type Client = MessagingServiceClient<Channel>;
+/// Makes a topic with a queue count (the target's admin path).
+pub type MakeTopic<'a> = &'a dyn Fn(&str, i32) -> anyhow::Result<()>;
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
@@ -73,7 +75,7 @@ async fn queues(c: &mut Client, topic: &str) -> anyhow::Result<i32> {
 /// target must auto-create it.
 pub fn run(
     addr: SocketAddr,
-    create: Option<&dyn Fn(&str, i32) -> anyhow::Result<()>>,
+    create: Option<MakeTopic<'_>>,
     w: &Workload,
     topic: &str,
     broker_pid: Option<u32>,
