@@ -118,6 +118,9 @@ impl BrokerProc {
             .arg(&self.data)
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            // An error at start is one line; a backtrace after it would push it out of
+            // the log tail a failing test prints.
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -75,6 +75,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const OFFSET_FLUSH: Duration = Duration::from_millis(500);
 /// A client silent this long is gone (they heartbeat every 10 s).
 const CLIENT_GONE: Duration = Duration::from_secs(35);
+/// A client with no telemetry stream, silent this long, is forgotten.
+const CLIENT_FORGOTTEN: Duration = Duration::from_secs(600);
 /// The bytes one read of a queue takes.
 const READ_BYTES: usize = 1 << 20;
 /// A request larger than this is refused (bodies are at most 4 MiB; batches a few).
@@ -414,10 +416,12 @@ impl Front {
         }
     }
 
-    /// Flushes noted offsets every [`OFFSET_FLUSH`] until the runtime stops.
+    /// Flushes noted offsets every [`OFFSET_FLUSH`] until the runtime stops, and forgets
+    /// clients that left without saying so.
     async fn offset_flusher(self: Arc<Self>) {
         loop {
             tokio::time::sleep(OFFSET_FLUSH).await;
+            self.clients.lock().retain(|_, c| c.telemetry.is_some() || c.seen.elapsed() < CLIENT_FORGOTTEN);
             let dirty = std::mem::take(&mut *self.dirty.lock());
             if !dirty.is_empty() {
                 let broker = self.broker.clone();
@@ -512,7 +516,12 @@ impl Front {
                 break;
             }
             // New messages from the queue's next offset.
-            let Some(next) = self.pop.lock().queue(group, name, q).next else { continue };
+            let (next, full) = {
+                let mut pop = self.pop.lock();
+                let queue = pop.queue(group, name, q);
+                (queue.next, queue.inflight.len() >= pop::MAX_INFLIGHT)
+            };
+            let Some(next) = next.filter(|_| !full) else { continue };
             let shared = topic.shared(q).cloned();
             if shared.as_ref().is_some_and(|s| s.next_offset() <= next) {
                 continue;

@@ -64,6 +64,9 @@ pub struct Queue {
 
 /// Held-back messages kept per queue before the reader stops moving on (memory bound).
 pub const MAX_HELD: usize = 10_000;
+/// Unacknowledged messages per queue and group before nothing new is delivered from it
+/// (a consumer that receives and never acknowledges must not cost unbounded memory).
+pub const MAX_INFLIGHT: usize = 65_536;
 
 impl Queue {
     /// Where a restart would resume: the oldest unfinished offset.
