@@ -138,7 +138,8 @@ pub fn to_timer(m: &mut Message, real_topic: &str, real_qid: i32, due: i64) {
     m.properties.push((P_DUE.into(), due.to_string()));
 }
 
-fn header<'a>(r: &'a Record, name: &str) -> Option<&'a str> {
+/// A record header's text value (RocketMQ properties are stored as headers).
+pub(crate) fn header<'a>(r: &'a Record, name: &str) -> Option<&'a str> {
     r.headers.iter().find(|(k, _)| k.as_str() == name).and_then(|(_, v)| std::str::from_utf8(v.as_ref()?).ok())
 }
 

@@ -51,7 +51,7 @@ use super::broker::{plan_send, SendPlan};
 use super::codes::Response as RemotingCode;
 use super::message::{self, TagFilter};
 use super::namesrv::ensure_topic;
-use super::schedule;
+use super::schedule::{self, header};
 use super::{commit, record_at, RocketMqState};
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{Broker, PartKey, Topic};
@@ -737,10 +737,6 @@ impl Front {
             c.kind = k;
         }
     }
-}
-
-fn header<'a>(r: &'a Record, name: &str) -> Option<&'a str> {
-    r.headers.iter().find(|(k, _)| k.as_str() == name).and_then(|(_, v)| std::str::from_utf8(v.as_ref()?).ok())
 }
 
 /// The client id every request carries (`x-mq-client-id`).
