@@ -24,6 +24,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Stand in front of an existing Kafka cluster: clients bootstrap here, every broker
+    /// gets a listener of its own, answers naming brokers are rewritten to name them.
+    Sidecar(slipstream::sidecar::proxy::SidecarArgs),
     /// Accept Kafka TCP clients and carry them over RDMA to a `--transport rdma` broker.
     #[cfg(feature = "rdma")]
     Bridge(slipstream::sidecar::bridge::BridgeArgs),
@@ -38,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             slipstream::server::serve(cfg).context("slipstream serve failed")?;
         }
         Command::Bench { args } => run_bench(args)?,
+        Command::Sidecar(args) => slipstream::sidecar::proxy::run(&args).context("slipstream sidecar failed")?,
         #[cfg(feature = "rdma")]
         Command::Bridge(args) => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -5,7 +5,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use slipstream::protocol::kafka::frame::{response_correlation, Framer, RequestHead, Side};
-use slipstream::sidecar::rewrite::{RequestLog, Responses};
+use slipstream::sidecar::rewrite::{Fixed, RequestLog, Responses};
 
 const MAX: usize = 1 << 16;
 
@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     if requests.observe(stream).is_err() {
         return;
     }
-    let mut responses = Responses::new("sidecar", 9092);
+    let mut responses = Responses::new(Fixed::new("sidecar", 9092));
     let mut out = Vec::new();
     let mut rest = stream;
     while !rest.is_empty() {

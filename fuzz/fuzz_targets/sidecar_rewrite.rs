@@ -1,13 +1,23 @@
-//! Any bytes as a request stream and as a broker-naming response the bridge rewrites: the
-//! first byte picks the API, the second the version; never a panic.
+//! Any bytes as a request stream and as every response the sidecar and the bridge
+//! rewrite (Produce, Fetch, Metadata, ApiVersions, FindCoordinator, DescribeCluster): the
+//! first byte picks the API, the second the version, the third how brokers are
+//! advertised; never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use slipstream::sidecar::rewrite::{rewrite, RequestLog};
+use slipstream::sidecar::cluster::PortPlan;
+use slipstream::sidecar::rewrite::{rewrite, Fixed, RequestLog};
 
 fuzz_target!(|data: &[u8]| {
     let _ = RequestLog::default().observe(data);
-    if data.len() >= 2 {
-        let api = [3i16, 10, 60][data[0] as usize % 3];
-        let _ = rewrite(api, i16::from(data[1] % 14), &data[2..], "bridge", 9092);
+    if data.len() >= 3 {
+        let api = [0i16, 1, 3, 10, 18, 60][data[0] as usize % 6];
+        let version = i16::from(data[1] % 19);
+        let body = &data[3..];
+        if data[2] % 2 == 0 {
+            let _ = rewrite(api, version, body, &mut Fixed::new("bridge", 9092));
+        } else {
+            // Per-broker ports, refusing node ids that do not fit.
+            let _ = rewrite(api, version, body, &mut PortPlan::new("sidecar", 60000, Vec::new()));
+        }
     }
 });

@@ -110,7 +110,7 @@ fn serve_conn(
     let mut inbuf = vec![0u8; 64 * 1024];
     let (mut in_off, mut in_len) = (0usize, 0usize);
     let mut out: Vec<u8> = Vec::new(); // rewritten frames and prefixes waiting for the socket
-    let mut responses = Responses::new(host, port);
+    let mut responses = Responses::new(rewrite::Fixed::new(host, port));
     let mut client_open = true;
     let invalid = |e: rewrite::RewriteError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     while !stop.load(Ordering::Relaxed) {

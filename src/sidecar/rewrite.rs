@@ -10,9 +10,10 @@
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, DescribeClusterResponse, FindCoordinatorResponse, MetadataResponse, ResponseHeader,
+    ApiKey, ApiVersionsResponse, DescribeClusterResponse, FetchResponse, FindCoordinatorResponse, MetadataResponse,
+    ProduceResponse, ResponseHeader,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
 use std::collections::VecDeque;
 
 use crate::framing::PREFIX;
@@ -32,6 +33,10 @@ pub enum RewriteError {
     Correlation { got: i32, want: i32 },
     #[error("cannot {what} a {api:?} v{version} response: {reason}")]
     Codec { what: &'static str, api: ApiKey, version: i16, reason: String },
+    #[error("a {api:?} response of {len} bytes is over the {max}-byte bound for answers that are rewritten")]
+    TooLarge { api: ApiKey, len: usize, max: usize },
+    #[error("cannot advertise broker {node_id}: {reason}")]
+    Refused { node_id: i32, reason: String },
 }
 
 /// A request that will be answered: what the bridge needs to read its response.
@@ -205,6 +210,11 @@ impl RequestLog {
         self.head.clear();
     }
 
+    /// Requests seen and not answered yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Whether every request seen has been answered.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
@@ -234,15 +244,30 @@ enum RespState {
 /// # Invariants
 /// - Every response is matched to the request it answers ([`RequestLog`]) and its
 ///   correlation id checked: a stream misread is an error, never a silent corruption.
-pub struct Responses {
+pub struct Responses<A> {
     state: RespState,
-    host: String,
-    port: u16,
+    advertise: A,
+    /// The largest frame collected to be rewritten.
+    max_collect: usize,
+    /// Answers that went out changed.
+    rewritten: u64,
 }
 
-impl Responses {
-    pub fn new(host: &str, port: u16) -> Responses {
-        Responses { state: RespState::Prefix(Vec::new()), host: host.to_string(), port }
+impl<A: Advertise> Responses<A> {
+    pub fn new(advertise: A) -> Responses<A> {
+        Responses { state: RespState::Prefix(Vec::new()), advertise, max_collect: MAX_FRAME, rewritten: 0 }
+    }
+
+    /// Bounds the frames collected whole (a longer one is an error): the memory a
+    /// connection may hold.
+    pub fn with_max_collect(mut self, max: usize) -> Self {
+        self.max_collect = max;
+        self
+    }
+
+    /// How many answers went out changed.
+    pub fn rewritten(&self) -> u64 {
+        self.rewritten
     }
 
     /// Bytes of the current frame to copy straight through, if it is passing.
@@ -286,7 +311,11 @@ impl Responses {
                 let correlation_id = response_correlation(&p[PREFIX..]).unwrap_or_default();
                 let req = requests.next_response()?;
                 req.check(correlation_id)?;
-                if names_brokers(req.api) {
+                if names_brokers(req.api, req.version) {
+                    if len > self.max_collect {
+                        let api = ApiKey::try_from(req.api).unwrap_or(ApiKey::Metadata);
+                        return Err(RewriteError::TooLarge { api, len, max: self.max_collect });
+                    }
                     let mut body = Vec::with_capacity(len.min(1 << 20));
                     body.extend_from_slice(&p[PREFIX..]);
                     self.state = RespState::Collect { api: req.api, version: req.version, body, len };
@@ -302,9 +331,17 @@ impl Responses {
                 let n = (*len - body.len()).min(avail.len());
                 body.extend_from_slice(&avail[..n]);
                 if body.len() == *len {
-                    let new = rewrite(*api, *version, body, &self.host, self.port)?;
-                    out.extend_from_slice(&crate::framing::prefix_for(new.len()));
-                    out.extend_from_slice(&new);
+                    match rewrite(*api, *version, body, &mut self.advertise)? {
+                        Some(new) => {
+                            self.rewritten += 1;
+                            out.extend_from_slice(&crate::framing::prefix_for(new.len()));
+                            out.extend_from_slice(&new);
+                        }
+                        None => {
+                            out.extend_from_slice(&crate::framing::prefix_for(body.len()));
+                            out.extend_from_slice(body);
+                        }
+                    }
                     self.state = RespState::Prefix(Vec::new());
                 }
                 Ok(n)
@@ -313,15 +350,69 @@ impl Responses {
     }
 }
 
-/// Whether responses of `api` name brokers (and must be rewritten whole).
-pub fn names_brokers(api: i16) -> bool {
-    matches!(ApiKey::try_from(api), Ok(ApiKey::Metadata | ApiKey::FindCoordinator | ApiKey::DescribeCluster))
+/// Where clients are told a broker is: every broker address a rewritten answer names
+/// goes through here.
+pub trait Advertise {
+    /// The endpoint to name for broker `node_id`, which the upstream names `host:port`.
+    /// An error refuses the whole answer (its connection closes): a client must never
+    /// learn an address that does not lead back through the sidecar.
+    fn endpoint(&mut self, node_id: i32, host: &str, port: i32) -> Result<(StrBytes, i32), RewriteError>;
 }
 
-/// Rewrites one response frame body (without its length prefix) of `api`/`version` to
-/// advertise `host:port`. Returns the new body.
-pub fn rewrite(api: i16, version: i16, body: &[u8], host: &str, port: u16) -> Result<Vec<u8>, RewriteError> {
-    let Ok(key) = ApiKey::try_from(api) else { return Ok(body.to_vec()) };
+/// Every broker is one address: the bridge, in front of one broker.
+pub struct Fixed {
+    host: StrBytes,
+    port: i32,
+}
+
+impl Fixed {
+    pub fn new(host: &str, port: u16) -> Fixed {
+        Fixed { host: StrBytes::from_string(host.to_string()), port: i32::from(port) }
+    }
+}
+
+impl Advertise for Fixed {
+    fn endpoint(&mut self, _: i32, _: &str, _: i32) -> Result<(StrBytes, i32), RewriteError> {
+        Ok((self.host.clone(), self.port))
+    }
+}
+
+/// Whether responses of `api` at `version` may name brokers or carry versions the
+/// rewriter must bound, and so are collected whole: Metadata, FindCoordinator,
+/// DescribeCluster, ApiVersions, and the KIP-951 leader endpoints of Produce v10+ and
+/// Fetch v16+.
+pub fn names_brokers(api: i16, version: i16) -> bool {
+    match ApiKey::try_from(api) {
+        Ok(ApiKey::Metadata | ApiKey::FindCoordinator | ApiKey::DescribeCluster | ApiKey::ApiVersions) => true,
+        Ok(ApiKey::Produce) => version >= 10,
+        Ok(ApiKey::Fetch) => version >= 16,
+        _ => false,
+    }
+}
+
+/// The highest version of `key` the rewriter can parse, for the APIs it parses.
+fn parsed_max(key: ApiKey) -> Option<i16> {
+    Some(match key {
+        ApiKey::Metadata => MetadataResponse::VERSIONS.max,
+        ApiKey::FindCoordinator => FindCoordinatorResponse::VERSIONS.max,
+        ApiKey::DescribeCluster => DescribeClusterResponse::VERSIONS.max,
+        ApiKey::ApiVersions => ApiVersionsResponse::VERSIONS.max,
+        ApiKey::Produce => ProduceResponse::VERSIONS.max,
+        ApiKey::Fetch => FetchResponse::VERSIONS.max,
+        _ => return None,
+    })
+}
+
+/// Rewrites one response frame body (without its length prefix) of `api`/`version`:
+/// broker endpoints as `advertise` says, ApiVersions bounded to what the rewriter
+/// parses. Returns `None` when the body passes unchanged.
+pub fn rewrite(
+    api: i16,
+    version: i16,
+    body: &[u8],
+    advertise: &mut dyn Advertise,
+) -> Result<Option<Vec<u8>>, RewriteError> {
+    let Ok(key) = ApiKey::try_from(api) else { return Ok(None) };
     let hv = key.response_header_version(version);
     let mut buf = Bytes::copy_from_slice(body);
     let codec = |what: &'static str| {
@@ -330,14 +421,11 @@ pub fn rewrite(api: i16, version: i16, body: &[u8], host: &str, port: u16) -> Re
     let header = ResponseHeader::decode(&mut buf, hv).map_err(codec("decode"))?;
     let mut out = BytesMut::new();
     header.encode(&mut out, hv).map_err(codec("encode"))?;
-    let host = StrBytes::from_string(host.to_string());
-    let port = i32::from(port);
     match key {
         ApiKey::Metadata => {
             let mut r = MetadataResponse::decode(&mut buf, version).map_err(codec("decode"))?;
             for b in &mut r.brokers {
-                b.host = host.clone();
-                b.port = port;
+                (b.host, b.port) = advertise.endpoint(b.node_id.0, &b.host, b.port)?;
             }
             r.encode(&mut out, version).map_err(codec("encode"))?;
         }
@@ -345,14 +433,12 @@ pub fn rewrite(api: i16, version: i16, body: &[u8], host: &str, port: u16) -> Re
             let mut r = FindCoordinatorResponse::decode(&mut buf, version).map_err(codec("decode"))?;
             if version < 4 {
                 if r.error_code == 0 {
-                    r.host = host.clone();
-                    r.port = port;
+                    (r.host, r.port) = advertise.endpoint(r.node_id.0, &r.host, r.port)?;
                 }
             } else {
                 for c in &mut r.coordinators {
                     if c.error_code == 0 {
-                        c.host = host.clone();
-                        c.port = port;
+                        (c.host, c.port) = advertise.endpoint(c.node_id.0, &c.host, c.port)?;
                     }
                 }
             }
@@ -361,14 +447,59 @@ pub fn rewrite(api: i16, version: i16, body: &[u8], host: &str, port: u16) -> Re
         ApiKey::DescribeCluster => {
             let mut r = DescribeClusterResponse::decode(&mut buf, version).map_err(codec("decode"))?;
             for b in &mut r.brokers {
-                b.host = host.clone();
-                b.port = port;
+                (b.host, b.port) = advertise.endpoint(b.broker_id.0, &b.host, b.port)?;
             }
             r.encode(&mut out, version).map_err(codec("encode"))?;
         }
-        _ => return Ok(body.to_vec()),
+        ApiKey::ApiVersions => {
+            // A broker refusing the request's version answers in v0 whatever was asked
+            // (so the client can retry lower): such an answer passes as it is.
+            if buf.len() < 2 || i16::from_be_bytes([buf[0], buf[1]]) != 0 {
+                return Ok(None);
+            }
+            let mut r = ApiVersionsResponse::decode(&mut buf, version).map_err(codec("decode"))?;
+            let before = r.api_keys.len();
+            let mut changed = false;
+            r.api_keys.retain_mut(|k| {
+                let Some(max) = ApiKey::try_from(k.api_key).ok().and_then(parsed_max) else { return true };
+                if k.max_version > max {
+                    k.max_version = max;
+                    changed = true;
+                }
+                // A broker that only speaks versions the rewriter cannot parse: the API is
+                // not offered at all rather than misread.
+                k.min_version <= k.max_version
+            });
+            if !changed && r.api_keys.len() == before {
+                return Ok(None);
+            }
+            r.encode(&mut out, version).map_err(codec("encode"))?;
+        }
+        ApiKey::Produce => {
+            let mut r = ProduceResponse::decode(&mut buf, version).map_err(codec("decode"))?;
+            if r.node_endpoints.is_empty() {
+                return Ok(None);
+            }
+            for e in &mut r.node_endpoints {
+                (e.host, e.port) = advertise.endpoint(e.node_id.0, &e.host, e.port)?;
+            }
+            r.encode(&mut out, version).map_err(codec("encode"))?;
+        }
+        ApiKey::Fetch => {
+            // Decoding keeps the records as slices of `buf`; only an answer that names
+            // leaders (after a leadership move, rare) is encoded again.
+            let mut r = FetchResponse::decode(&mut buf, version).map_err(codec("decode"))?;
+            if r.node_endpoints.is_empty() {
+                return Ok(None);
+            }
+            for e in &mut r.node_endpoints {
+                (e.host, e.port) = advertise.endpoint(e.node_id.0, &e.host, e.port)?;
+            }
+            r.encode(&mut out, version).map_err(codec("encode"))?;
+        }
+        _ => return Ok(None),
     }
-    Ok(out.to_vec())
+    Ok(Some(out.to_vec()))
 }
 
 #[cfg(test)]
@@ -378,6 +509,7 @@ mod tests {
     use kafka_protocol::messages::{
         BrokerId, FindCoordinatorRequest, MetadataRequest, ProduceRequest, RequestHeader, TransactionalId,
     };
+    use kafka_protocol::protocol::Message;
 
     /// `count` deterministic mutants of `seed`: the i-th cut short by `i % len` bytes, then
     /// `flips` bytes overwritten (xorshift from `state`).
@@ -485,7 +617,7 @@ mod tests {
         for piece in 1..=stream.len() {
             let mut log = RequestLog::default();
             log.observe(&requests).expect("requests");
-            let mut r = Responses::new("sidecar", 9092);
+            let mut r = Responses::new(Fixed::new("sidecar", 9092));
             let mut out = Vec::new();
             for mut chunk in stream.chunks(piece) {
                 while !chunk.is_empty() {
@@ -511,17 +643,17 @@ mod tests {
             assert_eq!((m.brokers[0].host.as_str(), m.brokers[0].port), ("sidecar", 9092), "pieces of {piece}");
         }
         // A response nobody asked for, and one answering another request, are refused.
-        let mut r = Responses::new("sidecar", 9092);
+        let mut r = Responses::new(Fixed::new("sidecar", 9092));
         assert!(r.take(&produced, &mut RequestLog::default(), &mut Vec::new()).is_err());
         let mut log = RequestLog::default();
         log.observe(&produce_request).expect("one request");
         let wrong = response(ApiKey::Produce, 9, 7, &kafka_protocol::messages::ProduceResponse::default());
         assert!(matches!(
-            Responses::new("s", 1).take(&wrong, &mut log, &mut Vec::new()),
+            Responses::new(Fixed::new("s", 1)).take(&wrong, &mut log, &mut Vec::new()),
             Err(RewriteError::Correlation { .. })
         ));
         // A frame too short for a correlation id.
-        assert!(Responses::new("s", 1).take(&[0, 0, 0, 2, 0, 0, 0, 0], &mut log, &mut Vec::new()).is_err());
+        assert!(Responses::new(Fixed::new("s", 1)).take(&[0, 0, 0, 2, 0, 0, 0, 0], &mut log, &mut Vec::new()).is_err());
     }
 
     #[test]
@@ -573,7 +705,8 @@ mod tests {
             h.correlation_id = 7;
             h.encode(&mut body, hv).expect("header");
             r.encode(&mut body, version).expect("body");
-            let out = rewrite(3, version, &body, "127.0.0.1", 19092).expect("rewrite");
+            let out =
+                rewrite(3, version, &body, &mut Fixed::new("127.0.0.1", 19092)).expect("rewrite").expect("changed");
             let mut buf = Bytes::from(out);
             let h = ResponseHeader::decode(&mut buf, hv).expect("header");
             assert_eq!(h.correlation_id, 7);
@@ -594,16 +727,113 @@ mod tests {
         ResponseHeader::default().encode(&mut seed, 1).expect("header");
         r.encode(&mut seed, 12).expect("body");
         for v in mutants(&seed, 3000, 2, 0x2545_f491_4f6c_dd1d) {
-            for (api, version) in [(3, 12), (3, 1), (10, 3), (10, 4), (60, 0)] {
-                let _ = rewrite(api, version, &v, "h", 1);
+            for (api, version) in [(3, 12), (3, 1), (10, 3), (10, 4), (60, 0), (18, 3), (0, 10), (1, 16)] {
+                let _ = rewrite(api, version, &v, &mut Fixed::new("h", 1));
             }
             let _ = RequestLog::default().observe(&v);
         }
     }
 
+    /// A response body (header included) of `api`/`version`.
+    fn body<R: Encodable>(api: ApiKey, version: i16, r: &R) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        let mut h = ResponseHeader::default();
+        h.correlation_id = 9;
+        h.encode(&mut b, api.response_header_version(version)).expect("header");
+        r.encode(&mut b, version).expect("body");
+        b.to_vec()
+    }
+
+    fn endpoint(id: i32) -> kafka_protocol::messages::fetch_response::NodeEndpoint {
+        let mut e = kafka_protocol::messages::fetch_response::NodeEndpoint::default();
+        e.node_id = BrokerId(id);
+        e.host = StrBytes::from_static_str("10.0.0.7");
+        e.port = 9092;
+        e
+    }
+
+    #[test]
+    fn kip_951_leader_endpoints_are_rewritten_and_answers_without_them_pass() {
+        use crate::sidecar::cluster::PortPlan;
+        use kafka_protocol::messages::produce_response::NodeEndpoint as ProduceEndpoint;
+        let plan = || PortPlan::new("side", 30000, Vec::new());
+        // Fetch v16+: endpoints rewritten per node, records untouched.
+        let mut f = FetchResponse::default();
+        f.node_endpoints = vec![endpoint(2), endpoint(5)];
+        for version in [16i16, 17] {
+            let b = body(ApiKey::Fetch, version, &f);
+            let out = rewrite(1, version, &b, &mut plan()).expect("rewrite").expect("changed");
+            let mut buf = Bytes::from(out);
+            ResponseHeader::decode(&mut buf, ApiKey::Fetch.response_header_version(version)).expect("header");
+            let r = FetchResponse::decode(&mut buf, version).expect("fetch");
+            let got: Vec<_> = r.node_endpoints.iter().map(|e| (e.node_id.0, e.host.to_string(), e.port)).collect();
+            assert_eq!(got, vec![(2, "side".to_string(), 30002), (5, "side".to_string(), 30005)], "v{version}");
+        }
+        let plain = body(ApiKey::Fetch, 16, &FetchResponse::default());
+        assert!(rewrite(1, 16, &plain, &mut plan()).expect("rewrite").is_none(), "no endpoints: passes as is");
+        // Produce v10+.
+        let mut p = ProduceResponse::default();
+        let mut e = ProduceEndpoint::default();
+        e.node_id = BrokerId(3);
+        e.host = StrBytes::from_static_str("10.0.0.8");
+        e.port = 9093;
+        p.node_endpoints = vec![e];
+        let out = rewrite(0, 10, &body(ApiKey::Produce, 10, &p), &mut plan()).expect("rewrite").expect("changed");
+        let mut buf = Bytes::from(out);
+        ResponseHeader::decode(&mut buf, ApiKey::Produce.response_header_version(10)).expect("header");
+        let r = ProduceResponse::decode(&mut buf, 10).expect("produce");
+        assert_eq!((r.node_endpoints[0].host.as_str(), r.node_endpoints[0].port), ("side", 30003));
+        // A node id no port can stand for refuses the answer.
+        let mut f = FetchResponse::default();
+        f.node_endpoints = vec![endpoint(40000)];
+        assert!(matches!(
+            rewrite(1, 16, &body(ApiKey::Fetch, 16, &f), &mut plan()),
+            Err(RewriteError::Refused { node_id: 40000, .. })
+        ));
+        // Older versions are not collected at all.
+        assert!(!names_brokers(0, 9) && !names_brokers(1, 15) && names_brokers(0, 10) && names_brokers(1, 16));
+    }
+
+    #[test]
+    fn api_versions_are_bounded_by_what_the_rewriter_parses() {
+        use kafka_protocol::messages::api_versions_response::ApiVersion;
+        let mut r = ApiVersionsResponse::default();
+        for (key, min, max) in [(3i16, 0i16, 40i16), (1, 4, 99), (0, 3, 9), (19, 0, 7), (10, 30, 40)] {
+            let mut a = ApiVersion::default();
+            a.api_key = key;
+            a.min_version = min;
+            a.max_version = max;
+            r.api_keys.push(a);
+        }
+        let b = body(ApiKey::ApiVersions, 3, &r);
+        let out = rewrite(18, 3, &b, &mut Fixed::new("h", 1)).expect("rewrite").expect("changed");
+        let mut buf = Bytes::from(out);
+        ResponseHeader::decode(&mut buf, 0).expect("header");
+        let got = ApiVersionsResponse::decode(&mut buf, 3).expect("api versions");
+        let ranges: Vec<_> = got.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+        assert_eq!(
+            ranges,
+            vec![
+                (3, 0, MetadataResponse::VERSIONS.max),
+                (1, 4, FetchResponse::VERSIONS.max),
+                (0, 3, 9),
+                (19, 0, 7), // CreateTopics passes byte for byte: any version
+            ],
+            "FindCoordinator 30..40 cannot be parsed at all and is not offered"
+        );
+        // Within bounds: passes as is. An error answer (v0 body whatever was asked) too.
+        let mut r = ApiVersionsResponse::default();
+        r.api_keys.push(ApiVersion::default());
+        assert!(rewrite(18, 3, &body(ApiKey::ApiVersions, 3, &r), &mut Fixed::new("h", 1)).expect("ok").is_none());
+        let mut e = ApiVersionsResponse::default();
+        e.error_code = 35;
+        let b = body(ApiKey::ApiVersions, 0, &e);
+        assert!(rewrite(18, 3, &b, &mut Fixed::new("h", 1)).expect("ok").is_none());
+    }
+
     #[test]
     fn garbage_responses_are_errors_not_panics() {
-        assert!(rewrite(3, 12, &[1, 2, 3], "h", 1).is_err());
-        assert!(rewrite(10, 4, &[], "h", 1).is_err());
+        assert!(rewrite(3, 12, &[1, 2, 3], &mut Fixed::new("h", 1)).is_err());
+        assert!(rewrite(10, 4, &[], &mut Fixed::new("h", 1)).is_err());
     }
 }

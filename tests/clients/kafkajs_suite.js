@@ -39,7 +39,8 @@ class Tracker {
 }
 
 async function produce(kafka, topic, codec, from, to) {
-  const producer = kafka.producer({ idempotent: true, maxInFlightRequests: 1 });
+  // --plain-producer: Tansu 0.6 fails kafkajs's InitProducerId v1 (no producer id field).
+  const producer = kafka.producer({ idempotent: !process.argv.includes('--plain-producer'), maxInFlightRequests: 1 });
   await producer.connect();
   for (let i = from; i < to; i += 500) {
     const messages = [];

