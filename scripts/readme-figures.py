@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar
 """
 import json
 import sys
@@ -102,6 +102,23 @@ def rocketmq(results="rocketmq"):
         print(f"| | (raw TCP ping-pong p50 {f1(lim)}) | | | | | | |")
 
 
+def sidecar():
+    d = load("sidecar")
+    print("| workload (`docs/bench/sidecar/`) | target | publish p50 | p99 | p99.9 | end-to-end p50 | msg/s | added p50 | added p50 / ping-pong |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for w in d["workloads"]:
+        name = w["workload"]["name"]
+        lim = limit_p50(w)
+        direct = next(t for t in w["targets"] if "sidecar" not in t["name"])
+        for i, t in enumerate(w["targets"]):
+            p, e = t["publish"], t["end_to_end"]
+            added = pct(p, "p50") - pct(direct["publish"], "p50")
+            extra = ("–", "–") if t is direct else (f1(added), f"{added / lim:.2f}")
+            print(f"| {name if i == 0 else ''} | {t['name']} | {f1(pct(p, 'p50'))} | {f1(pct(p, 'p99'))} | "
+                  f"{f1(pct(p, 'p99.9'))} | {f1(pct(e, 'p50'))} | {t['throughput_msgs_per_s']:,.0f} | {extra[0]} | {extra[1]} |")
+        print(f"| | (raw TCP ping-pong p50 {f1(lim)}) | | | | | | | |")
+
+
 if __name__ == "__main__":
     {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
-     "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc")}[sys.argv[1]]()
+     "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar}[sys.argv[1]]()

@@ -21,8 +21,9 @@
 //!   buffer, framing,    I/O vectors whose chunks say where their bytes live, the one
 //!   wake, metrics       length-prefix check, cross-thread wake-ups, counters
 //!
-//!   beside them: sidecar (the TCP -> RDMA bridge, metadata rewriting) and client (a
-//!   lean blocking Kafka client), which use the framers and transports
+//!   beside them: sidecar (`slipstream sidecar` in front of an existing Kafka cluster,
+//!   the TCP -> RDMA bridge, the answer rewriting both share) and client (a lean
+//!   blocking Kafka client), which use the framers and transports
 //! ```
 //!
 //! A produce request travels transport -> dispatch -> protocol -> log and is copied once,

@@ -109,8 +109,10 @@ pub struct BenchArgs {
     /// the RDMA address in $SLIPSTREAM_RDMA_IP, or $RXE_IP in the soft-RoCE VM, and the
     /// clients go through a `slipstream bridge` the harness starts beside it) or
     /// `NAME=HOST:PORT[,pid=PID]` (any Kafka-compatible broker; the pid enables its CPU
-    /// figures). Repeatable. `--data-parent=DIR` among the flags is the harness's: the
-    /// broker's data directory is made in DIR (e.g. /dev/shm), not in $TMPDIR.
+    /// figures). Repeatable. Two flags are the harness's own: `--data-parent=DIR` makes the
+    /// broker's data directory in DIR (e.g. /dev/shm), not in $TMPDIR; `--via-sidecar`
+    /// puts a `slipstream sidecar` in front of the broker and the clients bootstrap there
+    /// (CPU figures stay the broker's alone).
     #[arg(long = "target")]
     pub targets: Vec<String>,
     /// Add slipstream on every transport built into this binary to the targets (rdma only
@@ -220,12 +222,12 @@ fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
     Ok(format!("127.0.0.1:{port}").parse()?)
 }
 
-/// A slipstream broker the harness started (and, for rdma, the bridge in front of it);
-/// stopped (SIGTERM) on drop.
+/// A slipstream broker the harness started (and, for rdma, the bridge in front of it, or
+/// with `--via-sidecar`, a `slipstream sidecar`); stopped (SIGTERM) on drop.
 struct Spawned {
     child: Child,
     bridge: Option<Child>,
-    /// Where clients connect: the broker, or its bridge.
+    /// Where clients connect: the broker, or its bridge or sidecar.
     addr: SocketAddr,
     /// The RocketMQ name server, when started with one.
     namesrv: Option<SocketAddr>,
@@ -252,7 +254,10 @@ impl Spawned {
             picked[0]
         };
         let parent = flags.iter().find_map(|f| f.strip_prefix("--data-parent="));
-        let flags: Vec<&String> = flags.iter().filter(|f| !f.starts_with("--data-parent=")).collect();
+        // Harness options, not serve flags: where the data lives, and a sidecar in front.
+        let via_sidecar = flags.iter().any(|f| f == "--via-sidecar");
+        let flags: Vec<&String> =
+            flags.iter().filter(|f| !f.starts_with("--data-parent=") && *f != "--via-sidecar").collect();
         let data = match parent {
             Some(dir) => tempfile::tempdir_in(dir).with_context(|| format!("a data directory in {dir}"))?,
             None => tempfile::tempdir()?,
@@ -287,7 +292,19 @@ impl Spawned {
             .spawn()
             .context("starting slipstream serve")?;
         let mut s = Spawned { child, bridge: None, addr: listen, namesrv, grpc, _data: data };
-        if kind == TransportKind::Rdma {
+        if via_sidecar {
+            // Clients bootstrap at the sidecar; the broker (node 0) is served at picked[3].
+            s.addr = free_loopback_addr()?;
+            let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+            let sidecar = Command::new(&exe)
+                .args(["sidecar", "--listen", &s.addr.to_string(), "--upstream", &listen.to_string()])
+                .args(["--broker-port-base", &picked[3].port().to_string(), "--threads", "1"])
+                .stdout(Stdio::null())
+                .stderr(logf)
+                .spawn()
+                .context("starting slipstream sidecar")?;
+            s.bridge = Some(sidecar);
+        } else if kind == TransportKind::Rdma {
             s.addr = free_loopback_addr()?;
             let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
             let bridge = Command::new(&exe)
