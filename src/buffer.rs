@@ -347,6 +347,73 @@ impl Drop for AnonMap {
     }
 }
 
+/// An append-only block of anonymous memory: bytes once appended are never written
+/// again, so views of them ([`Chunk::Mapped`], region = the block) can be handed out
+/// freely and outlive the block's owner (the `Arc` keeps the mapping). The sidecar's tail
+/// cache keeps fetched record batches in these.
+pub struct AppendBlock {
+    map: AnonMap,
+    /// Bytes appended so far; only `append` moves it, under the lock.
+    filled: std::sync::Mutex<usize>,
+}
+
+/// A view of appended bytes: what `Bytes::from_owner` holds.
+struct AppendView {
+    block: Arc<AppendBlock>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for AppendView {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `[start, start + len)` was appended (it lies below `filled`, checked when
+        // the view was made) and appended bytes are never written again.
+        unsafe { self.block.map.slice(self.start, self.len) }
+    }
+}
+
+impl AppendBlock {
+    pub fn new(capacity: usize) -> std::io::Result<Arc<AppendBlock>> {
+        Ok(Arc::new(AppendBlock { map: AnonMap::new(capacity)?, filled: std::sync::Mutex::new(0) }))
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Appends `src` if it fits, returning a view of where it now lies; `None` if full.
+    pub fn append(self: &Arc<Self>, src: &[u8]) -> Option<Chunk> {
+        let mut filled = self.filled.lock().unwrap_or_else(|p| p.into_inner());
+        let start = *filled;
+        let end = start.checked_add(src.len()).filter(|e| *e <= self.map.len())?;
+        // SAFETY: `[start, end)` lies past every byte appended before (no view names it)
+        // and the lock keeps other appenders out; the mapping is ours alone.
+        unsafe { self.map.write(start, src) };
+        *filled = end;
+        let bytes = Bytes::from_owner(AppendView { block: self.clone(), start, len: src.len() });
+        Some(Chunk::Mapped { bytes, region: self.clone() })
+    }
+}
+
+impl AppendBlock {
+    /// A view of `[start, start + len)`, if all of it was appended.
+    pub fn view(self: &Arc<Self>, start: usize, len: usize) -> Option<Chunk> {
+        let filled = *self.filled.lock().unwrap_or_else(|p| p.into_inner());
+        start.checked_add(len).filter(|e| *e <= filled)?;
+        let bytes = Bytes::from_owner(AppendView { block: self.clone(), start, len });
+        Some(Chunk::Mapped { bytes, region: self.clone() })
+    }
+}
+
+impl Region for AppendBlock {
+    fn base(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,5 +497,24 @@ mod tests {
             assert_eq!(mapped[0].as_ptr(), a.as_ptr());
             assert_eq!(mapped[1].as_ptr(), b.as_ptr());
         }
+    }
+
+    #[test]
+    fn appended_bytes_stay_as_they_were_and_views_outlive_the_block() {
+        let block = AppendBlock::new(4096).expect("map");
+        let a = block.append(b"first").expect("fits");
+        let b = block.append(&[7u8; 100]).expect("fits");
+        assert!(block.append(&vec![0u8; 4096]).is_none(), "over capacity");
+        let c = block.append(b"last").expect("still fits");
+        let run = block.view(0, 105).expect("appended");
+        assert!(block.view(100, 10).is_none(), "past what was appended");
+        drop(block);
+        assert_eq!(&run[..5], b"first");
+        assert_eq!(&run[5..], &[7u8; 100][..]);
+        assert_eq!(&a[..], b"first");
+        assert_eq!(&b[..], &[7u8; 100][..]);
+        assert_eq!(&c[..], b"last");
+        let region = a.region().expect("mapped");
+        assert_eq!(a.as_ptr(), region.base(), "the first append starts the block");
     }
 }

@@ -8,6 +8,7 @@
 //!   a sidecar's address, shared by both.
 #[cfg(feature = "rdma")]
 pub mod bridge;
+pub mod cache;
 pub mod cluster;
 pub mod proxy;
 pub mod rewrite;

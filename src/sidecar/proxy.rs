@@ -24,14 +24,26 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kafka_protocol::messages::{ApiKey, MetadataRequest};
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{
+    ApiKey, DeleteTopicsResponse, FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, RequestHeader,
+    ResponseHeader,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
+use kafka_protocol::ResponseError;
+use std::collections::VecDeque;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::cache::{Answer, CacheLimits, Marks, Position, Serve, TailCache};
 use super::cluster::{Cluster, Learn, Opened, PortPlan};
-use super::rewrite::{RequestLog, Responses, RewriteError};
+use super::rewrite::{names_brokers, Advertise, RequestLog, Responses, RewriteError};
+use crate::buffer::{Chunk, IoChunks, ScatterBuf};
+use crate::framing::PREFIX;
+use crate::protocol::kafka::frame::{Framer, RequestHead, Side, REQUEST_HEAD};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SidecarArgs {
@@ -62,6 +74,16 @@ pub struct SidecarArgs {
     /// How long a connection to a broker may take.
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
+    /// Memory for the tail cache (recent batches served without going upstream); 0 turns
+    /// it off and fetch answers stream through untouched.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub tail_cache_bytes: usize,
+    /// At most this much of the tail cache per partition.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub tail_cache_partition_bytes: usize,
+    /// Counters written here (JSON) every second and at exit.
+    #[arg(long)]
+    pub stats_file: Option<std::path::PathBuf>,
 }
 
 fn parse_node_port(s: &str) -> Result<(i32, u16), String> {
@@ -81,7 +103,7 @@ pub enum SidecarError {
     Settings(String),
 }
 
-/// Counters, logged at exit (and read by tests through the log).
+/// Counters, logged at exit and written to `--stats-file`.
 #[derive(Default)]
 pub struct Stats {
     pub connections: AtomicU64,
@@ -89,6 +111,29 @@ pub struct Stats {
     pub requests: AtomicU64,
     pub rewritten: AtomicU64,
     pub refused: AtomicU64,
+    /// Fetch requests forwarded upstream, and the record bytes their answers carried.
+    pub fetch_upstream: AtomicU64,
+    pub fetch_upstream_bytes: AtomicU64,
+    /// Fetch requests answered from the tail cache, and the record bytes they carried.
+    pub fetch_local: AtomicU64,
+    pub fetch_local_bytes: AtomicU64,
+    /// Whole Fetch answer frames: from upstream, and given here.
+    pub fetch_upstream_answer_bytes: AtomicU64,
+    pub fetch_local_answer_bytes: AtomicU64,
+}
+
+/// The tail cache and what wakes those waiting on it.
+struct Cache {
+    cache: Mutex<TailCache>,
+    /// Told whenever an upstream answer changed the cache (or ended a watch).
+    changed: tokio::sync::Notify,
+}
+
+impl Cache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TailCache> {
+        // Every cache operation leaves it consistent, so a panic elsewhere leaves it usable.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 struct Sidecar {
@@ -97,6 +142,7 @@ struct Sidecar {
     connect_timeout: Duration,
     max_rewrite: usize,
     stats: Stats,
+    cache: Option<Cache>,
 }
 
 /// Which broker a listener stands for.
@@ -132,6 +178,7 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
         .enable_all()
         .build()
         .map_err(SidecarError::Runtime)?;
+    let mut stats_path = None;
     rt.block_on(async move {
         let bootstrap = std::net::TcpListener::bind(listen).map_err(|e| SidecarError::Listen(listen, e))?;
         bootstrap.set_nonblocking(true).map_err(|e| SidecarError::Listen(listen, e))?;
@@ -144,6 +191,14 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             max_rewrite: args.max_rewrite_bytes,
             stats: Stats::default(),
+            cache: (args.tail_cache_bytes > 0).then(|| Cache {
+                cache: Mutex::new(TailCache::new(CacheLimits {
+                    total_bytes: args.tail_cache_bytes,
+                    partition_bytes: args.tail_cache_partition_bytes.min(args.tail_cache_bytes),
+                    block_bytes: CACHE_BLOCK.min(args.tail_cache_partition_bytes),
+                })),
+                changed: tokio::sync::Notify::new(),
+            }),
         });
         log::info!(
             "sidecar: clients bootstrap at {listen} (advertised {host}:{}); brokers at {host}:{base}+node id; upstream {}",
@@ -152,6 +207,16 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
         );
         tokio::spawn(accept_loop(side.clone(), bootstrap, Target::Bootstrap));
         tokio::spawn(discover(side.clone()));
+        if let Some(path) = args.stats_file.clone() {
+            let (side, path2) = (side.clone(), path.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    side.write_stats(&path2);
+                }
+            });
+            stats_path = Some(path);
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| SidecarError::Settings(format!("signal handler: {e}")))?;
         loop {
@@ -164,15 +229,10 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
                 _ = tokio::signal::ctrl_c() => break,
             }
         }
-        let s = &side.stats;
-        log::info!(
-            "sidecar: stopping; connections={} upstream_failures={} requests={} rewritten={} refused={}",
-            s.connections.load(Ordering::Relaxed),
-            s.upstream_failures.load(Ordering::Relaxed),
-            s.requests.load(Ordering::Relaxed),
-            s.rewritten.load(Ordering::Relaxed),
-            s.refused.load(Ordering::Relaxed),
-        );
+        log::info!("sidecar: stopping; {}", side.stats_json());
+        if let Some(p) = &stats_path {
+            side.write_stats(p);
+        }
         Ok(())
     })
 }
@@ -225,6 +285,350 @@ fn metadata_brokers(upstreams: &[String], timeout: Duration) -> Result<Vec<(i32,
         }
     }
     Err(why)
+}
+
+/// Blocks of the tail cache: large enough that most answers' batches sit in one (a local
+/// answer covers one block), small enough to evict in steps.
+const CACHE_BLOCK: usize = 1 << 20;
+
+/// The largest Fetch request looked at for a local answer (one is a few hundred bytes per
+/// partition); a larger one goes upstream as it streams.
+const MAX_LOCAL_FETCH: usize = 1 << 20;
+
+impl Sidecar {
+    fn stats_json(&self) -> String {
+        let s = &self.stats;
+        let c = self.cache.as_ref().map(|c| c.lock().stats()).unwrap_or_default();
+        let m = crate::metrics::snapshot();
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            concat!(
+                "{{\"connections\":{},\"upstream_failures\":{},\"requests\":{},\"rewritten\":{},\"refused\":{},",
+                "\"fetch_upstream\":{},\"fetch_upstream_bytes\":{},\"fetch_local\":{},\"fetch_local_bytes\":{},",
+                "\"fetch_upstream_answer_bytes\":{},\"fetch_local_answer_bytes\":{},",
+                "\"cache_held_bytes\":{},\"cache_filled_bytes\":{},\"cache_dropped_partitions\":{},\"cache_evicted_bytes\":{},",
+                "\"fetch_bytes_zero_copy\":{},\"fetch_bytes_copied\":{}}}"
+            ),
+            v(&s.connections),
+            v(&s.upstream_failures),
+            v(&s.requests),
+            v(&s.rewritten),
+            v(&s.refused),
+            v(&s.fetch_upstream),
+            v(&s.fetch_upstream_bytes),
+            v(&s.fetch_local),
+            v(&s.fetch_local_bytes),
+            v(&s.fetch_upstream_answer_bytes),
+            v(&s.fetch_local_answer_bytes),
+            c.held_bytes,
+            c.filled_bytes,
+            c.dropped_partitions,
+            c.evicted_bytes,
+            m.fetch_bytes_zero_copy,
+            m.fetch_bytes_copied,
+        )
+    }
+
+    /// Writes the counters to `path` (whole: a temporary file renamed over it).
+    fn write_stats(&self, path: &std::path::Path) {
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, self.stats_json()).and_then(|()| std::fs::rename(&tmp, path)) {
+            log::warn!("sidecar: stats file {}: {e}", path.display());
+        }
+    }
+}
+
+/// A connection's view of the answers going by: broker endpoints through the cluster,
+/// fetch answers and topic changes into the tail cache.
+struct View {
+    side: Arc<Sidecar>,
+}
+
+impl Advertise for View {
+    fn endpoint(&mut self, node_id: i32, host: &str, port: i32) -> Result<(StrBytes, i32), RewriteError> {
+        Learn(self.side.cluster.clone()).endpoint(node_id, host, port)
+    }
+
+    fn collects(&self, api: i16, version: i16) -> bool {
+        if names_brokers(api, version) {
+            return true;
+        }
+        self.side.cache.is_some()
+            && match ApiKey::try_from(api) {
+                Ok(ApiKey::Fetch) => within(FetchResponse::VERSIONS, version),
+                Ok(ApiKey::DeleteTopics) => within(DeleteTopicsResponse::VERSIONS, version),
+                _ => false,
+            }
+    }
+
+    fn observe_metadata(&mut self, r: &MetadataResponse, version: i16) {
+        let Some(cache) = &self.side.cache else { return };
+        let mut c = cache.lock();
+        for t in &r.topics {
+            let Some(name) = &t.name else { continue };
+            if t.error_code == ResponseError::UnknownTopicOrPartition.code() {
+                c.drop_topic(name);
+                continue;
+            }
+            let id = (version >= 10).then(|| *t.topic_id.as_bytes());
+            let epochs: Vec<(i32, i32)> = if version >= 7 {
+                t.partitions.iter().map(|p| (p.partition_index, p.leader_epoch)).collect()
+            } else {
+                Vec::new()
+            };
+            c.observe_topic(name, id, &epochs);
+        }
+        drop(c);
+        cache.changed.notify_waiters();
+    }
+
+    fn observe_fetch(&mut self, r: &FetchResponse, version: i16) {
+        let Some(cache) = &self.side.cache else { return };
+        let mut c = cache.lock();
+        let mut bytes = 0usize;
+        for t in &r.responses {
+            let name = if version >= 13 {
+                match c.topic_of(t.topic_id.as_bytes()) {
+                    Some(n) => n.to_string(),
+                    None => continue,
+                }
+            } else {
+                t.topic.0.to_string()
+            };
+            for p in &t.partitions {
+                bytes += p.records.as_ref().map_or(0, Bytes::len);
+                let answer = Answer {
+                    error_code: p.error_code,
+                    hw: p.high_watermark,
+                    lso: p.last_stable_offset,
+                    log_start: p.log_start_offset,
+                    leader_epoch: (version >= 12 && p.current_leader.leader_epoch >= 0)
+                        .then_some(p.current_leader.leader_epoch),
+                    diverging: version >= 12 && p.diverging_epoch.epoch >= 0,
+                    records: p.records.as_ref(),
+                };
+                if r.error_code != 0 {
+                    c.fill(&name, p.partition_index, &Answer { error_code: r.error_code, ..answer });
+                } else {
+                    c.fill(&name, p.partition_index, &answer);
+                }
+                // A sessionless answer lists every partition its request asked for: each
+                // ends one watch (sessioned requests registered none).
+                if r.session_id == 0 {
+                    c.release(&name, p.partition_index);
+                }
+            }
+        }
+        drop(c);
+        cache.changed.notify_waiters();
+        self.side.stats.fetch_upstream_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn observe_delete_topics(&mut self, r: &DeleteTopicsResponse) {
+        let Some(cache) = &self.side.cache else { return };
+        let mut c = cache.lock();
+        for t in &r.responses {
+            if let Some(name) = &t.name {
+                c.drop_topic(name);
+            }
+        }
+        drop(c);
+        cache.changed.notify_waiters();
+    }
+}
+
+fn within(r: kafka_protocol::protocol::VersionRange, v: i16) -> bool {
+    r.min <= v && v <= r.max
+}
+
+/// A consumer's Fetch request, decoded, as the tail cache looks at it.
+struct FetchAsk {
+    version: i16,
+    correlation_id: i32,
+    req: FetchRequest,
+    /// Each topic's name (Fetch v13+ names topics by id).
+    names: Vec<String>,
+    /// When the client wants an answer at the latest (its max wait).
+    deadline: Instant,
+    /// Sessionless and from a consumer: its answer lists every partition asked for.
+    sessionless: bool,
+}
+
+impl FetchAsk {
+    fn decode(frame: &Bytes, head: &RequestHead, topic_of: impl Fn(&[u8; 16]) -> Option<String>) -> Option<Self> {
+        let version = head.version;
+        if !within(FetchRequest::VERSIONS, version) {
+            return None;
+        }
+        let mut body = frame.slice(PREFIX..);
+        RequestHeader::decode(&mut body, ApiKey::Fetch.request_header_version(version)).ok()?;
+        let req = FetchRequest::decode(&mut body, version).ok()?;
+        let names = req
+            .topics
+            .iter()
+            .map(|t| if version >= 13 { topic_of(t.topic_id.as_bytes()) } else { Some(t.topic.0.to_string()) })
+            .collect::<Option<Vec<_>>>()?;
+        let from_replica = req.replica_id.0 >= 0 || req.replica_state.replica_id.0 >= 0;
+        let wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
+        Some(FetchAsk {
+            version,
+            correlation_id: head.correlation_id,
+            sessionless: !from_replica && req.session_id == 0 && req.session_epoch == -1,
+            deadline: Instant::now() + wait,
+            names,
+            req,
+        })
+    }
+
+    /// Whether the tail cache may answer it at all: sessionless (read_committed ones are
+    /// bounded by the last stable offset and kept off transactions by the cache).
+    fn cacheable(&self) -> bool {
+        self.sessionless && (0..=1).contains(&self.req.isolation_level) && !self.req.topics.is_empty()
+    }
+
+    fn partitions(&self) -> impl Iterator<Item = (&str, &kafka_protocol::messages::fetch_request::FetchPartition)> {
+        self.req.topics.iter().zip(&self.names).flat_map(|(t, n)| t.partitions.iter().map(move |p| (n.as_str(), p)))
+    }
+}
+
+/// What to do with a Fetch request, as the tail cache stands.
+enum Plan {
+    /// Answer it now, from the cache.
+    Answer(IoChunks),
+    /// Every partition is at the tail and an upstream fetch of each is in flight: wait
+    /// for their answers (they fill the cache) rather than go upstream too.
+    Wait,
+    /// Upstream.
+    Forward,
+}
+
+/// Plans a Fetch answer from the cache. `parked`: the request already waits here (it can
+/// no longer go upstream; when it cannot wait any more it gets what there is, maybe
+/// nothing); `force`: its max wait is over.
+fn plan_fetch(ask: &FetchAsk, c: &mut TailCache, now: Instant, parked: bool, force: bool) -> Plan {
+    let mut budget = usize::try_from(ask.req.max_bytes).unwrap_or(0);
+    let (mut any, mut all_watched, mut missing) = (false, true, false);
+    let mut parts = Vec::new();
+    for (name, p) in ask.partitions() {
+        let max = usize::try_from(p.partition_max_bytes).unwrap_or(0);
+        let at = Position {
+            offset: p.fetch_offset,
+            last_fetched_epoch: p.last_fetched_epoch,
+            committed: ask.req.isolation_level == 1,
+        };
+        let served = c.serve(name, p.partition, at, max.min(budget.max(1)));
+        let marks = match &served {
+            Serve::Hit { marks, .. } | Serve::Tail { marks } => Some(*marks),
+            Serve::Miss => None,
+        };
+        // A client that knows another leader epoch is the broker's to answer.
+        let epoch_ok =
+            p.current_leader_epoch < 0 || marks.is_some_and(|m| m.leader_epoch == Some(p.current_leader_epoch));
+        let entry = match served {
+            _ if !epoch_ok => {
+                missing = true;
+                (None, None)
+            }
+            Serve::Miss => {
+                missing = true;
+                (None, None)
+            }
+            Serve::Tail { marks } => {
+                all_watched &= c.watched(name, p.partition, now);
+                (None, Some(marks))
+            }
+            // The answer's budget is spent (its first partition with data is always whole).
+            Serve::Hit { marks, .. } if any && budget == 0 => (None, Some(marks)),
+            Serve::Hit { records, marks } => {
+                any = true;
+                budget = budget.saturating_sub(records.len());
+                (Some(records), Some(marks))
+            }
+        };
+        parts.push(entry);
+    }
+    let answer_now = any || (parked && (force || missing || !all_watched));
+    log::trace!(
+        "sidecar: fetch {} parked={parked} force={force}: any={any} missing={missing} all_watched={all_watched}",
+        ask.correlation_id
+    );
+    if !answer_now {
+        return if !parked && (missing || !all_watched) { Plan::Forward } else { Plan::Wait };
+    }
+    if !parked && missing {
+        return Plan::Forward;
+    }
+    match encode_fetch_answer(ask, parts) {
+        Some(chunks) => Plan::Answer(chunks),
+        None => Plan::Forward,
+    }
+}
+
+/// A Fetch answer from the cache's views: per partition in request order, its records
+/// (if any) and marks (`None`: nothing known; the fetch offset stands in).
+fn encode_fetch_answer(ask: &FetchAsk, mut parts: Vec<(Option<Chunk>, Option<Marks>)>) -> Option<IoChunks> {
+    let mut by_ref = Vec::new();
+    let mut topics = Vec::with_capacity(ask.req.topics.len());
+    let mut next = parts.drain(..);
+    for t in &ask.req.topics {
+        let mut out = Vec::with_capacity(t.partitions.len());
+        for p in &t.partitions {
+            let (records, marks) = next.next()?;
+            let mut d = PartitionData::default();
+            d.partition_index = p.partition;
+            let m =
+                marks.unwrap_or(Marks { hw: p.fetch_offset, lso: p.fetch_offset, log_start: -1, leader_epoch: None });
+            d.high_watermark = m.hw;
+            d.last_stable_offset = m.lso;
+            d.log_start_offset = m.log_start;
+            // read_committed answers list aborted transactions (none: the cache serves no
+            // transactional batch); read_uncommitted ones leave the list null.
+            d.aborted_transactions = (ask.req.isolation_level == 1).then(Vec::new);
+            d.records = Some(records.as_ref().map(|r| r.bytes().clone()).unwrap_or_default());
+            by_ref.extend(records);
+            out.push(d);
+        }
+        let mut r = FetchableTopicResponse::default();
+        r.topic = t.topic.clone();
+        r.topic_id = t.topic_id;
+        r.partitions = out;
+        topics.push(r);
+    }
+    let mut resp = FetchResponse::default();
+    resp.responses = topics;
+    let mut h = ResponseHeader::default();
+    h.correlation_id = ask.correlation_id;
+    let mut out = ScatterBuf::framed(by_ref);
+    h.encode(&mut out, ApiKey::Fetch.response_header_version(ask.version)).ok()?;
+    resp.encode(&mut out, ask.version).ok()?;
+    Some(out.finish_framed())
+}
+
+/// Writes every chunk, in order, with vectored writes (record chunks straight from the
+/// cache's blocks).
+async fn write_chunks(w: &mut (impl AsyncWriteExt + Unpin), chunks: &IoChunks) -> io::Result<()> {
+    let (mut i, mut off) = (0usize, 0usize);
+    while i < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(io::IoSlice::new(&chunks[i][off..]))
+            .chain(chunks[i + 1..].iter().take(63).map(|c| io::IoSlice::new(c)))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < chunks.len() {
+            let left = chunks[i].len() - off;
+            if n >= left {
+                n -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn accept_loop(side: Arc<Sidecar>, listener: TcpListener, target: Target) {
@@ -306,7 +710,51 @@ impl Sidecar {
         Err(ConnError::Upstream { target, why })
     }
 
-    async fn serve(&self, client: TcpStream, target: Target) -> Result<(), ConnError> {
+    /// A fetch at the tail waits here for the upstream fetches in flight to fill the
+    /// cache, then is answered from it (or with nothing, at its max wait or when no
+    /// upstream fetch is left to wait for).
+    fn park(self: &Arc<Self>, ask: FetchAsk) -> tokio::sync::oneshot::Receiver<IoChunks> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let side = self.clone();
+        tokio::spawn(async move {
+            let Some(cache) = &side.cache else { return };
+            loop {
+                let notified = cache.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let now = Instant::now();
+                let force = now >= ask.deadline;
+                if let Plan::Answer(chunks) = plan_fetch(&ask, &mut cache.lock(), now, true, force) {
+                    let _ = tx.send(chunks);
+                    return;
+                }
+                if force {
+                    // Nothing could be encoded: the connection closes (the receiver errs).
+                    return;
+                }
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(ask.deadline.into()) => {}
+                }
+            }
+        });
+        rx
+    }
+
+    /// Sends a request frame upstream, followed by the request log.
+    async fn forward(
+        &self,
+        log: &Mutex<RequestLog>,
+        frame: &[u8],
+        uw: &mut (impl AsyncWriteExt + Unpin),
+    ) -> Result<(), ConnError> {
+        log.lock().unwrap_or_else(|p| p.into_inner()).observe(frame)?;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        uw.write_all(frame).await?;
+        Ok(())
+    }
+
+    async fn serve(self: &Arc<Self>, client: TcpStream, target: Target) -> Result<(), ConnError> {
         client.set_nodelay(true)?;
         // A broker that is down is a connection refused to the client, as it would be
         // without the sidecar: the client's own reconnect logic takes it from there.
@@ -315,68 +763,187 @@ impl Sidecar {
         let (mut ur, mut uw) = upstream.into_split();
         let log = Mutex::new(RequestLog::default());
         let lock = || log.lock().unwrap_or_else(|p| p.into_inner());
+        // Answers given here, in the order their places come up in `log`.
+        let locals: Mutex<VecDeque<tokio::sync::oneshot::Receiver<IoChunks>>> = Mutex::new(VecDeque::new());
+        let local_ready = tokio::sync::Notify::new();
+        let framer = Framer::new(Side::Requests, 1 << 30);
         let requests = async {
-            let mut buf = vec![0u8; READ_BUF];
+            let mut buf = BytesMut::with_capacity(READ_BUF);
+            // Bytes of the current frame still to forward as they come.
+            let mut streaming = 0usize;
             loop {
-                let n = cr.read(&mut buf).await?;
+                // Forward what can go; stop where more bytes are needed.
+                loop {
+                    if streaming > 0 && !buf.is_empty() {
+                        let n = streaming.min(buf.len());
+                        let piece = buf.split_to(n);
+                        lock().observe(&piece)?;
+                        uw.write_all(&piece).await?;
+                        streaming -= n;
+                        continue;
+                    }
+                    if streaming > 0 || buf.len() < PREFIX {
+                        break;
+                    }
+                    // A frame starts. An impossible length streams to the request log,
+                    // which refuses it (and so closes the connection).
+                    let total = match framer.peek_len(&buf) {
+                        Ok(Some(len)) if len >= REQUEST_HEAD => len + PREFIX,
+                        _ => {
+                            streaming = buf.len();
+                            continue;
+                        }
+                    };
+                    if buf.len() < PREFIX + REQUEST_HEAD {
+                        break;
+                    }
+                    let head = buf.get(PREFIX..).and_then(RequestHead::peek);
+                    let fetch = head.filter(|h| h.api == ApiKey::Fetch as i16);
+                    match (&self.cache, fetch) {
+                        (Some(cache), Some(head)) if total <= MAX_LOCAL_FETCH => {
+                            if buf.len() < total {
+                                break;
+                            }
+                            let frame = buf.split_to(total).freeze();
+                            let ask =
+                                FetchAsk::decode(&frame, &head, |id| cache.lock().topic_of(id).map(str::to_string));
+                            if let Some(a) = &ask {
+                                log::trace!(
+                                    "sidecar: fetch v{} {}: session {}/{} isolation {} replica {}/{}",
+                                    a.version,
+                                    a.correlation_id,
+                                    a.req.session_id,
+                                    a.req.session_epoch,
+                                    a.req.isolation_level,
+                                    a.req.replica_id.0,
+                                    a.req.replica_state.replica_id.0
+                                );
+                            } else {
+                                log::trace!("sidecar: fetch v{} {} not decoded", head.version, head.correlation_id);
+                            }
+                            let plan = match &ask {
+                                Some(a) if a.cacheable() => {
+                                    plan_fetch(a, &mut cache.lock(), Instant::now(), false, false)
+                                }
+                                _ => Plan::Forward,
+                            };
+                            let answer = match (plan, ask) {
+                                (Plan::Answer(chunks), _) => {
+                                    let (tx, rx) = tokio::sync::oneshot::channel();
+                                    let _ = tx.send(chunks);
+                                    Some(rx)
+                                }
+                                (Plan::Wait, Some(ask)) => Some(self.park(ask)),
+                                (_, ask) => {
+                                    // Upstream. A sessionless fetch marks its partitions watched
+                                    // until its answer (or its max wait and a margin) is in.
+                                    if let Some(a) = ask.filter(|a| a.sessionless) {
+                                        let until = a.deadline + Duration::from_secs(2);
+                                        let mut c = cache.lock();
+                                        for (name, p) in a.partitions() {
+                                            c.watch(name, p.partition, until);
+                                        }
+                                    }
+                                    None
+                                }
+                            };
+                            if let Some(rx) = answer {
+                                self.stats.fetch_local.fetch_add(1, Ordering::Relaxed);
+                                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                                locals.lock().unwrap_or_else(|p| p.into_inner()).push_back(rx);
+                                lock().push_local(head.api, head.version, head.correlation_id);
+                                local_ready.notify_one();
+                                continue;
+                            }
+                            self.stats.fetch_upstream.fetch_add(1, Ordering::Relaxed);
+                            self.forward(&log, &frame, &mut uw).await?;
+                        }
+                        _ => {
+                            if fetch.is_some() {
+                                self.stats.fetch_upstream.fetch_add(1, Ordering::Relaxed);
+                            }
+                            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                            streaming = total;
+                        }
+                    }
+                }
+                if buf.capacity() - buf.len() < 4096 {
+                    buf.reserve(READ_BUF);
+                }
+                let n = cr.read_buf(&mut buf).await?;
                 if n == 0 {
                     // The client is done sending: the broker still owes it answers.
                     uw.shutdown().await?;
                     return Ok::<(), ConnError>(());
                 }
-                let added = {
-                    let mut l = lock();
-                    let before = l.pending();
-                    l.observe(&buf[..n])?;
-                    l.pending().saturating_sub(before)
-                };
-                self.stats.requests.fetch_add(added as u64, Ordering::Relaxed);
-                uw.write_all(&buf[..n]).await?;
             }
         };
         let responses = async {
             let mut buf = vec![0u8; READ_BUF];
+            let (mut at, mut filled) = (0usize, 0usize);
             let mut out = Vec::new();
-            let mut resp = Responses::new(Learn(self.cluster.clone())).with_max_collect(self.max_rewrite);
+            let mut resp = Responses::new(View { side: self.clone() }).with_max_collect(self.max_rewrite);
             loop {
-                let n = ur.read(&mut buf).await?;
-                if n == 0 {
-                    // The broker closed: so does the client's connection.
-                    let _ = cw.shutdown().await;
-                    return Ok::<(), ConnError>(());
+                // Between answers, any given here whose turn it is go first.
+                while resp.between_frames() && lock().next_is_local() {
+                    let _ = lock().next_response();
+                    let answer = locals.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    let chunks = match answer {
+                        Some(rx) => rx.await.map_err(|_| io::Error::other("a cached answer was lost"))?,
+                        None => return Err(io::Error::other("a local answer's place without the answer").into()),
+                    };
+                    let records: usize = chunks.iter().filter(|c| c.region().is_some()).map(|c| c.len()).sum();
+                    self.stats.fetch_local_bytes.fetch_add(records as u64, Ordering::Relaxed);
+                    let whole: usize = chunks.iter().map(|c| c.len()).sum();
+                    self.stats.fetch_local_answer_bytes.fetch_add(whole as u64, Ordering::Relaxed);
+                    write_chunks(&mut cw, &chunks).await?;
                 }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    match resp.passing() {
-                        Some(left) => {
-                            if !out.is_empty() {
-                                cw.write_all(&out).await?;
-                                out.clear();
+                if at == filled {
+                    tokio::select! {
+                        n = ur.read(&mut buf) => {
+                            let n = n?;
+                            if n == 0 {
+                                // The broker closed: so does the client's connection.
+                                let _ = cw.shutdown().await;
+                                return Ok::<(), ConnError>(());
                             }
-                            let k = left.min(rest.len());
-                            cw.write_all(&rest[..k]).await?;
-                            resp.passed(k);
-                            rest = &rest[k..];
+                            (at, filled) = (0, n);
                         }
-                        None => {
-                            let rewritten = resp.rewritten();
-                            let k = match resp.take(rest, &mut lock(), &mut out) {
-                                Ok(k) => k,
-                                Err(e) => {
-                                    if matches!(e, RewriteError::Refused { .. }) {
-                                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    return Err(e.into());
-                                }
-                            };
-                            rest = &rest[k..];
-                            self.stats.rewritten.fetch_add(resp.rewritten() - rewritten, Ordering::Relaxed);
-                        }
+                        _ = local_ready.notified() => continue,
                     }
                 }
-                if !out.is_empty() {
-                    cw.write_all(&out).await?;
-                    out.clear();
+                match resp.passing() {
+                    Some(left) => {
+                        if !out.is_empty() {
+                            cw.write_all(&out).await?;
+                            out.clear();
+                        }
+                        let k = left.min(filled - at);
+                        cw.write_all(&buf[at..at + k]).await?;
+                        resp.passed(k);
+                        at += k;
+                    }
+                    None => {
+                        let (rewritten, fetched) = (resp.rewritten(), resp.fetch_bytes());
+                        let k = match resp.take(&buf[at..filled], &mut lock(), &mut out) {
+                            Ok(k) => k,
+                            Err(e) => {
+                                if matches!(e, RewriteError::Refused { .. }) {
+                                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                                }
+                                return Err(e.into());
+                            }
+                        };
+                        at += k;
+                        self.stats.rewritten.fetch_add(resp.rewritten() - rewritten, Ordering::Relaxed);
+                        self.stats
+                            .fetch_upstream_answer_bytes
+                            .fetch_add(resp.fetch_bytes() - fetched, Ordering::Relaxed);
+                        if !out.is_empty() && (at == filled || resp.between_frames()) {
+                            cw.write_all(&out).await?;
+                            out.clear();
+                        }
+                    }
                 }
             }
         };

@@ -10,8 +10,8 @@
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, DescribeClusterResponse, FetchResponse, FindCoordinatorResponse, MetadataResponse,
-    ProduceResponse, ResponseHeader,
+    ApiKey, ApiVersionsResponse, DeleteTopicsResponse, DescribeClusterResponse, FetchResponse, FindCoordinatorResponse,
+    MetadataResponse, ProduceResponse, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
 use std::collections::VecDeque;
@@ -45,6 +45,8 @@ pub struct Pending {
     pub api: i16,
     pub version: i16,
     pub correlation_id: i32,
+    /// Answered by the sidecar itself, not forwarded (the caller keeps the answer).
+    pub local: bool,
 }
 
 impl Pending {
@@ -163,7 +165,7 @@ fn read_head(h: &[u8]) -> Result<Head, RewriteError> {
         return Ok(Head::Need(PREFIX + REQUEST_HEAD));
     };
     let Some(head) = RequestHead::peek(&h[PREFIX..]) else { return Ok(Head::Need(PREFIX + REQUEST_HEAD)) };
-    let pending = Pending { api: head.api, version: head.version, correlation_id: head.correlation_id };
+    let pending = Pending { api: head.api, version: head.version, correlation_id: head.correlation_id, local: false };
     let frame_end = len + PREFIX;
     if pending.api != ApiKey::Produce as i16 {
         return Ok(Head::Done { pending, answered: true, frame_end });
@@ -210,6 +212,18 @@ impl RequestLog {
         self.head.clear();
     }
 
+    /// A request the caller answers itself (it was not forwarded): its place in the
+    /// order of answers. Only between frames of the forwarded stream.
+    pub fn push_local(&mut self, api: i16, version: i16, correlation_id: i32) {
+        debug_assert!(self.skip == 0 && self.head.is_empty(), "a local answer inside a forwarded frame");
+        self.pending.push_back(Pending { api, version, correlation_id, local: true });
+    }
+
+    /// Whether the next answer due is one the caller gives itself.
+    pub fn next_is_local(&self) -> bool {
+        self.pending.front().is_some_and(|p| p.local)
+    }
+
     /// Requests seen and not answered yet.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -251,11 +265,19 @@ pub struct Responses<A> {
     max_collect: usize,
     /// Answers that went out changed.
     rewritten: u64,
+    /// Bytes of Fetch answers seen (frames, prefix included).
+    fetch_bytes: u64,
 }
 
 impl<A: Advertise> Responses<A> {
     pub fn new(advertise: A) -> Responses<A> {
-        Responses { state: RespState::Prefix(Vec::new()), advertise, max_collect: MAX_FRAME, rewritten: 0 }
+        Responses {
+            state: RespState::Prefix(Vec::new()),
+            advertise,
+            max_collect: MAX_FRAME,
+            rewritten: 0,
+            fetch_bytes: 0,
+        }
     }
 
     /// Bounds the frames collected whole (a longer one is an error): the memory a
@@ -268,6 +290,11 @@ impl<A: Advertise> Responses<A> {
     /// How many answers went out changed.
     pub fn rewritten(&self) -> u64 {
         self.rewritten
+    }
+
+    /// Bytes of Fetch answers that went by (whole frames, counted as each starts).
+    pub fn fetch_bytes(&self) -> u64 {
+        self.fetch_bytes
     }
 
     /// Bytes of the current frame to copy straight through, if it is passing.
@@ -310,8 +337,15 @@ impl<A: Advertise> Responses<A> {
                     response_framer().body_len([p[0], p[1], p[2], p[3]]).map_err(RewriteError::BadResponseLength)?;
                 let correlation_id = response_correlation(&p[PREFIX..]).unwrap_or_default();
                 let req = requests.next_response()?;
+                if req.local {
+                    // Its answer was the caller's to send first: the stream is misread.
+                    return Err(RewriteError::Unrequested);
+                }
                 req.check(correlation_id)?;
-                if names_brokers(req.api, req.version) {
+                if req.api == ApiKey::Fetch as i16 {
+                    self.fetch_bytes += (len + PREFIX) as u64;
+                }
+                if self.advertise.collects(req.api, req.version) {
                     if len > self.max_collect {
                         let api = ApiKey::try_from(req.api).unwrap_or(ApiKey::Metadata);
                         return Err(RewriteError::TooLarge { api, len, max: self.max_collect });
@@ -331,15 +365,16 @@ impl<A: Advertise> Responses<A> {
                 let n = (*len - body.len()).min(avail.len());
                 body.extend_from_slice(&avail[..n]);
                 if body.len() == *len {
-                    match rewrite(*api, *version, body, &mut self.advertise)? {
+                    let whole = Bytes::from(std::mem::take(body));
+                    match rewrite(*api, *version, whole.clone(), &mut self.advertise)? {
                         Some(new) => {
                             self.rewritten += 1;
                             out.extend_from_slice(&crate::framing::prefix_for(new.len()));
                             out.extend_from_slice(&new);
                         }
                         None => {
-                            out.extend_from_slice(&crate::framing::prefix_for(body.len()));
-                            out.extend_from_slice(body);
+                            out.extend_from_slice(&crate::framing::prefix_for(*len));
+                            out.extend_from_slice(&whole);
                         }
                     }
                     self.state = RespState::Prefix(Vec::new());
@@ -351,12 +386,28 @@ impl<A: Advertise> Responses<A> {
 }
 
 /// Where clients are told a broker is: every broker address a rewritten answer names
-/// goes through here.
+/// goes through here. It may also watch answers go by (the sidecar's tail cache does):
+/// the answers it [`collects`](Advertise::collects) are decoded and shown to it.
 pub trait Advertise {
     /// The endpoint to name for broker `node_id`, which the upstream names `host:port`.
     /// An error refuses the whole answer (its connection closes): a client must never
     /// learn an address that does not lead back through the sidecar.
     fn endpoint(&mut self, node_id: i32, host: &str, port: i32) -> Result<(StrBytes, i32), RewriteError>;
+
+    /// Whether answers of `api` at `version` are collected whole (and decoded): at least
+    /// those that name brokers.
+    fn collects(&self, api: i16, version: i16) -> bool {
+        names_brokers(api, version)
+    }
+
+    /// A Metadata answer, before it is rewritten.
+    fn observe_metadata(&mut self, _answer: &MetadataResponse, _version: i16) {}
+
+    /// A Fetch answer (when Fetch answers are collected).
+    fn observe_fetch(&mut self, _answer: &FetchResponse, _version: i16) {}
+
+    /// A DeleteTopics answer (when collected).
+    fn observe_delete_topics(&mut self, _answer: &DeleteTopicsResponse) {}
 }
 
 /// Every broker is one address: the bridge, in front of one broker.
@@ -409,12 +460,12 @@ fn parsed_max(key: ApiKey) -> Option<i16> {
 pub fn rewrite(
     api: i16,
     version: i16,
-    body: &[u8],
+    body: Bytes,
     advertise: &mut dyn Advertise,
 ) -> Result<Option<Vec<u8>>, RewriteError> {
     let Ok(key) = ApiKey::try_from(api) else { return Ok(None) };
     let hv = key.response_header_version(version);
-    let mut buf = Bytes::copy_from_slice(body);
+    let mut buf = body;
     let codec = |what: &'static str| {
         move |e: anyhow::Error| RewriteError::Codec { what, api: key, version, reason: e.to_string() }
     };
@@ -424,6 +475,7 @@ pub fn rewrite(
     match key {
         ApiKey::Metadata => {
             let mut r = MetadataResponse::decode(&mut buf, version).map_err(codec("decode"))?;
+            advertise.observe_metadata(&r, version);
             for b in &mut r.brokers {
                 (b.host, b.port) = advertise.endpoint(b.node_id.0, &b.host, b.port)?;
             }
@@ -489,6 +541,7 @@ pub fn rewrite(
             // Decoding keeps the records as slices of `buf`; only an answer that names
             // leaders (after a leadership move, rare) is encoded again.
             let mut r = FetchResponse::decode(&mut buf, version).map_err(codec("decode"))?;
+            advertise.observe_fetch(&r, version);
             if r.node_endpoints.is_empty() {
                 return Ok(None);
             }
@@ -496,6 +549,11 @@ pub fn rewrite(
                 (e.host, e.port) = advertise.endpoint(e.node_id.0, &e.host, e.port)?;
             }
             r.encode(&mut out, version).map_err(codec("encode"))?;
+        }
+        ApiKey::DeleteTopics => {
+            let r = DeleteTopicsResponse::decode(&mut buf, version).map_err(codec("decode"))?;
+            advertise.observe_delete_topics(&r);
+            return Ok(None);
         }
         _ => return Ok(None),
     }
@@ -705,8 +763,9 @@ mod tests {
             h.correlation_id = 7;
             h.encode(&mut body, hv).expect("header");
             r.encode(&mut body, version).expect("body");
-            let out =
-                rewrite(3, version, &body, &mut Fixed::new("127.0.0.1", 19092)).expect("rewrite").expect("changed");
+            let out = rewrite(3, version, body.freeze(), &mut Fixed::new("127.0.0.1", 19092))
+                .expect("rewrite")
+                .expect("changed");
             let mut buf = Bytes::from(out);
             let h = ResponseHeader::decode(&mut buf, hv).expect("header");
             assert_eq!(h.correlation_id, 7);
@@ -728,7 +787,7 @@ mod tests {
         r.encode(&mut seed, 12).expect("body");
         for v in mutants(&seed, 3000, 2, 0x2545_f491_4f6c_dd1d) {
             for (api, version) in [(3, 12), (3, 1), (10, 3), (10, 4), (60, 0), (18, 3), (0, 10), (1, 16)] {
-                let _ = rewrite(api, version, &v, &mut Fixed::new("h", 1));
+                let _ = rewrite(api, version, Bytes::from(v.clone()), &mut Fixed::new("h", 1));
             }
             let _ = RequestLog::default().observe(&v);
         }
@@ -762,7 +821,7 @@ mod tests {
         f.node_endpoints = vec![endpoint(2), endpoint(5)];
         for version in [16i16, 17] {
             let b = body(ApiKey::Fetch, version, &f);
-            let out = rewrite(1, version, &b, &mut plan()).expect("rewrite").expect("changed");
+            let out = rewrite(1, version, b.into(), &mut plan()).expect("rewrite").expect("changed");
             let mut buf = Bytes::from(out);
             ResponseHeader::decode(&mut buf, ApiKey::Fetch.response_header_version(version)).expect("header");
             let r = FetchResponse::decode(&mut buf, version).expect("fetch");
@@ -770,7 +829,7 @@ mod tests {
             assert_eq!(got, vec![(2, "side".to_string(), 30002), (5, "side".to_string(), 30005)], "v{version}");
         }
         let plain = body(ApiKey::Fetch, 16, &FetchResponse::default());
-        assert!(rewrite(1, 16, &plain, &mut plan()).expect("rewrite").is_none(), "no endpoints: passes as is");
+        assert!(rewrite(1, 16, plain.into(), &mut plan()).expect("rewrite").is_none(), "no endpoints: passes as is");
         // Produce v10+.
         let mut p = ProduceResponse::default();
         let mut e = ProduceEndpoint::default();
@@ -778,7 +837,7 @@ mod tests {
         e.host = StrBytes::from_static_str("10.0.0.8");
         e.port = 9093;
         p.node_endpoints = vec![e];
-        let out = rewrite(0, 10, &body(ApiKey::Produce, 10, &p), &mut plan()).expect("rewrite").expect("changed");
+        let out = rewrite(0, 10, body(ApiKey::Produce, 10, &p).into(), &mut plan()).expect("rewrite").expect("changed");
         let mut buf = Bytes::from(out);
         ResponseHeader::decode(&mut buf, ApiKey::Produce.response_header_version(10)).expect("header");
         let r = ProduceResponse::decode(&mut buf, 10).expect("produce");
@@ -787,7 +846,7 @@ mod tests {
         let mut f = FetchResponse::default();
         f.node_endpoints = vec![endpoint(40000)];
         assert!(matches!(
-            rewrite(1, 16, &body(ApiKey::Fetch, 16, &f), &mut plan()),
+            rewrite(1, 16, body(ApiKey::Fetch, 16, &f).into(), &mut plan()),
             Err(RewriteError::Refused { node_id: 40000, .. })
         ));
         // Older versions are not collected at all.
@@ -806,7 +865,7 @@ mod tests {
             r.api_keys.push(a);
         }
         let b = body(ApiKey::ApiVersions, 3, &r);
-        let out = rewrite(18, 3, &b, &mut Fixed::new("h", 1)).expect("rewrite").expect("changed");
+        let out = rewrite(18, 3, b.into(), &mut Fixed::new("h", 1)).expect("rewrite").expect("changed");
         let mut buf = Bytes::from(out);
         ResponseHeader::decode(&mut buf, 0).expect("header");
         let got = ApiVersionsResponse::decode(&mut buf, 3).expect("api versions");
@@ -824,16 +883,18 @@ mod tests {
         // Within bounds: passes as is. An error answer (v0 body whatever was asked) too.
         let mut r = ApiVersionsResponse::default();
         r.api_keys.push(ApiVersion::default());
-        assert!(rewrite(18, 3, &body(ApiKey::ApiVersions, 3, &r), &mut Fixed::new("h", 1)).expect("ok").is_none());
+        assert!(rewrite(18, 3, body(ApiKey::ApiVersions, 3, &r).into(), &mut Fixed::new("h", 1))
+            .expect("ok")
+            .is_none());
         let mut e = ApiVersionsResponse::default();
         e.error_code = 35;
         let b = body(ApiKey::ApiVersions, 0, &e);
-        assert!(rewrite(18, 3, &b, &mut Fixed::new("h", 1)).expect("ok").is_none());
+        assert!(rewrite(18, 3, b.into(), &mut Fixed::new("h", 1)).expect("ok").is_none());
     }
 
     #[test]
     fn garbage_responses_are_errors_not_panics() {
-        assert!(rewrite(3, 12, &[1, 2, 3], &mut Fixed::new("h", 1)).is_err());
-        assert!(rewrite(10, 4, &[], &mut Fixed::new("h", 1)).is_err());
+        assert!(rewrite(3, 12, Bytes::from_static(&[1, 2, 3]), &mut Fixed::new("h", 1)).is_err());
+        assert!(rewrite(10, 4, Bytes::new(), &mut Fixed::new("h", 1)).is_err());
     }
 }

@@ -49,6 +49,8 @@ impl SidecarProc {
         let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
             .args(["sidecar", "--upstream", &self.upstream, "--listen", &self.addr.to_string()])
             .args(["--broker-port-base", &self.base.to_string()])
+            .arg("--stats-file")
+            .arg(self.stats_path())
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -61,6 +63,16 @@ impl SidecarProc {
             assert!(started.elapsed() < Duration::from_secs(20), "sidecar did not listen:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    fn stats_path(&self) -> PathBuf {
+        self._dir.path().join("stats.json")
+    }
+
+    /// The counters as last written (every second).
+    fn stats(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.stats_path()).expect("sidecar stats file");
+        serde_json::from_str(&text).expect("stats parse")
     }
 
     fn kill(&mut self) {
@@ -389,6 +401,74 @@ fn unreadable_answers_close_only_their_connection() {
         let m = good.call(&metadata_for("fine"), 12).expect("the other connection goes on");
         assert_eq!(m.brokers[0].port, i32::from(side.base));
     }
+}
+
+/// Groups after the first are served from the tail cache, by reference (no user-space
+/// copy of a cached byte), with the bytes the broker served; groups tailing together cost
+/// the upstream about one fetch stream.
+#[test]
+fn tail_cache_serves_later_and_concurrent_groups_with_the_same_bytes() {
+    let broker = BrokerProc::start(&[]);
+    let side = SidecarProc::start(&broker.addr.to_string(), &[]);
+    let stats = side.stats_path().to_string_lossy().to_string();
+    let bootstrap = side.addr.to_string();
+    let base = ["sidecar_fanout.py", "--bootstrap", &bootstrap, "--stats", &stats, "--expect-local"];
+    run_client("python3", &[&base[..], &["--phase", "fanout", "--groups", "3"]].concat(), SUITE_TIMEOUT);
+    run_client(
+        "python3",
+        &[&base[..], &["--phase", "tail", "--groups", "3", "--count", "3000"]].concat(),
+        SUITE_TIMEOUT,
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let s = side.stats();
+    println!("sidecar counters: {s}");
+    assert!(s["fetch_local"].as_u64() > Some(0), "{s}");
+    assert_eq!(s["fetch_bytes_copied"], 0, "a cached byte was copied on its way out: {s}");
+    assert_eq!(s["fetch_bytes_zero_copy"], s["fetch_local_bytes"], "cached records left by reference: {s}");
+}
+
+/// The consistency rules against a real broker: a topic deleted through the sidecar and
+/// created again under its name serves only its new data; a read_committed consumer of a
+/// topic without transactions is served below the last stable offset. (Each rule has a
+/// unit test in `src/sidecar/cache.rs`: high watermark, leader epoch, truncation and
+/// errors, log start, topic ids, read_committed and transactions, bounds and eviction.)
+#[test]
+fn tail_cache_forgets_a_recreated_topic_and_serves_read_committed_below_the_stable_offset() {
+    let broker = BrokerProc::start(&[]);
+    let side = SidecarProc::start(&broker.addr.to_string(), &[]);
+    let stats = side.stats_path().to_string_lossy().to_string();
+    let bootstrap = side.addr.to_string();
+    run_client(
+        "python3",
+        &["sidecar_fanout.py", "--bootstrap", &bootstrap, "--stats", &stats, "--expect-local", "--phase", "rules"],
+        SUITE_TIMEOUT,
+    );
+    assert!(side.stats()["cache_dropped_partitions"].as_u64() >= Some(3), "the deleted topic's partitions");
+}
+
+/// kafka-python uses fetch sessions (KIP-227), which the cache leaves to the broker: its
+/// groups still read everything intact through the sidecar.
+#[test]
+fn fetch_sessions_pass_through_the_tail_cache_untouched() {
+    let broker = BrokerProc::start(&[]);
+    let side = SidecarProc::start(&broker.addr.to_string(), &[]);
+    let stats = side.stats_path().to_string_lossy().to_string();
+    let bootstrap = side.addr.to_string();
+    run_client(
+        "python3",
+        &[
+            "sidecar_fanout.py",
+            "--bootstrap",
+            &bootstrap,
+            "--stats",
+            &stats,
+            "--client",
+            "kafka-python",
+            "--phase",
+            "fanout",
+        ],
+        SUITE_TIMEOUT,
+    );
 }
 
 /// SIGKILL the sidecar while a producer (acks=all) carries on, start it again on the same
