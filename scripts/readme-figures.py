@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout
 """
 import json
 import sys
@@ -119,6 +119,19 @@ def sidecar():
         print(f"| | (raw TCP ping-pong p50 {f1(lim)}) | | | | | | | |")
 
 
+def sidecar_fanout():
+    d = load("sidecar-fanout")
+    print("| consumer groups | upstream fetch bytes per produced byte, cache off | cache on | served from the cache |")
+    print("|---:|---:|---:|---:|")
+    runs = d["runs"]
+    for g in sorted({r["groups"] for r in runs}):
+        off = next(r for r in runs if r["groups"] == g and not r["tail_cache"])
+        on = next(r for r in runs if r["groups"] == g and r["tail_cache"])
+        print(f"| {g} | {off['upstream_fetch_bytes_per_produced_byte']:.2f} | {on['upstream_fetch_bytes_per_produced_byte']:.2f} | "
+              f"{on['cache_fetch_bytes_per_produced_byte']:.2f} |")
+
+
 if __name__ == "__main__":
     {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
-     "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar}[sys.argv[1]]()
+     "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar,
+     "sidecar-fanout": sidecar_fanout}[sys.argv[1]]()
