@@ -207,9 +207,11 @@ fn scan(records: &[u8]) -> Vec<Found> {
             Some(e) if e <= records.len() => e,
             _ => break,
         };
+        // Offsets a log can hold: the offset after the last one must exist too.
+        let Some(last) = base.checked_add(i64::from(delta)).filter(|l| base >= 0 && *l < i64::MAX) else { break };
         out.push(Found {
             base,
-            last: base + i64::from(delta),
+            last,
             epoch: i32::from_be_bytes(h[EPOCH_AT..EPOCH_AT + 4].try_into().unwrap_or_default()),
             transactional: h[ATTRIBUTES_AT + 1] & 0x10 != 0,
             range: at..end,

@@ -807,20 +807,16 @@ impl Sidecar {
                             let frame = buf.split_to(total).freeze();
                             let ask =
                                 FetchAsk::decode(&frame, &head, |id| cache.lock().topic_of(id).map(str::to_string));
-                            if let Some(a) = &ask {
-                                log::trace!(
-                                    "sidecar: fetch v{} {}: session {}/{} isolation {} replica {}/{}",
-                                    a.version,
-                                    a.correlation_id,
-                                    a.req.session_id,
-                                    a.req.session_epoch,
-                                    a.req.isolation_level,
-                                    a.req.replica_id.0,
-                                    a.req.replica_state.replica_id.0
-                                );
-                            } else {
-                                log::trace!("sidecar: fetch v{} {} not decoded", head.version, head.correlation_id);
-                            }
+                            log::trace!(
+                                "sidecar: fetch v{} {}: {}",
+                                head.version,
+                                head.correlation_id,
+                                ask.as_ref().map_or("not decoded", |a| if a.cacheable() {
+                                    "cacheable"
+                                } else {
+                                    "a session, a replica or another isolation: upstream"
+                                })
+                            );
                             let plan = match &ask {
                                 Some(a) if a.cacheable() => {
                                     plan_fetch(a, &mut cache.lock(), Instant::now(), false, false)

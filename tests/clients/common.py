@@ -73,6 +73,23 @@ def check_mid_batch(got, start):
     ok(f"consumer starting at offset {start} inside a 20-record batch saw {start}..{start + 12}, no gap")
 
 
+def poll_until(consumer, done, on_message, timeout=60):
+    """Polls a confluent-kafka consumer until `done()` or `timeout` s, handing each message
+    to `on_message`; end-of-partition events are skipped, any other error fails."""
+    import time
+    from confluent_kafka import KafkaError
+    deadline = time.time() + timeout
+    while not done() and time.time() < deadline:
+        m = consumer.poll(0.5)
+        if m is None:
+            continue
+        if m.error():
+            if m.error().code() == KafkaError._PARTITION_EOF:
+                continue
+            fail(f"consumer error {m.error()}")
+        on_message(m)
+
+
 def ok(msg):
     print(f"ok: {msg}", flush=True)
 

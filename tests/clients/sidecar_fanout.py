@@ -17,10 +17,10 @@ import argparse
 import json
 import time
 
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from common import check_value, fail, ok, value
+from common import check_value, fail, ok, poll_until, value
 
 
 def stats(path):
@@ -53,16 +53,7 @@ def consume_confluent(bs, topic, group, count, isolation="read_uncommitted"):
                   "enable.auto.commit": False, "isolation.level": isolation})
     c.subscribe([topic])
     got = {}
-    deadline = time.time() + 60
-    while len(got) < count and time.time() < deadline:
-        m = c.poll(0.5)
-        if m is None:
-            continue
-        if m.error():
-            if m.error().code() == KafkaError._PARTITION_EOF:
-                continue
-            fail(f"consumer error {m.error()}")
-        got[(m.partition(), m.offset())] = m.value()
+    poll_until(c, lambda: len(got) >= count, lambda m: got.__setitem__((m.partition(), m.offset()), m.value()))
     c.close()
     return list(got.values())
 

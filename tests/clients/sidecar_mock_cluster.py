@@ -21,9 +21,9 @@ import threading
 import time
 
 import confluent_kafka
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, Producer
 
-from common import check_value, fail, ok, value
+from common import check_value, fail, ok, poll_until, value
 
 TOPIC = "mock-leaders"
 PARTITIONS = 3
@@ -191,17 +191,8 @@ def run(a, mock, side_ports, upstream_ports):
                   "enable.auto.commit": False, "debug": "broker"}, logger=logger)
     c.subscribe([TOPIC])
     got = {}
-    deadline = time.time() + 90
-    while len(got) < len(acked) and time.time() < deadline:
-        m = c.poll(0.5)
-        if m is None:
-            continue
-        if m.error():
-            if m.error().code() == KafkaError._PARTITION_EOF:
-                continue
-            fail(f"consumer error {m.error()}")
-        check_value(m.value())
-        got[(m.partition(), m.offset())] = m.value()
+    poll_until(c, lambda: len(got) >= len(acked),
+               lambda m: got.__setitem__((m.partition(), m.offset()), m.value()), timeout=90)
     c.close()
     missing = [(part, off) for part, off, v in acked if got.get((part, off)) != v]
     if missing:

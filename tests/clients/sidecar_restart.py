@@ -10,10 +10,10 @@ import argparse
 import json
 import time
 
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from common import check_value, fail, ok, value
+from common import check_value, fail, ok, poll_until, value
 
 TOPIC = "sidecar-restart"
 
@@ -52,16 +52,8 @@ def verify(bs, path):
                   "enable.auto.commit": False})
     c.subscribe([TOPIC])
     got = {}
-    deadline = time.time() + 60
-    while len(got) < len(acked) and time.time() < deadline:
-        m = c.poll(0.5)
-        if m is None:
-            continue
-        if m.error():
-            if m.error().code() == KafkaError._PARTITION_EOF:
-                continue
-            fail(f"consumer error {m.error()}")
-        got[(m.partition(), m.offset())] = check_value(m.value())
+    poll_until(c, lambda: len(got) >= len(acked),
+               lambda m: got.__setitem__((m.partition(), m.offset()), check_value(m.value())))
     c.close()
     missing = [(p, o, s) for p, o, s in acked if got.get((p, o)) != s]
     if missing:
