@@ -10,5 +10,6 @@
 pub mod bridge;
 pub mod cache;
 pub mod cluster;
+pub mod front;
 pub mod proxy;
 pub mod rewrite;

@@ -20,9 +20,10 @@
 //!   whole; an answer the rewriter cannot read closes that client's connection with a
 //!   log line, never passes half-read.
 
+use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,10 +41,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::cache::{Answer, CacheLimits, Marks, Position, Serve, TailCache};
 use super::cluster::{Cluster, Learn, Opened, PortPlan};
+use super::front::{FrontRead, FrontWrite};
 use super::rewrite::{names_brokers, Advertise, RequestLog, Responses, RewriteError};
 use crate::buffer::{Chunk, IoChunks, ScatterBuf};
 use crate::framing::PREFIX;
 use crate::protocol::kafka::frame::{Framer, RequestHead, Side, REQUEST_HEAD};
+use crate::transport::TransportKind;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SidecarArgs {
@@ -84,6 +87,11 @@ pub struct SidecarArgs {
     /// Counters written here (JSON) every second and at exit.
     #[arg(long)]
     pub stats_file: Option<std::path::PathBuf>,
+    /// Take clients through the transport seam instead: `rdma` (a `slipstream bridge`
+    /// reaches the sidecar over RDMA; `--listen` is then an RDMA address), `uring` or
+    /// `tcp`. One listener, so one broker behind it: every broker answer names `--listen`.
+    #[arg(long)]
+    pub transport: Option<TransportKind>,
 }
 
 fn parse_node_port(s: &str) -> Result<(i32, u16), String> {
@@ -143,6 +151,15 @@ struct Sidecar {
     max_rewrite: usize,
     stats: Stats,
     cache: Option<Cache>,
+    /// With `--transport`: the one address every broker is advertised at, and the one
+    /// broker it may stand for.
+    single: Option<Single>,
+}
+
+struct Single {
+    host: StrBytes,
+    port: i32,
+    node: Mutex<Option<i32>>,
 }
 
 /// Which broker a listener stands for.
@@ -180,9 +197,6 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
         .map_err(SidecarError::Runtime)?;
     let mut stats_path = None;
     rt.block_on(async move {
-        let bootstrap = std::net::TcpListener::bind(listen).map_err(|e| SidecarError::Listen(listen, e))?;
-        bootstrap.set_nonblocking(true).map_err(|e| SidecarError::Listen(listen, e))?;
-        let bootstrap = TcpListener::from_std(bootstrap).map_err(|e| SidecarError::Listen(listen, e))?;
         let (tx, mut opened) = tokio::sync::mpsc::unbounded_channel::<Opened>();
         let plan = PortPlan::new(&host, base, args.broker_ports.clone());
         let side = Arc::new(Sidecar {
@@ -199,14 +213,29 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
                 })),
                 changed: tokio::sync::Notify::new(),
             }),
+            single: args.transport.map(|_| Single {
+                host: StrBytes::from_string(host.clone()),
+                port: i32::from(listen.port()),
+                node: Mutex::new(None),
+            }),
         });
         log::info!(
             "sidecar: clients bootstrap at {listen} (advertised {host}:{}); brokers at {host}:{base}+node id; upstream {}",
             listen.port(),
             args.upstream.join(",")
         );
-        tokio::spawn(accept_loop(side.clone(), bootstrap, Target::Bootstrap));
-        tokio::spawn(discover(side.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let front = match args.transport {
+            None => {
+                let bootstrap = std::net::TcpListener::bind(listen).map_err(|e| SidecarError::Listen(listen, e))?;
+                bootstrap.set_nonblocking(true).map_err(|e| SidecarError::Listen(listen, e))?;
+                let bootstrap = TcpListener::from_std(bootstrap).map_err(|e| SidecarError::Listen(listen, e))?;
+                tokio::spawn(accept_loop(side.clone(), bootstrap, Target::Bootstrap));
+                tokio::spawn(discover(side.clone()));
+                None
+            }
+            Some(kind) => Some(start_front(side.clone(), kind, listen, stop.clone())?),
+        };
         if let Some(path) = args.stats_file.clone() {
             let (side, path2) = (side.clone(), path.clone());
             tokio::spawn(async move {
@@ -228,6 +257,10 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
             }
+        }
+        stop.store(true, Ordering::Relaxed);
+        if let Some(f) = front {
+            let _ = tokio::task::spawn_blocking(move || f.join()).await;
         }
         log::info!("sidecar: stopping; {}", side.stats_json());
         if let Some(p) = &stats_path {
@@ -307,7 +340,8 @@ impl Sidecar {
                 "\"fetch_upstream\":{},\"fetch_upstream_bytes\":{},\"fetch_local\":{},\"fetch_local_bytes\":{},",
                 "\"fetch_upstream_answer_bytes\":{},\"fetch_local_answer_bytes\":{},",
                 "\"cache_held_bytes\":{},\"cache_filled_bytes\":{},\"cache_dropped_partitions\":{},\"cache_evicted_bytes\":{},",
-                "\"fetch_bytes_zero_copy\":{},\"fetch_bytes_copied\":{}}}"
+                "\"fetch_bytes_zero_copy\":{},\"fetch_bytes_copied\":{},\"rdma_log_bytes_written\":{},",
+                "\"rdma_tx_staged_bytes\":{},\"kernel_zero_copy_send_bytes\":{}}}"
             ),
             v(&s.connections),
             v(&s.upstream_failures),
@@ -326,6 +360,9 @@ impl Sidecar {
             c.evicted_bytes,
             m.fetch_bytes_zero_copy,
             m.fetch_bytes_copied,
+            m.rdma_log_bytes_written,
+            m.rdma_tx_staged_bytes,
+            m.kernel_zero_copy_send_bytes,
         )
     }
 
@@ -346,7 +383,21 @@ struct View {
 
 impl Advertise for View {
     fn endpoint(&mut self, node_id: i32, host: &str, port: i32) -> Result<(StrBytes, i32), RewriteError> {
-        Learn(self.side.cluster.clone()).endpoint(node_id, host, port)
+        let Some(single) = &self.side.single else {
+            return Learn(self.side.cluster.clone()).endpoint(node_id, host, port);
+        };
+        // One listener stands for one broker: a second would be misrouted, so refuse.
+        let mut node = single.node.lock().unwrap_or_else(|p| p.into_inner());
+        match *node {
+            Some(n) if n != node_id => Err(RewriteError::Refused {
+                node_id,
+                reason: format!("with --transport the sidecar fronts one broker (node {n}), not a cluster"),
+            }),
+            _ => {
+                *node = Some(node_id);
+                Ok((single.host.clone(), single.port))
+            }
+        }
     }
 
     fn collects(&self, api: i16, version: i16) -> bool {
@@ -606,7 +657,7 @@ fn encode_fetch_answer(ask: &FetchAsk, mut parts: Vec<(Option<Chunk>, Option<Mar
 
 /// Writes every chunk, in order, with vectored writes (record chunks straight from the
 /// cache's blocks).
-async fn write_chunks(w: &mut (impl AsyncWriteExt + Unpin), chunks: &IoChunks) -> io::Result<()> {
+async fn write_vectored_all(w: &mut (impl AsyncWriteExt + Unpin), chunks: &IoChunks) -> io::Result<()> {
     let (mut i, mut off) = (0usize, 0usize);
     while i < chunks.len() {
         let slices: Vec<io::IoSlice<'_>> = std::iter::once(io::IoSlice::new(&chunks[i][off..]))
@@ -629,6 +680,90 @@ async fn write_chunks(w: &mut (impl AsyncWriteExt + Unpin), chunks: &IoChunks) -
         }
     }
     Ok(())
+}
+
+/// Starts the transport-driven front (`--transport`): its own thread, handing each
+/// accepted connection to a proxy task on this runtime.
+fn start_front(
+    side: Arc<Sidecar>,
+    kind: TransportKind,
+    listen: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, SidecarError> {
+    let transport_err =
+        |e: crate::transport::TransportError| SidecarError::Settings(format!("--transport {kind:?}: {e}"));
+    let listeners = crate::transport::Listeners::bind(kind, &[listen]).map_err(transport_err)?;
+    let transport = crate::transport::build(kind, &listeners, &crate::transport::TransportOptions::default())
+        .map_err(transport_err)?;
+    let rt = tokio::runtime::Handle::current();
+    log::info!("sidecar: clients through {kind:?} at {listen}");
+    std::thread::Builder::new()
+        .name("sidecar-front".into())
+        .spawn(move || {
+            let _listeners = listeners; // bound for as long as the transport accepts
+            let accept = |read: FrontRead, write: FrontWrite, peer: SocketAddr| {
+                side.stats.connections.fetch_add(1, Ordering::Relaxed);
+                let side = side.clone();
+                rt.spawn(async move {
+                    match side.proxy(read, write, Target::Bootstrap).await {
+                        Ok(()) => log::debug!("sidecar: {peer} done"),
+                        Err(e) => e.log(peer),
+                    }
+                });
+            };
+            if let Err(e) = super::front::drive(transport, stop, accept) {
+                log::error!("sidecar: the {kind:?} front stopped: {e}");
+            }
+        })
+        .map_err(|e| SidecarError::Settings(format!("cannot start the front thread: {e}")))
+}
+
+/// A client connection's reading half: a socket's, or the transport front's.
+trait ClientRead: Send {
+    fn recv_into<'a>(&'a mut self, buf: &'a mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+}
+
+/// A client connection's writing half.
+trait ClientWrite: Send {
+    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a;
+    fn send_chunks(&mut self, chunks: IoChunks) -> impl Future<Output = io::Result<()>> + Send + '_;
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_;
+}
+
+impl ClientRead for tokio::net::tcp::OwnedReadHalf {
+    fn recv_into<'a>(&'a mut self, buf: &'a mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send + 'a {
+        AsyncReadExt::read_buf(self, buf)
+    }
+}
+
+impl ClientWrite for tokio::net::tcp::OwnedWriteHalf {
+    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
+        AsyncWriteExt::write_all(self, bytes)
+    }
+    fn send_chunks(&mut self, chunks: IoChunks) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        async move { write_vectored_all(self, &chunks).await }
+    }
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        AsyncWriteExt::shutdown(self)
+    }
+}
+
+impl ClientRead for FrontRead {
+    fn recv_into<'a>(&'a mut self, buf: &'a mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send + 'a {
+        FrontRead::read_buf(self, buf)
+    }
+}
+
+impl ClientWrite for FrontWrite {
+    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
+        FrontWrite::write_all(self, bytes)
+    }
+    fn send_chunks(&mut self, chunks: IoChunks) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        FrontWrite::write_chunks(self, chunks)
+    }
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        FrontWrite::shutdown(self)
+    }
 }
 
 async fn accept_loop(side: Arc<Sidecar>, listener: TcpListener, target: Target) {
@@ -756,10 +891,20 @@ impl Sidecar {
 
     async fn serve(self: &Arc<Self>, client: TcpStream, target: Target) -> Result<(), ConnError> {
         client.set_nodelay(true)?;
+        let (cr, cw) = client.into_split();
+        self.proxy(cr, cw, target).await
+    }
+
+    /// Proxies one client connection (its two halves) to the broker `target` stands for.
+    async fn proxy(
+        self: &Arc<Self>,
+        mut cr: impl ClientRead,
+        mut cw: impl ClientWrite,
+        target: Target,
+    ) -> Result<(), ConnError> {
         // A broker that is down is a connection refused to the client, as it would be
         // without the sidecar: the client's own reconnect logic takes it from there.
         let upstream = self.connect_upstream(target).await?;
-        let (mut cr, mut cw) = client.into_split();
         let (mut ur, mut uw) = upstream.into_split();
         let log = Mutex::new(RequestLog::default());
         let lock = || log.lock().unwrap_or_else(|p| p.into_inner());
@@ -866,7 +1011,7 @@ impl Sidecar {
                 if buf.capacity() - buf.len() < 4096 {
                     buf.reserve(READ_BUF);
                 }
-                let n = cr.read_buf(&mut buf).await?;
+                let n = cr.recv_into(&mut buf).await?;
                 if n == 0 {
                     // The client is done sending: the broker still owes it answers.
                     uw.shutdown().await?;
@@ -892,7 +1037,7 @@ impl Sidecar {
                     self.stats.fetch_local_bytes.fetch_add(records as u64, Ordering::Relaxed);
                     let whole: usize = chunks.iter().map(|c| c.len()).sum();
                     self.stats.fetch_local_answer_bytes.fetch_add(whole as u64, Ordering::Relaxed);
-                    write_chunks(&mut cw, &chunks).await?;
+                    cw.send_chunks(chunks).await?;
                 }
                 if at == filled {
                     tokio::select! {
@@ -900,7 +1045,7 @@ impl Sidecar {
                             let n = n?;
                             if n == 0 {
                                 // The broker closed: so does the client's connection.
-                                let _ = cw.shutdown().await;
+                                let _ = cw.finish().await;
                                 return Ok::<(), ConnError>(());
                             }
                             (at, filled) = (0, n);
@@ -911,11 +1056,11 @@ impl Sidecar {
                 match resp.passing() {
                     Some(left) => {
                         if !out.is_empty() {
-                            cw.write_all(&out).await?;
+                            cw.send_bytes(&out).await?;
                             out.clear();
                         }
                         let k = left.min(filled - at);
-                        cw.write_all(&buf[at..at + k]).await?;
+                        cw.send_bytes(&buf[at..at + k]).await?;
                         resp.passed(k);
                         at += k;
                     }
@@ -936,7 +1081,7 @@ impl Sidecar {
                             .fetch_upstream_answer_bytes
                             .fetch_add(resp.fetch_bytes() - fetched, Ordering::Relaxed);
                         if !out.is_empty() && (at == filled || resp.between_frames()) {
-                            cw.write_all(&out).await?;
+                            cw.send_bytes(&out).await?;
                             out.clear();
                         }
                     }

@@ -485,6 +485,62 @@ fn fetch_sessions_pass_through_the_tail_cache_untouched() {
     fanout_script(&["--client", "kafka-python", "--phase", "fanout"]);
 }
 
+/// `--transport tcp|uring`: clients through the transport seam (the path a bridge takes
+/// over RDMA, `rdma::confluent_kafka_through_the_bridge_and_the_sidecar` in the VM): the
+/// confluent-kafka suite across a broker restart, and later groups from the tail cache.
+fn through_the_transport_front(kind: &str) {
+    let mut broker = BrokerProc::start(&["--default-partitions", "3"]);
+    let side = SidecarProc::start(&broker.addr.to_string(), &["--transport", kind]);
+    let bootstrap = side.addr.to_string();
+    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "1"], SUITE_TIMEOUT);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    broker.spawn();
+    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "2"], SUITE_TIMEOUT);
+    let stats = side.stats_path().to_string_lossy().to_string();
+    let args =
+        ["sidecar_fanout.py", "--bootstrap", &bootstrap, "--stats", &stats, "--expect-local", "--phase", "fanout"];
+    run_client("python3", &args, SUITE_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(1200));
+    let s = side.stats();
+    assert_eq!(s["fetch_bytes_copied"], 0, "{s}");
+    if kind == "uring" {
+        // Not one broker address reached a client: every answer names the one listener.
+        assert!(s["refused"] == 0 && s["rewritten"].as_u64() > Some(0), "{s}");
+    }
+}
+
+#[test]
+fn through_the_transport_front_tcp() {
+    through_the_transport_front("tcp");
+}
+
+#[test]
+fn through_the_transport_front_uring() {
+    through_the_transport_front("uring");
+}
+
+/// With `--transport` the sidecar has one listener, so it fronts one broker: an answer
+/// naming a second broker is refused (that client's connection closes, logged), never
+/// misrouted.
+#[test]
+fn a_transport_front_refuses_a_second_broker() {
+    let upstream = scripted_upstream();
+    let side = SidecarProc::start(&upstream.to_string(), &["--transport", "tcp"]);
+    let mut c = Client::connect(side.addr, Duration::from_secs(5)).expect("connect");
+    let m = c.call(&metadata_for("fine"), 12).expect("node 0");
+    assert_eq!(
+        (m.brokers[0].host.to_string(), m.brokers[0].port),
+        (side.addr.ip().to_string(), i32::from(side.addr.port()))
+    );
+    let mut c = Client::connect(side.addr, Duration::from_secs(5)).expect("connect");
+    assert!(c.call(&metadata_for("far"), 12).is_err(), "node 70000 is a second broker");
+    let started = Instant::now();
+    while !side.log_text().contains("fronts one broker") {
+        assert!(started.elapsed() < Duration::from_secs(5), "{}", side.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// SIGKILL the sidecar while a producer (acks=all) carries on, start it again on the same
 /// ports: the producer reconnects and nothing acknowledged is lost.
 #[test]
