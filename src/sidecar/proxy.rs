@@ -740,8 +740,8 @@ impl ClientWrite for tokio::net::tcp::OwnedWriteHalf {
     fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
         AsyncWriteExt::write_all(self, bytes)
     }
-    fn send_chunks(&mut self, chunks: IoChunks) -> impl Future<Output = io::Result<()>> + Send + '_ {
-        async move { write_vectored_all(self, &chunks).await }
+    async fn send_chunks(&mut self, chunks: IoChunks) -> io::Result<()> {
+        write_vectored_all(self, &chunks).await
     }
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_ {
         AsyncWriteExt::shutdown(self)
