@@ -26,7 +26,7 @@ enum Command {
     },
     /// Stand in front of an existing Kafka cluster: clients bootstrap here, every broker
     /// gets a listener of its own, answers naming brokers are rewritten to name them.
-    Sidecar(slipstream::sidecar::proxy::SidecarArgs),
+    Sidecar(Box<slipstream::sidecar::proxy::SidecarArgs>),
     /// Accept Kafka TCP clients and carry them over RDMA to a `--transport rdma` broker.
     #[cfg(feature = "rdma")]
     Bridge(slipstream::sidecar::bridge::BridgeArgs),

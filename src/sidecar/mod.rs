@@ -13,3 +13,4 @@ pub mod cluster;
 pub mod front;
 pub mod proxy;
 pub mod rewrite;
+pub mod tls;

@@ -43,6 +43,7 @@ use super::cache::{Answer, CacheLimits, Marks, Position, Serve, TailCache};
 use super::cluster::{Cluster, Learn, Opened, PortPlan};
 use super::front::{FrontRead, FrontWrite};
 use super::rewrite::{names_brokers, Advertise, RequestLog, Responses, RewriteError};
+use super::tls::{self, TlsArgs};
 use crate::buffer::{Chunk, IoChunks, ScatterBuf};
 use crate::framing::PREFIX;
 use crate::protocol::kafka::frame::{Framer, RequestHead, Side, REQUEST_HEAD};
@@ -92,6 +93,8 @@ pub struct SidecarArgs {
     /// `tcp`. One listener, so one broker behind it: every broker answer names `--listen`.
     #[arg(long)]
     pub transport: Option<TransportKind>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 fn parse_node_port(s: &str) -> Result<(i32, u16), String> {
@@ -151,6 +154,9 @@ struct Sidecar {
     max_rewrite: usize,
     stats: Stats,
     cache: Option<Cache>,
+    /// TLS from clients, and to the brokers.
+    tls_in: Option<tokio_rustls::TlsAcceptor>,
+    tls_up: Option<tls::Upstream>,
     /// With `--transport`: the one address every broker is advertised at, and the one
     /// broker it may stand for.
     single: Option<Single>,
@@ -195,6 +201,13 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
         .enable_all()
         .build()
         .map_err(SidecarError::Runtime)?;
+    let tls_in = tls::acceptor(&args.tls).map_err(|e| SidecarError::Settings(e.to_string()))?;
+    let tls_up = tls::upstream(&args.tls).map_err(|e| SidecarError::Settings(e.to_string()))?;
+    if tls_in.is_some() && args.transport.is_some() {
+        return Err(SidecarError::Settings(
+            "TLS from clients is served on the sidecar's own listeners, not with --transport".into(),
+        ));
+    }
     let mut stats_path = None;
     rt.block_on(async move {
         let (tx, mut opened) = tokio::sync::mpsc::unbounded_channel::<Opened>();
@@ -213,6 +226,8 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
                 })),
                 changed: tokio::sync::Notify::new(),
             }),
+            tls_in,
+            tls_up,
             single: args.transport.map(|_| Single {
                 host: StrBytes::from_string(host.clone()),
                 port: i32::from(listen.port()),
@@ -718,6 +733,10 @@ fn start_front(
         .map_err(|e| SidecarError::Settings(format!("cannot start the front thread: {e}")))
 }
 
+/// The halves of a connection to a broker (plain or TLS).
+type UpRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type UpWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
 /// A client connection's reading half: a socket's, or the transport front's.
 trait ClientRead: Send {
     fn recv_into<'a>(&'a mut self, buf: &'a mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send + 'a;
@@ -737,6 +756,24 @@ impl ClientRead for tokio::net::tcp::OwnedReadHalf {
 }
 
 impl ClientWrite for tokio::net::tcp::OwnedWriteHalf {
+    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
+        AsyncWriteExt::write_all(self, bytes)
+    }
+    async fn send_chunks(&mut self, chunks: IoChunks) -> io::Result<()> {
+        write_vectored_all(self, &chunks).await
+    }
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        AsyncWriteExt::shutdown(self)
+    }
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientRead for tokio::io::ReadHalf<T> {
+    fn recv_into<'a>(&'a mut self, buf: &'a mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send + 'a {
+        AsyncReadExt::read_buf(self, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientWrite for tokio::io::WriteHalf<T> {
     fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
         AsyncWriteExt::write_all(self, bytes)
     }
@@ -797,6 +834,8 @@ enum ConnError {
     Io(#[from] io::Error),
     #[error("{0}")]
     Rewrite(#[from] RewriteError),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(io::Error),
 }
 
 impl ConnError {
@@ -822,7 +861,7 @@ impl ConnError {
 const READ_BUF: usize = 64 * 1024;
 
 impl Sidecar {
-    async fn connect_upstream(&self, target: Target) -> Result<TcpStream, ConnError> {
+    async fn connect_upstream(&self, target: Target) -> Result<(UpRead, UpWrite), ConnError> {
         let candidates: Vec<String> = match target {
             Target::Bootstrap => self.upstreams.clone(),
             Target::Node(id) => match self.cluster.upstream_of(id) {
@@ -832,17 +871,29 @@ impl Sidecar {
         };
         let mut why = String::from("its address is not known yet");
         for c in &candidates {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(c.as_str())).await {
-                Ok(Ok(s)) => {
-                    s.set_nodelay(true)?;
-                    return Ok(s);
-                }
+            match tokio::time::timeout(self.connect_timeout, self.connect_one(c)).await {
+                Ok(Ok(halves)) => return Ok(halves),
                 Ok(Err(e)) => why = format!("{c}: {e}"),
                 Err(_) => why = format!("{c}: no answer in {:?}", self.connect_timeout),
             }
         }
         self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
         Err(ConnError::Upstream { target, why })
+    }
+
+    /// One connection to `addr` (HOST:PORT), over TLS with `--upstream-tls`.
+    async fn connect_one(&self, addr: &str) -> io::Result<(UpRead, UpWrite)> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let Some(up) = &self.tls_up else {
+            let (r, w) = s.into_split();
+            return Ok((Box::new(r), Box::new(w)));
+        };
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let name = up.name_for(host).map_err(io::Error::other)?;
+        let tls = up.connector.connect(name, s).await?;
+        let (r, w) = tokio::io::split(tls);
+        Ok((Box::new(r), Box::new(w)))
     }
 
     /// A fetch at the tail waits here for the upstream fetches in flight to fill the
@@ -891,8 +942,17 @@ impl Sidecar {
 
     async fn serve(self: &Arc<Self>, client: TcpStream, target: Target) -> Result<(), ConnError> {
         client.set_nodelay(true)?;
-        let (cr, cw) = client.into_split();
-        self.proxy(cr, cw, target).await
+        match &self.tls_in {
+            None => {
+                let (cr, cw) = client.into_split();
+                self.proxy(cr, cw, target).await
+            }
+            Some(acceptor) => {
+                let tls = acceptor.accept(client).await.map_err(ConnError::Handshake)?;
+                let (cr, cw) = tokio::io::split(tls);
+                self.proxy(cr, cw, target).await
+            }
+        }
     }
 
     /// Proxies one client connection (its two halves) to the broker `target` stands for.
@@ -904,8 +964,7 @@ impl Sidecar {
     ) -> Result<(), ConnError> {
         // A broker that is down is a connection refused to the client, as it would be
         // without the sidecar: the client's own reconnect logic takes it from there.
-        let upstream = self.connect_upstream(target).await?;
-        let (mut ur, mut uw) = upstream.into_split();
+        let (mut ur, mut uw) = self.connect_upstream(target).await?;
         let log = Mutex::new(RequestLog::default());
         let lock = || log.lock().unwrap_or_else(|p| p.into_inner());
         // Answers given here, in the order their places come up in `log`.

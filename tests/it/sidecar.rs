@@ -541,6 +541,79 @@ fn a_transport_front_refuses_a_second_broker() {
     }
 }
 
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the
+/// openssl command line into `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]]
+        .concat());
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for who in ["server", "client"] {
+        let (key, csr, pem, ext) =
+            (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
+        run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
+/// TLS both ways, by chaining two sidecars: clients → A (plaintext) → A's `--upstream-tls`
+/// with a client certificate → B (`--tls-cert`, client certificates required) → the broker
+/// (plaintext). The confluent-kafka suite through A; confluent-kafka straight to B over
+/// mutual TLS; and B refusing a client without a certificate.
+#[test]
+fn tls_from_clients_and_to_the_brokers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_certs(dir.path());
+    let f = |n: &str| dir.path().join(n).to_string_lossy().to_string();
+    let broker = BrokerProc::start(&["--default-partitions", "3"]);
+    let b = SidecarProc::start(
+        &broker.addr.to_string(),
+        &["--tls-cert", &f("server.pem"), "--tls-key", &f("server.key"), "--tls-client-ca", &f("ca.pem")],
+    );
+    let a = SidecarProc::start(
+        &b.addr.to_string(),
+        &[
+            "--upstream-tls",
+            "--upstream-ca",
+            &f("ca.pem"),
+            "--upstream-cert",
+            &f("client.pem"),
+            "--upstream-key",
+            &f("client.key"),
+        ],
+    );
+    run_client("python3", &["confluent_suite.py", "--bootstrap", &a.addr.to_string(), "--phase", "1"], SUITE_TIMEOUT);
+    let tls = ["sidecar_tls.py", "--bootstrap", &b.addr.to_string(), "--ca", &f("ca.pem")];
+    run_client(
+        "python3",
+        &[&tls[..], &["--phase", "mtls", "--cert", &f("client.pem"), "--key", &f("client.key")]].concat(),
+        SUITE_TIMEOUT,
+    );
+    run_client("python3", &[&tls[..], &["--phase", "nocert"]].concat(), SUITE_TIMEOUT);
+    assert!(b.log_text().contains("TLS handshake failed"), "the refused handshake is logged:\n{}", b.log_text());
+}
+
 /// SIGKILL the sidecar while a producer (acks=all) carries on, start it again on the same
 /// ports: the producer reconnects and nothing acknowledged is lost.
 #[test]

@@ -1,0 +1,136 @@
+//! TLS for the sidecar (rustls, ring provider): from clients (`--tls-cert`/`--tls-key`,
+//! optionally requiring client certificates signed by `--tls-client-ca`) and to the
+//! brokers (`--upstream-tls`, trusting `--upstream-ca`, optionally presenting
+//! `--upstream-cert`/`--upstream-key`). Either side may be on without the other: a
+//! sidecar can terminate TLS for plaintext brokers, or add it in front of TLS-only ones.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Serve clients over TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Connect to the brokers over TLS.
+    #[arg(long)]
+    pub upstream_tls: bool,
+    /// The CAs the brokers' certificates must chain to (PEM) [required with --upstream-tls].
+    #[arg(long, requires = "upstream_tls")]
+    pub upstream_ca: Option<PathBuf>,
+    /// A client certificate chain to present to the brokers (PEM).
+    #[arg(long, requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+    /// The private key of `--upstream-cert` (PEM).
+    #[arg(long, requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
+    /// The name the brokers' certificates must carry [default: the host connected to].
+    #[arg(long, requires = "upstream_tls")]
+    pub upstream_server_name: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("TLS settings: {0}")]
+    Config(String),
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file = |reason: String| TlsError::File { path: path.to_path_buf(), reason };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(path)? {
+        roots.add(c).map_err(|e| TlsError::File { path: path.to_path_buf(), reason: e.to_string() })?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What accepts clients' TLS, if `--tls-cert` is given.
+pub fn acceptor(a: &TlsArgs) -> Result<Option<tokio_rustls::TlsAcceptor>, TlsError> {
+    let (Some(cert), Some(k)) = (&a.tls_cert, &a.tls_key) else { return Ok(None) };
+    let config = |e: rustls::Error| TlsError::Config(e.to_string());
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config)?;
+    let builder = match &a.tls_client_ca {
+        Some(ca) => {
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                    .build()
+                    .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let server = builder.with_single_cert(certs(cert)?, key(k)?).map_err(config)?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// How to reach brokers over TLS, if `--upstream-tls`.
+pub struct Upstream {
+    pub connector: tokio_rustls::TlsConnector,
+    server_name: Option<ServerName<'static>>,
+}
+
+impl Upstream {
+    /// The name to check the certificate of `host` against.
+    pub fn name_for(&self, host: &str) -> Result<ServerName<'static>, TlsError> {
+        match &self.server_name {
+            Some(n) => Ok(n.clone()),
+            None => ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']').to_string())
+                .map_err(|e| TlsError::Config(format!("{host}: not a name to check a certificate against: {e}"))),
+        }
+    }
+}
+
+pub fn upstream(a: &TlsArgs) -> Result<Option<Upstream>, TlsError> {
+    if !a.upstream_tls {
+        return Ok(None);
+    }
+    let ca = a.upstream_ca.as_ref().ok_or_else(|| TlsError::Config("--upstream-tls needs --upstream-ca".into()))?;
+    let config = |e: rustls::Error| TlsError::Config(e.to_string());
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config)?
+        .with_root_certificates(roots(ca)?);
+    let client = match (&a.upstream_cert, &a.upstream_key) {
+        (Some(c), Some(k)) => builder.with_client_auth_cert(certs(c)?, key(k)?).map_err(config)?,
+        _ => builder.with_no_client_auth(),
+    };
+    let server_name = match &a.upstream_server_name {
+        Some(n) => Some(
+            ServerName::try_from(n.clone())
+                .map_err(|e| TlsError::Config(format!("--upstream-server-name {n}: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(Some(Upstream { connector: tokio_rustls::TlsConnector::from(Arc::new(client)), server_name }))
+}
