@@ -614,6 +614,47 @@ fn tls_from_clients_and_to_the_brokers() {
     assert!(b.log_text().contains("TLS handshake failed"), "the refused handshake is logged:\n{}", b.log_text());
 }
 
+/// The sidecar's resident memory, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A client that asks for 200 MiB of fetched data and reads none of it: the sidecar stops
+/// reading its answers from the broker (backpressure) instead of buffering them, and a
+/// well-behaved client on another connection is served meanwhile.
+#[test]
+fn a_client_that_does_not_read_costs_the_sidecar_bounded_memory() {
+    use slipstream::log::batch::build_batch;
+    let broker = BrokerProc::start(&["--default-partitions", "1"]);
+    // The cache off: what is measured is the connection's own buffering.
+    let side = SidecarProc::start(&broker.addr.to_string(), &["--tail-cache-bytes", "0", "--threads", "1"]);
+    let mut c = Client::connect(side.addr, Duration::from_secs(5)).expect("connect");
+    assert_eq!(c.create_topic("big", 1).expect("create"), 0);
+    let value = vec![7u8; 64 * 1024];
+    let values: Vec<&[u8]> = (0..16).map(|_| value.as_slice()).collect();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    for _ in 0..64 {
+        c.produce("big", 0, bytes::Bytes::from(build_batch(0, now_ms, &values)), -1).expect("produce 1 MiB");
+    }
+    let pid = side.child.as_ref().map(Child::id).expect("running");
+    let before = rss_kib(pid);
+    let mut slow = Client::connect(side.addr, Duration::from_secs(5)).expect("connect");
+    for _ in 0..200 {
+        slow.send_fetch("big", 0, 0, 1 << 20, 0).expect("pipelined fetch");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let f = c.fetch("big", 0, 0, 1 << 20, 0).expect("another client is served meanwhile");
+    assert!(!f.records.is_empty());
+    let grown = rss_kib(pid).saturating_sub(before);
+    println!("sidecar RSS grew by {grown} KiB with 200 MiB of answers owed to a client that does not read");
+    assert!(grown < 16 * 1024, "the sidecar buffered what the client did not read: +{grown} KiB");
+}
+
 /// SIGKILL the sidecar while a producer (acks=all) carries on, start it again on the same
 /// ports: the producer reconnects and nothing acknowledged is lost.
 #[test]
