@@ -3,6 +3,7 @@
 //! needed), tonic-prost-build writes the message types and the server trait to OUT_DIR.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    commit();
     let root = "proto/rocketmq";
     let files = ["apache/rocketmq/v2/service.proto"];
     println!("cargo:rerun-if-changed={root}");
@@ -16,4 +17,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".apache.rocketmq.v2.Message.body")
         .compile_fds(fds)?;
     Ok(())
+}
+
+/// The commit being built, for `slipstream --version` ("unknown" outside a git checkout).
+fn commit() {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = run(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=SLIPSTREAM_COMMIT={commit}");
+    // Rebuilt when HEAD moves (a new commit on the branch, or another branch).
+    if let Some(git) = run(&["rev-parse", "--git-dir"]) {
+        println!("cargo:rerun-if-changed={git}/HEAD");
+        if let Some(head) = run(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={git}/{head}");
+        }
+    }
 }

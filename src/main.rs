@@ -7,10 +7,27 @@ use slipstream::config::ServeArgs;
 use std::ffi::OsString;
 
 #[derive(Parser)]
-#[command(name = "slipstream", version, about = "Kafka-compatible broker data path on a memory-mapped commit log")]
+#[command(
+    name = "slipstream",
+    about = "Kafka-compatible broker data path on a memory-mapped commit log",
+    disable_version_flag = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text, or as one JSON object each (`ts`, `level`, `target`, `msg`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Print the version, the commit, the features built in and which transports this
+    /// kernel supports.
+    #[arg(long, short = 'V')]
+    version: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -33,8 +50,17 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // `--version` needs no subcommand: answer it before the parser asks for one.
+    if std::env::args().nth(1).is_some_and(|a| a == "--version" || a == "-V") {
+        print!("{}", version_report());
+        return Ok(());
+    }
     let cli = Cli::parse();
+    init_logging(cli.log_format);
+    if cli.version {
+        print!("{}", version_report());
+        return Ok(());
+    }
     match cli.command {
         Command::Serve(args) => {
             let cfg = args.resolve().context("invalid settings")?;
@@ -51,6 +77,46 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `slipstream --version`: what was built, and what this machine can run.
+fn version_report() -> String {
+    let mut out = format!("slipstream {} (commit {})\n", env!("CARGO_PKG_VERSION"), env!("SLIPSTREAM_COMMIT"));
+    let features: Vec<&str> =
+        [("rdma", cfg!(feature = "rdma"))].iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect();
+    out.push_str(&format!(
+        "features: {}\n",
+        if features.is_empty() { "none (default build)".to_string() } else { features.join(", ") }
+    ));
+    out.push_str("transports on this machine:\n");
+    for (kind, support) in slipstream::transport::kernel_support() {
+        let (state, why) = match support {
+            slipstream::transport::Support::Yes(w) => ("yes", w),
+            slipstream::transport::Support::No(w) => ("no", w),
+            slipstream::transport::Support::NotBuilt(w) => ("not built", w),
+        };
+        out.push_str(&format!("  {:<7} {state} ({why})\n", format!("{kind:?}").to_lowercase()));
+    }
+    out
+}
+
+/// Text lines (env_logger's) or one JSON object per line, for log collectors. The level
+/// filter comes from `RUST_LOG` (default `info`) either way.
+fn init_logging(format: LogFormat) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if format == LogFormat::Json {
+        b.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_micros().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    b.init();
 }
 
 /// Runs the bench harness, a binary of its own (building the broker must not compile

@@ -141,6 +141,41 @@ pub fn built() -> Vec<TransportKind> {
     v
 }
 
+/// Whether this kernel (and build) can run a transport, as `slipstream --version` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Support {
+    Yes(String),
+    No(String),
+    NotBuilt(String),
+}
+
+/// Probes each backend on this machine: io_uring by setting up a ring, RDMA by the devices
+/// the kernel lists, AF_XDP (the user-space stack's) by opening a socket.
+pub fn kernel_support() -> Vec<(TransportKind, Support)> {
+    let uring = match io_uring::IoUring::new(2) {
+        Ok(_) => Support::Yes("io_uring_setup works".into()),
+        Err(e) => Support::No(format!("io_uring_setup: {e}")),
+    };
+    let devices: Vec<String> = std::fs::read_dir("/sys/class/infiniband")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+        .unwrap_or_default();
+    let rdma = match (cfg!(feature = "rdma"), devices.is_empty()) {
+        (false, _) => Support::NotBuilt("build with --features rdma".into()),
+        (true, true) => Support::No("no RDMA device in /sys/class/infiniband".into()),
+        (true, false) => Support::Yes(format!("devices {}", devices.join(", "))),
+    };
+    let xdp = match Socket::new(Domain::from(libc::AF_XDP), Type::RAW, None) {
+        Ok(_) => "this kernel opens AF_XDP sockets".to_string(),
+        Err(e) => format!("AF_XDP socket: {e}"),
+    };
+    vec![
+        (TransportKind::Tcp, Support::Yes("epoll".into())),
+        (TransportKind::Uring, uring),
+        (TransportKind::Rdma, rdma),
+        (TransportKind::Ustack, Support::NotBuilt(format!("not implemented yet; {xdp}"))),
+    ]
+}
+
 /// Backend-specific settings.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TransportOptions {

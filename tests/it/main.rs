@@ -12,6 +12,7 @@ mod groups;
 mod idle_conns;
 mod listeners;
 mod long_poll;
+mod ops;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod rocketmq;
