@@ -11,6 +11,7 @@ pub mod bridge;
 pub mod cache;
 pub mod cluster;
 pub mod front;
+pub mod local_fetch;
 pub mod proxy;
 pub mod rewrite;
 pub mod tls;

@@ -28,23 +28,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::{
-    ApiKey, DeleteTopicsResponse, FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, RequestHeader,
-    ResponseHeader,
-};
-use kafka_protocol::protocol::{Decodable, Encodable, Message, StrBytes};
+use kafka_protocol::messages::{ApiKey, DeleteTopicsResponse, FetchResponse, MetadataRequest, MetadataResponse};
+use kafka_protocol::protocol::{Message, StrBytes};
 use kafka_protocol::ResponseError;
 use std::collections::VecDeque;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::cache::{Answer, CacheLimits, Marks, Position, Serve, TailCache};
+use super::cache::{Answer, CacheLimits, TailCache};
 use super::cluster::{Cluster, Learn, Opened, PortPlan};
 use super::front::{FrontRead, FrontWrite};
+use super::local_fetch::{plan_fetch, within, FetchAsk, Plan};
 use super::rewrite::{names_brokers, Advertise, RequestLog, Responses, RewriteError};
 use super::tls::{self, TlsArgs};
-use crate::buffer::{Chunk, IoChunks, ScatterBuf};
+use crate::buffer::IoChunks;
 use crate::framing::PREFIX;
 use crate::protocol::kafka::frame::{Framer, RequestHead, Side, REQUEST_HEAD};
 use crate::transport::TransportKind;
@@ -501,173 +498,6 @@ impl Advertise for View {
         drop(c);
         cache.changed.notify_waiters();
     }
-}
-
-fn within(r: kafka_protocol::protocol::VersionRange, v: i16) -> bool {
-    r.min <= v && v <= r.max
-}
-
-/// A consumer's Fetch request, decoded, as the tail cache looks at it.
-struct FetchAsk {
-    version: i16,
-    correlation_id: i32,
-    req: FetchRequest,
-    /// Each topic's name (Fetch v13+ names topics by id).
-    names: Vec<String>,
-    /// When the client wants an answer at the latest (its max wait).
-    deadline: Instant,
-    /// Sessionless and from a consumer: its answer lists every partition asked for.
-    sessionless: bool,
-}
-
-impl FetchAsk {
-    fn decode(frame: &Bytes, head: &RequestHead, topic_of: impl Fn(&[u8; 16]) -> Option<String>) -> Option<Self> {
-        let version = head.version;
-        if !within(FetchRequest::VERSIONS, version) {
-            return None;
-        }
-        let mut body = frame.slice(PREFIX..);
-        RequestHeader::decode(&mut body, ApiKey::Fetch.request_header_version(version)).ok()?;
-        let req = FetchRequest::decode(&mut body, version).ok()?;
-        let names = req
-            .topics
-            .iter()
-            .map(|t| if version >= 13 { topic_of(t.topic_id.as_bytes()) } else { Some(t.topic.0.to_string()) })
-            .collect::<Option<Vec<_>>>()?;
-        let from_replica = req.replica_id.0 >= 0 || req.replica_state.replica_id.0 >= 0;
-        let wait = Duration::from_millis(u64::try_from(req.max_wait_ms).unwrap_or(0));
-        Some(FetchAsk {
-            version,
-            correlation_id: head.correlation_id,
-            sessionless: !from_replica && req.session_id == 0 && req.session_epoch == -1,
-            deadline: Instant::now() + wait,
-            names,
-            req,
-        })
-    }
-
-    /// Whether the tail cache may answer it at all: sessionless (read_committed ones are
-    /// bounded by the last stable offset and kept off transactions by the cache).
-    fn cacheable(&self) -> bool {
-        self.sessionless && (0..=1).contains(&self.req.isolation_level) && !self.req.topics.is_empty()
-    }
-
-    fn partitions(&self) -> impl Iterator<Item = (&str, &kafka_protocol::messages::fetch_request::FetchPartition)> {
-        self.req.topics.iter().zip(&self.names).flat_map(|(t, n)| t.partitions.iter().map(move |p| (n.as_str(), p)))
-    }
-}
-
-/// What to do with a Fetch request, as the tail cache stands.
-enum Plan {
-    /// Answer it now, from the cache.
-    Answer(IoChunks),
-    /// Every partition is at the tail and an upstream fetch of each is in flight: wait
-    /// for their answers (they fill the cache) rather than go upstream too.
-    Wait,
-    /// Upstream.
-    Forward,
-}
-
-/// Plans a Fetch answer from the cache. `parked`: the request already waits here (it can
-/// no longer go upstream; when it cannot wait any more it gets what there is, maybe
-/// nothing); `force`: its max wait is over.
-fn plan_fetch(ask: &FetchAsk, c: &mut TailCache, now: Instant, parked: bool, force: bool) -> Plan {
-    let mut budget = usize::try_from(ask.req.max_bytes).unwrap_or(0);
-    let (mut any, mut all_watched, mut missing) = (false, true, false);
-    let mut parts = Vec::new();
-    for (name, p) in ask.partitions() {
-        let max = usize::try_from(p.partition_max_bytes).unwrap_or(0);
-        let at = Position {
-            offset: p.fetch_offset,
-            last_fetched_epoch: p.last_fetched_epoch,
-            committed: ask.req.isolation_level == 1,
-        };
-        let served = c.serve(name, p.partition, at, max.min(budget.max(1)));
-        let marks = match &served {
-            Serve::Hit { marks, .. } | Serve::Tail { marks } => Some(*marks),
-            Serve::Miss => None,
-        };
-        // A client that knows another leader epoch is the broker's to answer.
-        let epoch_ok =
-            p.current_leader_epoch < 0 || marks.is_some_and(|m| m.leader_epoch == Some(p.current_leader_epoch));
-        let entry = match served {
-            _ if !epoch_ok => {
-                missing = true;
-                (None, None)
-            }
-            Serve::Miss => {
-                missing = true;
-                (None, None)
-            }
-            Serve::Tail { marks } => {
-                all_watched &= c.watched(name, p.partition, now);
-                (None, Some(marks))
-            }
-            // The answer's budget is spent (its first partition with data is always whole).
-            Serve::Hit { marks, .. } if any && budget == 0 => (None, Some(marks)),
-            Serve::Hit { records, marks } => {
-                any = true;
-                budget = budget.saturating_sub(records.len());
-                (Some(records), Some(marks))
-            }
-        };
-        parts.push(entry);
-    }
-    let answer_now = any || (parked && (force || missing || !all_watched));
-    log::trace!(
-        "sidecar: fetch {} parked={parked} force={force}: any={any} missing={missing} all_watched={all_watched}",
-        ask.correlation_id
-    );
-    if !answer_now {
-        return if !parked && (missing || !all_watched) { Plan::Forward } else { Plan::Wait };
-    }
-    if !parked && missing {
-        return Plan::Forward;
-    }
-    match encode_fetch_answer(ask, parts) {
-        Some(chunks) => Plan::Answer(chunks),
-        None => Plan::Forward,
-    }
-}
-
-/// A Fetch answer from the cache's views: per partition in request order, its records
-/// (if any) and marks (`None`: nothing known; the fetch offset stands in).
-fn encode_fetch_answer(ask: &FetchAsk, mut parts: Vec<(Option<Chunk>, Option<Marks>)>) -> Option<IoChunks> {
-    let mut by_ref = Vec::new();
-    let mut topics = Vec::with_capacity(ask.req.topics.len());
-    let mut next = parts.drain(..);
-    for t in &ask.req.topics {
-        let mut out = Vec::with_capacity(t.partitions.len());
-        for p in &t.partitions {
-            let (records, marks) = next.next()?;
-            let mut d = PartitionData::default();
-            d.partition_index = p.partition;
-            let m =
-                marks.unwrap_or(Marks { hw: p.fetch_offset, lso: p.fetch_offset, log_start: -1, leader_epoch: None });
-            d.high_watermark = m.hw;
-            d.last_stable_offset = m.lso;
-            d.log_start_offset = m.log_start;
-            // read_committed answers list aborted transactions (none: the cache serves no
-            // transactional batch); read_uncommitted ones leave the list null.
-            d.aborted_transactions = (ask.req.isolation_level == 1).then(Vec::new);
-            d.records = Some(records.as_ref().map(|r| r.bytes().clone()).unwrap_or_default());
-            by_ref.extend(records);
-            out.push(d);
-        }
-        let mut r = FetchableTopicResponse::default();
-        r.topic = t.topic.clone();
-        r.topic_id = t.topic_id;
-        r.partitions = out;
-        topics.push(r);
-    }
-    let mut resp = FetchResponse::default();
-    resp.responses = topics;
-    let mut h = ResponseHeader::default();
-    h.correlation_id = ask.correlation_id;
-    let mut out = ScatterBuf::framed(by_ref);
-    h.encode(&mut out, ApiKey::Fetch.response_header_version(ask.version)).ok()?;
-    resp.encode(&mut out, ask.version).ok()?;
-    Some(out.finish_framed())
 }
 
 /// Writes every chunk, in order, with vectored writes (record chunks straight from the
