@@ -381,8 +381,11 @@ impl AppendBlock {
         self.map.len()
     }
 
-    /// Appends `src` if it fits, returning a view of where it now lies; `None` if full.
-    pub fn append(self: &Arc<Self>, src: &[u8]) -> Option<Chunk> {
+    /// Appends `src` if it fits, returning where in the block it now lies ([`view`]
+    /// hands it out); `None` if full.
+    ///
+    /// [`view`]: AppendBlock::view
+    pub fn append(&self, src: &[u8]) -> Option<usize> {
         let mut filled = self.filled.lock().unwrap_or_else(|p| p.into_inner());
         let start = *filled;
         let end = start.checked_add(src.len()).filter(|e| *e <= self.map.len())?;
@@ -390,8 +393,7 @@ impl AppendBlock {
         // and the lock keeps other appenders out; the mapping is ours alone.
         unsafe { self.map.write(start, src) };
         *filled = end;
-        let bytes = Bytes::from_owner(AppendView { block: self.clone(), start, len: src.len() });
-        Some(Chunk::Mapped { bytes, region: self.clone() })
+        Some(start)
     }
 }
 
@@ -502,10 +504,11 @@ mod tests {
     #[test]
     fn appended_bytes_stay_as_they_were_and_views_outlive_the_block() {
         let block = AppendBlock::new(4096).expect("map");
-        let a = block.append(b"first").expect("fits");
-        let b = block.append(&[7u8; 100]).expect("fits");
+        assert_eq!(block.append(b"first"), Some(0));
+        assert_eq!(block.append(&[7u8; 100]), Some(5));
         assert!(block.append(&vec![0u8; 4096]).is_none(), "over capacity");
-        let c = block.append(b"last").expect("still fits");
+        assert_eq!(block.append(b"last"), Some(105));
+        let (a, b, c) = (block.view(0, 5).expect("a"), block.view(5, 100).expect("b"), block.view(105, 4).expect("c"));
         let run = block.view(0, 105).expect("appended");
         assert!(block.view(100, 10).is_none(), "past what was appended");
         drop(block);

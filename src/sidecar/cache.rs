@@ -349,8 +349,7 @@ impl TailCache {
         loop {
             let p = self.parts.get_mut(key).expect("present");
             let appended = p.blocks.back().and_then(|(id, b)| Some((*id, b.append(bytes)?)));
-            if let Some((block, chunk)) = appended {
-                let at = chunk.as_ptr() as usize - chunk.region().map_or(0, |r| r.base() as usize);
+            if let Some((block, at)) = appended {
                 p.batches.push_back(Cached { base, last, epoch, transactional, block, at, len: bytes.len() });
                 self.stats.filled_bytes += bytes.len() as u64;
                 return;

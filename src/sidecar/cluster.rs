@@ -106,14 +106,6 @@ impl Cluster {
         self.nodes().get(&node_id).map(|n| n.upstream.clone())
     }
 
-    /// The brokers with a listener: (node id, sidecar port, upstream host:port).
-    pub fn known(&self) -> Vec<(i32, u16, String)> {
-        let mut v: Vec<_> =
-            self.nodes().iter().map(|(id, n)| (*id, n.port, format!("{}:{}", n.upstream.0, n.upstream.1))).collect();
-        v.sort();
-        v
-    }
-
     /// Records that the upstream names broker `node_id` at `host:port`, binding its
     /// listener if it has none yet; returns the sidecar port that stands for it.
     pub fn learn(&self, node_id: i32, host: &str, port: i32) -> Result<u16, RewriteError> {

@@ -121,9 +121,10 @@ impl FrontWrite {
         Ok(())
     }
 
-    /// Queues a copy of `bytes`.
-    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.write_chunks(vec![Chunk::Heap(bytes::Bytes::copy_from_slice(bytes))]).await
+    /// Queues a copy of `slices`, one after the other, as one chunk.
+    pub async fn write_slices(&mut self, slices: &[&[u8]]) -> io::Result<()> {
+        let whole: bytes::Bytes = slices.concat().into();
+        self.write_chunks(vec![Chunk::Heap(whole)]).await
     }
 
     /// Closes the connection once what is queued went out.

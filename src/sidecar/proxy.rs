@@ -346,36 +346,29 @@ impl Sidecar {
         let c = self.cache.as_ref().map(|c| c.lock().stats()).unwrap_or_default();
         let m = crate::metrics::snapshot();
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        format!(
-            concat!(
-                "{{\"connections\":{},\"upstream_failures\":{},\"requests\":{},\"rewritten\":{},\"refused\":{},",
-                "\"fetch_upstream\":{},\"fetch_upstream_bytes\":{},\"fetch_local\":{},\"fetch_local_bytes\":{},",
-                "\"fetch_upstream_answer_bytes\":{},\"fetch_local_answer_bytes\":{},",
-                "\"cache_held_bytes\":{},\"cache_filled_bytes\":{},\"cache_dropped_partitions\":{},\"cache_evicted_bytes\":{},",
-                "\"fetch_bytes_zero_copy\":{},\"fetch_bytes_copied\":{},\"rdma_log_bytes_written\":{},",
-                "\"rdma_tx_staged_bytes\":{},\"kernel_zero_copy_send_bytes\":{}}}"
-            ),
-            v(&s.connections),
-            v(&s.upstream_failures),
-            v(&s.requests),
-            v(&s.rewritten),
-            v(&s.refused),
-            v(&s.fetch_upstream),
-            v(&s.fetch_upstream_bytes),
-            v(&s.fetch_local),
-            v(&s.fetch_local_bytes),
-            v(&s.fetch_upstream_answer_bytes),
-            v(&s.fetch_local_answer_bytes),
-            c.held_bytes,
-            c.filled_bytes,
-            c.dropped_partitions,
-            c.evicted_bytes,
-            m.fetch_bytes_zero_copy,
-            m.fetch_bytes_copied,
-            m.rdma_log_bytes_written,
-            m.rdma_tx_staged_bytes,
-            m.kernel_zero_copy_send_bytes,
-        )
+        serde_json::json!({
+            "connections": v(&s.connections),
+            "upstream_failures": v(&s.upstream_failures),
+            "requests": v(&s.requests),
+            "rewritten": v(&s.rewritten),
+            "refused": v(&s.refused),
+            "fetch_upstream": v(&s.fetch_upstream),
+            "fetch_upstream_bytes": v(&s.fetch_upstream_bytes),
+            "fetch_local": v(&s.fetch_local),
+            "fetch_local_bytes": v(&s.fetch_local_bytes),
+            "fetch_upstream_answer_bytes": v(&s.fetch_upstream_answer_bytes),
+            "fetch_local_answer_bytes": v(&s.fetch_local_answer_bytes),
+            "cache_held_bytes": c.held_bytes,
+            "cache_filled_bytes": c.filled_bytes,
+            "cache_dropped_partitions": c.dropped_partitions,
+            "cache_evicted_bytes": c.evicted_bytes,
+            "fetch_bytes_zero_copy": m.fetch_bytes_zero_copy,
+            "fetch_bytes_copied": m.fetch_bytes_copied,
+            "rdma_log_bytes_written": m.rdma_log_bytes_written,
+            "rdma_tx_staged_bytes": m.rdma_tx_staged_bytes,
+            "kernel_zero_copy_send_bytes": m.kernel_zero_copy_send_bytes,
+        })
+        .to_string()
     }
 
     /// Writes the counters to `path` (whole: a temporary file renamed over it).
@@ -461,7 +454,8 @@ impl Advertise for View {
             for p in &t.partitions {
                 bytes += p.records.as_ref().map_or(0, Bytes::len);
                 let answer = Answer {
-                    error_code: p.error_code,
+                    // An error for the whole answer is one for each of its partitions.
+                    error_code: if r.error_code != 0 { r.error_code } else { p.error_code },
                     hw: p.high_watermark,
                     lso: p.last_stable_offset,
                     log_start: p.log_start_offset,
@@ -470,11 +464,7 @@ impl Advertise for View {
                     diverging: version >= 12 && p.diverging_epoch.epoch >= 0,
                     records: p.records.as_ref(),
                 };
-                if r.error_code != 0 {
-                    c.fill(&name, p.partition_index, &Answer { error_code: r.error_code, ..answer });
-                } else {
-                    c.fill(&name, p.partition_index, &answer);
-                }
+                c.fill(&name, p.partition_index, &answer);
                 // A sessionless answer lists every partition its request asked for: each
                 // ends one watch (sessioned requests registered none).
                 if r.session_id == 0 {
@@ -500,9 +490,12 @@ impl Advertise for View {
     }
 }
 
-/// Writes every chunk, in order, with vectored writes (record chunks straight from the
+/// Writes every piece, in order, with vectored writes (record chunks straight from the
 /// cache's blocks).
-async fn write_vectored_all(w: &mut (impl AsyncWriteExt + Unpin), chunks: &IoChunks) -> io::Result<()> {
+async fn write_vectored_all<B: std::ops::Deref<Target = [u8]>>(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    chunks: &[B],
+) -> io::Result<()> {
     let (mut i, mut off) = (0usize, 0usize);
     while i < chunks.len() {
         let slices: Vec<io::IoSlice<'_>> = std::iter::once(io::IoSlice::new(&chunks[i][off..]))
@@ -563,9 +556,10 @@ fn start_front(
         .map_err(|e| SidecarError::Settings(format!("cannot start the front thread: {e}")))
 }
 
-/// The halves of a connection to a broker (plain or TLS).
-type UpRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-type UpWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+/// The halves of a socket, plain or TLS: a broker connection, or a client's on the
+/// sidecar's own listeners.
+type ByteRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type ByteWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 
 /// A client connection's reading half: a socket's, or the transport front's.
 trait ClientRead: Send {
@@ -574,38 +568,21 @@ trait ClientRead: Send {
 
 /// A client connection's writing half.
 trait ClientWrite: Send {
-    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a;
+    /// Sends `slices` one after the other (one vectored write where the socket takes it).
+    fn send_slices<'a>(&'a mut self, slices: &'a [&'a [u8]]) -> impl Future<Output = io::Result<()>> + Send + 'a;
     fn send_chunks(&mut self, chunks: IoChunks) -> impl Future<Output = io::Result<()>> + Send + '_;
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_;
 }
 
-impl ClientRead for tokio::net::tcp::OwnedReadHalf {
+impl<R: tokio::io::AsyncRead + Unpin + Send + ?Sized> ClientRead for Box<R> {
     fn recv_into<'a>(&'a mut self, buf: &'a mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send + 'a {
         AsyncReadExt::read_buf(self, buf)
     }
 }
 
-impl ClientWrite for tokio::net::tcp::OwnedWriteHalf {
-    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        AsyncWriteExt::write_all(self, bytes)
-    }
-    async fn send_chunks(&mut self, chunks: IoChunks) -> io::Result<()> {
-        write_vectored_all(self, &chunks).await
-    }
-    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_ {
-        AsyncWriteExt::shutdown(self)
-    }
-}
-
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientRead for tokio::io::ReadHalf<T> {
-    fn recv_into<'a>(&'a mut self, buf: &'a mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send + 'a {
-        AsyncReadExt::read_buf(self, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientWrite for tokio::io::WriteHalf<T> {
-    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        AsyncWriteExt::write_all(self, bytes)
+impl<W: tokio::io::AsyncWrite + Unpin + Send + ?Sized> ClientWrite for Box<W> {
+    async fn send_slices<'a>(&'a mut self, slices: &'a [&'a [u8]]) -> io::Result<()> {
+        write_vectored_all(self, slices).await
     }
     async fn send_chunks(&mut self, chunks: IoChunks) -> io::Result<()> {
         write_vectored_all(self, &chunks).await
@@ -622,8 +599,8 @@ impl ClientRead for FrontRead {
 }
 
 impl ClientWrite for FrontWrite {
-    fn send_bytes<'a>(&'a mut self, bytes: &'a [u8]) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        FrontWrite::write_all(self, bytes)
+    fn send_slices<'a>(&'a mut self, slices: &'a [&'a [u8]]) -> impl Future<Output = io::Result<()>> + Send + 'a {
+        FrontWrite::write_slices(self, slices)
     }
     fn send_chunks(&mut self, chunks: IoChunks) -> impl Future<Output = io::Result<()>> + Send + '_ {
         FrontWrite::write_chunks(self, chunks)
@@ -691,7 +668,7 @@ impl ConnError {
 const READ_BUF: usize = 64 * 1024;
 
 impl Sidecar {
-    async fn connect_upstream(&self, target: Target) -> Result<(UpRead, UpWrite), ConnError> {
+    async fn connect_upstream(&self, target: Target) -> Result<(ByteRead, ByteWrite), ConnError> {
         let candidates: Vec<String> = match target {
             Target::Bootstrap => self.upstreams.clone(),
             Target::Node(id) => match self.cluster.upstream_of(id) {
@@ -712,7 +689,7 @@ impl Sidecar {
     }
 
     /// One connection to `addr` (HOST:PORT), over TLS with `--upstream-tls`.
-    async fn connect_one(&self, addr: &str) -> io::Result<(UpRead, UpWrite)> {
+    async fn connect_one(&self, addr: &str) -> io::Result<(ByteRead, ByteWrite)> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         let Some(up) = &self.tls_up else {
@@ -772,17 +749,18 @@ impl Sidecar {
 
     async fn serve(self: &Arc<Self>, client: TcpStream, target: Target) -> Result<(), ConnError> {
         client.set_nodelay(true)?;
-        match &self.tls_in {
+        let (cr, cw): (ByteRead, ByteWrite) = match &self.tls_in {
             None => {
-                let (cr, cw) = client.into_split();
-                self.proxy(cr, cw, target).await
+                let (r, w) = client.into_split();
+                (Box::new(r), Box::new(w))
             }
             Some(acceptor) => {
                 let tls = acceptor.accept(client).await.map_err(ConnError::Handshake)?;
-                let (cr, cw) = tokio::io::split(tls);
-                self.proxy(cr, cw, target).await
+                let (r, w) = tokio::io::split(tls);
+                (Box::new(r), Box::new(w))
             }
-        }
+        };
+        self.proxy(cr, cw, target).await
     }
 
     /// Proxies one client connection (its two halves) to the broker `target` stands for.
@@ -944,12 +922,11 @@ impl Sidecar {
                 }
                 match resp.passing() {
                     Some(left) => {
-                        if !out.is_empty() {
-                            cw.send_bytes(&out).await?;
-                            out.clear();
-                        }
+                        // A frame's prefix (read ahead in `out`) and what of it is here go
+                        // out in one write.
                         let k = left.min(filled - at);
-                        cw.send_bytes(&buf[at..at + k]).await?;
+                        cw.send_slices(&[&out, &buf[at..at + k]]).await?;
+                        out.clear();
                         resp.passed(k);
                         at += k;
                     }
@@ -970,7 +947,7 @@ impl Sidecar {
                             .fetch_upstream_answer_bytes
                             .fetch_add(resp.fetch_bytes() - fetched, Ordering::Relaxed);
                         if !out.is_empty() && (at == filled || resp.between_frames()) {
-                            cw.send_bytes(&out).await?;
+                            cw.send_slices(&[&out]).await?;
                             out.clear();
                         }
                     }

@@ -224,11 +224,6 @@ impl RequestLog {
         self.pending.front().is_some_and(|p| p.local)
     }
 
-    /// Requests seen and not answered yet.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-
     /// Whether every request seen has been answered.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
