@@ -1,7 +1,7 @@
 //! Acceptance 1 and 5 of the broker core: unmodified real clients, before and after a
 //! broker restart, with the copy counters checked at the end.
 
-use crate::harness::{flags, run_client, BrokerProc};
+use crate::harness::{flags, phases_across_restart, run_client, BrokerProc};
 use std::time::Duration;
 
 const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -18,10 +18,7 @@ fn suite_with(program: &str, script: &str, broker_args: &[&str]) {
     args.extend_from_slice(broker_args);
     let mut broker = BrokerProc::start(&args);
     let bootstrap = broker.addr.to_string();
-    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "1"], SUITE_TIMEOUT);
-    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
-    broker.spawn();
-    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "2"], SUITE_TIMEOUT);
+    phases_across_restart(&mut broker, program, &[script, "--bootstrap", &bootstrap], SUITE_TIMEOUT);
     assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
     // Zero-copy dispatch: fetched record bytes left by reference, produced bytes were
     // copied once (into the log). Counters are per process: the second run's figures.

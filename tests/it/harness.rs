@@ -203,6 +203,15 @@ impl Drop for BrokerProc {
     }
 }
 
+/// A client suite's phase 1, a graceful restart of `broker`, then its phase 2: `args` are
+/// the client's own (script, address flags); `--phase N` is appended.
+pub fn phases_across_restart(broker: &mut BrokerProc, program: &str, args: &[&str], timeout: Duration) {
+    run_client(program, &[args, &["--phase", "1"]].concat(), timeout);
+    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
+    broker.spawn();
+    run_client(program, &[args, &["--phase", "2"]].concat(), timeout);
+}
+
 pub fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("clients")
 }

@@ -3,7 +3,7 @@
 //! no RDMA). They are `#[ignore]`d on the host and run in the VM with `--ignored`; without
 //! a device (`RXE_IP` unset) they fail rather than pass vacuously.
 
-use crate::harness::{free_port, run_client, serves_api_versions, BrokerProc};
+use crate::harness::{free_port, phases_across_restart, run_client, serves_api_versions, BrokerProc};
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
@@ -183,10 +183,7 @@ fn confluent_kafka_through_the_bridge() {
     let bridge = Bridge::start(broker.addr);
     let bootstrap = bridge.addr.to_string();
     let timeout = Duration::from_secs(900);
-    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "1"], timeout);
-    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
-    broker.spawn();
-    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "2"], timeout);
+    phases_across_restart(&mut broker, "python3", &["confluent_suite.py", "--bootstrap", &bootstrap], timeout);
     // The AdminClient too: DescribeCluster and FindCoordinator answers rewritten, acks=0.
     run_client("python3", &["admin_suite.py", "--bootstrap", &bootstrap], timeout);
     assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
@@ -264,10 +261,7 @@ fn confluent_kafka_through_the_bridge_and_the_sidecar() {
     let bridge = Bridge::start(side.addr);
     let bootstrap = bridge.addr.to_string();
     let timeout = Duration::from_secs(900);
-    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "1"], timeout);
-    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
-    broker.spawn();
-    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "2"], timeout);
+    phases_across_restart(&mut broker, "python3", &["confluent_suite.py", "--bootstrap", &bootstrap], timeout);
     run_client("python3", &["admin_suite.py", "--bootstrap", &bootstrap], timeout);
     let stats = side.stats.to_string_lossy().to_string();
     let fanout =

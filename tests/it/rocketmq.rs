@@ -1,7 +1,7 @@
 //! RocketMQ remoting: unmodified RocketMQ clients against the built-in name server and
 //! broker listener, on the same log Kafka clients read and write.
 
-use crate::harness::{flags, free_port, run_client, BrokerProc};
+use crate::harness::{flags, free_port, phases_across_restart, run_client, BrokerProc};
 use bytes::{BufMut, Bytes, BytesMut};
 use slipstream::protocol::rocketmq::frame::{Command, Framer};
 use std::io::{Read, Write};
@@ -26,10 +26,7 @@ fn start(transport: &[&str], extra: &[&str]) -> (BrokerProc, String, String) {
 // committed offsets, broadcast consumption.
 per_transport!(ali_ons_remoting, |t| {
     let (mut broker, _, ns) = start(t, &[]);
-    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "1"], SUITE_TIMEOUT);
-    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
-    broker.spawn();
-    run_client("node", &["ons_suite.js", "--namesrv", &ns, "--phase", "2"], SUITE_TIMEOUT);
+    phases_across_restart(&mut broker, "node", &["ons_suite.js", "--namesrv", &ns], SUITE_TIMEOUT);
     assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
     let s = broker.stats();
     println!("copy counters after phase 2: {s:?}");
@@ -80,10 +77,7 @@ per_transport!(rocketmq_client_rust_remoting, |t| {
     let fast_checks = ["--rocketmq-transaction-timeout-ms", "1000", "--rocketmq-transaction-check-interval-ms", "1000"];
     let (mut broker, _, ns) = start(t, &fast_checks);
     let suite = rust_suite();
-    run_client(&suite, &["--namesrv", &ns, "--phase", "1"], SUITE_TIMEOUT);
-    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
-    broker.spawn();
-    run_client(&suite, &["--namesrv", &ns, "--phase", "2"], SUITE_TIMEOUT);
+    phases_across_restart(&mut broker, &suite, &["--namesrv", &ns], SUITE_TIMEOUT);
 });
 
 // The same round trip with rocketmq-client-rust: its messages read by confluent-kafka,

@@ -2,7 +2,7 @@
 //! librdkafka's 3-broker mock cluster; unchanged clients; every answer naming brokers
 //! checked to name only the sidecar; the sidecar killed mid-stream.
 
-use crate::harness::{free_port, run_client, BrokerProc};
+use crate::harness::{free_port, phases_across_restart, run_client, BrokerProc};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, DescribeClusterRequest, FindCoordinatorRequest, MetadataRequest, MetadataResponse,
 };
@@ -103,10 +103,7 @@ fn through_to_slipstream(program: &str, script: &str) {
     let mut broker = BrokerProc::start(&["--default-partitions", "3"]);
     let side = SidecarProc::start(&broker.addr.to_string(), &[]);
     let bootstrap = side.addr.to_string();
-    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "1"], SUITE_TIMEOUT);
-    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
-    broker.spawn();
-    run_client(program, &[script, "--bootstrap", &bootstrap, "--phase", "2"], SUITE_TIMEOUT);
+    phases_across_restart(&mut broker, program, &[script, "--bootstrap", &bootstrap], SUITE_TIMEOUT);
     let log = side.log_text();
     assert!(!log.contains("WARN") && !log.contains("ERROR"), "sidecar complained:\n{log}");
 }
@@ -492,10 +489,7 @@ fn through_the_transport_front(kind: &str) {
     let mut broker = BrokerProc::start(&["--default-partitions", "3"]);
     let side = SidecarProc::start(&broker.addr.to_string(), &["--transport", kind]);
     let bootstrap = side.addr.to_string();
-    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "1"], SUITE_TIMEOUT);
-    assert!(broker.terminate().success(), "graceful stop failed:\n{}", broker.log_tail());
-    broker.spawn();
-    run_client("python3", &["confluent_suite.py", "--bootstrap", &bootstrap, "--phase", "2"], SUITE_TIMEOUT);
+    phases_across_restart(&mut broker, "python3", &["confluent_suite.py", "--bootstrap", &bootstrap], SUITE_TIMEOUT);
     let stats = side.stats_path().to_string_lossy().to_string();
     let args =
         ["sidecar_fanout.py", "--bootstrap", &bootstrap, "--stats", &stats, "--expect-local", "--phase", "fanout"];
