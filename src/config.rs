@@ -138,6 +138,32 @@ pub struct ServeArgs {
     /// its own client is not reading, which a Kafka broker tolerates up to its idle limit.
     #[arg(long)]
     pub rdma_stall_timeout_ms: Option<u64>,
+    /// ustack: the interface whose receive queues the cores serve, one each; its kernel
+    /// IPv4 address is the broker's (listeners must be on it).
+    #[arg(long)]
+    pub ustack_if: Option<String>,
+    /// ustack: where the XDP program runs: `drv` (native), `skb` (generic) or `auto`
+    /// [default: auto, native if the driver has it].
+    #[arg(long)]
+    pub ustack_xdp_mode: Option<crate::transport::ustack::XdpMode>,
+    /// ustack: UMEM frames (4 KiB) per queue, half receiving, half sending [default: 4096].
+    #[arg(long)]
+    pub ustack_frames: Option<u32>,
+    /// ustack: each connection's receive and send buffer; the window scale follows
+    /// [default: 262144].
+    #[arg(long)]
+    pub ustack_buffer_bytes: Option<usize>,
+    /// ustack: TCP handshakes in progress per core before further SYNs are dropped
+    /// [default: 1024].
+    #[arg(long)]
+    pub ustack_backlog: Option<usize>,
+    /// ustack: floor of the retransmission timeout [default: 200, as Linux].
+    #[arg(long)]
+    pub ustack_min_rto_ms: Option<u64>,
+    /// ustack: delayed ACK, in microseconds; 0 acknowledges every segment at once
+    /// [default: 1000].
+    #[arg(long)]
+    pub ustack_ack_delay_us: Option<u64>,
     /// Wait this long after the first member joins an empty group before completing the
     /// rebalance, so members starting together land in one generation [default: 0].
     #[arg(long)]
@@ -294,6 +320,13 @@ impl ServeArgs {
                 uring_recv,
                 rdma_credits,
                 rdma_stall_timeout_ms,
+                ustack_if,
+                ustack_xdp_mode,
+                ustack_frames,
+                ustack_buffer_bytes,
+                ustack_backlog,
+                ustack_min_rto_ms,
+                ustack_ack_delay_us,
                 connections_max_idle_ms,
                 busy_poll,
                 rocketmq_delay_levels,
@@ -396,6 +429,31 @@ impl ServeArgs {
                     sqpoll: self.uring_sqpoll.unwrap_or(false),
                     fixed_files: self.uring_fixed_files.unwrap_or(true),
                     recv_multishot: self.uring_recv.unwrap_or_default() == UringRecv::Multishot,
+                },
+                ustack: {
+                    let d = crate::transport::ustack::UstackOptions::default();
+                    let buffer = self.ustack_buffer_bytes.unwrap_or(d.rx_buffer);
+                    if !(4096..=1 << 30).contains(&buffer) {
+                        return Err(invalid("ustack buffer bytes", buffer, "must be 4096..=1073741824"));
+                    }
+                    crate::transport::ustack::UstackOptions {
+                        interface: self.ustack_if.clone(),
+                        xdp_mode: self.ustack_xdp_mode.unwrap_or(d.xdp_mode),
+                        frames: match self.ustack_frames {
+                            None => d.frames,
+                            Some(f @ 64..=1_048_576) => f,
+                            Some(f) => return Err(invalid("ustack frames", f, "must be 64..=1048576")),
+                        },
+                        rx_buffer: buffer,
+                        tx_buffer: buffer,
+                        backlog: self.ustack_backlog.unwrap_or(d.backlog).max(1),
+                        min_rto: self.ustack_min_rto_ms.map_or(d.min_rto, std::time::Duration::from_millis),
+                        ack_delay: match self.ustack_ack_delay_us {
+                            None => d.ack_delay,
+                            Some(0) => None,
+                            Some(us) => Some(std::time::Duration::from_micros(us)),
+                        },
+                    }
                 },
                 #[cfg(feature = "rdma")]
                 rdma: {

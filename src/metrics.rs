@@ -15,8 +15,8 @@ pub enum Path {
     ProduceIntoLog,
     /// Fetch payload copied on its way out (should stay at zero).
     FetchOut,
-    /// Received bytes copied from an io_uring provided buffer into a connection's frame
-    /// buffer (multishot receive mode only).
+    /// Received bytes copied from an io_uring provided buffer (multishot receive mode) or
+    /// from the user-space stack's socket buffer into a connection's frame buffer.
     ReceiveStaging,
     /// A RocketMQ message body copied into the record batch it is stored as (before the
     /// one copy into the log).
@@ -27,6 +27,11 @@ pub enum Path {
     /// A message body encoded into a RocketMQ 5 gRPC answer (protobuf framing: the one
     /// copy on that consume path), and a gzip body inflated on send.
     RocketMqGrpc,
+    /// Bytes of mapped (log) chunks copied into the user-space stack's socket send buffers
+    /// (the stack keeps them for retransmission).
+    UstackSendBuffer,
+    /// Segment bytes the user-space stack wrote from its send buffers into UMEM frames.
+    UstackUmem,
 }
 
 static PRODUCE_COPIED: AtomicU64 = AtomicU64::new(0);
@@ -35,6 +40,8 @@ static RECEIVE_STAGED: AtomicU64 = AtomicU64::new(0);
 static ROCKETMQ_SEND: AtomicU64 = AtomicU64::new(0);
 static ROCKETMQ_PULL: AtomicU64 = AtomicU64::new(0);
 static ROCKETMQ_GRPC: AtomicU64 = AtomicU64::new(0);
+static USTACK_SEND: AtomicU64 = AtomicU64::new(0);
+static USTACK_UMEM: AtomicU64 = AtomicU64::new(0);
 static FETCH_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static PRODUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
@@ -51,6 +58,8 @@ pub fn count_copy(path: Path, bytes: usize) {
         Path::RocketMqSend => &ROCKETMQ_SEND,
         Path::RocketMqPull => &ROCKETMQ_PULL,
         Path::RocketMqGrpc => &ROCKETMQ_GRPC,
+        Path::UstackSendBuffer => &USTACK_SEND,
+        Path::UstackUmem => &USTACK_UMEM,
     };
     c.fetch_add(bytes as u64, Ordering::Relaxed);
 }
@@ -110,6 +119,10 @@ pub struct Snapshot {
     pub rocketmq_pull_bytes_copied: u64,
     #[serde(default)]
     pub rocketmq_grpc_bytes_copied: u64,
+    #[serde(default)]
+    pub ustack_send_bytes_copied: u64,
+    #[serde(default)]
+    pub ustack_umem_bytes_written: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
 }
@@ -127,6 +140,8 @@ pub fn snapshot() -> Snapshot {
         rocketmq_send_bytes_copied: ROCKETMQ_SEND.load(Ordering::Relaxed),
         rocketmq_pull_bytes_copied: ROCKETMQ_PULL.load(Ordering::Relaxed),
         rocketmq_grpc_bytes_copied: ROCKETMQ_GRPC.load(Ordering::Relaxed),
+        ustack_send_bytes_copied: USTACK_SEND.load(Ordering::Relaxed),
+        ustack_umem_bytes_written: USTACK_UMEM.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
     }

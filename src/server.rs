@@ -83,7 +83,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let (grpc, looped): (Vec<&ListenerConfig>, Vec<&ListenerConfig>) =
         cfg.listeners.iter().partition(|l| l.protocol == ProtocolKind::RocketMqGrpc);
     let addrs: Vec<_> = looped.iter().map(|l| l.addr).collect();
-    let listeners = transport::Listeners::bind(cfg.transport, &addrs)?;
+    let listeners = transport::Listeners::bind(cfg.transport, &addrs, &cfg.transport_options, cfg.cores)?;
     let grpc_sockets = grpc
         .iter()
         .map(|l| std::net::TcpListener::bind(l.addr).map_err(|e| ServeError::Bind(l.addr, e)))

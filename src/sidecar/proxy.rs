@@ -530,9 +530,9 @@ fn start_front(
 ) -> Result<std::thread::JoinHandle<()>, SidecarError> {
     let transport_err =
         |e: crate::transport::TransportError| SidecarError::Settings(format!("--transport {kind:?}: {e}"));
-    let listeners = crate::transport::Listeners::bind(kind, &[listen]).map_err(transport_err)?;
-    let transport = crate::transport::build(kind, &listeners, &crate::transport::TransportOptions::default())
-        .map_err(transport_err)?;
+    let opts = crate::transport::TransportOptions::default();
+    let listeners = crate::transport::Listeners::bind(kind, &[listen], &opts, 1).map_err(transport_err)?;
+    let transport = crate::transport::build(kind, &listeners, &opts).map_err(transport_err)?;
     let rt = tokio::runtime::Handle::current();
     log::info!("sidecar: clients through {kind:?} at {listen}");
     std::thread::Builder::new()

@@ -21,6 +21,7 @@ pub mod rdma;
 mod staging;
 pub mod tcp;
 pub mod uring;
+pub mod ustack;
 
 use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -52,7 +53,7 @@ pub enum TransportKind {
 
 #[derive(Debug, Error)]
 pub enum TransportError {
-    #[error("transport '{0:?}' is not built into this binary (rdma: build with `--features rdma`; ustack: not implemented yet)")]
+    #[error("transport '{0:?}' is not built into this binary (rdma: build with `--features rdma`)")]
     NotBuilt(TransportKind),
     #[error("transport not supported here: {0}")]
     Unsupported(String),
@@ -138,6 +139,7 @@ pub fn built() -> Vec<TransportKind> {
     if cfg!(feature = "rdma") {
         v.push(TransportKind::Rdma);
     }
+    v.push(TransportKind::Ustack);
     v
 }
 
@@ -165,21 +167,22 @@ pub fn kernel_support() -> Vec<(TransportKind, Support)> {
         (true, false) => Support::Yes(format!("devices {}", devices.join(", "))),
     };
     let xdp = match Socket::new(Domain::from(libc::AF_XDP), Type::RAW, None) {
-        Ok(_) => "this kernel opens AF_XDP sockets".to_string(),
-        Err(e) => format!("AF_XDP socket: {e}"),
+        Ok(_) => Support::Yes("this kernel opens AF_XDP sockets".into()),
+        Err(e) => Support::No(format!("AF_XDP socket: {e}")),
     };
     vec![
         (TransportKind::Tcp, Support::Yes("epoll".into())),
         (TransportKind::Uring, uring),
         (TransportKind::Rdma, rdma),
-        (TransportKind::Ustack, Support::NotBuilt(format!("not implemented yet; {xdp}"))),
+        (TransportKind::Ustack, xdp),
     ]
 }
 
 /// Backend-specific settings.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct TransportOptions {
     pub uring: uring::UringOptions,
+    pub ustack: ustack::UstackOptions,
     #[cfg(feature = "rdma")]
     pub rdma: rdma::RdmaOptions,
 }
@@ -191,12 +194,20 @@ pub enum Listeners {
     Tcp(Vec<std::net::TcpListener>),
     #[cfg(feature = "rdma")]
     Rdma(Arc<rdma::RdmaListener>),
+    /// The XDP steering of the interface the cores' AF_XDP sockets serve.
+    Ustack(Arc<ustack::UstackListener>),
 }
 
 impl Listeners {
-    /// Binds what `kind` accepts from on each of `addrs`.
-    pub fn bind(kind: TransportKind, addrs: &[SocketAddr]) -> Result<Listeners, TransportError> {
+    /// Binds what `kind` accepts from on each of `addrs`, for `cores` cores.
+    pub fn bind(
+        kind: TransportKind,
+        addrs: &[SocketAddr],
+        opts: &TransportOptions,
+        cores: usize,
+    ) -> Result<Listeners, TransportError> {
         match kind {
+            TransportKind::Ustack => Ok(Listeners::Ustack(ustack::UstackListener::bind(addrs, &opts.ustack, cores)?)),
             TransportKind::Tcp | TransportKind::Uring => {
                 Ok(Listeners::Tcp(addrs.iter().map(|a| bind_listener(*a)).collect::<Result<_, _>>()?))
             }
@@ -208,7 +219,8 @@ impl Listeners {
                     addrs.len()
                 ))),
             },
-            other => Err(TransportError::NotBuilt(other)),
+            #[cfg(not(feature = "rdma"))]
+            TransportKind::Rdma => Err(TransportError::NotBuilt(kind)),
         }
     }
 }
@@ -252,6 +264,7 @@ pub fn build(
         }
         #[cfg(feature = "rdma")]
         (TransportKind::Rdma, Listeners::Rdma(l)) => Ok(Box::new(rdma::RdmaTransport::new(l.clone(), opts.rdma)?)),
+        (TransportKind::Ustack, Listeners::Ustack(l)) => Ok(Box::new(ustack::UstackTransport::new(l.clone())?)),
         (other, _) => Err(TransportError::NotBuilt(other)),
     }
 }

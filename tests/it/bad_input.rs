@@ -51,7 +51,7 @@ fn frame(api: i16, version: i16, body: &[u8]) -> Vec<u8> {
     out
 }
 
-per_transport!(bad_input_costs_only_the_sender, bad_input_costs_only_the_sender);
+per_transport!(bad_input_costs_only_the_sender, bad_input_costs_only_the_sender, ustack);
 
 fn bad_input_costs_only_the_sender(transport: &[&str]) {
     let broker = BrokerProc::start(transport);
@@ -142,7 +142,11 @@ fn bad_input_costs_only_the_sender(transport: &[&str]) {
     assert!(broker.stats().connections_closed_bad_input >= 7, "{:?}", broker.stats());
 }
 
-per_transport!(idle_connection_holding_half_a_request_is_closed, idle_connection_holding_half_a_request_is_closed);
+per_transport!(
+    idle_connection_holding_half_a_request_is_closed,
+    idle_connection_holding_half_a_request_is_closed,
+    ustack
+);
 
 /// `--connections-max-idle-ms`: a peer that sends half a request and goes quiet (a
 /// slow-loris) is closed once idle, while a client that keeps talking — and a parked long
@@ -168,7 +172,7 @@ fn idle_connection_holding_half_a_request_is_closed(transport: &[&str]) {
     assert!(broker.log_text().contains("connections-max-idle-ms"), "no reason logged");
 }
 
-per_transport!(a_peer_that_stops_reading_is_closed_once_idle, a_peer_that_stops_reading_is_closed_once_idle);
+per_transport!(a_peer_that_stops_reading_is_closed_once_idle, a_peer_that_stops_reading_is_closed_once_idle, ustack);
 
 /// A peer that asks for far more than the socket buffers hold and then never reads is
 /// idle as Kafka counts it (no bytes move either way): it is closed after

@@ -27,7 +27,14 @@ fn suite_with(program: &str, script: &str, broker_args: &[&str]) {
     assert!(s.fetch_bytes_zero_copy > 0, "nothing was fetched by reference: {s:?}");
     assert_eq!(s.fetch_bytes_copied, 0, "fetch payload was copied in user space: {s:?}");
     assert_eq!(s.produce_bytes_copied, s.produce_payload_bytes, "produce payload copied more than once: {s:?}");
-    if broker_args.contains(&"multishot") {
+    if broker_args.contains(&"ustack") {
+        // The user-space stack copies what it sends into its socket buffers (it keeps the
+        // bytes for retransmission) and what it receives out of them: both counted, the
+        // fetched records among them, and nothing else was copied.
+        assert!(s.receive_bytes_staged > 0, "no received byte went through the stack's buffers: {s:?}");
+        assert!(s.ustack_send_bytes_copied >= s.fetch_bytes_zero_copy, "fetched bytes not counted: {s:?}");
+        assert!(s.ustack_umem_bytes_written >= s.ustack_send_bytes_copied, "UMEM writes not counted: {s:?}");
+    } else if broker_args.contains(&"multishot") {
         // Multishot receive: bytes came through the provided-buffer ring (one staging copy,
         // counted apart from the one copy into the log).
         assert!(s.receive_bytes_staged > 0, "multishot receive mode was not used: {s:?}");
@@ -40,7 +47,7 @@ fn suite_with(program: &str, script: &str, broker_args: &[&str]) {
     }
 }
 
-per_transport!(confluent_kafka_librdkafka_2x, |t| suite("python3", "confluent_suite.py", t));
+per_transport!(confluent_kafka_librdkafka_2x, |t| suite("python3", "confluent_suite.py", t), ustack);
 
 // Three cores: partitions are spread over them, so most requests arriving on one
 // connection run partly on other cores (forwarded operations, gathered replies).
@@ -50,11 +57,11 @@ per_transport!(confluent_kafka_three_cores, |t| suite_with(
     &flags(&["--cores", "3"], t)
 ));
 
-per_transport!(kafka_python_pure_python, |t| suite("python3", "kafka_python_suite.py", t));
+per_transport!(kafka_python_pure_python, |t| suite("python3", "kafka_python_suite.py", t), ustack);
 
-per_transport!(kcat_librdkafka_2_0_2, |t| suite("python3", "kcat_suite.py", t));
+per_transport!(kcat_librdkafka_2_0_2, |t| suite("python3", "kcat_suite.py", t), ustack);
 
-per_transport!(kafkajs_pure_javascript, |t| suite("node", "kafkajs_suite.js", t));
+per_transport!(kafkajs_pure_javascript, |t| suite("node", "kafkajs_suite.js", t), ustack);
 
 // Admin and offset APIs through confluent-kafka's AdminClient: CreateTopics errors,
 // DescribeConfigs, CreatePartitions, DescribeCluster, ListOffsets by time, acks=0,

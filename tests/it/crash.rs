@@ -43,17 +43,19 @@ fn read_all(addr: std::net::SocketAddr, partition: i32) -> BTreeMap<i64, Bytes> 
     }
 }
 
-per_transport!(sigkill_mid_stream_20_times_loses_no_acknowledged_batch, |t| crash_rounds(&flags(
-    &["--flush", "always", "--segment-bytes", "1048576"],
-    t
-)));
+per_transport!(
+    sigkill_mid_stream_20_times_loses_no_acknowledged_batch,
+    |t| crash_rounds(&flags(&["--flush", "always", "--segment-bytes", "1048576"], t)),
+    ustack
+);
 
 // The same with two cores and more partitions than cores, so the producer's connection
 // and the partition's owner differ for some runs.
-per_transport!(sigkill_mid_stream_two_cores, |t| crash_rounds(&flags(
-    &["--flush", "always", "--segment-bytes", "1048576", "--cores", "2"],
-    t
-)));
+per_transport!(
+    sigkill_mid_stream_two_cores,
+    |t| crash_rounds(&flags(&["--flush", "always", "--segment-bytes", "1048576", "--cores", "2"], t)),
+    ustack
+);
 
 fn crash_rounds(args: &[&str]) {
     let mut broker = BrokerProc::start(args);

@@ -4,7 +4,7 @@
 use crate::harness::{flags, run_client, BrokerProc};
 use std::time::Duration;
 
-per_transport!(group_member_sigkilled_survivors_take_over, group_failover);
+per_transport!(group_member_sigkilled_survivors_take_over, group_failover, ustack);
 
 fn group_failover(transport: &[&str]) {
     let broker = BrokerProc::start(&flags(&["--cores", "2"], transport));

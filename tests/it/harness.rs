@@ -5,6 +5,21 @@
 /// broker flags that select that transport (io_uring's two receive modes count as two).
 macro_rules! per_transport {
     ($name:ident, $body:expr) => {
+        per_transport!(@each $name, $body, {});
+    };
+    // Also on the user-space stack: run in its network namespaces by scripts/test.sh
+    // (`scripts/ustack/run-in-netns.sh cargo test ... ustack -- --ignored`).
+    ($name:ident, $body:expr, ustack) => {
+        per_transport!(@each $name, $body, {
+            #[test]
+            #[ignore = "needs the namespaces of scripts/ustack/run-in-netns.sh (scripts/test.sh runs it)"]
+            fn ustack() {
+                let t: &[&str] = &["--transport", "ustack"];
+                ($body)(t)
+            }
+        });
+    };
+    (@each $name:ident, $body:expr, { $($extra:tt)* }) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -26,6 +41,8 @@ macro_rules! per_transport {
                 let t: &[&str] = &["--transport", "uring", "--uring-recv", "multishot"];
                 ($body)(t)
             }
+
+            $($extra)*
         }
     };
 }
@@ -53,6 +70,58 @@ pub struct BrokerProc {
     ready: fn(SocketAddr) -> bool,
 }
 
+/// The user-space stack's test topology, from scripts/ustack/run-in-netns.sh: the broker
+/// runs in the server namespace on its veth end, the test and its clients in the client
+/// namespace.
+struct Ustack {
+    server_ns: String,
+    router_ns: String,
+    interface: String,
+    peer: String,
+    broker: SocketAddr,
+}
+
+impl Ustack {
+    /// The topology, if `flags` select the ustack transport (which then needs it).
+    fn of<S: AsRef<str>>(flags: &[S]) -> Option<Ustack> {
+        let ustack = flags.windows(2).any(|w| w[0].as_ref() == "--transport" && w[1].as_ref() == "ustack");
+        if !ustack {
+            return None;
+        }
+        let var = |k: &str| {
+            std::env::var(k)
+                .unwrap_or_else(|_| panic!("{k} unset: ustack tests run inside scripts/ustack/run-in-netns.sh"))
+        };
+        Some(Ustack {
+            server_ns: var("USTACK_SERVER_NS"),
+            router_ns: var("USTACK_ROUTER_NS"),
+            interface: var("USTACK_IF"),
+            peer: var("USTACK_PEER_IF"),
+            broker: var("USTACK_BROKER").parse().expect("USTACK_BROKER is IP:PORT"),
+        })
+    }
+
+    /// `ip netns exec SERVER slipstream` with `--ustack-if`, after giving the veth one
+    /// queue per core of this broker (`--cores`).
+    fn command<S: AsRef<str>>(&self, flags: &[S]) -> Command {
+        let cores = flags
+            .windows(2)
+            .find(|w| w[0].as_ref() == "--cores")
+            .map_or("1".to_string(), |w| w[1].as_ref().to_string());
+        for (ns, dev) in [(&self.server_ns, &self.interface), (&self.router_ns, &self.peer)] {
+            // Exits non-zero when nothing changes; a count it could not set shows up as
+            // the broker's own refusal (queues and cores must match).
+            let _ = Command::new("ip")
+                .args(["netns", "exec", ns, "ethtool", "-L", dev, "rx", &cores, "tx", &cores])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.server_ns, env!("CARGO_BIN_EXE_slipstream")]);
+        c
+    }
+}
+
 pub fn serves_api_versions(addr: SocketAddr) -> bool {
     let Ok(mut c) = slipstream::client::Client::connect(addr, Duration::from_millis(100)) else { return false };
     if c.stream().set_read_timeout(Some(Duration::from_millis(200))).is_err() {
@@ -68,7 +137,10 @@ pub fn free_port() -> u16 {
 
 impl BrokerProc {
     pub fn start(extra: &[&str]) -> BrokerProc {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let addr: SocketAddr = match Ustack::of(extra) {
+            Some(u) => u.broker,
+            None => format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+        };
         Self::start_at(addr, extra, serves_api_versions)
     }
 
@@ -113,10 +185,15 @@ impl BrokerProc {
         assert!(self.child.is_none(), "broker already running");
         let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let started = Instant::now();
-        let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_slipstream"));
+        if let Some(u) = Ustack::of(&self.extra) {
+            cmd = u.command(&self.extra);
+        }
+        let child = cmd
             .args(["serve", "--listen", &self.addr.to_string(), "--data-dir"])
             .arg(&self.data)
             .args(&self.extra)
+            .args(Ustack::of(&self.extra).map(|u| ["--ustack-if".to_string(), u.interface]).into_iter().flatten())
             .env("RUST_LOG", "info")
             // An error at start is one line; a backtrace after it would push it out of
             // the log tail a failing test prints.

@@ -8,7 +8,7 @@ use slipstream::client::Client;
 use slipstream::log::batch::build_batch;
 use std::time::{Duration, Instant};
 
-per_transport!(long_poll_fetch_answers_when_data_arrives, long_poll_fetch_answers_when_data_arrives);
+per_transport!(long_poll_fetch_answers_when_data_arrives, long_poll_fetch_answers_when_data_arrives, ustack);
 
 fn long_poll_fetch_answers_when_data_arrives(transport: &[&str]) {
     let broker = BrokerProc::start(&flags(&["--cores", "2"], transport));

@@ -17,7 +17,7 @@ fn version_names_the_commit_the_features_and_the_transports_here() {
     assert!(commit.is_empty() || text.contains(&commit), "built from {commit}:\n{text}");
     let features = if cfg!(feature = "rdma") { "features: rdma" } else { "features: none" };
     assert!(text.contains(features), "{text}");
-    for kind in ["tcp     yes", "uring   ", "rdma    ", "ustack  not built"] {
+    for kind in ["tcp     yes", "uring   ", "rdma    ", "ustack  yes (this kernel opens AF_XDP sockets)"] {
         assert!(text.contains(kind), "{kind:?} missing:\n{text}");
     }
     // The same with -V, and after other flags it is still a flag of its own.
