@@ -12,6 +12,11 @@ command -v kcat >/dev/null || need_apt+=(kcat)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
+# The user-space stack's namespaces (scripts/ustack/run-in-netns.sh).
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ethtool >/dev/null || need_apt+=(ethtool)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
+command -v tc >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -20,6 +20,10 @@ cargo build --workspace --bins --features rdma
 # Two threads: the machines have two cores and every integration test runs a broker
 # process plus client processes.
 cargo test --workspace --all-targets --features rdma -- --test-threads=2
+# The user-space stack: the ustack variants (ignored above) run one at a time in the
+# namespaces of scripts/ustack/run-in-netns.sh (a broker per test on the same veth).
+bash scripts/ustack/run-in-netns.sh \
+  cargo test --features rdma --test it ustack -- --ignored --test-threads=1
 # The host kernel has no RDMA: the RDMA tests (ignored above) run in a qemu VM with
 # soft-RoCE, on binaries built here. The package alone resolves some build dependencies'
 # features differently from the workspace (prost-build's indexmap), so build exactly what

@@ -6,7 +6,9 @@
 #   client ns  uc0 10.77.2.2 ──veth── uc1 10.77.2.1  router ns  us1 10.77.1.1 ──veth── us0 10.77.1.2  server ns
 #                                     (netem here when asked, both legs)               (XDP + AF_XDP: the broker)
 #
-# Usage: run-in-netns.sh [--netem 'NETEM ARGS'] [--queues N] CMD...
+# Usage: run-in-netns.sh [--netem 'NETEM ARGS'] [--impair LOSS_PCT:REORDER_PCT] [--queues N] CMD...
+# (--netem needs sch_netem, which some kernels lack, this CI's among them; --impair does
+# loss and reordering with nftables and HTB instead: scripts/ustack/impair.sh.)
 # Exports to CMD: USTACK_SERVER_NS (where to start `serve --transport ustack`), USTACK_IF
 # (the interface to give it), USTACK_BROKER (IP:PORT the broker listens on, as the client
 # namespace reaches it), USTACK_QUEUES (its receive queues: start that many cores), and
@@ -17,10 +19,12 @@
 # everything but the broker's port (ARP, ping), as on a real host.
 set -euo pipefail
 netem=""
+impair=""
 queues=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --netem) netem="$2"; shift 2 ;;
+    --impair) impair="$2"; shift 2 ;;
     --queues) queues="$2"; shift 2 ;;
     --) shift; break ;;
     *) break ;;
@@ -72,6 +76,9 @@ ip netns exec "$srv" ethtool -K us0 gro off tso off gso off >/dev/null
 if [[ -n "$netem" ]]; then
   ip netns exec "$rtr" tc qdisc add dev us1 root netem $netem
   ip netns exec "$rtr" tc qdisc add dev uc1 root netem $netem
+fi
+if [[ -n "$impair" ]]; then
+  bash "$(dirname "$0")/impair.sh" "$rtr" on "${impair%%:*}" "${impair#*:}"
 fi
 # Both ends reachable before CMD starts.
 ip netns exec "$cli" ping -c1 -W2 10.77.1.2 >/dev/null

@@ -18,3 +18,4 @@ mod rdma;
 mod rocketmq;
 mod rocketmq_grpc;
 mod sidecar;
+mod ustack;
