@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack
 """
 import json
 import sys
@@ -132,7 +132,22 @@ def sidecar_fanout():
               f"{on['cache_fetch_bytes_per_produced_byte']:.2f} |")
 
 
+def ustack():
+    d = load("ustack")
+    print("| workload (`docs/bench/ustack/`) | target | publish p50 | p99 | p99.9 | end-to-end p50 | msg/s | broker CPU s per M msgs | p50 / kernel TCP blocking |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for w in d["workloads"]:
+        name = w["workload"]["name"]
+        base = next(t for t in w["targets"] if t["name"] == "slipstream tcp")
+        for i, t in enumerate(w["targets"]):
+            p, e = t["publish"], t["end_to_end"]
+            ratio = pct(p, "p50") / pct(base["publish"], "p50")
+            print(f"| {name if i == 0 else ''} | {t['name']} | {f1(pct(p, 'p50'))} | {f1(pct(p, 'p99'))} | "
+                  f"{f1(pct(p, 'p99.9'))} | {f1(pct(e, 'p50'))} | {t['throughput_msgs_per_s']:,.0f} | "
+                  f"{t['broker_cpu_s_per_million_msgs']:.1f} | {ratio:.2f} |")
+
+
 if __name__ == "__main__":
     {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
      "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar,
-     "sidecar-fanout": sidecar_fanout}[sys.argv[1]]()
+     "sidecar-fanout": sidecar_fanout, "ustack": ustack}[sys.argv[1]]()

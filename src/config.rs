@@ -146,6 +146,10 @@ pub struct ServeArgs {
     /// [default: auto, native if the driver has it].
     #[arg(long)]
     pub ustack_xdp_mode: Option<crate::transport::ustack::XdpMode>,
+    /// ustack: serve receive queues N.. (one per core) instead of all of them, the broker's
+    /// traffic being steered there (`ethtool -N IF flow-type tcp4 dst-port 9092 action N`).
+    #[arg(long)]
+    pub ustack_first_queue: Option<u32>,
     /// ustack: UMEM frames (4 KiB) per queue, half receiving, half sending [default: 4096].
     #[arg(long)]
     pub ustack_frames: Option<u32>,
@@ -322,6 +326,7 @@ impl ServeArgs {
                 rdma_stall_timeout_ms,
                 ustack_if,
                 ustack_xdp_mode,
+                ustack_first_queue,
                 ustack_frames,
                 ustack_buffer_bytes,
                 ustack_backlog,
@@ -439,6 +444,7 @@ impl ServeArgs {
                     crate::transport::ustack::UstackOptions {
                         interface: self.ustack_if.clone(),
                         xdp_mode: self.ustack_xdp_mode.unwrap_or(d.xdp_mode),
+                        first_queue: self.ustack_first_queue,
                         frames: match self.ustack_frames {
                             None => d.frames,
                             Some(f @ 64..=1_048_576) => f,

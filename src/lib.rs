@@ -16,8 +16,8 @@
 //!   log                 commit log: segments written with pwritev and read through a
 //!                       mapping, indexes, recovery, retention, the file worker
 //!   ════ transport::Transport ═══ the transport seam: completion-style, owned buffers
-//!   transport           tcp (epoll), uring (io_uring), rdma (verbs; feature `rdma`);
-//!                       ustack (AF_XDP + smoltcp) will plug into the same seam
+//!   transport           tcp (epoll), uring (io_uring), rdma (verbs; feature `rdma`),
+//!                       ustack (smoltcp over AF_XDP, the XDP program assembled here)
 //!   buffer, framing,    I/O vectors whose chunks say where their bytes live, the one
 //!   wake, metrics       length-prefix check, cross-thread wake-ups, counters
 //!
@@ -37,8 +37,9 @@
 //!
 //! Unsafe code is denied here and allowed only in the modules that must touch raw memory
 //! or the kernel's and NIC's queues: [`buffer`], [`log::mmap`], [`wake`] (creating an
-//! eventfd), `transport::uring` (with its provided-buffer ring) and `transport::rdma` (the
-//! verbs RAII layer, the backend and the client end).
+//! eventfd), `transport::uring` (with its provided-buffer ring), `transport::rdma` (the
+//! verbs RAII layer, the backend and the client end) and `transport::ustack`'s `xsk`,
+//! `xdp` and `netdev` (the UMEM and its rings, `bpf(2)`, getifaddrs).
 #![deny(unsafe_code)]
 
 pub mod broker;

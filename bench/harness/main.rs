@@ -112,7 +112,9 @@ pub struct BenchArgs {
     /// figures). Repeatable. Two flags are the harness's own: `--data-parent=DIR` makes the
     /// broker's data directory in DIR (e.g. /dev/shm), not in $TMPDIR; `--via-sidecar`
     /// puts a `slipstream sidecar` in front of the broker and the clients bootstrap there
-    /// (CPU figures stay the broker's alone).
+    /// (CPU figures stay the broker's alone); `--netns=NS` and `--addr=IP:PORT` start the
+    /// broker in network namespace NS listening on ADDR, for paths other than loopback
+    /// (scripts/bench-ustack.sh: kernel TCP and the user-space stack over one veth path).
     #[arg(long = "target")]
     pub targets: Vec<String>,
     /// Add slipstream on every transport built into this binary to the targets (rdma only
@@ -194,7 +196,8 @@ impl Target {
         match self {
             Target::Slipstream(k, flags) => {
                 let mut n = format!("slipstream {}", format!("{k:?}").to_lowercase());
-                for f in flags {
+                // Where it runs is the same for every target of such a run: not in the name.
+                for f in flags.iter().filter(|f| !is_placement_flag(f)) {
                     n.push(' ');
                     n.push_str(f.trim_start_matches("--"));
                 }
@@ -203,6 +206,11 @@ impl Target {
             Target::External { name, .. } => name.clone(),
         }
     }
+}
+
+/// Harness flags that say where the broker runs, not how.
+fn is_placement_flag(f: &str) -> bool {
+    f.starts_with("--netns=") || f.starts_with("--addr=") || f.starts_with("--ustack-if=")
 }
 
 /// The RDMA address `slipstream:rdma` targets listen on.
@@ -246,7 +254,11 @@ impl Spawned {
     ) -> anyhow::Result<Spawned> {
         // Every address this broker listens on, chosen together.
         let picked = free_loopback_addrs(4)?;
-        let listen: SocketAddr = if kind == TransportKind::Rdma {
+        let netns = flags.iter().find_map(|f| f.strip_prefix("--netns="));
+        let at = flags.iter().find_map(|f| f.strip_prefix("--addr="));
+        let listen: SocketAddr = if let Some(a) = at {
+            a.parse().with_context(|| format!("--addr={a}: expected IP:PORT"))?
+        } else if kind == TransportKind::Rdma {
             let ip = rdma_ip().context("slipstream:rdma needs SLIPSTREAM_RDMA_IP (an address of an RDMA device)")?;
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             format!("{ip}:{port}").parse().context("bad SLIPSTREAM_RDMA_IP")?
@@ -256,8 +268,15 @@ impl Spawned {
         let parent = flags.iter().find_map(|f| f.strip_prefix("--data-parent="));
         // Harness options, not serve flags: where the data lives, and a sidecar in front.
         let via_sidecar = flags.iter().any(|f| f == "--via-sidecar");
-        let flags: Vec<&String> =
-            flags.iter().filter(|f| !f.starts_with("--data-parent=") && *f != "--via-sidecar").collect();
+        let flags: Vec<&String> = flags
+            .iter()
+            .filter(|f| {
+                !f.starts_with("--data-parent=")
+                    && *f != "--via-sidecar"
+                    && !f.starts_with("--netns=")
+                    && !f.starts_with("--addr=")
+            })
+            .collect();
         let data = match parent {
             Some(dir) => tempfile::tempdir_in(dir).with_context(|| format!("a data directory in {dir}"))?,
             None => tempfile::tempdir()?,
@@ -280,7 +299,13 @@ impl Spawned {
                 grpc = Some(addrs[2]);
             }
         }
-        let child = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        if let Some(ns) = netns {
+            // `ip netns exec` execs the broker: the child's pid is still the broker's.
+            cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(&exe);
+        }
+        let child = cmd
             .args(["serve", "--listen", &listen.to_string(), "--cores", &cores.to_string(), "--transport"])
             .arg(format!("{kind:?}").to_lowercase())
             .arg("--data-dir")

@@ -187,3 +187,39 @@ fn two_thousand_connections_on_one_core_while_a_producer_carries_on() {
     );
     drop(conns);
 }
+
+/// Whether the server's interface has an XDP program attached.
+fn xdp_attached() -> bool {
+    let ns = std::env::var("USTACK_SERVER_NS").expect("USTACK_SERVER_NS");
+    let iface = std::env::var("USTACK_IF").expect("USTACK_IF");
+    let out = Command::new("ip").args(["-n", &ns, "link", "show", "dev", &iface]).output().expect("ip link");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// The steering program is the process's (a BPF link): SIGKILL takes it away, and the
+/// kernel's TCP then answers the port, so clients are reset at once, not left to time out.
+#[test]
+#[ignore = "needs the namespaces of scripts/ustack/run-in-netns.sh (scripts/test.sh runs it)"]
+fn the_steering_program_goes_with_the_process() {
+    let mut broker = BrokerProc::start(&["--transport", "ustack"]);
+    let addr = broker.addr;
+    assert!(xdp_attached(), "no XDP program on the interface while the broker runs");
+    let mut c = Client::connect(addr, Duration::from_secs(5)).expect("connect");
+    c.api_versions().expect("api versions");
+    broker.kill();
+    assert!(!xdp_attached(), "the XDP program outlived the broker");
+    // The open connection: the next request is answered by the kernel with a reset.
+    let t = Instant::now();
+    let err = c.api_versions().expect_err("a dead broker answered");
+    println!("request on a connection of the killed broker: {err} after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(2), "the client waited {:?} for the dead broker", t.elapsed());
+    // A new connection is refused at once.
+    let t = Instant::now();
+    let refused = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect_err("connected to nobody");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // And a broker starts on the interface again.
+    broker.spawn();
+    assert!(xdp_attached());
+    Client::connect(addr, Duration::from_secs(5)).expect("connect").api_versions().expect("served again");
+}

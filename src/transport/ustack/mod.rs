@@ -75,6 +75,10 @@ pub struct UstackOptions {
     /// The interface whose queues the cores serve (its kernel IPv4 address is the broker's).
     pub interface: Option<String>,
     pub xdp_mode: XdpMode,
+    /// Serve queues `first_queue..first_queue + cores` only, the broker's traffic being
+    /// steered to them (`ethtool -N … action Q` or an RSS context); `None`: every queue of
+    /// the interface, one core each.
+    pub first_queue: Option<u32>,
     /// UMEM frames per queue, half for receiving, half for sending.
     pub frames: u32,
     /// Per-connection socket buffers (window scaling follows their size).
@@ -93,6 +97,7 @@ impl Default for UstackOptions {
         UstackOptions {
             interface: None,
             xdp_mode: XdpMode::Auto,
+            first_queue: None,
             frames: 4096,
             rx_buffer: 256 * 1024,
             tx_buffer: 256 * 1024,
@@ -143,13 +148,26 @@ impl UstackListener {
                 }
             }
         }
-        if dev.rx_queues as usize != cores {
-            return Err(TransportError::Unsupported(format!(
-                "{} has {} receive queues and {cores} cores would serve them: one core per queue \
-                 (--cores {}, or `ethtool -L {} combined {cores}`); a queue without a core drops \
-                 the broker's packets",
-                dev.name, dev.rx_queues, dev.rx_queues, dev.name
-            )));
+        let first = opts.first_queue.unwrap_or(0);
+        match opts.first_queue {
+            None if dev.rx_queues as usize != cores => {
+                return Err(TransportError::Unsupported(format!(
+                    "{} has {} receive queues and {cores} cores would serve them: one core per queue \
+                     (--cores {}, or `ethtool -L {} combined {cores}`, or steer the broker's port to \
+                     some queues and give --ustack-first-queue); a queue without a core drops the \
+                     broker's packets",
+                    dev.name, dev.rx_queues, dev.rx_queues, dev.name
+                )));
+            }
+            Some(q) if q as usize + cores > dev.rx_queues as usize => {
+                return Err(TransportError::Unsupported(format!(
+                    "{} has {} receive queues: queues {q}..{} do not exist",
+                    dev.name,
+                    dev.rx_queues,
+                    q as usize + cores
+                )));
+            }
+            _ => {}
         }
         let xdp = XdpAttachment::attach(dev.ifindex, dev.addr, &ports, dev.rx_queues, opts.xdp_mode)?;
         log::info!(
@@ -162,7 +180,7 @@ impl UstackListener {
             xdp.mode,
             ports
         );
-        Ok(Arc::new(UstackListener { dev, ports, xdp, next_queue: AtomicU32::new(0), opts: opts.clone() }))
+        Ok(Arc::new(UstackListener { dev, ports, xdp, next_queue: AtomicU32::new(first), opts: opts.clone() }))
     }
 }
 
@@ -287,16 +305,21 @@ impl Device for Port<'_> {
 }
 
 /// The fields of a received frame the demultiplexer needs, read checked.
-struct Classified<'a> {
-    src_mac: [u8; 6],
-    src: Ipv4Addr,
-    src_port: u16,
-    dst_port: u16,
-    syn_only: bool,
-    ip: &'a [u8],
+#[derive(Debug)]
+pub struct Classified<'a> {
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// A SYN without ACK: the only segment that may open a connection.
+    pub syn_only: bool,
+    /// The IP packet (what smoltcp is given).
+    pub ip: &'a [u8],
 }
 
-fn classify(frame: &[u8]) -> Option<Classified<'_>> {
+/// Reads an Ethernet frame from the wire (untrusted: any bytes) far enough to find its
+/// connection; `None` for anything but a well-formed-enough IPv4 TCP segment.
+pub fn classify(frame: &[u8]) -> Option<Classified<'_>> {
     if frame.len() < ETH_HDR + 20 || frame[12..14] != [0x08, 0x00] {
         return None;
     }
@@ -799,6 +822,7 @@ impl Transport for UstackTransport {
 
 impl Drop for UstackTransport {
     fn drop(&mut self) {
+        log::info!("ustack: {} queue {}: {}", self.shared.dev.name, self.queue, self.xsk.statistics());
         self.shared.xdp.remove(self.queue);
         // Reset what is still open, so peers learn at once rather than by timeout.
         let now = self.now();

@@ -299,13 +299,36 @@ impl Xsk {
         Ok(fds[1].revents & libc::POLLIN != 0)
     }
 
+    /// The kernel's counters for this socket, as one line for the log.
+    pub fn statistics(&self) -> String {
+        match self._user.statistics_v2() {
+            Ok(s) => format!(
+                "rx dropped {}, rx ring full {}, fill ring empty {}, rx invalid {}, tx invalid {}, tx ring empty {}",
+                s.rx_dropped,
+                s.rx_ring_full,
+                s.rx_fill_ring_empty_descs,
+                s.rx_invalid_descs,
+                s.tx_invalid_descs,
+                s.tx_ring_empty_descs
+            ),
+            Err(e) => format!("statistics unavailable: {e}"),
+        }
+    }
+
     /// Tells the kernel about queued frames if it asked to be told (copy mode always does).
+    /// A copy-mode wake-up sends at most 32 frames (the kernel's per-call budget): wake
+    /// until the ring is drained, or frames would wait for the next transmission, which
+    /// may be a retransmission timeout away.
     pub fn kick(&mut self) {
-        if self.tx_unkicked > 0 {
-            self.tx_unkicked = 0;
-            if self.tx.needs_wakeup() {
-                self.tx.wake();
+        if self.tx_unkicked == 0 && self.tx.pending() == 0 {
+            return;
+        }
+        self.tx_unkicked = 0;
+        for _ in 0..256 {
+            if self.tx.pending() == 0 || !self.tx.needs_wakeup() {
+                return;
             }
+            self.tx.wake();
         }
     }
 }
