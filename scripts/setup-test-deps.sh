@@ -18,6 +18,11 @@ command -v ethtool >/dev/null || need_apt+=(ethtool)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
 command -v tc >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
+# The RPM (scripts/build-rpm.sh) and its unit's check.
+command -v rpmbuild >/dev/null || need_apt+=(rpm)
+command -v rpm2cpio >/dev/null || need_apt+=(rpm2cpio)
+command -v cpio >/dev/null || need_apt+=(cpio)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -13,6 +13,7 @@ mod idle_conns;
 mod listeners;
 mod long_poll;
 mod ops;
+mod packaging;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod rocketmq;
