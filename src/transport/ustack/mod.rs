@@ -212,14 +212,21 @@ impl Conn {
     }
 }
 
-/// The smoltcp device for one round: at most one received packet, and the TX half.
-struct Port<'a> {
-    xsk: &'a mut Xsk,
-    neighbours: &'a HashMap<Ipv4Addr, [u8; 6]>,
+/// One core's wire: its AF_XDP socket, and what Ethernet framing needs.
+struct Link {
+    xsk: Xsk,
+    /// Next hop by peer address: the source MAC of the peer's latest frame.
+    neighbours: HashMap<Ipv4Addr, [u8; 6]>,
     mac: [u8; 6],
     mtu: usize,
+    /// Segment bytes written into UMEM frames since the counter was last updated.
+    umem_written: u64,
+}
+
+/// The smoltcp device for one call: at most one received packet, and the link to send on.
+struct Port<'a> {
+    link: &'a mut Link,
     packet: Option<&'a [u8]>,
-    umem_written: &'a mut u64,
 }
 
 struct PacketRx<'a>(&'a [u8]);
@@ -230,18 +237,14 @@ impl RxToken for PacketRx<'_> {
     }
 }
 
-struct FrameTx<'a> {
-    xsk: &'a mut Xsk,
-    neighbours: &'a HashMap<Ipv4Addr, [u8; 6]>,
-    mac: [u8; 6],
-    umem_written: &'a mut u64,
-}
+struct FrameTx<'a>(&'a mut Link);
 
 impl TxToken for FrameTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let (mac, neighbours) = (self.mac, self.neighbours);
+        let Link { xsk, neighbours, mac, umem_written, .. } = self.0;
+        let mac = *mac;
         let mut f = Some(f);
-        let sent = self.xsk.transmit(ETH_HDR + len, |frame| {
+        let sent = xsk.transmit(ETH_HDR + len, |frame| {
             let r = (f.take().expect("called once"))(&mut frame[ETH_HDR..]);
             let ip = &frame[ETH_HDR..];
             let dst = (ip.len() >= 20).then(|| Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
@@ -260,11 +263,11 @@ impl TxToken for FrameTx<'_> {
         });
         match sent {
             Some(r) => {
-                *self.umem_written += len as u64;
+                *umem_written += len as u64;
                 r
             }
-            // No frame free: smoltcp asked through `transmit`, which said there was one, so
-            // this is only a frame too large; the segment is lost and will be retransmitted.
+            // No frame free (a reply made while receiving: `transmit` checks first) or a
+            // frame too large: the segment is lost, and TCP sends it again.
             None => (f.take().expect("not called"))(&mut vec![0u8; len]),
         }
     }
@@ -282,23 +285,20 @@ impl Device for Port<'_> {
 
     fn receive(&mut self, _: SInstant) -> Option<(PacketRx<'_>, FrameTx<'_>)> {
         let p = self.packet.take()?;
-        Some((
-            PacketRx(p),
-            FrameTx { xsk: self.xsk, neighbours: self.neighbours, mac: self.mac, umem_written: self.umem_written },
-        ))
+        Some((PacketRx(p), FrameTx(self.link)))
     }
 
     fn transmit(&mut self, _: SInstant) -> Option<FrameTx<'_>> {
-        if !self.xsk.can_transmit() {
+        if !self.link.xsk.can_transmit() {
             return None;
         }
-        Some(FrameTx { xsk: self.xsk, neighbours: self.neighbours, mac: self.mac, umem_written: self.umem_written })
+        Some(FrameTx(self.link))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
-        caps.max_transmission_unit = self.mtu;
+        caps.max_transmission_unit = self.link.mtu;
         caps.max_burst_size = Some(RX_BATCH as usize);
         caps
     }
@@ -345,9 +345,8 @@ pub fn classify(frame: &[u8]) -> Option<Classified<'_>> {
 pub struct UstackTransport {
     shared: Arc<UstackListener>,
     queue: u32,
-    xsk: Xsk,
+    link: Link,
     iface: Interface,
-    neighbours: HashMap<Ipv4Addr, [u8; 6]>,
     conns: HashMap<ConnId, Conn>,
     flows: HashMap<FlowKey, ConnId>,
     /// (deadline in µs since `epoch`, connection).
@@ -362,7 +361,6 @@ pub struct UstackTransport {
     waker: Arc<EventFd>,
     rx_frames: Vec<RxFrame>,
     epoch: Instant,
-    umem_written: u64,
 }
 
 impl UstackTransport {
@@ -380,7 +378,7 @@ impl UstackTransport {
             frame_size: FRAME_SIZE,
             bind_flags: xdpilone::SocketConfig::XDP_BIND_NEED_WAKEUP,
         };
-        let mut xsk = Xsk::open(&shared.dev.name, queue, cfg)?;
+        let xsk = Xsk::open(&shared.dev.name, queue, cfg)?;
         shared.xdp.insert(queue, xsk.fd())?;
         log::info!(
             "ustack: core on {} queue {queue}, {} frames, {}",
@@ -393,17 +391,9 @@ impl UstackTransport {
         seed.copy_from_slice(&uuid::Uuid::new_v4().as_bytes()[..8]);
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = u64::from_le_bytes(seed);
-        let neighbours = HashMap::new();
-        let mut written = 0;
-        let mut port = Port {
-            xsk: &mut xsk,
-            neighbours: &neighbours,
-            mac: shared.dev.mac,
-            mtu: shared.dev.mtu,
-            packet: None,
-            umem_written: &mut written,
-        };
-        let mut iface = Interface::new(config, &mut port, SInstant::from_micros(0));
+        let mut link =
+            Link { xsk, neighbours: HashMap::new(), mac: shared.dev.mac, mtu: shared.dev.mtu, umem_written: 0 };
+        let mut iface = Interface::new(config, &mut Port { link: &mut link, packet: None }, SInstant::from_micros(0));
         let addr = shared.dev.addr;
         iface.update_ip_addrs(|a| {
             // One address: the kernel's on this interface.
@@ -417,9 +407,8 @@ impl UstackTransport {
         Ok(UstackTransport {
             shared,
             queue,
-            xsk,
+            link,
             iface,
-            neighbours,
             conns: HashMap::new(),
             flows: HashMap::new(),
             timers: BTreeSet::new(),
@@ -432,7 +421,6 @@ impl UstackTransport {
             waker: Arc::new(EventFd::new()?),
             rx_frames: Vec::with_capacity(RX_BATCH as usize),
             epoch,
-            umem_written: 0,
         })
     }
 
@@ -467,14 +455,14 @@ impl UstackTransport {
     /// One pass: completed transmissions, received packets, due timers, connections with
     /// work; then the kernel is kicked for what was queued.
     fn round(&mut self) {
-        self.xsk.reap();
+        self.link.xsk.reap();
         let mut frames = std::mem::take(&mut self.rx_frames);
-        self.xsk.receive(RX_BATCH, &mut frames);
+        self.link.xsk.receive(RX_BATCH, &mut frames);
         let now = self.now();
         for f in &frames {
             self.ingress(f.bytes(), now);
         }
-        self.xsk.recycle(&mut frames);
+        self.link.xsk.recycle(&mut frames);
         self.rx_frames = frames;
         // Timers due.
         while let Some(&(at, id)) = self.timers.first() {
@@ -494,10 +482,10 @@ impl UstackTransport {
             }
             self.service(id, now);
         }
-        self.xsk.kick();
-        if self.umem_written > 0 {
-            metrics::count_copy(metrics::Path::UstackUmem, self.umem_written as usize);
-            self.umem_written = 0;
+        self.link.xsk.kick();
+        if self.link.umem_written > 0 {
+            metrics::count_copy(metrics::Path::UstackUmem, self.link.umem_written as usize);
+            self.link.umem_written = 0;
         }
     }
 
@@ -506,8 +494,8 @@ impl UstackTransport {
             return;
         };
         // The next hop back to this peer is whoever sent us its frame.
-        if self.neighbours.get(&p.src) != Some(&p.src_mac) {
-            self.neighbours.insert(p.src, p.src_mac);
+        if self.link.neighbours.get(&p.src) != Some(&p.src_mac) {
+            self.link.neighbours.insert(p.src, p.src_mac);
         }
         let key = (p.src, p.src_port, p.dst_port);
         let id = match self.flows.get(&key) {
@@ -551,14 +539,7 @@ impl UstackTransport {
                     }
                     _ => {
                         // No connection: smoltcp resets it (unless it is a reset).
-                        let mut port = Port {
-                            xsk: &mut self.xsk,
-                            neighbours: &self.neighbours,
-                            mac: self.shared.dev.mac,
-                            mtu: self.shared.dev.mtu,
-                            packet: Some(p.ip),
-                            umem_written: &mut self.umem_written,
-                        };
+                        let mut port = Port { link: &mut self.link, packet: Some(p.ip) };
                         self.iface.poll_ingress_single(now, &mut port, &mut self.stray);
                         return;
                     }
@@ -568,14 +549,7 @@ impl UstackTransport {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        let mut port = Port {
-            xsk: &mut self.xsk,
-            neighbours: &self.neighbours,
-            mac: self.shared.dev.mac,
-            mtu: self.shared.dev.mtu,
-            packet: Some(p.ip),
-            umem_written: &mut self.umem_written,
-        };
+        let mut port = Port { link: &mut self.link, packet: Some(p.ip) };
         self.iface.poll_ingress_single(now, &mut port, &mut c.set);
         self.mark(id);
     }
@@ -676,14 +650,7 @@ impl UstackTransport {
             }
         }
         // Segments out.
-        let mut port = Port {
-            xsk: &mut self.xsk,
-            neighbours: &self.neighbours,
-            mac: self.shared.dev.mac,
-            mtu: self.shared.dev.mtu,
-            packet: None,
-            umem_written: &mut self.umem_written,
-        };
+        let mut port = Port { link: &mut self.link, packet: None };
         let mut emitted = 0;
         while emitted < EGRESS_BUDGET {
             match self.iface.poll_egress(now, &mut port, &mut c.set) {
@@ -691,7 +658,7 @@ impl UstackTransport {
                 PollResult::SocketStateChanged => emitted += 1,
             }
         }
-        let more = emitted == EGRESS_BUDGET || !port.xsk.can_transmit();
+        let more = emitted == EGRESS_BUDGET || !port.link.xsk.can_transmit();
         let state = c.socket().state();
         if c.seam_closed && matches!(state, tcp::State::Closed | tcp::State::TimeWait | tcp::State::Listen) {
             if let Some(at) = c.timer.take() {
@@ -802,7 +769,7 @@ impl Transport for UstackTransport {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            if self.xsk.wait(self.waker.fd(), wait)? {
+            if self.link.xsk.wait(self.waker.fd(), wait)? {
                 self.waker.drain();
                 return Ok(());
             }
@@ -822,7 +789,7 @@ impl Transport for UstackTransport {
 
 impl Drop for UstackTransport {
     fn drop(&mut self) {
-        log::info!("ustack: {} queue {}: {}", self.shared.dev.name, self.queue, self.xsk.statistics());
+        log::info!("ustack: {} queue {}: {}", self.shared.dev.name, self.queue, self.link.xsk.statistics());
         self.shared.xdp.remove(self.queue);
         // Reset what is still open, so peers learn at once rather than by timeout.
         let now = self.now();
@@ -832,18 +799,11 @@ impl Drop for UstackTransport {
                 if c.socket().is_open() {
                     c.socket().abort();
                 }
-                let mut port = Port {
-                    xsk: &mut self.xsk,
-                    neighbours: &self.neighbours,
-                    mac: self.shared.dev.mac,
-                    mtu: self.shared.dev.mtu,
-                    packet: None,
-                    umem_written: &mut self.umem_written,
-                };
+                let mut port = Port { link: &mut self.link, packet: None };
                 let _ = self.iface.poll_egress(now, &mut port, &mut c.set);
             }
         }
-        self.xsk.kick();
+        self.link.xsk.kick();
     }
 }
 
