@@ -138,6 +138,9 @@ pub struct ServeArgs {
     /// its own client is not reading, which a Kafka broker tolerates up to its idle limit.
     #[arg(long)]
     pub rdma_stall_timeout_ms: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9644) [default: off].
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// ustack: the interface whose receive queues the cores serve, one each; its kernel
     /// IPv4 address is the broker's (listeners must be on it).
     #[arg(long)]
@@ -281,6 +284,8 @@ pub struct ServeConfig {
     pub rocketmq_delay_levels: Vec<std::time::Duration>,
     pub rocketmq_transactions: crate::protocol::rocketmq::schedule::TxSettings,
     pub rocketmq_grpc: crate::protocol::rocketmq::grpc::GrpcSettings,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
@@ -325,6 +330,7 @@ impl ServeArgs {
                 rdma_credits,
                 rdma_stall_timeout_ms,
                 ustack_if,
+                metrics_listen,
                 ustack_xdp_mode,
                 ustack_first_queue,
                 ustack_frames,
@@ -422,6 +428,7 @@ impl ServeArgs {
             },
         };
         Ok(ServeConfig {
+            metrics_listen: self.metrics_listen,
             rocketmq_grpc,
             rocketmq_transactions,
             rocketmq_delay_levels,

@@ -4,7 +4,8 @@
 //! to end. The layers, top down, each a module; a layer imports only from those below it:
 //!
 //! ```text
-//!   server              `serve`: listeners (each bound to a protocol), cores, I/O thread
+//!   server              `serve`: listeners (each bound to a protocol), cores, I/O thread;
+//!                       prometheus: the `/metrics` endpoint on a thread of its own
 //!   protocol::kafka     wire protocol: framer, session, handlers, response encoding
 //!   protocol::rocketmq  remoting: framer, name server, broker, scheduler service;
 //!                       grpc: RocketMQ 5's gRPC front on its own runtime, reaching
@@ -50,6 +51,7 @@ pub mod dispatch;
 pub mod framing;
 pub mod log;
 pub mod metrics;
+pub mod prometheus;
 pub mod protocol;
 pub mod server;
 pub mod sidecar;

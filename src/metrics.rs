@@ -98,6 +98,126 @@ pub fn count_bad_input_close() {
     CONNECTIONS_CLOSED_BAD_INPUT.fetch_add(1, Ordering::Relaxed);
 }
 
+static CONNECTIONS_ACCEPTED: AtomicU64 = AtomicU64::new(0);
+static CONNECTIONS_CLOSED: AtomicU64 = AtomicU64::new(0);
+static LOG_FLUSHES: AtomicU64 = AtomicU64::new(0);
+static SEGMENT_ROLLS: AtomicU64 = AtomicU64::new(0);
+static RETENTION_DELETED: AtomicU64 = AtomicU64::new(0);
+
+pub fn count_connection_accepted() {
+    CONNECTIONS_ACCEPTED.fetch_add(1, Ordering::Relaxed);
+}
+pub fn count_connection_closed() {
+    CONNECTIONS_CLOSED.fetch_add(1, Ordering::Relaxed);
+}
+/// A partition log made its appended bytes durable (fdatasync / msync of a range).
+pub fn count_log_flush() {
+    LOG_FLUSHES.fetch_add(1, Ordering::Relaxed);
+}
+pub fn count_segment_roll() {
+    SEGMENT_ROLLS.fetch_add(1, Ordering::Relaxed);
+}
+/// Segments removed by retention.
+pub fn count_retention_deleted(segments: usize) {
+    RETENTION_DELETED.fetch_add(segments as u64, Ordering::Relaxed);
+}
+
+/// Connection and log-activity counters (for the Prometheus endpoint).
+#[derive(Debug, Clone, Copy)]
+pub struct Activity {
+    pub connections_accepted: u64,
+    pub connections_closed: u64,
+    pub log_flushes: u64,
+    pub segment_rolls: u64,
+    pub retention_deleted_segments: u64,
+}
+
+pub fn activity() -> Activity {
+    Activity {
+        connections_accepted: CONNECTIONS_ACCEPTED.load(Ordering::Relaxed),
+        connections_closed: CONNECTIONS_CLOSED.load(Ordering::Relaxed),
+        log_flushes: LOG_FLUSHES.load(Ordering::Relaxed),
+        segment_rolls: SEGMENT_ROLLS.load(Ordering::Relaxed),
+        retention_deleted_segments: RETENTION_DELETED.load(Ordering::Relaxed),
+    }
+}
+
+/// Upper bounds (seconds) of the request-latency histogram's buckets (`+Inf` is implied).
+pub const LATENCY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Request kinds a listener's statistics can tell apart (Kafka API keys are below this).
+pub const API_SLOTS: usize = 128;
+
+/// One listener's requests by API (an index below [`API_SLOTS`], e.g. a Kafka API key):
+/// counts, failures and a latency histogram, all relaxed atomics (updated on the cores,
+/// read by the metrics endpoint).
+pub struct ApiStats {
+    /// `PROTOCOL://HOST:PORT`, the listener's label.
+    pub listener: String,
+    pub protocol: &'static str,
+    requests: [AtomicU64; API_SLOTS],
+    errors: [AtomicU64; API_SLOTS],
+    /// Per API: one counter per bucket of [`LATENCY_BUCKETS`] and one past the last.
+    latency: [[AtomicU64; LATENCY_BUCKETS.len() + 1]; API_SLOTS],
+    latency_sum_ns: [AtomicU64; API_SLOTS],
+}
+
+static LISTENERS: parking_lot::Mutex<Vec<std::sync::Arc<ApiStats>>> = parking_lot::Mutex::new(Vec::new());
+
+impl ApiStats {
+    /// A listener's statistics, registered for the metrics endpoint.
+    pub fn register(protocol: &'static str, listener: String) -> std::sync::Arc<ApiStats> {
+        let s = std::sync::Arc::new(ApiStats {
+            listener,
+            protocol,
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            latency_sum_ns: std::array::from_fn(|_| AtomicU64::new(0)),
+        });
+        LISTENERS.lock().push(s.clone());
+        s
+    }
+
+    /// Every registered listener's statistics.
+    pub fn all() -> Vec<std::sync::Arc<ApiStats>> {
+        LISTENERS.lock().clone()
+    }
+
+    fn slot(api: i16) -> usize {
+        usize::try_from(api).map_or(API_SLOTS - 1, |a| a.min(API_SLOTS - 1))
+    }
+
+    /// A request answered (or finished without an answer) `took` after it arrived.
+    pub fn answered(&self, api: i16, took: std::time::Duration) {
+        let i = Self::slot(api);
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        let b = LATENCY_BUCKETS.iter().position(|le| secs <= *le).unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[i][b].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ns[i].fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// A request that could not be decoded or served (its connection is closed).
+    pub fn failed(&self, api: i16) {
+        self.errors[Self::slot(api)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (api, requests, errors, per-bucket counts (not cumulative), latency sum in seconds)
+    /// for every API seen.
+    pub fn rows(&self) -> Vec<(usize, u64, u64, Vec<u64>, f64)> {
+        (0..API_SLOTS)
+            .filter_map(|i| {
+                let (n, e) = (self.requests[i].load(Ordering::Relaxed), self.errors[i].load(Ordering::Relaxed));
+                (n > 0 || e > 0).then(|| {
+                    let buckets = self.latency[i].iter().map(|b| b.load(Ordering::Relaxed)).collect();
+                    (i, n, e, buckets, self.latency_sum_ns[i].load(Ordering::Relaxed) as f64 / 1e9)
+                })
+            })
+            .collect()
+    }
+}
+
 /// A point-in-time copy of every counter.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
 pub struct Snapshot {

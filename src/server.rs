@@ -166,6 +166,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             .spawn(move || stats_loop(&data_dir, &shutdown))
             .map_err(ServeError::Thread)?
     };
+    let metrics_thread = match cfg.metrics_listen {
+        Some(addr) => Some(
+            crate::prometheus::spawn(addr, broker.clone(), shutdown.clone()).map_err(|e| ServeError::Bind(addr, e))?,
+        ),
+        None => None,
+    };
     for (l, p) in looped.iter().zip(&protocols) {
         log::info!(
             "slipstream serving {} on {} ({:?} transport, {} core(s)), advertising {}:{}",
@@ -197,6 +203,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     files_worker.finish();
     if stats_thread.join().is_err() {
         log::error!("the stats thread panicked");
+    }
+    if metrics_thread.is_some_and(|t| t.join().is_err()) {
+        log::error!("the metrics thread panicked");
     }
     broker.close();
     write_stats(&cfg.broker.data_dir);

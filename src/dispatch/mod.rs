@@ -465,6 +465,7 @@ impl Core {
                 };
                 log::debug!("core {}: {} connection {conn} from {peer}", self.id, protocol.name());
                 let session = protocol.open(peer);
+                metrics::count_connection_accepted();
                 let max = session.recv_max();
                 self.conns.insert(
                     conn,
@@ -499,6 +500,7 @@ impl Core {
             }
             Completion::Closed { conn, reason } => {
                 if let Some(c) = self.conns.remove(&conn) {
+                    metrics::count_connection_closed();
                     crate::transport::shrink_after_remove(&mut self.conns);
                     self.closed_since_trim += 1;
                     self.forget_slots(&c.queue);

@@ -171,7 +171,10 @@ pub enum IoWork {
 impl IoWork {
     pub fn run(self) -> io::Result<()> {
         match self {
-            IoWork::Flush { map, from, to } => map.flush_range(from, to),
+            IoWork::Flush { map, from, to } => {
+                crate::metrics::count_log_flush();
+                map.flush_range(from, to)
+            }
             IoWork::Write { path, bytes } => fs::write(path, bytes),
             IoWork::Remove(paths) => {
                 for p in paths {
@@ -313,6 +316,7 @@ impl PartitionLog {
     fn flush_now(&mut self) -> Result<(), LogError> {
         let to = self.writer.position();
         self.active.map.flush_range(self.flushed_to, to).map_err(io_err(self.active.map.path()))?;
+        crate::metrics::count_log_flush();
         self.flushed_to = to;
         Ok(())
     }
@@ -380,6 +384,7 @@ impl PartitionLog {
         self.sealed.push(old);
         self.writer = writer;
         self.flushed_to = 0;
+        crate::metrics::count_segment_roll();
         Ok(())
     }
 
@@ -486,6 +491,7 @@ impl PartitionLog {
             ));
             self.log_start_offset = self.sealed.first().map_or(self.active.base_offset, |s| s.base_offset);
             removed += 1;
+            crate::metrics::count_retention_deleted(1);
         }
         removed
     }

@@ -12,6 +12,7 @@ mod groups;
 mod idle_conns;
 mod listeners;
 mod long_poll;
+mod metrics;
 mod ops;
 mod packaging;
 #[cfg(feature = "rdma")]
