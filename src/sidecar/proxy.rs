@@ -151,8 +151,10 @@ struct Sidecar {
     max_rewrite: usize,
     stats: Stats,
     cache: Option<Cache>,
-    /// TLS from clients, and to the brokers.
-    tls_in: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS from clients (swapped whole on SIGHUP: new connections get the files as they
+    /// are then, open ones keep the session they have), and to the brokers.
+    tls_in: Option<arc_swap::ArcSwap<tokio_rustls::TlsAcceptor>>,
+    tls_args: TlsArgs,
     tls_up: Option<tls::Upstream>,
     /// With `--transport`: the one address every broker is advertised at, and the one
     /// broker it may stand for.
@@ -223,7 +225,8 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
                 })),
                 changed: tokio::sync::Notify::new(),
             }),
-            tls_in,
+            tls_in: tls_in.map(arc_swap::ArcSwap::from_pointee),
+            tls_args: args.tls.clone(),
             tls_up,
             single: args.transport.map(|_| Single {
                 host: StrBytes::from_string(host.clone()),
@@ -258,14 +261,18 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
             });
             stats_path = Some(path);
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| SidecarError::Settings(format!("signal handler: {e}")))?;
+        let handler = |kind| {
+            tokio::signal::unix::signal(kind).map_err(|e| SidecarError::Settings(format!("signal handler: {e}")))
+        };
+        let mut term = handler(tokio::signal::unix::SignalKind::terminate())?;
+        let mut hup = handler(tokio::signal::unix::SignalKind::hangup())?;
         loop {
             tokio::select! {
                 Some(o) = opened.recv() => match TcpListener::from_std(o.listener) {
                     Ok(l) => { tokio::spawn(accept_loop(side.clone(), l, Target::Node(o.node_id))); }
                     Err(e) => log::error!("sidecar: broker {} listener: {e}", o.node_id),
                 },
+                _ = hup.recv() => side.reload_tls(),
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
             }
@@ -747,6 +754,23 @@ impl Sidecar {
         Ok(())
     }
 
+    /// SIGHUP: the certificate, key and client CA files read again. A set that does not
+    /// load leaves the one in use in place (and says why): a reload never takes TLS down.
+    fn reload_tls(&self) {
+        let Some(current) = &self.tls_in else {
+            log::info!("sidecar: SIGHUP: no TLS listener to reload");
+            return;
+        };
+        match tls::acceptor(&self.tls_args) {
+            Ok(Some(a)) => {
+                current.store(Arc::new(a));
+                log::info!("sidecar: SIGHUP: TLS certificates reloaded; new connections get them");
+            }
+            Ok(None) => log::error!("sidecar: SIGHUP: TLS settings vanished; keeping the certificates in use"),
+            Err(e) => log::error!("sidecar: SIGHUP: TLS reload failed, keeping the certificates in use: {e}"),
+        }
+    }
+
     async fn serve(self: &Arc<Self>, client: TcpStream, target: Target) -> Result<(), ConnError> {
         client.set_nodelay(true)?;
         let (cr, cw): (ByteRead, ByteWrite) = match &self.tls_in {
@@ -755,6 +779,7 @@ impl Sidecar {
                 (Box::new(r), Box::new(w))
             }
             Some(acceptor) => {
+                let acceptor = acceptor.load_full();
                 let tls = acceptor.accept(client).await.map_err(ConnError::Handshake)?;
                 let (r, w) = tokio::io::split(tls);
                 (Box::new(r), Box::new(w))

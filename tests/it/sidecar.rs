@@ -537,21 +537,34 @@ fn a_transport_front_refuses_a_second_broker() {
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the
 /// openssl command line into `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+const EC: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+
+/// A test CA (ca.pem, ca.key) and, signed by it, a server certificate for 127.0.0.1
+/// (server.pem, server.key) and a client certificate (client.pem, client.key).
 fn make_certs(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]]
-        .concat());
+    openssl(
+        dir,
+        &[&["req", "-x509"][..], &EC, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]]
+            .concat(),
+    );
     std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
-    for who in ["server", "client"] {
-        let (key, csr, pem, ext) =
-            (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"), format!("{who}.ext"));
-        run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
-        run(&[
+    issue(dir, "server", "server.ext");
+    issue(dir, "client", "client.ext");
+}
+
+/// WHO.key and WHO.pem (CN=WHO), signed by the test CA with the extensions in `ext`.
+fn issue(dir: &std::path::Path, who: &str, ext: &str) {
+    let (key, csr, pem) = (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"));
+    openssl(dir, &[&["req"][..], &EC, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
+    openssl(
+        dir,
+        &[
             "x509",
             "-req",
             "-in",
@@ -566,9 +579,9 @@ fn make_certs(dir: &std::path::Path) {
             "-days",
             "2",
             "-extfile",
-            &ext,
-        ]);
-    }
+            ext,
+        ],
+    );
 }
 
 /// TLS both ways, by chaining two sidecars: clients → A (plaintext) → A's `--upstream-tls`
@@ -676,4 +689,92 @@ fn sidecar_killed_and_restarted_mid_stream_loses_nothing_acknowledged() {
         &["sidecar_restart.py", "--bootstrap", &bootstrap, "--phase", "verify", "--acked", &acked_path],
         SUITE_TIMEOUT,
     );
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS session with the server at `addr` (verified against `ca`) and the certificate it
+/// presented.
+fn tls_connect(addr: SocketAddr, ca: &std::path::Path) -> (Vec<u8>, TlsStream) {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca.pem") {
+        roots.add(c.expect("a CA certificate")).expect("root");
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("client");
+    let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(addr).expect("connect"));
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("TLS handshake");
+    }
+    let cert = s.conn.peer_certificates().expect("a certificate")[0].to_vec();
+    (cert, s)
+}
+
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path).expect("certificate").to_vec()
+}
+
+/// ApiVersions v0 over `s`, answered with its correlation id.
+fn api_versions_over(s: &mut TlsStream, correlation: i32) {
+    let mut frame = vec![0, 0, 0, 10, 0, 18, 0, 0];
+    frame.extend_from_slice(&correlation.to_be_bytes());
+    frame.extend_from_slice(&[0xff, 0xff]);
+    s.write_all(&frame).expect("send");
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("answer length");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("answer");
+    assert_eq!(&body[..4], &correlation.to_be_bytes(), "answered another request");
+}
+
+/// SIGHUP reloads `--tls-cert`/`--tls-key`: new connections get the new certificate, an
+/// open session goes on with the old one, and files that do not load leave the certificate
+/// in use in place (logged).
+#[test]
+fn tls_certificates_reload_on_sighup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    make_certs(d);
+    issue(d, "server2", "server.ext");
+    std::fs::copy(d.join("server.pem"), d.join("live.pem")).expect("copy");
+    std::fs::copy(d.join("server.key"), d.join("live.key")).expect("copy");
+    let f = |n: &str| d.join(n).to_string_lossy().to_string();
+    let broker = BrokerProc::start(&[]);
+    let side =
+        SidecarProc::start(&broker.addr.to_string(), &["--tls-cert", &f("live.pem"), "--tls-key", &f("live.key")]);
+    let ca = d.join("ca.pem");
+    let (first, mut open) = tls_connect(side.addr, &ca);
+    assert_eq!(first, pem_der(&d.join("server.pem")));
+    api_versions_over(&mut open, 1);
+
+    let hup = |expect: &str| {
+        let pid = side.child.as_ref().expect("running").id();
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !side.log_text().contains(expect) {
+            assert!(Instant::now() < deadline, "no {expect:?} after SIGHUP:\n{}", side.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    std::fs::copy(d.join("server2.pem"), d.join("live.pem")).expect("copy");
+    std::fs::copy(d.join("server2.key"), d.join("live.key")).expect("copy");
+    hup("TLS certificates reloaded");
+    let (second, mut again) = tls_connect(side.addr, &ca);
+    assert_eq!(second, pem_der(&d.join("server2.pem")), "a new connection after SIGHUP got the old certificate");
+    api_versions_over(&mut again, 2);
+    api_versions_over(&mut open, 3);
+
+    std::fs::write(d.join("live.pem"), "not a certificate").expect("write");
+    hup("TLS reload failed");
+    let (third, _) = tls_connect(side.addr, &ca);
+    assert_eq!(third, pem_der(&d.join("server2.pem")), "a failed reload changed the certificate");
 }
