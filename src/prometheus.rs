@@ -225,6 +225,16 @@ pub fn render(broker: &Broker) -> String {
         let bytes: u64 = t.partitions.iter().map(|p| p.appended()).sum();
         let _ = writeln!(o, "slipstream_topic_bytes_in_total{{topic=\"{}\"}} {bytes}", esc(t.name()));
     }
+    family(
+        &mut o,
+        "slipstream_topic_bytes_out_total",
+        "counter",
+        "Record bytes read out of the topic's partitions for fetches and pulls since the broker started.",
+    );
+    for t in &topics {
+        let bytes: u64 = t.partitions.iter().map(|p| p.read_bytes()).sum();
+        let _ = writeln!(o, "slipstream_topic_bytes_out_total{{topic=\"{}\"}} {bytes}", esc(t.name()));
+    }
     family(&mut o, "slipstream_partition_high_watermark", "gauge", "The partition's high watermark (next offset).");
     for t in &topics {
         for (i, p) in t.partitions.iter().enumerate() {

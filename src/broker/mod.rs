@@ -99,6 +99,8 @@ pub struct PartitionShared {
     log_start: AtomicI64,
     /// Bytes ever appended (for long-poll fetches waiting on `min_bytes`).
     appended: AtomicU64,
+    /// Record bytes read out for fetches and pulls since the broker started.
+    read: AtomicU64,
 }
 
 impl PartitionShared {
@@ -110,6 +112,12 @@ impl PartitionShared {
     }
     pub fn appended(&self) -> u64 {
         self.appended.load(Ordering::Acquire)
+    }
+    pub fn read_bytes(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+    pub(crate) fn count_read(&self, bytes: usize) {
+        self.read.fetch_add(bytes as u64, Ordering::Relaxed);
     }
     pub(crate) fn publish(&self, log: &PartitionLog, added_bytes: u64) {
         self.log_start.store(log.log_start_offset(), Ordering::Release);

@@ -90,7 +90,10 @@ impl Shard {
                 Err(e) => fail(e, log),
             },
             PartOp::Read { offset, max_bytes } => match log.read(offset, max_bytes) {
-                Ok(r) => PartResult::Read(r),
+                Ok(r) => {
+                    shared.count_read(r.records.bytes().len());
+                    PartResult::Read(r)
+                }
                 Err(e) => fail(e, log),
             },
             PartOp::OffsetForTime { timestamp } => PartResult::Offset(log.offset_for_time(timestamp)),

@@ -122,10 +122,14 @@ fn metrics_endpoint_counts_what_happened() {
     // 50 batches of 3 records into partition 0, 20 into partition 1.
     let value = vec![b'v'; 1000];
     let mut bytes_in = 0;
+    let mut bytes_p0 = 0;
     for i in 0..70i64 {
         let (partition, base) = if i < 50 { (0, i * 3) } else { (1, (i - 50) * 3) };
         let batch = build_batch(0, base, &[&value[..], &value[..], &value[..]]);
         bytes_in += batch.len();
+        if partition == 0 {
+            bytes_p0 += batch.len();
+        }
         let p = c.produce("m", partition, Bytes::from(batch), -1).expect("produce");
         assert_eq!((p.error_code, p.base_offset), (0, base));
     }
@@ -181,6 +185,9 @@ fn metrics_endpoint_counts_what_happened() {
     assert_eq!(get(&samples, "slipstream_partition_high_watermark", &[("topic", "m"), ("partition", "1")]), 60.0);
     assert_eq!(get(&samples, "slipstream_partition_log_start_offset", &[("topic", "m"), ("partition", "0")]), 0.0);
     assert_eq!(get(&samples, "slipstream_topic_bytes_in_total", &[("topic", "m")]), bytes_in as f64);
+    // What the one fetch read (up to the end of partition 0's first 64 KiB segment).
+    assert!(!f.records.is_empty() && f.records.len() <= bytes_p0);
+    assert_eq!(get(&samples, "slipstream_topic_bytes_out_total", &[("topic", "m")]), f.records.len() as f64);
     assert!(get(&samples, "slipstream_partition_log_size_bytes", &[("topic", "m"), ("partition", "0")]) >= 150_000.0);
     assert_eq!(get(&samples, "slipstream_group_lag", &[("group", "mg"), ("topic", "m"), ("partition", "0")]), 120.0);
     // The log: a flush per acknowledged produce (`--flush always`), rolls past 64 KiB.
