@@ -122,26 +122,6 @@ pub fn count_retention_deleted(segments: usize) {
     RETENTION_DELETED.fetch_add(segments as u64, Ordering::Relaxed);
 }
 
-/// Connection and log-activity counters (for the Prometheus endpoint).
-#[derive(Debug, Clone, Copy)]
-pub struct Activity {
-    pub connections_accepted: u64,
-    pub connections_closed: u64,
-    pub log_flushes: u64,
-    pub segment_rolls: u64,
-    pub retention_deleted_segments: u64,
-}
-
-pub fn activity() -> Activity {
-    Activity {
-        connections_accepted: CONNECTIONS_ACCEPTED.load(Ordering::Relaxed),
-        connections_closed: CONNECTIONS_CLOSED.load(Ordering::Relaxed),
-        log_flushes: LOG_FLUSHES.load(Ordering::Relaxed),
-        segment_rolls: SEGMENT_ROLLS.load(Ordering::Relaxed),
-        retention_deleted_segments: RETENTION_DELETED.load(Ordering::Relaxed),
-    }
-}
-
 /// Upper bounds (seconds) of the request-latency histogram's buckets (`+Inf` is implied).
 pub const LATENCY_BUCKETS: [f64; 16] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -245,6 +225,16 @@ pub struct Snapshot {
     pub ustack_umem_bytes_written: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
+    #[serde(default)]
+    pub connections_accepted: u64,
+    #[serde(default)]
+    pub connections_closed: u64,
+    #[serde(default)]
+    pub log_flushes: u64,
+    #[serde(default)]
+    pub segment_rolls: u64,
+    #[serde(default)]
+    pub retention_deleted_segments: u64,
 }
 
 pub fn snapshot() -> Snapshot {
@@ -264,5 +254,10 @@ pub fn snapshot() -> Snapshot {
         ustack_umem_bytes_written: USTACK_UMEM.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
+        connections_accepted: CONNECTIONS_ACCEPTED.load(Ordering::Relaxed),
+        connections_closed: CONNECTIONS_CLOSED.load(Ordering::Relaxed),
+        log_flushes: LOG_FLUSHES.load(Ordering::Relaxed),
+        segment_rolls: SEGMENT_ROLLS.load(Ordering::Relaxed),
+        retention_deleted_segments: RETENTION_DELETED.load(Ordering::Relaxed),
     }
 }

@@ -6,7 +6,7 @@
 //! catalog, the group coordinator's lock (briefly, as a group request would) and the sizes
 //! of the partitions' files.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -83,23 +83,42 @@ fn esc(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// The text being written: families, each declared once before its samples.
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// One sample; `labels` is the inside of the braces (empty for none).
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+        }
+    }
+
+    /// A family of one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, "", value);
+    }
+}
+
 /// The exposition, from the counters and the broker's state now.
 pub fn render(broker: &Broker) -> String {
-    let mut o = String::new();
-    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-
-    family(&mut o, "slipstream_build_info", "gauge", "The running build.");
-    let _ = writeln!(
-        o,
-        "slipstream_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+    let mut o = Exposition(String::new());
+    o.family("slipstream_build_info", "gauge", "The running build.");
+    let build = format!(
+        "version=\"{}\",commit=\"{}\"",
         env!("CARGO_PKG_VERSION"),
         esc(option_env!("SLIPSTREAM_COMMIT").unwrap_or("unknown"))
     );
+    o.sample("slipstream_build_info", &build, 1);
 
-    // Requests by listener and API.
-    let listeners = ApiStats::all();
+    // Requests by listener and API: the labels of each row made once.
     let api_name = |protocol: &str, api: usize| -> String {
         match protocol {
             "kafka" => kafka_protocol::messages::ApiKey::try_from(api as i16)
@@ -107,71 +126,69 @@ pub fn render(broker: &Broker) -> String {
             _ => api.to_string(),
         }
     };
-    let rows: Vec<_> = listeners.iter().map(|l| (l, l.rows())).collect();
-    family(
-        &mut o,
+    let rows: Vec<_> = ApiStats::all()
+        .iter()
+        .flat_map(|l| {
+            l.rows().into_iter().map(|(api, n, e, buckets, sum)| {
+                (format!("listener=\"{}\",api=\"{}\"", esc(&l.listener), api_name(l.protocol, api)), n, e, buckets, sum)
+            })
+        })
+        .collect();
+    o.family(
         "slipstream_requests_total",
         "counter",
         "Requests answered (or finished without an answer), by listener and API.",
     );
-    for (l, rs) in &rows {
-        for (api, n, _, _, _) in rs {
-            let _ = writeln!(
-                o,
-                "slipstream_requests_total{{listener=\"{}\",api=\"{}\"}} {n}",
-                esc(&l.listener),
-                api_name(l.protocol, *api)
-            );
-        }
+    for (labels, n, ..) in &rows {
+        o.sample("slipstream_requests_total", labels, n);
     }
-    family(
-        &mut o,
+    o.family(
         "slipstream_request_errors_total",
         "counter",
         "Requests that could not be decoded, were of an unsupported version, or whose answer could not be encoded (the connection is closed), by listener and API.",
     );
-    for (l, rs) in &rows {
-        for (api, _, e, _, _) in rs {
-            let _ = writeln!(
-                o,
-                "slipstream_request_errors_total{{listener=\"{}\",api=\"{}\"}} {e}",
-                esc(&l.listener),
-                api_name(l.protocol, *api)
-            );
-        }
+    for (labels, _, e, ..) in &rows {
+        o.sample("slipstream_request_errors_total", labels, e);
     }
-    family(
-        &mut o,
+    o.family(
         "slipstream_request_duration_seconds",
         "histogram",
         "From a request's arrival to its answer (a long poll's wait included), by listener and API.",
     );
-    for (l, rs) in &rows {
-        for (api, n, _, buckets, sum) in rs {
-            let labels = format!("listener=\"{}\",api=\"{}\"", esc(&l.listener), api_name(l.protocol, *api));
-            let mut cumulative = 0;
-            for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-                cumulative += buckets[i];
-                let _ = writeln!(o, "slipstream_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-            }
-            let _ = writeln!(o, "slipstream_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {n}");
-            let _ = writeln!(o, "slipstream_request_duration_seconds_sum{{{labels}}} {sum}");
-            let _ = writeln!(o, "slipstream_request_duration_seconds_count{{{labels}}} {n}");
+    for (labels, n, _, buckets, sum) in &rows {
+        let mut cumulative = 0;
+        for (le, count) in LATENCY_BUCKETS.iter().zip(buckets) {
+            cumulative += count;
+            o.sample("slipstream_request_duration_seconds_bucket", &format!("{labels},le=\"{le}\""), cumulative);
         }
+        o.sample("slipstream_request_duration_seconds_bucket", &format!("{labels},le=\"+Inf\""), n);
+        o.sample("slipstream_request_duration_seconds_sum", labels, sum);
+        o.sample("slipstream_request_duration_seconds_count", labels, n);
     }
 
     // Connections.
-    let a = metrics::activity();
-    family(&mut o, "slipstream_connections_open", "gauge", "Client connections open now (every listener).");
-    let _ = writeln!(o, "slipstream_connections_open {}", a.connections_accepted.saturating_sub(a.connections_closed));
-    family(&mut o, "slipstream_connections_accepted_total", "counter", "Client connections accepted.");
-    let _ = writeln!(o, "slipstream_connections_accepted_total {}", a.connections_accepted);
     let s = metrics::snapshot();
-    family(&mut o, "slipstream_connections_closed_bad_input_total", "counter", "Connections closed for bad input.");
-    let _ = writeln!(o, "slipstream_connections_closed_bad_input_total {}", s.connections_closed_bad_input);
+    o.single(
+        "slipstream_connections_open",
+        "gauge",
+        "Client connections open now (every listener).",
+        s.connections_accepted.saturating_sub(s.connections_closed),
+    );
+    o.single(
+        "slipstream_connections_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        s.connections_accepted,
+    );
+    o.single(
+        "slipstream_connections_closed_bad_input_total",
+        "counter",
+        "Connections closed for bad input.",
+        s.connections_closed_bad_input,
+    );
 
     // Copies by path (the zero-copy claims, as the stats file has them).
-    family(&mut o, "slipstream_copied_bytes_total", "counter", "Payload bytes copied in user space, by path.");
+    o.family("slipstream_copied_bytes_total", "counter", "Payload bytes copied in user space, by path.");
     for (path, v) in [
         ("produce_into_log", s.produce_bytes_copied),
         ("fetch_out", s.fetch_bytes_copied),
@@ -183,124 +200,112 @@ pub fn render(broker: &Broker) -> String {
         ("ustack_send_buffer", s.ustack_send_bytes_copied),
         ("ustack_umem", s.ustack_umem_bytes_written),
     ] {
-        let _ = writeln!(o, "slipstream_copied_bytes_total{{path=\"{path}\"}} {v}");
+        o.sample("slipstream_copied_bytes_total", &format!("path=\"{path}\""), v);
     }
-    family(&mut o, "slipstream_zero_copy_bytes_total", "counter", "Payload bytes that left by reference, by how.");
+    o.family("slipstream_zero_copy_bytes_total", "counter", "Payload bytes that left by reference, by how.");
     for (path, v) in [
         ("fetch_by_reference", s.fetch_bytes_zero_copy),
         ("kernel_zero_copy_send", s.kernel_zero_copy_send_bytes),
         ("rdma_from_log", s.rdma_log_bytes_written),
     ] {
-        let _ = writeln!(o, "slipstream_zero_copy_bytes_total{{path=\"{path}\"}} {v}");
+        o.sample("slipstream_zero_copy_bytes_total", &format!("path=\"{path}\""), v);
     }
 
     // The log.
-    family(&mut o, "slipstream_log_flushes_total", "counter", "Flushes of appended log bytes to stable storage.");
-    let _ = writeln!(o, "slipstream_log_flushes_total {}", a.log_flushes);
-    family(&mut o, "slipstream_log_segment_rolls_total", "counter", "Log segments rolled.");
-    let _ = writeln!(o, "slipstream_log_segment_rolls_total {}", a.segment_rolls);
-    family(&mut o, "slipstream_log_retention_deleted_segments_total", "counter", "Log segments deleted by retention.");
-    let _ = writeln!(o, "slipstream_log_retention_deleted_segments_total {}", a.retention_deleted_segments);
-    let data_dir = &broker.settings.data_dir;
-    if let Ok(v) = rustix::fs::statvfs(data_dir) {
-        family(
-            &mut o,
+    o.single(
+        "slipstream_log_flushes_total",
+        "counter",
+        "Flushes of appended log bytes to stable storage.",
+        s.log_flushes,
+    );
+    o.single("slipstream_log_segment_rolls_total", "counter", "Log segments rolled.", s.segment_rolls);
+    o.single(
+        "slipstream_log_retention_deleted_segments_total",
+        "counter",
+        "Log segments deleted by retention.",
+        s.retention_deleted_segments,
+    );
+    if let Ok(v) = rustix::fs::statvfs(&broker.settings.data_dir) {
+        o.single(
             "slipstream_data_dir_free_bytes",
             "gauge",
             "Bytes available to the broker on the data directory's file system.",
+            v.f_bavail.saturating_mul(v.f_frsize),
         );
-        let _ = writeln!(o, "slipstream_data_dir_free_bytes {}", v.f_bavail.saturating_mul(v.f_frsize));
     }
 
     // Topics and partitions.
     let topics = broker.topics();
-    let mut hw: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    family(
-        &mut o,
+    o.family(
         "slipstream_topic_bytes_in_total",
         "counter",
         "Record bytes appended to the topic's partitions since the broker started.",
     );
     for t in &topics {
         let bytes: u64 = t.partitions.iter().map(|p| p.appended()).sum();
-        let _ = writeln!(o, "slipstream_topic_bytes_in_total{{topic=\"{}\"}} {bytes}", esc(t.name()));
+        o.sample("slipstream_topic_bytes_in_total", &format!("topic=\"{}\"", esc(t.name())), bytes);
     }
-    family(
-        &mut o,
+    o.family(
         "slipstream_topic_bytes_out_total",
         "counter",
         "Record bytes read out of the topic's partitions for fetches and pulls since the broker started.",
     );
     for t in &topics {
         let bytes: u64 = t.partitions.iter().map(|p| p.read_bytes()).sum();
-        let _ = writeln!(o, "slipstream_topic_bytes_out_total{{topic=\"{}\"}} {bytes}", esc(t.name()));
+        o.sample("slipstream_topic_bytes_out_total", &format!("topic=\"{}\"", esc(t.name())), bytes);
     }
-    family(&mut o, "slipstream_partition_high_watermark", "gauge", "The partition's high watermark (next offset).");
-    for t in &topics {
-        for (i, p) in t.partitions.iter().enumerate() {
-            hw.insert((t.name().to_string(), i as i32), p.next_offset());
-            let _ = writeln!(
-                o,
-                "slipstream_partition_high_watermark{{topic=\"{}\",partition=\"{i}\"}} {}",
-                esc(t.name()),
-                p.next_offset()
-            );
-        }
+    // Every partition once: its labels, and the high watermark the group lag is measured
+    // against (read once, so the two agree).
+    let partitions: Vec<(String, &crate::broker::Topic, usize, i64)> = topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .enumerate()
+                .map(move |(i, p)| (format!("topic=\"{}\",partition=\"{i}\"", esc(t.name())), &**t, i, p.next_offset()))
+        })
+        .collect();
+    o.family("slipstream_partition_high_watermark", "gauge", "The partition's high watermark (next offset).");
+    for (labels, _, _, hw) in &partitions {
+        o.sample("slipstream_partition_high_watermark", labels, hw);
     }
-    family(&mut o, "slipstream_partition_log_start_offset", "gauge", "The partition's first offset kept.");
-    for t in &topics {
-        for (i, p) in t.partitions.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "slipstream_partition_log_start_offset{{topic=\"{}\",partition=\"{i}\"}} {}",
-                esc(t.name()),
-                p.log_start()
-            );
-        }
+    o.family("slipstream_partition_log_start_offset", "gauge", "The partition's first offset kept.");
+    for (labels, t, i, _) in &partitions {
+        o.sample("slipstream_partition_log_start_offset", labels, t.partitions[*i].log_start());
     }
-    family(
-        &mut o,
+    o.family(
         "slipstream_partition_log_size_bytes",
         "gauge",
         "Bytes of the partition's files on disk (segments and indexes, as allocated).",
     );
-    for t in &topics {
-        for i in 0..t.partitions.len() {
-            let size = dir_bytes(&t.partition_dir(i as i32));
-            let _ = writeln!(
-                o,
-                "slipstream_partition_log_size_bytes{{topic=\"{}\",partition=\"{i}\"}} {size}",
-                esc(t.name())
-            );
-        }
+    for (labels, t, i, _) in &partitions {
+        o.sample("slipstream_partition_log_size_bytes", labels, dir_bytes(&t.partition_dir(*i as i32)));
     }
 
     // Consumer groups: lag by committed offset.
-    let lag: Vec<(String, String, i32, i64)> = {
+    let hw: HashMap<(&str, i32), i64> = partitions.iter().map(|(_, t, i, hw)| ((t.name(), *i as i32), *hw)).collect();
+    let mut lag: Vec<(String, String, i32, i64)> = {
         let groups = broker.groups.lock();
         groups
             .groups()
             .flat_map(|g| {
                 g.offsets.iter().filter_map(|((topic, partition), c)| {
-                    let end = *hw.get(&(topic.clone(), *partition))?;
+                    let end = *hw.get(&(topic.as_str(), *partition))?;
                     Some((g.id.clone(), topic.clone(), *partition, (end - c.offset).max(0)))
                 })
             })
             .collect()
     };
-    family(
-        &mut o,
+    lag.sort();
+    o.family(
         "slipstream_group_lag",
         "gauge",
         "High watermark minus the group's committed offset, by group and partition.",
     );
-    let mut lag = lag;
-    lag.sort();
     for (g, t, p, l) in lag {
-        let _ =
-            writeln!(o, "slipstream_group_lag{{group=\"{}\",topic=\"{}\",partition=\"{p}\"}} {l}", esc(&g), esc(&t));
+        o.sample("slipstream_group_lag", &format!("group=\"{}\",topic=\"{}\",partition=\"{p}\"", esc(&g), esc(&t)), l);
     }
-    o
+    o.0
 }
 
 /// Bytes of the files directly in `dir`.
