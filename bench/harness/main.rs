@@ -109,7 +109,7 @@ pub struct BenchArgs {
     /// the RDMA address in $SLIPSTREAM_RDMA_IP, or $RXE_IP in the soft-RoCE VM, and the
     /// clients go through a `slipstream bridge` the harness starts beside it) or
     /// `NAME=HOST:PORT[,pid=PID]` (any Kafka-compatible broker; the pid enables its CPU
-    /// figures). Repeatable. Two flags are the harness's own: `--data-parent=DIR` makes the
+    /// figures). Repeatable. Four flags are the harness's own, not `serve`'s: `--data-parent=DIR` makes the
     /// broker's data directory in DIR (e.g. /dev/shm), not in $TMPDIR; `--via-sidecar`
     /// puts a `slipstream sidecar` in front of the broker and the clients bootstrap there
     /// (CPU figures stay the broker's alone); `--netns=NS` and `--addr=IP:PORT` start the
@@ -208,9 +208,15 @@ impl Target {
     }
 }
 
-/// Harness flags that say where the broker runs, not how.
+/// Flags that say where the broker runs, not how (left out of a target's name): the
+/// harness's `--netns`/`--addr`, and the interface the user-space stack is given.
 fn is_placement_flag(f: &str) -> bool {
     f.starts_with("--netns=") || f.starts_with("--addr=") || f.starts_with("--ustack-if=")
+}
+
+/// Flags of a `slipstream:` target that the harness takes itself (never passed to `serve`).
+fn is_harness_flag(f: &str) -> bool {
+    f.starts_with("--data-parent=") || f == "--via-sidecar" || f.starts_with("--netns=") || f.starts_with("--addr=")
 }
 
 /// The RDMA address `slipstream:rdma` targets listen on.
@@ -268,15 +274,7 @@ impl Spawned {
         let parent = flags.iter().find_map(|f| f.strip_prefix("--data-parent="));
         // Harness options, not serve flags: where the data lives, and a sidecar in front.
         let via_sidecar = flags.iter().any(|f| f == "--via-sidecar");
-        let flags: Vec<&String> = flags
-            .iter()
-            .filter(|f| {
-                !f.starts_with("--data-parent=")
-                    && *f != "--via-sidecar"
-                    && !f.starts_with("--netns=")
-                    && !f.starts_with("--addr=")
-            })
-            .collect();
+        let flags: Vec<&String> = flags.iter().filter(|f| !is_harness_flag(f)).collect();
         let data = match parent {
             Some(dir) => tempfile::tempdir_in(dir).with_context(|| format!("a data directory in {dir}"))?,
             None => tempfile::tempdir()?,
