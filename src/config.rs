@@ -34,7 +34,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// A listener, repeatable: `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT]`. PROTOCOL is
+    /// A listener, repeatable: `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT][,security=S]`.
+    /// S is Kafka's security protocol: `PLAINTEXT` (the default), `SSL`, `SASL_PLAINTEXT`
+    /// or `SASL_SSL` (SASL on Kafka listeners only); Kafka's own `SASL_SSL://HOST:PORT`
+    /// form names a Kafka listener with it. PROTOCOL is
     /// `kafka` (the default), `rocketmq` (RocketMQ remoting, the broker role),
     /// `rocketmq-namesrv` (its name server; on HOST:9876 of the first `rocketmq` listener
     /// unless given) or `rocketmq-grpc` (RocketMQ 5's gRPC `MessagingService`; port 8081
@@ -138,6 +141,20 @@ pub struct ServeArgs {
     /// its own client is not reading, which a Kafka broker tolerates up to its idle limit.
     #[arg(long)]
     pub rdma_stall_timeout_ms: Option<u64>,
+    /// TLS listeners' certificate chain (PEM); reloaded with the key and client CA on SIGHUP.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS listeners require client certificates signed by these CAs (PEM): mutual TLS,
+    /// the principal being the certificate's subject (on `SSL` listeners).
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// SASL mechanisms offered on `SASL_*` listeners, comma-separated
+    /// [default: SCRAM-SHA-512,SCRAM-SHA-256,PLAIN]. Users: `slipstream users`.
+    #[arg(long)]
+    pub sasl_mechanisms: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9644) [default: off].
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -195,6 +212,47 @@ pub const ROCKETMQ_GRPC_PORT: u16 = 8081;
 /// Where the name server listens when RocketMQ is on and none is given.
 pub const ROCKETMQ_NAMESRV_PORT: u16 = 9876;
 
+/// Kafka's security protocols: whether a listener speaks TLS, and whether clients
+/// authenticate with SASL on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Security {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl Security {
+    fn parse(s: &str) -> Option<Security> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "PLAINTEXT" => Security::Plaintext,
+            "SSL" => Security::Ssl,
+            "SASL_PLAINTEXT" => Security::SaslPlaintext,
+            "SASL_SSL" => Security::SaslSsl,
+            _ => return None,
+        })
+    }
+
+    /// Kafka's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Security::Plaintext => "PLAINTEXT",
+            Security::Ssl => "SSL",
+            Security::SaslPlaintext => "SASL_PLAINTEXT",
+            Security::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    pub fn tls(self) -> bool {
+        matches!(self, Security::Ssl | Security::SaslSsl)
+    }
+
+    pub fn sasl(self) -> bool {
+        matches!(self, Security::SaslPlaintext | Security::SaslSsl)
+    }
+}
+
 /// One resolved `--listen`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
@@ -202,17 +260,23 @@ pub struct ListenerConfig {
     pub addr: SocketAddr,
     /// What clients are told to connect to: (host, port).
     pub advertised: (String, i32),
+    pub security: Security,
 }
 
 impl ListenerConfig {
-    /// Parses `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT]`.
+    /// Parses `[PROTOCOL://]HOST:PORT[,advertise=HOST:PORT][,security=S]`.
     fn parse(spec: &str, default_advertised: Option<&str>) -> Result<ListenerConfig, ConfigError> {
         let (url, options) = match spec.split_once(',') {
             Some((url, options)) => (url, Some(options)),
             None => (spec, None),
         };
+        let mut security = Security::Plaintext;
         let (protocol, hostport) = match url.split_once("://") {
             None => (ProtocolKind::Kafka, url),
+            Some((scheme, hostport)) if Security::parse(scheme).is_some() => {
+                security = Security::parse(scheme).unwrap_or_default();
+                (ProtocolKind::Kafka, hostport)
+            }
             Some(("kafka", hostport)) => (ProtocolKind::Kafka, hostport),
             Some(("rocketmq", hostport)) => (ProtocolKind::RocketMq, hostport),
             Some(("rocketmq-namesrv", hostport)) => (ProtocolKind::RocketMqNamesrv, hostport),
@@ -221,7 +285,8 @@ impl ListenerConfig {
                 return Err(invalid(
                     "listener protocol",
                     other,
-                    "this build serves: kafka, rocketmq, rocketmq-namesrv, rocketmq-grpc",
+                    "this build serves: kafka, rocketmq, rocketmq-namesrv, rocketmq-grpc (and Kafka's \
+                     PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL)",
                 ));
             }
         };
@@ -242,10 +307,23 @@ impl ListenerConfig {
         for option in options.into_iter().flat_map(|o| o.split(',')) {
             match option.split_once('=') {
                 Some(("advertise", a)) => advertised = a.to_string(),
-                _ => return Err(invalid("listener option", option, "expected advertise=HOST:PORT")),
+                Some(("security", s)) => {
+                    security = Security::parse(s).ok_or_else(|| {
+                        invalid("listener security", s, "expected PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+                    })?
+                }
+                _ => {
+                    return Err(invalid("listener option", option, "expected advertise=HOST:PORT or security=PROTOCOL"))
+                }
             }
         }
-        Ok(ListenerConfig { protocol, addr, advertised: host_port(&advertised)? })
+        match protocol {
+            ProtocolKind::Kafka => {}
+            ProtocolKind::RocketMq | ProtocolKind::RocketMqNamesrv if !security.sasl() => {}
+            ProtocolKind::RocketMqGrpc if security == Security::Plaintext => {}
+            _ => return Err(invalid("listener security", spec, "this protocol's listeners cannot serve it")),
+        }
+        Ok(ListenerConfig { protocol, addr, advertised: host_port(&advertised)?, security })
     }
 }
 
@@ -286,6 +364,10 @@ pub struct ServeConfig {
     pub rocketmq_grpc: crate::protocol::rocketmq::grpc::GrpcSettings,
     /// Where the Prometheus endpoint listens, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The TLS listeners' files (given when any listener serves TLS).
+    pub tls: Option<crate::tls::ServerFiles>,
+    /// SASL mechanisms offered, in order of preference.
+    pub sasl_mechanisms: Vec<crate::broker::users::Mechanism>,
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
@@ -331,6 +413,10 @@ impl ServeArgs {
                 rdma_stall_timeout_ms,
                 ustack_if,
                 metrics_listen,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+                sasl_mechanisms,
                 ustack_xdp_mode,
                 ustack_first_queue,
                 ustack_frames,
@@ -362,7 +448,12 @@ impl ServeArgs {
             (Some(broker), false) => {
                 let addr = SocketAddr::new(broker.addr.ip(), ROCKETMQ_NAMESRV_PORT);
                 let advertised = (broker.advertised.0.clone(), i32::from(ROCKETMQ_NAMESRV_PORT));
-                listeners.push(ListenerConfig { protocol: ProtocolKind::RocketMqNamesrv, addr, advertised });
+                listeners.push(ListenerConfig {
+                    protocol: ProtocolKind::RocketMqNamesrv,
+                    addr,
+                    advertised,
+                    security: broker.security,
+                });
             }
             (None, true) => {
                 return Err(invalid(
@@ -427,7 +518,38 @@ impl ServeArgs {
                 None => crate::protocol::rocketmq::grpc::GrpcSettings::default().max_delivery_attempts,
             },
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            (None, None) if self.tls_client_ca.is_none() => None,
+            _ => {
+                return Err(invalid(
+                    "TLS files",
+                    "--tls-cert/--tls-key",
+                    "give both (and --tls-client-ca only with them)",
+                ))
+            }
+        };
+        if let Some(l) = listeners.iter().find(|l| l.security.tls()) {
+            if tls.is_none() {
+                return Err(invalid("listener security", l.addr, "a TLS listener needs --tls-cert and --tls-key"));
+            }
+        }
+        let mechanisms = self.sasl_mechanisms.as_deref().unwrap_or("SCRAM-SHA-512,SCRAM-SHA-256,PLAIN");
+        let sasl_mechanisms = mechanisms
+            .split(',')
+            .map(|m| {
+                m.trim().parse().map_err(|_| {
+                    invalid("SASL mechanism", m, "this build serves SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ServeConfig {
+            tls,
+            sasl_mechanisms,
             metrics_listen: self.metrics_listen,
             rocketmq_grpc,
             rocketmq_transactions,

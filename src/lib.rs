@@ -55,5 +55,6 @@ pub mod prometheus;
 pub mod protocol;
 pub mod server;
 pub mod sidecar;
+pub mod tls;
 pub mod transport;
 pub mod wake;

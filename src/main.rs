@@ -47,6 +47,42 @@ enum Command {
     /// Accept Kafka TCP clients and carry them over RDMA to a `--transport rdma` broker.
     #[cfg(feature = "rdma")]
     Bridge(slipstream::sidecar::bridge::BridgeArgs),
+    /// Manage SASL users (their SCRAM credentials in DATA_DIR/users.json); a running broker
+    /// picks changes up within a second. Kafka's AlterUserScramCredentials does the same.
+    Users(UsersArgs),
+}
+
+#[derive(clap::Args)]
+struct UsersArgs {
+    /// The broker's data directory.
+    #[arg(long, default_value = "./data")]
+    data_dir: std::path::PathBuf,
+    #[command(subcommand)]
+    action: UsersAction,
+}
+
+#[derive(Subcommand)]
+enum UsersAction {
+    /// Add a user, or set its password (reads it from stdin unless --password is given).
+    Add {
+        name: String,
+        #[arg(long)]
+        password: Option<String>,
+        /// SCRAM mechanisms to keep credentials for (PLAIN is checked against them)
+        /// [default: both].
+        #[arg(long, value_delimiter = ',')]
+        mechanism: Vec<String>,
+        #[arg(long, default_value_t = slipstream::broker::users::MIN_ITERATIONS)]
+        iterations: u32,
+    },
+    /// Remove a user (or one mechanism's credential of it).
+    Remove {
+        name: String,
+        #[arg(long)]
+        mechanism: Option<String>,
+    },
+    /// List users with their mechanisms and iterations.
+    List,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,12 +104,66 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench { args } => run_bench(args)?,
         Command::Sidecar(args) => slipstream::sidecar::proxy::run(&args).context("slipstream sidecar failed")?,
+        Command::Users(args) => users(args)?,
         #[cfg(feature = "rdma")]
         Command::Bridge(args) => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone()).context("signal handler")?;
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone()).context("signal handler")?;
             slipstream::sidecar::bridge::run(&args, stop).context("slipstream bridge failed")?;
+        }
+    }
+    Ok(())
+}
+
+/// `slipstream users`.
+fn users(args: UsersArgs) -> anyhow::Result<()> {
+    use slipstream::broker::users::{Mechanism, ScramCredential, Users};
+    let mechanism = |m: &str| -> anyhow::Result<Mechanism> {
+        match m.parse() {
+            Ok(m) if Mechanism::SCRAM.contains(&m) => Ok(m),
+            _ => anyhow::bail!("unknown SCRAM mechanism '{m}' (SCRAM-SHA-256, SCRAM-SHA-512)"),
+        }
+    };
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let users = Users::open(&args.data_dir)?;
+    match args.action {
+        UsersAction::Add { name, password, mechanism: mechs, iterations } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            if password.is_empty() {
+                anyhow::bail!("empty password");
+            }
+            let mechs = if mechs.is_empty() {
+                Mechanism::SCRAM.to_vec()
+            } else {
+                mechs.iter().map(|m| mechanism(m)).collect::<anyhow::Result<_>>()?
+            };
+            let creds = mechs
+                .iter()
+                .map(|m| Ok((*m, ScramCredential::from_password(*m, &password, iterations)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            users.update(|e| creds.into_iter().try_for_each(|(m, c)| e.set(&name, m, c)))??;
+            println!("user {name}: {}", mechs.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "));
+        }
+        UsersAction::Remove { name, mechanism: m } => {
+            let m = m.as_deref().map(mechanism).transpose()?;
+            if !users.update(|e| e.remove(&name, m))? {
+                anyhow::bail!("no such user or credential: {name}");
+            }
+            println!("removed {name}{}", m.map(|m| format!(" ({m})")).unwrap_or_default());
+        }
+        UsersAction::List => {
+            for (name, creds) in users.list() {
+                let creds: Vec<String> = creds.iter().map(|(m, i)| format!("{m} (iterations {i})")).collect();
+                println!("{name}\t{}", creds.join(", "));
+            }
         }
     }
     Ok(())

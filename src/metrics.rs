@@ -32,6 +32,9 @@ pub enum Path {
     UstackSendBuffer,
     /// Segment bytes the user-space stack wrote from its send buffers into UMEM frames.
     UstackUmem,
+    /// Mapped (log) bytes read into TLS records on a TLS listener: user-space TLS
+    /// encrypts a copy, so zero-copy fetch ends there.
+    TlsRecords,
 }
 
 static PRODUCE_COPIED: AtomicU64 = AtomicU64::new(0);
@@ -42,6 +45,7 @@ static ROCKETMQ_PULL: AtomicU64 = AtomicU64::new(0);
 static ROCKETMQ_GRPC: AtomicU64 = AtomicU64::new(0);
 static USTACK_SEND: AtomicU64 = AtomicU64::new(0);
 static USTACK_UMEM: AtomicU64 = AtomicU64::new(0);
+static TLS_RECORDS: AtomicU64 = AtomicU64::new(0);
 static FETCH_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
 static PRODUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static KERNEL_ZERO_COPY: AtomicU64 = AtomicU64::new(0);
@@ -60,6 +64,7 @@ pub fn count_copy(path: Path, bytes: usize) {
         Path::RocketMqGrpc => &ROCKETMQ_GRPC,
         Path::UstackSendBuffer => &USTACK_SEND,
         Path::UstackUmem => &USTACK_UMEM,
+        Path::TlsRecords => &TLS_RECORDS,
     };
     c.fetch_add(bytes as u64, Ordering::Relaxed);
 }
@@ -92,6 +97,13 @@ pub fn count_produced(bytes: usize) {
 
 pub fn count_request() {
     REQUESTS.fetch_add(1, Ordering::Relaxed);
+}
+
+static CONNECTIONS_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// A connection closed because its peer was refused (failed authentication).
+pub fn count_refused_close() {
+    CONNECTIONS_REFUSED.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn count_bad_input_close() {
@@ -223,8 +235,12 @@ pub struct Snapshot {
     pub ustack_send_bytes_copied: u64,
     #[serde(default)]
     pub ustack_umem_bytes_written: u64,
+    #[serde(default)]
+    pub tls_record_bytes_copied: u64,
     pub requests: u64,
     pub connections_closed_bad_input: u64,
+    #[serde(default)]
+    pub connections_refused: u64,
     #[serde(default)]
     pub connections_accepted: u64,
     #[serde(default)]
@@ -252,8 +268,10 @@ pub fn snapshot() -> Snapshot {
         rocketmq_grpc_bytes_copied: ROCKETMQ_GRPC.load(Ordering::Relaxed),
         ustack_send_bytes_copied: USTACK_SEND.load(Ordering::Relaxed),
         ustack_umem_bytes_written: USTACK_UMEM.load(Ordering::Relaxed),
+        tls_record_bytes_copied: TLS_RECORDS.load(Ordering::Relaxed),
         requests: REQUESTS.load(Ordering::Relaxed),
         connections_closed_bad_input: CONNECTIONS_CLOSED_BAD_INPUT.load(Ordering::Relaxed),
+        connections_refused: CONNECTIONS_REFUSED.load(Ordering::Relaxed),
         connections_accepted: CONNECTIONS_ACCEPTED.load(Ordering::Relaxed),
         connections_closed: CONNECTIONS_CLOSED.load(Ordering::Relaxed),
         log_flushes: LOG_FLUSHES.load(Ordering::Relaxed),

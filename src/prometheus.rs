@@ -186,6 +186,12 @@ pub fn render(broker: &Broker) -> String {
         "Connections closed for bad input.",
         s.connections_closed_bad_input,
     );
+    o.single(
+        "slipstream_connections_refused_total",
+        "counter",
+        "Connections closed after a failed authentication.",
+        s.connections_refused,
+    );
 
     // Copies by path (the zero-copy claims, as the stats file has them).
     o.family("slipstream_copied_bytes_total", "counter", "Payload bytes copied in user space, by path.");
@@ -199,6 +205,7 @@ pub fn render(broker: &Broker) -> String {
         ("rocketmq_grpc", s.rocketmq_grpc_bytes_copied),
         ("ustack_send_buffer", s.ustack_send_bytes_copied),
         ("ustack_umem", s.ustack_umem_bytes_written),
+        ("tls_records", s.tls_record_bytes_copied),
     ] {
         o.sample("slipstream_copied_bytes_total", &format!("path=\"{path}\""), v);
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::broker::{Broker, BrokerError};
-use crate::config::{ListenerConfig, ProtocolKind, ServeConfig};
+use crate::config::{ListenerConfig, ProtocolKind, Security, ServeConfig};
 use crate::dispatch::session::Protocol;
 use crate::dispatch::{self, Shared};
 use crate::log::FileWorker;
@@ -20,6 +20,7 @@ use crate::metrics;
 use crate::protocol::kafka::session::Kafka;
 use crate::protocol::kafka::Endpoint;
 use crate::protocol::rocketmq::{grpc, RocketMq, RocketMqState, Role};
+use crate::tls::ServerTls;
 use crate::transport::{self, TransportError};
 
 #[derive(Debug, Error)]
@@ -34,6 +35,8 @@ pub enum ServeError {
     Signals(std::io::Error),
     #[error("cannot listen on {0}: {1}")]
     Bind(std::net::SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Writes the counters to `<data-dir>/stats.json` (atomically, via rename).
@@ -55,7 +58,8 @@ fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig, rocketmq: &Option<Arc<Roc
         // is all that is left.
         _ => {
             let endpoint = Endpoint { host: l.advertised.0.clone(), port: l.advertised.1 };
-            Arc::new(Kafka::new(endpoint, cfg.broker.max_request_bytes))
+            let sasl = l.security.sasl().then(|| cfg.sasl_mechanisms.clone());
+            Arc::new(Kafka::new(endpoint, cfg.broker.max_request_bytes, sasl))
         }
     }
 }
@@ -115,8 +119,35 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .collect::<Result<Vec<_>, _>>()?;
     // Each core holds its own clones; ours close now.
     drop(listeners);
-    let shared =
-        Shared { protocols: protocols.clone(), shutdown: shutdown.clone(), busy_poll: cfg.busy_poll, services };
+    // One TLS server per kind of TLS listener, made from one set of files and reloaded
+    // together: `SSL` listeners require client certificates when a client CA is given
+    // (the certificate is the principal); `SASL_SSL` ones never do (SASL names the
+    // principal), as Kafka's `ssl.client.auth` defaults for them.
+    let tls_server = |security: Security| -> Result<Option<Arc<ServerTls>>, ServeError> {
+        let Some(files) = cfg.tls.clone().filter(|_| looped.iter().any(|l| l.security == security)) else {
+            return Ok(None);
+        };
+        let files =
+            if security == Security::Ssl { files } else { crate::tls::ServerFiles { client_ca: None, ..files } };
+        Ok(Some(Arc::new(ServerTls::new(files)?)))
+    };
+    let (ssl, sasl_ssl) = (tls_server(Security::Ssl)?, tls_server(Security::SaslSsl)?);
+    let listener_tls = looped
+        .iter()
+        .map(|l| match l.security {
+            Security::Ssl => ssl.clone(),
+            Security::SaslSsl => sasl_ssl.clone(),
+            _ => None,
+        })
+        .collect();
+    let tls: Vec<Arc<ServerTls>> = ssl.into_iter().chain(sasl_ssl).collect();
+    let shared = Shared {
+        protocols: protocols.clone(),
+        tls: listener_tls,
+        shutdown: shutdown.clone(),
+        busy_poll: cfg.busy_poll,
+        services,
+    };
     let cores = dispatch::build_cores(&broker, shards, transports, shared);
     let mut grpc_threads = Vec::new();
     if let (Some(state), Some(core)) = (&rocketmq, cores.first()) {
@@ -142,18 +173,33 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let wakers: Vec<_> = cores.iter().map(|c| c.notify_handle().0).collect();
     {
         let shutdown = shutdown.clone();
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let mut signals =
-            signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-                .map_err(ServeError::Signals)?;
+            signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(ServeError::Signals)?;
+        let tls = tls.clone();
         thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
+                for sig in signals.forever() {
+                    if sig == SIGHUP {
+                        // New connections get the files as they are now; open ones keep
+                        // their session. A set that does not load leaves TLS as it was.
+                        if tls.is_empty() {
+                            log::info!("SIGHUP: no TLS listener to reload");
+                        }
+                        match tls.iter().try_for_each(|t| t.reload()) {
+                            _ if tls.is_empty() => {}
+                            Ok(()) => log::info!("SIGHUP: TLS certificates reloaded; new connections get them"),
+                            Err(e) => log::error!("SIGHUP: TLS reload failed, keeping the certificates in use: {e}"),
+                        }
+                        continue;
+                    }
                     log::info!("signal {sig}: shutting down");
                     shutdown.store(true, Ordering::Release);
                     for w in &wakers {
                         w.wake();
                     }
+                    break;
                 }
             })
             .map_err(ServeError::Thread)?;
@@ -161,9 +207,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let stats_thread = {
         let data_dir = cfg.broker.data_dir.clone();
         let shutdown = shutdown.clone();
+        let broker = broker.clone();
         thread::Builder::new()
             .name("stats".into())
-            .spawn(move || stats_loop(&data_dir, &shutdown))
+            .spawn(move || stats_loop(&data_dir, &broker, &shutdown))
             .map_err(ServeError::Thread)?
     };
     let metrics_thread = match cfg.metrics_listen {
@@ -174,8 +221,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     };
     for (l, p) in looped.iter().zip(&protocols) {
         log::info!(
-            "slipstream serving {} on {} ({:?} transport, {} core(s)), advertising {}:{}",
+            "slipstream serving {} ({}) on {} ({:?} transport, {} core(s)), advertising {}:{}",
             p.name(),
+            l.security.name(),
             l.addr,
             cfg.transport,
             cfg.cores,
@@ -214,7 +262,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 }
 
 /// Writes the stats file once a second until shutdown.
-fn stats_loop(data_dir: &Path, shutdown: &AtomicBool) {
+/// Writes the counters every second, and reads the users file again when `slipstream
+/// users` changed it.
+fn stats_loop(data_dir: &Path, broker: &Broker, shutdown: &AtomicBool) {
     // Short naps, so shutdown is seen within a quarter of a second.
     for turn in 0u64.. {
         if shutdown.load(Ordering::Acquire) {
@@ -222,6 +272,7 @@ fn stats_loop(data_dir: &Path, shutdown: &AtomicBool) {
         }
         if turn % 4 == 0 {
             write_stats(data_dir);
+            broker.users.reload_if_changed();
         }
         thread::sleep(Duration::from_millis(250));
     }

@@ -19,6 +19,7 @@
 pub mod groups;
 pub mod offsets;
 pub mod shard;
+pub mod users;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -52,6 +53,8 @@ pub enum BrokerError {
     Log(#[from] LogError),
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Users(#[from] users::UsersError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BrokerError + '_ {
@@ -223,6 +226,8 @@ pub struct Broker {
     producer_ids: Mutex<(i64, i64)>,
     producer_id_file: PathBuf,
     pub notifier: Arc<Notifier>,
+    /// SASL users (their SCRAM credentials).
+    pub users: users::Users,
 }
 
 /// Names the catalog accepts: Kafka's (`[a-zA-Z0-9._-]`, at most 249) and RocketMQ's,
@@ -335,6 +340,7 @@ impl Broker {
             let notifier = notifier.clone();
             files.set_notify(Box::new(move || notifier.notify()));
         }
+        let users = users::Users::open(&settings.data_dir)?;
         let producer_id_file = settings.data_dir.join("producer_ids");
         // Producer ids are handed out in blocks; a restart skips the rest of the block, so
         // an id is never reused even if the process dies mid-block.
@@ -352,6 +358,7 @@ impl Broker {
             producer_ids: Mutex::new((next, next)),
             producer_id_file,
             notifier,
+            users,
         };
         Ok((broker, shards))
     }

@@ -44,12 +44,14 @@ use std::time::{Duration, Instant};
 pub mod session;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 use crate::broker::shard::{PartOp, PartResult, Shard};
 use crate::broker::{Broker, PartKey};
-use crate::buffer::{self, IoChunks};
+use crate::buffer::{self, Chunk, IoChunks};
 use crate::log::now_ms;
 use crate::metrics;
+use crate::tls::ServerTls;
 use crate::transport::{CloseReason, Completion, ConnId, Transport};
 use crate::wake::Wake;
 use session::{Cx, Fault, Finish, Parked, Protocol, Session, Step};
@@ -61,6 +63,9 @@ const MAX_PIPELINED: usize = 1024;
 /// How often a core does its housekeeping (background flush, retention checks...).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const RETENTION_EVERY: Duration = Duration::from_secs(5);
+/// A TLS record's most ciphertext (16 KiB of plaintext and its overhead): with TLS a
+/// receive may need a record beyond the largest frame.
+const TLS_RECORD_MAX: usize = 16 * 1024 + 2048;
 /// Hand freed memory back to the kernel once this many connections closed.
 const TRIM_AFTER_CLOSES: usize = 256;
 /// Protocol services ([`Protocol::service`]) run as connections with ids from here up:
@@ -178,8 +183,10 @@ struct Gathering {
 struct Conn {
     peer: SocketAddr,
     session: Box<dyn Session>,
-    /// The receive buffer while no receive is outstanding.
+    /// The receive buffer while no receive is outstanding (ciphertext, with TLS).
     rx: Option<BytesMut>,
+    /// On a TLS listener: the records' state and the decrypted bytes.
+    tls: Option<Box<tls::TlsConn>>,
     queue: VecDeque<Slot>,
     /// No more receives: bad input seen, or closing for idleness.
     closing: bool,
@@ -197,6 +204,8 @@ pub struct Core {
     transport: Box<dyn Transport>,
     /// The protocol of each listener, by the index the transport reports on accept.
     protocols: Vec<Arc<dyn Protocol>>,
+    /// Each listener's TLS server, if it serves TLS.
+    tls: Vec<Option<Arc<ServerTls>>>,
     /// Protocols with no listener here, asked for their services only.
     services: Vec<Arc<dyn Protocol>>,
     shard: Shard,
@@ -222,6 +231,8 @@ pub struct Core {
 pub struct Shared {
     /// The protocol of each of the transports' listeners, in listener order.
     pub protocols: Vec<Arc<dyn Protocol>>,
+    /// Each listener's TLS server (same order), if it serves TLS; missing means none.
+    pub tls: Vec<Option<Arc<ServerTls>>>,
     pub shutdown: Arc<AtomicBool>,
     /// Spin on the transport's poll instead of sleeping in it.
     pub busy_poll: bool,
@@ -257,6 +268,7 @@ pub fn build_cores(
             broker: broker.clone(),
             transport,
             protocols: shared.protocols.clone(),
+            tls: shared.tls.clone(),
             services: shared.services.clone(),
             shard,
             inbox,
@@ -310,6 +322,7 @@ impl Core {
                 peer: SocketAddr::from(([0, 0, 0, 0], 0)),
                 session: Box::new(NoPeer),
                 rx: None,
+                tls: None,
                 queue,
                 closing: false,
                 close_after_flush: false,
@@ -464,15 +477,28 @@ impl Core {
                     return;
                 };
                 log::debug!("core {}: {} connection {conn} from {peer}", self.id, protocol.name());
+                let tls = match self.tls.get(listener).and_then(Option::as_ref) {
+                    Some(server) => match tls::TlsConn::new(server.current()) {
+                        Ok(t) => Some(Box::new(t)),
+                        Err(e) => {
+                            log::error!("core {}: TLS for the connection from {peer}: {e}", self.id);
+                            self.transport.abort(conn);
+                            return;
+                        }
+                    },
+                    None => None,
+                };
                 let session = protocol.open(peer);
                 metrics::count_connection_accepted();
-                let max = session.recv_max();
+                // With TLS the transport reads records: up to 16 KiB each, beyond the frame.
+                let max = session.recv_max() + if tls.is_some() { TLS_RECORD_MAX } else { 0 };
                 self.conns.insert(
                     conn,
                     Conn {
                         peer,
                         session,
                         rx: None,
+                        tls,
                         queue: VecDeque::new(),
                         closing: false,
                         close_after_flush: false,
@@ -487,10 +513,13 @@ impl Core {
                     self.transport.close(conn);
                     return;
                 }
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.last_active = now;
+                let Some(c) = self.conns.get_mut(&conn) else { return };
+                c.last_active = now;
+                if c.tls.is_some() {
+                    self.on_records(conn, buf, now);
+                } else {
+                    self.on_bytes(conn, buf, now);
                 }
-                self.on_bytes(conn, buf, now);
             }
             Completion::Sent { conn, .. } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -515,10 +544,66 @@ impl Core {
 
     /// Cuts and runs every complete frame in `buf`, then re-arms the receive.
     fn on_bytes(&mut self, conn: ConnId, mut buf: BytesMut, now: Instant) {
+        self.run_frames(conn, &mut buf, now);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if !c.closing {
+                // Empty or not, the transport decides what a connection between requests
+                // holds (a pool, a small buffer, nothing).
+                c.rx = Some(buf);
+            }
+        }
+        self.flush(conn);
+        self.maybe_resume(conn);
+    }
+
+    /// TLS records received: decrypts them, runs the frames now complete, sends what the
+    /// handshake wants sent, and re-arms the receive.
+    fn on_records(&mut self, conn: ConnId, mut cipher: BytesMut, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(tls) = c.tls.as_mut() else { return };
+        let received = tls.receive(&cipher);
+        cipher.clear();
+        let received = match received {
+            Ok(r) => r,
+            Err(fault) => {
+                if let Some(alert) = fault.alert {
+                    self.transport.send(conn, vec![Chunk::Heap(alert)]);
+                }
+                self.fail(conn, Fault::BadInput(fault.reason));
+                self.flush(conn);
+                return;
+            }
+        };
+        if let Some(records) = received.to_send {
+            self.transport.send(conn, vec![Chunk::Heap(records)]);
+        }
+        if let Some(subject) = received.identified {
+            c.session.tls_established(subject);
+        }
+        let mut plain = c.tls.as_mut().map(|t| std::mem::take(&mut t.plain)).unwrap_or_default();
+        self.run_frames(conn, &mut plain, now);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if let Some(t) = c.tls.as_mut() {
+                t.plain = plain;
+            }
+            if received.closed {
+                // close_notify: answer what was asked, then close.
+                c.closing = true;
+                c.close_after_flush = true;
+            } else if !c.closing {
+                c.rx = Some(cipher);
+            }
+        }
+        self.flush(conn);
+        self.maybe_resume(conn);
+    }
+
+    /// Cuts and runs every complete frame in `buf`, queueing their steps.
+    fn run_frames(&mut self, conn: ConnId, buf: &mut BytesMut, now: Instant) {
         loop {
             let Some(c) = self.conns.get_mut(&conn) else { return };
             let cx = Cx { broker: &self.broker, now };
-            let step = match c.session.cut(&mut buf) {
+            let step = match c.session.cut(buf) {
                 Ok(None) => break,
                 Ok(Some(frame)) => c.session.handle(&cx, frame),
                 Err(fault) => Err(fault),
@@ -537,15 +622,6 @@ impl Core {
                 }
             }
         }
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if !c.closing {
-                // Empty or not, the transport decides what a connection between requests
-                // holds (a pool, a small buffer, nothing).
-                c.rx = Some(buf);
-            }
-        }
-        self.flush(conn);
-        self.maybe_resume(conn);
     }
 
     /// Closes connections idle past `connections_max_idle`: nothing queued, and no bytes
@@ -599,6 +675,10 @@ impl Core {
                     metrics::count_bad_input_close();
                 }
                 Fault::Internal(why) => log::error!("closing connection from {}: {why}", c.peer),
+                Fault::Refused(why) => {
+                    log::warn!("closing connection from {}: {why}", c.peer);
+                    metrics::count_refused_close();
+                }
             }
             c.closing = true;
             c.close_after_flush = true;
@@ -612,6 +692,13 @@ impl Core {
         match step {
             Step::Silent => None,
             Step::Respond(chunks) => Some(Slot::Ready(chunks)),
+            Step::Refuse(chunks, why) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.queue.push_back(Slot::Ready(chunks));
+                }
+                self.fail(conn, Fault::Refused(why));
+                None
+            }
             Step::Park(p) => {
                 self.parked += 1;
                 Some(Slot::Parked(p))
@@ -741,6 +828,21 @@ impl Core {
             }
             return;
         }
+        if let Some(tls) = c.tls.as_mut() {
+            if !out.is_empty() {
+                match tls.seal(out) {
+                    Ok(records) => out = records,
+                    Err(e) => {
+                        log::error!("closing connection from {}: {e}", c.peer);
+                        self.transport.abort(conn);
+                        return;
+                    }
+                }
+            }
+            if close {
+                out.extend(tls.close().map(Chunk::Heap));
+            }
+        }
         if !out.is_empty() {
             self.transport.send(conn, out);
         }
@@ -753,7 +855,7 @@ impl Core {
     fn maybe_resume(&mut self, conn: ConnId) {
         let unsent = self.transport.unsent_bytes(conn);
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let max = c.session.recv_max();
+        let max = c.session.recv_max() + if c.tls.is_some() { TLS_RECORD_MAX } else { 0 };
         if c.closing || unsent > MAX_UNSENT || c.queue.len() > MAX_PIPELINED {
             return;
         }

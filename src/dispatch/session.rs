@@ -53,6 +53,9 @@ pub enum Step {
     Park(Box<dyn Parked>),
     /// Run partition operations on their owners, then finish.
     Gather(Gather),
+    /// Send this answer, then close the connection: the peer is refused (a failed
+    /// authentication; logged as a warning with the reason and the peer).
+    Refuse(IoChunks, String),
     /// Send these frames now and keep waiting: how a parked watcher pushes
     /// server-initiated frames (RocketMQ's NOTIFY_CONSUMER_IDS_CHANGED and
     /// CHECK_TRANSACTION_STATE) to its connection. They queue behind the connection's
@@ -91,6 +94,9 @@ pub enum Fault {
     /// closing beats leaving the client waiting forever.
     #[error("{0}")]
     Internal(String),
+    /// The peer is refused (failed authentication), after the answer saying so.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// One connection's protocol state.
@@ -105,6 +111,9 @@ pub trait Session: Send {
     fn ordered(&self) -> bool {
         true
     }
+    /// On a TLS listener: the handshake is complete, before the first frame. The subject
+    /// of the client's certificate (RFC 2253), if it presented one.
+    fn tls_established(&mut self, _client_subject: Option<String>) {}
 }
 
 /// A wire protocol, bound to a listener: opens a session per connection.

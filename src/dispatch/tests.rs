@@ -305,7 +305,8 @@ impl Rig {
         let gate = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(AtomicBool::new(false));
         let protocols: Vec<Arc<dyn Protocol>> = vec![Arc::new(Lines { gate: gate.clone() })];
-        let shared = Shared { protocols, shutdown: shutdown.clone(), busy_poll: false, services: Vec::new() };
+        let shared =
+            Shared { protocols, tls: Vec::new(), shutdown: shutdown.clone(), busy_poll: false, services: Vec::new() };
         let cores = build_cores(&broker, shards, transports, shared);
         let threads: Vec<JoinHandle<()>> = cores.into_iter().map(|c| std::thread::spawn(move || c.run())).collect();
         Rig { _dir: dir, broker, mems, gate, shutdown, threads, files_worker: Some(files_worker), next_conn: 1 }

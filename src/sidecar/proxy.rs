@@ -153,8 +153,7 @@ struct Sidecar {
     cache: Option<Cache>,
     /// TLS from clients (swapped whole on SIGHUP: new connections get the files as they
     /// are then, open ones keep the session they have), and to the brokers.
-    tls_in: Option<arc_swap::ArcSwap<tokio_rustls::TlsAcceptor>>,
-    tls_args: TlsArgs,
+    tls_in: Option<crate::tls::ServerTls>,
     tls_up: Option<tls::Upstream>,
     /// With `--transport`: the one address every broker is advertised at, and the one
     /// broker it may stand for.
@@ -200,7 +199,7 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
         .enable_all()
         .build()
         .map_err(SidecarError::Runtime)?;
-    let tls_in = tls::acceptor(&args.tls).map_err(|e| SidecarError::Settings(e.to_string()))?;
+    let tls_in = tls::server(&args.tls).map_err(|e| SidecarError::Settings(e.to_string()))?;
     let tls_up = tls::upstream(&args.tls).map_err(|e| SidecarError::Settings(e.to_string()))?;
     if tls_in.is_some() && args.transport.is_some() {
         return Err(SidecarError::Settings(
@@ -225,8 +224,7 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
                 })),
                 changed: tokio::sync::Notify::new(),
             }),
-            tls_in: tls_in.map(arc_swap::ArcSwap::from_pointee),
-            tls_args: args.tls.clone(),
+            tls_in,
             tls_up,
             single: args.transport.map(|_| Single {
                 host: StrBytes::from_string(host.clone()),
@@ -761,12 +759,8 @@ impl Sidecar {
             log::info!("sidecar: SIGHUP: no TLS listener to reload");
             return;
         };
-        match tls::acceptor(&self.tls_args) {
-            Ok(Some(a)) => {
-                current.store(Arc::new(a));
-                log::info!("sidecar: SIGHUP: TLS certificates reloaded; new connections get them");
-            }
-            Ok(None) => log::error!("sidecar: SIGHUP: TLS settings vanished; keeping the certificates in use"),
+        match current.reload() {
+            Ok(()) => log::info!("sidecar: SIGHUP: TLS certificates reloaded; new connections get them"),
             Err(e) => log::error!("sidecar: SIGHUP: TLS reload failed, keeping the certificates in use: {e}"),
         }
     }
@@ -778,8 +772,8 @@ impl Sidecar {
                 let (r, w) = client.into_split();
                 (Box::new(r), Box::new(w))
             }
-            Some(acceptor) => {
-                let acceptor = acceptor.load_full();
+            Some(server) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(server.current());
                 let tls = acceptor.accept(client).await.map_err(ConnError::Handshake)?;
                 let (r, w) = tokio::io::split(tls);
                 (Box::new(r), Box::new(w))

@@ -4,9 +4,8 @@
 //! `--upstream-cert`/`--upstream-key`). Either side may be on without the other: a
 //! sidecar can terminate TLS for plaintext brokers, or add it in front of TLS-only ones.
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use std::path::{Path, PathBuf};
+use rustls::pki_types::ServerName;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -37,61 +36,20 @@ pub struct TlsArgs {
     pub upstream_server_name: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {reason}")]
-    File { path: PathBuf, reason: String },
-    #[error("TLS settings: {0}")]
-    Config(String),
-}
+pub use crate::tls::TlsError;
+use crate::tls::{certs, key, provider, roots, ServerFiles, ServerTls};
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file = |reason: String| TlsError::File { path: path.to_path_buf(), reason };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(file("no PEM certificate in it".into()));
+impl TlsArgs {
+    /// The files of the clients' side, if `--tls-cert` is given.
+    pub fn server_files(&self) -> Option<ServerFiles> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return None };
+        Some(ServerFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() })
     }
-    Ok(certs)
 }
 
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File { path: path.to_path_buf(), reason: e.to_string() })
-}
-
-fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs(path)? {
-        roots.add(c).map_err(|e| TlsError::File { path: path.to_path_buf(), reason: e.to_string() })?;
-    }
-    Ok(roots)
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// What accepts clients' TLS, if `--tls-cert` is given.
-pub fn acceptor(a: &TlsArgs) -> Result<Option<tokio_rustls::TlsAcceptor>, TlsError> {
-    let (Some(cert), Some(k)) = (&a.tls_cert, &a.tls_key) else { return Ok(None) };
-    let config = |e: rustls::Error| TlsError::Config(e.to_string());
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(config)?;
-    let builder = match &a.tls_client_ca {
-        Some(ca) => {
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-                    .build()
-                    .map_err(|e| TlsError::Config(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let server = builder.with_single_cert(certs(cert)?, key(k)?).map_err(config)?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+/// What accepts clients' TLS (reloadable), if `--tls-cert` is given.
+pub fn server(a: &TlsArgs) -> Result<Option<ServerTls>, TlsError> {
+    a.server_files().map(ServerTls::new).transpose()
 }
 
 /// How to reach brokers over TLS, if `--upstream-tls`.

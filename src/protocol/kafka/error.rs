@@ -37,6 +37,13 @@ pub enum ErrorCode {
     NonEmptyGroup = 68,
     MemberIdRequired = 79,
     InvalidConfig = 40,
+    UnsupportedSaslMechanism = 33,
+    IllegalSaslState = 34,
+    ClusterAuthorizationFailed = 31,
+    SaslAuthenticationFailed = 58,
+    ResourceNotFound = 91,
+    DuplicateResource = 92,
+    UnacceptableCredential = 93,
 }
 
 impl ErrorCode {
@@ -66,7 +73,7 @@ impl From<&BrokerError> for ErrorCode {
             BrokerError::UnknownTopic(_) => ErrorCode::UnknownTopicOrPartition,
             BrokerError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
             BrokerError::Log(l) => l.into(),
-            BrokerError::Io { .. } => ErrorCode::KafkaStorageError,
+            BrokerError::Io { .. } | BrokerError::Users(_) => ErrorCode::KafkaStorageError,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod data;
 pub mod error;
 pub mod frame;
 pub mod group;
+pub mod sasl;
 pub mod session;
 
 use bytes::{Buf, Bytes};
@@ -55,6 +56,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
+    (ApiKey::DescribeUserScramCredentials, 0, 0),
+    (ApiKey::AlterUserScramCredentials, 0, 0),
 ];
 
 /// The advertised range of `key`, if we serve it.
@@ -97,6 +102,8 @@ pub struct Ctx<'a> {
     pub version: i16,
     pub client_id: String,
     pub client_host: String,
+    /// `User:<name>` (see `session`): whom ACLs are checked for.
+    pub principal: &'a str,
     pub now: Instant,
 }
 
@@ -181,18 +188,15 @@ pub fn decode_frame(mut frame: Bytes) -> Result<Decoded, ProtocolError> {
     Ok(Decoded::Request { req: InFlight { api, version, correlation_id }, header, body })
 }
 
-/// Decodes one frame (without its length prefix) and runs it.
-pub fn handle_frame(
+/// Runs a decoded request (SASL's own requests are the session's: [`sasl`]).
+pub fn handle_request(
     broker: &Arc<Broker>,
     endpoint: &Endpoint,
-    frame: Bytes,
+    (req, header, request): (InFlight, RequestHeader, RequestKind),
     client_host: &str,
+    principal: &str,
     now: Instant,
 ) -> Result<(InFlight, Outcome), ProtocolError> {
-    let (req, header, request) = match decode_frame(frame)? {
-        Decoded::Answer { req, body } => return Ok((req, Outcome::respond(body))),
-        Decoded::Request { req, header, body } => (req, header, body),
-    };
     let version = req.version;
     crate::metrics::count_request();
     let ctx = Ctx {
@@ -201,6 +205,7 @@ pub fn handle_frame(
         version,
         client_id: header.client_id.map(|s| s.to_string()).unwrap_or_default(),
         client_host: client_host.to_string(),
+        principal,
         now,
     };
     if writes_files(&ctx, &request) {
@@ -217,6 +222,7 @@ fn writes_files(ctx: &Ctx<'_>, request: &RequestKind) -> bool {
         | RequestKind::DeleteTopics(_)
         | RequestKind::CreatePartitions(_)
         | RequestKind::InitProducerId(_)
+        | RequestKind::AlterUserScramCredentials(_)
         | RequestKind::OffsetCommit(_) => true,
         RequestKind::Metadata(r) => admin::may_create_topics(ctx, r),
         _ => false,
@@ -228,8 +234,10 @@ fn on_file_worker(ctx: Ctx<'_>, api: ApiKey, request: RequestKind) -> Outcome {
     let broker = ctx.broker.clone();
     let endpoint = ctx.endpoint.clone();
     let Ctx { version, client_id, client_host, now, .. } = ctx;
+    let principal = ctx.principal.to_string();
     let pending = broker.files.clone().run(move || {
-        let ctx = Ctx { broker: &broker, endpoint: &endpoint, version, client_id, client_host, now };
+        let ctx =
+            Ctx { broker: &broker, endpoint: &endpoint, version, client_id, client_host, principal: &principal, now };
         // Only requests `run` serves are sent here.
         run(&ctx, api, request).unwrap_or_else(|e| {
             log::error!("{e}");
@@ -261,6 +269,8 @@ fn run(ctx: &Ctx<'_>, api: ApiKey, request: RequestKind) -> Result<Outcome, Prot
         RequestKind::OffsetFetch(r) => group::offset_fetch(ctx, r),
         RequestKind::ListGroups(r) => group::list_groups(ctx, r),
         RequestKind::DescribeGroups(r) => group::describe_groups(ctx, r),
+        RequestKind::DescribeUserScramCredentials(r) => sasl::describe_credentials(ctx, r),
+        RequestKind::AlterUserScramCredentials(r) => sasl::alter_credentials(ctx, r),
         _ => return Err(ProtocolError::UnknownApi(api as i16)),
     };
     Ok(outcome)
@@ -324,6 +334,10 @@ fn encode_body<B: ByteBufMut>(r: &ResponseKind, buf: &mut B, v: i16) -> anyhow::
         ResponseKind::OffsetFetch(x) => x.encode(buf, v),
         ResponseKind::ListGroups(x) => x.encode(buf, v),
         ResponseKind::DescribeGroups(x) => x.encode(buf, v),
+        ResponseKind::SaslHandshake(x) => x.encode(buf, v),
+        ResponseKind::SaslAuthenticate(x) => x.encode(buf, v),
+        ResponseKind::DescribeUserScramCredentials(x) => x.encode(buf, v),
+        ResponseKind::AlterUserScramCredentials(x) => x.encode(buf, v),
         other => anyhow::bail!("no encoder wired for {other:?}"),
     }
 }
@@ -399,6 +413,12 @@ mod tests {
                     ApiKey::DescribeConfigs => frame(*key, v, &DescribeConfigsRequest::default()),
                     ApiKey::CreatePartitions => frame(*key, v, &CreatePartitionsRequest::default()),
                     ApiKey::DescribeCluster => frame(*key, v, &DescribeClusterRequest::default()),
+                    ApiKey::SaslHandshake => frame(*key, v, &SaslHandshakeRequest::default()),
+                    ApiKey::SaslAuthenticate => frame(*key, v, &SaslAuthenticateRequest::default()),
+                    ApiKey::DescribeUserScramCredentials => {
+                        frame(*key, v, &DescribeUserScramCredentialsRequest::default())
+                    }
+                    ApiKey::AlterUserScramCredentials => frame(*key, v, &AlterUserScramCredentialsRequest::default()),
                     _ => continue,
                 };
                 out.push(f);

@@ -1,7 +1,8 @@
 //! Kafka behind the dispatch seam: a [`Kafka`] listener opens a [`KafkaSession`] per
-//! connection, which cuts frames with the one Kafka [`Framer`], runs them through
-//! [`handle_frame`], and turns each [`Outcome`] into a dispatch [`Step`] — encoding
-//! responses here, so the loop only ever sees chunks.
+//! connection, which cuts frames with the one Kafka [`Framer`], decodes them, runs SASL's
+//! requests itself ([`sasl`]) and the rest through [`handle_request`], and turns each
+//! [`Outcome`] into a dispatch [`Step`] — encoding responses here, so the loop only ever
+//! sees chunks.
 
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -10,23 +11,39 @@ use std::time::Instant;
 
 use super::data::{self, Then};
 use super::frame::{Framer, Side};
-use super::{encode_response, handle_frame, parked_deadline, poll_parked, Endpoint, InFlight, Outcome, Parked};
+use super::sasl::{self, Auth, Verdict};
+use super::{
+    decode_frame, encode_response, handle_request, parked_deadline, poll_parked, Decoded, Endpoint, InFlight, Outcome,
+    Parked,
+};
 use crate::broker::shard::PartResult;
+use crate::broker::users::Mechanism;
+use crate::buffer::Chunk;
 use crate::dispatch::session::{self, Cx, Fault, Finish, Gather, Protocol, Session, Step};
 use crate::framing::PREFIX;
 use crate::metrics::ApiStats;
 
-/// A Kafka listener: its advertised address, request size cap and request statistics.
+/// A Kafka listener: its advertised address, request size cap, request statistics, and
+/// the SASL mechanisms clients must authenticate with (none: no SASL).
 pub struct Kafka {
     endpoint: Arc<Endpoint>,
     framer: Framer,
     stats: Arc<ApiStats>,
+    sasl: Option<Arc<[Mechanism]>>,
 }
 
+/// Who a connection is when nothing authenticated it (Kafka's `User:ANONYMOUS`).
+pub const ANONYMOUS: &str = "User:ANONYMOUS";
+
 impl Kafka {
-    pub fn new(endpoint: Endpoint, max_request_bytes: usize) -> Kafka {
+    pub fn new(endpoint: Endpoint, max_request_bytes: usize, sasl: Option<Vec<Mechanism>>) -> Kafka {
         let stats = ApiStats::register("kafka", format!("kafka://{}:{}", endpoint.host, endpoint.port));
-        Kafka { endpoint: Arc::new(endpoint), framer: Framer::new(Side::Requests, max_request_bytes), stats }
+        Kafka {
+            endpoint: Arc::new(endpoint),
+            framer: Framer::new(Side::Requests, max_request_bytes),
+            stats,
+            sasl: sasl.map(Arc::from),
+        }
     }
 }
 
@@ -40,8 +57,10 @@ impl Protocol for Kafka {
             host: peer.ip().to_string(),
             endpoint: self.endpoint.clone(),
             stats: self.stats.clone(),
+            principal: ANONYMOUS.to_string(),
         });
-        Box::new(KafkaSession { framer: self.framer, client })
+        let auth = if self.sasl.is_some() { Auth::Handshake } else { Auth::Done };
+        Box::new(KafkaSession { framer: self.framer, client, auth, sasl: self.sasl.clone() })
     }
 }
 
@@ -50,12 +69,50 @@ struct Client {
     host: String,
     endpoint: Arc<Endpoint>,
     stats: Arc<ApiStats>,
+    /// `User:<name>`: from SASL, else the client certificate's subject on a mutual-TLS
+    /// listener, else [`ANONYMOUS`].
+    principal: String,
 }
 
 /// One Kafka connection.
 pub struct KafkaSession {
     framer: Framer,
     client: Arc<Client>,
+    auth: Auth,
+    sasl: Option<Arc<[Mechanism]>>,
+}
+
+impl KafkaSession {
+    fn set_principal(&mut self, principal: String) {
+        let c = &self.client;
+        self.client =
+            Arc::new(Client { host: c.host.clone(), endpoint: c.endpoint.clone(), stats: c.stats.clone(), principal });
+    }
+
+    /// Answers a SASL request, then keeps serving, authenticates, or closes.
+    fn sasl_answer(
+        &mut self,
+        req: InFlight,
+        body: kafka_protocol::messages::ResponseKind,
+        verdict: Verdict,
+        started: Instant,
+    ) -> Result<Step, Fault> {
+        let chunks = encode_response(&req, &body, Vec::new()).map_err(|e| Fault::Internal(e.to_string()))?;
+        self.client.stats.answered(req.api as i16, started.elapsed());
+        self.after(chunks, verdict)
+    }
+
+    fn after(&mut self, chunks: crate::buffer::IoChunks, verdict: Verdict) -> Result<Step, Fault> {
+        Ok(match verdict {
+            Verdict::Continue => Step::Respond(chunks),
+            Verdict::Authenticated(user) => {
+                log::debug!("{}: authenticated as User:{user}", self.client.host);
+                self.set_principal(format!("User:{user}"));
+                Step::Respond(chunks)
+            }
+            Verdict::Refuse(why) => Step::Refuse(chunks, why),
+        })
+    }
 }
 
 impl Session for KafkaSession {
@@ -64,16 +121,65 @@ impl Session for KafkaSession {
     }
 
     fn handle(&mut self, cx: &Cx<'_>, frame: Bytes) -> Result<Step, Fault> {
+        if let Auth::RawTokens(_) = self.auth {
+            // After SaslHandshake v0 the exchange is bare tokens, answered the same way.
+            let (token, verdict) = sasl::raw_token(&mut self.auth, &cx.broker.users, &frame);
+            let mut prefixed = bytes::BytesMut::with_capacity(PREFIX + token.len());
+            prefixed.extend_from_slice(&(token.len() as u32).to_be_bytes());
+            prefixed.extend_from_slice(&token);
+            return self.after(vec![Chunk::Heap(prefixed.freeze())], verdict);
+        }
         // The API key, for counting a frame that fails to decode under it.
         let raw_api = if frame.len() >= 2 { i16::from_be_bytes([frame[0], frame[1]]) } else { -1 };
         // The clock, not the loop's `now` (the time its batch of completions began): a
         // request answered at once still took the time it took.
         let started = Instant::now();
-        match handle_frame(cx.broker, &self.client.endpoint, frame, &self.client.host, cx.now) {
+        let fail = |e: super::ProtocolError| {
+            self.client.stats.failed(raw_api);
+            Fault::BadInput(e.to_string())
+        };
+        let (req, header, body) = match decode_frame(frame).map_err(fail)? {
+            Decoded::Answer { req, body } => return step(&self.client, req, Outcome::respond(body), started),
+            Decoded::Request { req, header, body } => (req, header, body),
+        };
+        use kafka_protocol::messages::RequestKind;
+        let body = match body {
+            RequestKind::SaslHandshake(r) => {
+                let offered = self.sasl.clone().unwrap_or_else(|| Arc::from(Vec::new()));
+                let (resp, verdict) = sasl::handshake(&mut self.auth, &offered, req.version, r);
+                return self.sasl_answer(req, resp, verdict, started);
+            }
+            RequestKind::SaslAuthenticate(r) => {
+                let (resp, verdict) = sasl::authenticate(&mut self.auth, &cx.broker.users, r);
+                return self.sasl_answer(req, resp, verdict, started);
+            }
+            other => other,
+        };
+        if !matches!(self.auth, Auth::Done) && req.api != kafka_protocol::messages::ApiKey::ApiVersions {
+            self.client.stats.failed(raw_api);
+            return Err(Fault::BadInput(format!("{:?} request before SASL authentication", req.api)));
+        }
+        match handle_request(
+            cx.broker,
+            &self.client.endpoint,
+            (req, header, body),
+            &self.client.host,
+            &self.client.principal,
+            cx.now,
+        ) {
             Ok((req, outcome)) => step(&self.client, req, outcome, started),
             Err(e) => {
                 self.client.stats.failed(raw_api);
                 Err(Fault::BadInput(e.to_string()))
+            }
+        }
+    }
+
+    fn tls_established(&mut self, client_subject: Option<String>) {
+        // With SASL the exchange names the principal; a certificate alone names it on SSL.
+        if self.sasl.is_none() {
+            if let Some(subject) = client_subject {
+                self.set_principal(format!("User:{subject}"));
             }
         }
     }
