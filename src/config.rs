@@ -695,4 +695,28 @@ mod tests {
         let e = ServeArgs { flush: Some("sometimes".into()), ..Default::default() }.resolve().unwrap_err();
         assert!(e.to_string().contains("flush policy"));
     }
+
+    #[test]
+    fn listeners_name_their_security_protocol() {
+        let resolve = |listen: &[&str], tls: bool| {
+            ServeArgs {
+                listen: listen.iter().map(|s| s.to_string()).collect(),
+                tls_cert: tls.then(|| "c.pem".into()),
+                tls_key: tls.then(|| "k.pem".into()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let c =
+            resolve(&["SASL_SSL://127.0.0.1:9093", "127.0.0.1:9092,security=sasl_plaintext", "127.0.0.1:9094"], true)
+                .expect("resolves");
+        let kinds: Vec<Security> = c.listeners.iter().map(|l| l.security).collect();
+        assert_eq!(kinds, [Security::SaslSsl, Security::SaslPlaintext, Security::Plaintext]);
+        assert!(c.listeners.iter().all(|l| l.protocol == ProtocolKind::Kafka));
+        assert!(c.tls.is_some());
+        assert!(resolve(&["SSL://127.0.0.1:9093"], false).is_err(), "a TLS listener without a certificate");
+        assert!(resolve(&["rocketmq://127.0.0.1:10911,security=SASL_SSL"], true).is_err(), "SASL on RocketMQ");
+        assert!(resolve(&["rocketmq://127.0.0.1:10911,security=SSL"], true).is_ok(), "TLS on RocketMQ remoting");
+        assert!(resolve(&["127.0.0.1:9092,security=TLS"], true).is_err(), "not a Kafka security protocol");
+    }
 }

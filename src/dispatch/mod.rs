@@ -566,10 +566,10 @@ impl Core {
         let received = match received {
             Ok(r) => r,
             Err(fault) => {
-                if let Some(alert) = fault.alert {
+                if let Some(alert) = fault.alert.clone() {
                     self.transport.send(conn, vec![Chunk::Heap(alert)]);
                 }
-                self.fail(conn, Fault::BadInput(fault.reason));
+                self.fail(conn, Fault::BadInput(fault.to_string()));
                 self.flush(conn);
                 return;
             }

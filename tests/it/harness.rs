@@ -49,8 +49,8 @@ macro_rules! per_transport {
 
 use slipstream::metrics::Snapshot;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -339,4 +339,98 @@ pub fn run_client(program: &str, args: &[&str], timeout: Duration) -> String {
         started.elapsed()
     );
     out
+}
+
+// ---- TLS test material: certificates made with the openssl command line, and a client.
+
+/// Runs the openssl command line in `dir`, failing the test if it fails.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+const EC: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+
+/// A test CA (ca.pem, ca.key) and, signed by it, a server certificate for 127.0.0.1
+/// (server.pem, server.key) and a client certificate (client.pem, client.key).
+pub fn make_certs(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[&["req", "-x509"][..], &EC, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]]
+            .concat(),
+    );
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    issue(dir, "server", "server.ext");
+    issue(dir, "client", "client.ext");
+}
+
+/// WHO.key and WHO.pem (CN=WHO), signed by the test CA with the extensions in `ext`.
+pub fn issue(dir: &std::path::Path, who: &str, ext: &str) {
+    let (key, csr, pem) = (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"));
+    openssl(dir, &[&["req"][..], &EC, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ],
+    );
+}
+
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS session with the server at `addr` (verified against `ca`) and the certificate it
+/// presented.
+pub fn tls_connect(addr: SocketAddr, ca: &std::path::Path) -> (Vec<u8>, TlsStream) {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca.pem") {
+        roots.add(c.expect("a CA certificate")).expect("root");
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("client");
+    let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(addr).expect("connect"));
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("TLS handshake");
+    }
+    let cert = s.conn.peer_certificates().expect("a certificate")[0].to_vec();
+    (cert, s)
+}
+
+pub fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path).expect("certificate").to_vec()
+}
+
+/// ApiVersions v0 over `s`, answered with its correlation id.
+pub fn api_versions_over(s: &mut TlsStream, correlation: i32) {
+    let mut frame = vec![0, 0, 0, 10, 0, 18, 0, 0];
+    frame.extend_from_slice(&correlation.to_be_bytes());
+    frame.extend_from_slice(&[0xff, 0xff]);
+    s.write_all(&frame).expect("send");
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("answer length");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("answer");
+    assert_eq!(&body[..4], &correlation.to_be_bytes(), "answered another request");
 }

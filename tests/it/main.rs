@@ -19,5 +19,6 @@ mod packaging;
 mod rdma;
 mod rocketmq;
 mod rocketmq_grpc;
+mod security;
 mod sidecar;
 mod ustack;

@@ -2,7 +2,10 @@
 //! librdkafka's 3-broker mock cluster; unchanged clients; every answer naming brokers
 //! checked to name only the sidecar; the sidecar killed mid-stream.
 
-use crate::harness::{free_port, phases_across_restart, run_client, BrokerProc};
+use crate::harness::{
+    api_versions_over, free_port, issue, make_certs, pem_der, phases_across_restart, run_client, tls_connect,
+    BrokerProc,
+};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, DescribeClusterRequest, FindCoordinatorRequest, MetadataRequest, MetadataResponse,
 };
@@ -535,55 +538,6 @@ fn a_transport_front_refuses_a_second_broker() {
     }
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the
-/// openssl command line into `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-const EC: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-
-/// A test CA (ca.pem, ca.key) and, signed by it, a server certificate for 127.0.0.1
-/// (server.pem, server.key) and a client certificate (client.pem, client.key).
-fn make_certs(dir: &std::path::Path) {
-    openssl(
-        dir,
-        &[&["req", "-x509"][..], &EC, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]]
-            .concat(),
-    );
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
-    issue(dir, "server", "server.ext");
-    issue(dir, "client", "client.ext");
-}
-
-/// WHO.key and WHO.pem (CN=WHO), signed by the test CA with the extensions in `ext`.
-fn issue(dir: &std::path::Path, who: &str, ext: &str) {
-    let (key, csr, pem) = (format!("{who}.key"), format!("{who}.csr"), format!("{who}.pem"));
-    openssl(dir, &[&["req"][..], &EC, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={who}")]].concat());
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            ext,
-        ],
-    );
-}
-
 /// TLS both ways, by chaining two sidecars: clients → A (plaintext) → A's `--upstream-tls`
 /// with a client certificate → B (`--tls-cert`, client certificates required) → the broker
 /// (plaintext). The confluent-kafka suite through A; confluent-kafka straight to B over
@@ -689,50 +643,6 @@ fn sidecar_killed_and_restarted_mid_stream_loses_nothing_acknowledged() {
         &["sidecar_restart.py", "--bootstrap", &bootstrap, "--phase", "verify", "--acked", &acked_path],
         SUITE_TIMEOUT,
     );
-}
-
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// A TLS session with the server at `addr` (verified against `ca`) and the certificate it
-/// presented.
-fn tls_connect(addr: SocketAddr, ca: &std::path::Path) -> (Vec<u8>, TlsStream) {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca.pem") {
-        roots.add(c.expect("a CA certificate")).expect("root");
-    }
-    let cfg =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("client");
-    let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(addr).expect("connect"));
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).expect("TLS handshake");
-    }
-    let cert = s.conn.peer_certificates().expect("a certificate")[0].to_vec();
-    (cert, s)
-}
-
-fn pem_der(path: &std::path::Path) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_file(path).expect("certificate").to_vec()
-}
-
-/// ApiVersions v0 over `s`, answered with its correlation id.
-fn api_versions_over(s: &mut TlsStream, correlation: i32) {
-    let mut frame = vec![0, 0, 0, 10, 0, 18, 0, 0];
-    frame.extend_from_slice(&correlation.to_be_bytes());
-    frame.extend_from_slice(&[0xff, 0xff]);
-    s.write_all(&frame).expect("send");
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("answer length");
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).expect("answer");
-    assert_eq!(&body[..4], &correlation.to_be_bytes(), "answered another request");
 }
 
 /// SIGHUP reloads `--tls-cert`/`--tls-key`: new connections get the new certificate, an
