@@ -155,6 +155,18 @@ pub struct ServeArgs {
     /// [default: SCRAM-SHA-512,SCRAM-SHA-256,PLAIN]. Users: `slipstream users`.
     #[arg(long)]
     pub sasl_mechanisms: Option<String>,
+    /// `acl`: enforce ACLs (CreateAcls/DescribeAcls/DeleteAcls manage them, kept in
+    /// DATA_DIR/acls.json); `none`: everything is allowed, as in Kafka without an
+    /// authorizer [default: none].
+    #[arg(long)]
+    pub authorizer: Option<String>,
+    /// Principals allowed everything, `;`-separated (`User:admin;User:ops`).
+    #[arg(long)]
+    pub super_users: Option<String>,
+    /// A resource no ACL names is open to everyone instead of closed (Kafka's
+    /// `allow.everyone.if.no.acl.found`) [default: false].
+    #[arg(long)]
+    pub allow_everyone_if_no_acl_found: Option<bool>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9644) [default: off].
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -417,6 +429,9 @@ impl ServeArgs {
                 tls_key,
                 tls_client_ca,
                 sasl_mechanisms,
+                authorizer,
+                super_users,
+                allow_everyone_if_no_acl_found,
                 ustack_xdp_mode,
                 ustack_first_queue,
                 ustack_frames,
@@ -547,6 +562,29 @@ impl ServeArgs {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let authorizer = crate::broker::acl::AuthorizerSettings {
+            enabled: match self.authorizer.as_deref().unwrap_or("none") {
+                "none" => false,
+                "acl" => true,
+                other => return Err(invalid("authorizer", other, "expected none or acl")),
+            },
+            super_users: self
+                .super_users
+                .as_deref()
+                .unwrap_or("")
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    if s.contains(':') {
+                        Ok(s.to_string())
+                    } else {
+                        Err(invalid("super user", s, "expected a principal, e.g. User:admin"))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            allow_if_no_acl: self.allow_everyone_if_no_acl_found.unwrap_or(false),
+        };
         Ok(ServeConfig {
             tls,
             sasl_mechanisms,
@@ -617,6 +655,7 @@ impl ServeArgs {
                 max_request_bytes,
                 group_initial_rebalance_delay_ms: self.group_initial_rebalance_delay_ms.unwrap_or(0),
                 connections_max_idle: std::time::Duration::from_millis(self.connections_max_idle_ms.unwrap_or(IDLE_MS)),
+                authorizer,
             },
         })
     }

@@ -16,6 +16,7 @@
 //!   producer-id blocks, offset commits) are for the file worker ([`Broker::files`]),
 //!   never a dispatch core; the protocols hand such requests to it and park.
 
+pub mod acl;
 pub mod groups;
 pub mod offsets;
 pub mod shard;
@@ -55,6 +56,8 @@ pub enum BrokerError {
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Users(#[from] users::UsersError),
+    #[error(transparent)]
+    Acl(#[from] acl::AclError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BrokerError + '_ {
@@ -75,6 +78,8 @@ pub struct BrokerSettings {
     /// Close connections with nothing in flight that sent or received nothing for this
     /// long (Kafka's `connections.max.idle.ms`).
     pub connections_max_idle: std::time::Duration,
+    /// Whether and how ACLs are enforced.
+    pub authorizer: acl::AuthorizerSettings,
 }
 
 /// Per-topic settings persisted in `topic.json`.
@@ -228,6 +233,8 @@ pub struct Broker {
     pub notifier: Arc<Notifier>,
     /// SASL users (their SCRAM credentials).
     pub users: users::Users,
+    /// ACLs, and whether they are enforced.
+    pub acl: acl::Authorizer,
 }
 
 /// Names the catalog accepts: Kafka's (`[a-zA-Z0-9._-]`, at most 249) and RocketMQ's,
@@ -341,6 +348,7 @@ impl Broker {
             files.set_notify(Box::new(move || notifier.notify()));
         }
         let users = users::Users::open(&settings.data_dir)?;
+        let acl = acl::Authorizer::open(&settings.data_dir, settings.authorizer.clone())?;
         let producer_id_file = settings.data_dir.join("producer_ids");
         // Producer ids are handed out in blocks; a restart skips the rest of the block, so
         // an id is never reused even if the process dies mid-block.
@@ -359,6 +367,7 @@ impl Broker {
             producer_id_file,
             notifier,
             users,
+            acl,
         };
         Ok((broker, shards))
     }

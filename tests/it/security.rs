@@ -31,10 +31,17 @@ fn addr() -> SocketAddr {
 
 impl Secured {
     fn start(transport: &[&str]) -> Secured {
+        Self::start_with_users(transport, &[])
+    }
+
+    /// With users besides alice, made by `slipstream users` before the broker starts.
+    fn start_with_users(transport: &[&str], more: &[(&str, &str)]) -> Secured {
         let dir = tempfile::tempdir().expect("tempdir");
         make_certs(dir.path());
         let data = dir.path().join("data");
-        users(&data, &["add", USER, "--password", PASSWORD]);
+        for (user, password) in [(USER, PASSWORD)].iter().chain(more) {
+            users(&data, &["add", user, "--password", password]);
+        }
         let (sasl_ssl, sasl_plaintext, ssl) = (addr(), addr(), addr());
         let f = |n: &str| dir.path().join(n).to_string_lossy().to_string();
         let listeners = [
@@ -380,3 +387,30 @@ fn broker_tls_certificates_reload_on_sighup() {
     let (third, _) = tls_connect(s.sasl_ssl, &ca);
     assert_eq!(third, pem_der(&d.join("server2.pem")), "a failed reload changed the certificate");
 }
+
+// Acceptance 1's ACLs: per resource type (topic: produce; group: consume; cluster: topic
+// creation) refused with Kafka's errors, then allowed once granted; a deny wins; the
+// certificate's subject is the principal on the mutual-TLS listener. On tcp and uring.
+per_transport!(acls_refuse_then_allow_per_resource_type, |t: &[&str]| {
+    let flags = [&["--authorizer", "acl", "--super-users", "User:admin"][..], t].concat();
+    let s = Secured::start_with_users(&flags, &[("admin", "admin-pw")]);
+    run_client(
+        "python3",
+        &[
+            "acl_suite.py",
+            "--sasl-ssl",
+            &s.sasl_ssl.to_string(),
+            "--ssl",
+            &s.ssl.to_string(),
+            "--ca",
+            &s.path("ca.pem"),
+            "--cert",
+            &s.path("client.pem"),
+            "--key",
+            &s.path("client.key"),
+        ],
+        Duration::from_secs(300),
+    );
+    let acls = std::fs::read_to_string(s.broker.data.join("acls.json")).expect("acls.json");
+    assert!(acls.contains("User:CN=client"), "{acls}");
+});

@@ -1,6 +1,8 @@
 //! Cluster and topic administration: Metadata, CreateTopics, DeleteTopics,
 //! CreatePartitions, DescribeConfigs, DescribeCluster, InitProducerId.
 
+use super::acls::{allowed, allowed_on_cluster};
+use crate::broker::acl::{Operation, ResourceType};
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
@@ -59,6 +61,11 @@ pub fn may_create_topics(ctx: &Ctx<'_>, req: &MetadataRequest) -> bool {
     req.topics.iter().flatten().any(|t| t.name.as_ref().is_some_and(|n| ctx.broker.topic(n).is_none()))
 }
 
+/// CREATE on the cluster, or on the topic.
+fn may_create(ctx: &Ctx<'_>, topic: &str) -> bool {
+    allowed_on_cluster(ctx, Operation::Create) || allowed(ctx, Operation::Create, ResourceType::Topic, topic)
+}
+
 pub fn metadata(ctx: &Ctx<'_>, req: MetadataRequest) -> Outcome {
     let v = ctx.version;
     let s = &ctx.broker.settings;
@@ -82,8 +89,11 @@ pub fn metadata(ctx: &Ctx<'_>, req: MetadataRequest) -> Outcome {
     };
     match wanted {
         None => {
+            // All topics: those the principal may not describe are left out, as in Kafka.
             for t in ctx.broker.topics() {
-                resp.topics.push(topic_metadata(ctx, &t));
+                if allowed(ctx, Operation::Describe, ResourceType::Topic, t.name()) {
+                    resp.topics.push(topic_metadata(ctx, &t));
+                }
             }
         }
         Some(list) => {
@@ -94,9 +104,14 @@ pub fn metadata(ctx: &Ctx<'_>, req: MetadataRequest) -> Outcome {
                     Some(n) => ctx.broker.topic(n),
                     None => ctx.broker.topic_by_id(rt.topic_id),
                 };
+                let may = |op, name: &str| allowed(ctx, op, ResourceType::Topic, name);
                 let topic = match (topic, &rt.name) {
+                    (Some(t), _) if !may(Operation::Describe, t.name()) => Err(ErrorCode::TopicAuthorizationFailed),
                     (Some(t), _) => Ok(t),
+                    (None, Some(n)) if !may(Operation::Describe, n) => Err(ErrorCode::TopicAuthorizationFailed),
                     (None, Some(n)) if !kafka_topic_name(n) => Err(ErrorCode::InvalidTopicException),
+                    // Auto-creation needs CREATE on the cluster or on the topic.
+                    (None, Some(n)) if allow && !may_create(ctx, n) => Err(ErrorCode::TopicAuthorizationFailed),
                     (None, Some(n)) if allow => match ctx.broker.create_topic(n, -1, HashMap::new(), false) {
                         Ok(t) => Ok(t),
                         Err(BrokerError::TopicExists(_)) => {
@@ -133,7 +148,9 @@ pub fn create_topics(ctx: &Ctx<'_>, req: CreateTopicsRequest) -> Outcome {
         r.name = ct.name.clone();
         let configs: HashMap<String, String> =
             ct.configs.iter().filter_map(|c| Some((c.name.to_string(), c.value.as_ref()?.to_string()))).collect();
-        let result = if ct.replication_factor > 1 {
+        let result = if !may_create(ctx, &ct.name) {
+            Err((ErrorCode::TopicAuthorizationFailed, "Authorization failed.".to_string()))
+        } else if ct.replication_factor > 1 {
             Err((
                 ErrorCode::InvalidReplicationFactor,
                 format!("replication factor {} > 1 broker", ct.replication_factor),
@@ -203,7 +220,12 @@ pub fn delete_topics(ctx: &Ctx<'_>, req: DeleteTopicsRequest) -> Outcome {
         if v >= 6 {
             r.topic_id = resolved.as_ref().map_or(id, |t| t.meta.id);
         }
+        let denied = |n: &str| !allowed(ctx, Operation::Delete, ResourceType::Topic, n);
         let result = match resolved {
+            Some(t) if denied(t.name()) => Err((ErrorCode::TopicAuthorizationFailed, "Authorization failed.".into())),
+            None if name.as_deref().is_some_and(|n| denied(n)) => {
+                Err((ErrorCode::TopicAuthorizationFailed, "Authorization failed.".into()))
+            }
             None if name.is_none() => Err((ErrorCode::UnknownTopicId, "unknown topic id".to_string())),
             None => Err((ErrorCode::UnknownTopicOrPartition, "unknown topic".to_string())),
             Some(t) => ctx.broker.delete_topic(t.name()).map(|_| ()).map_err(|e| (ErrorCode::from(&e), e.to_string())),
@@ -224,7 +246,10 @@ pub fn create_partitions(ctx: &Ctx<'_>, req: CreatePartitionsRequest) -> Outcome
     for t in req.topics {
         let mut r = CreatePartitionsTopicResult::default();
         r.name = t.name.clone();
-        if let Err(e) = ctx.broker.create_partitions(&t.name, t.count, req.validate_only) {
+        if !allowed(ctx, Operation::Alter, ResourceType::Topic, &t.name) {
+            r.error_code = ErrorCode::TopicAuthorizationFailed.code();
+            r.error_message = Some(sb("Authorization failed."));
+        } else if let Err(e) = ctx.broker.create_partitions(&t.name, t.count, req.validate_only) {
             r.error_code = ErrorCode::from(&e).code();
             r.error_message = Some(sb(&e.to_string()));
         }
@@ -241,6 +266,12 @@ pub fn describe_configs(ctx: &Ctx<'_>, req: DescribeConfigsRequest) -> Outcome {
         r.resource_type = res.resource_type;
         r.resource_name = res.resource_name.clone();
         let entries: Result<Vec<(String, String, i8)>, ErrorCode> = match res.resource_type {
+            RESOURCE_TOPIC if !allowed(ctx, Operation::DescribeConfigs, ResourceType::Topic, &res.resource_name) => {
+                Err(ErrorCode::TopicAuthorizationFailed)
+            }
+            RESOURCE_BROKER if !allowed_on_cluster(ctx, Operation::DescribeConfigs) => {
+                Err(ErrorCode::ClusterAuthorizationFailed)
+            }
             RESOURCE_TOPIC => match ctx.broker.topic(&res.resource_name) {
                 Some(t) => Ok(effective_configs(&s.log, &t.meta.configs)
                     .into_iter()
@@ -276,7 +307,12 @@ pub fn describe_configs(ctx: &Ctx<'_>, req: DescribeConfigsRequest) -> Outcome {
             }
             Err(code) => {
                 r.error_code = code.code();
-                r.error_message = Some(sb("unknown resource"));
+                r.error_message = Some(sb(match code {
+                    ErrorCode::TopicAuthorizationFailed | ErrorCode::ClusterAuthorizationFailed => {
+                        "Authorization failed."
+                    }
+                    _ => "unknown resource",
+                }));
             }
         }
         resp.results.push(r);
@@ -287,6 +323,11 @@ pub fn describe_configs(ctx: &Ctx<'_>, req: DescribeConfigsRequest) -> Outcome {
 pub fn describe_cluster(ctx: &Ctx<'_>, _req: DescribeClusterRequest) -> Outcome {
     let s = &ctx.broker.settings;
     let mut resp = DescribeClusterResponse::default();
+    if !allowed_on_cluster(ctx, Operation::Describe) {
+        resp.error_code = ErrorCode::ClusterAuthorizationFailed.code();
+        resp.error_message = Some(sb("Cluster authorization failed."));
+        return Outcome::respond(resp);
+    }
     resp.cluster_id = sb(&s.cluster_id);
     resp.controller_id = BrokerId(s.node_id);
     let mut b = DescribeClusterBroker::default();
@@ -303,6 +344,16 @@ pub fn init_producer_id(ctx: &Ctx<'_>, req: InitProducerIdRequest) -> Outcome {
         // Transactions are not implemented: say so rather than hand out an id that
         // would pretend to be transactional.
         resp.error_code = ErrorCode::TransactionalIdAuthorizationFailed.code();
+        resp.producer_id = ProducerId(-1);
+        resp.producer_epoch = -1;
+        return Outcome::respond(resp);
+    }
+    // An idempotent producer needs IDEMPOTENT_WRITE on the cluster, or WRITE on some
+    // topic (Kafka 3's rule).
+    if !allowed_on_cluster(ctx, Operation::IdempotentWrite)
+        && !ctx.broker.topics().iter().any(|t| allowed(ctx, Operation::Write, ResourceType::Topic, t.name()))
+    {
+        resp.error_code = ErrorCode::ClusterAuthorizationFailed.code();
         resp.producer_id = ProducerId(-1);
         resp.producer_epoch = -1;
         return Outcome::respond(resp);

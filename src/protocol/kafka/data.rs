@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+use super::acls::allowed;
 use super::{sb, Ctx, ErrorCode, Outcome, Parked};
+use crate::broker::acl::{Operation, ResourceType};
 use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{PartKey, PartitionShared};
 use crate::buffer::Chunk;
@@ -54,9 +56,11 @@ pub fn produce(ctx: &Ctx<'_>, req: ProduceRequest) -> Outcome {
     let mut topics = Vec::new();
     for td in req.topic_data {
         let topic = ctx.broker.topic(&td.name);
+        let may_write = allowed(ctx, Operation::Write, ResourceType::Topic, &td.name);
         let mut parts = Vec::new();
         for pd in td.partition_data {
             let slot = match (topic.as_ref().and_then(|t| t.key(pd.index)), pd.records) {
+                _ if !may_write => Slot::Error(ErrorCode::TopicAuthorizationFailed),
                 (None, _) => Slot::Error(ErrorCode::UnknownTopicOrPartition),
                 (Some(_), None) => Slot::Error(ErrorCode::CorruptMessage),
                 // Transactions are not implemented (and not advertised).
@@ -134,6 +138,8 @@ struct FetchTarget {
     max_bytes: usize,
     key: Option<PartKey>,
     shared: Option<Arc<PartitionShared>>,
+    /// The principal may not read the topic (no key then: nothing is read).
+    denied: bool,
 }
 
 #[derive(Clone)]
@@ -179,6 +185,8 @@ pub fn fetch(ctx: &Ctx<'_>, req: FetchRequest) -> Outcome {
     for t in &req.topics {
         let topic = if t.topic.is_empty() { ctx.broker.topic_by_id(t.topic_id) } else { ctx.broker.topic(&t.topic) };
         let name = topic.as_ref().map_or(t.topic.clone(), |tp| TopicName(sb(tp.name())));
+        let denied = !allowed(ctx, Operation::Read, ResourceType::Topic, &name);
+        let topic = topic.filter(|_| !denied);
         for p in &t.partitions {
             targets.push(FetchTarget {
                 name: name.clone(),
@@ -188,6 +196,7 @@ pub fn fetch(ctx: &Ctx<'_>, req: FetchRequest) -> Outcome {
                 max_bytes: p.partition_max_bytes.max(0) as usize,
                 key: topic.as_ref().and_then(|tp| tp.key(p.partition)),
                 shared: topic.as_ref().and_then(|tp| tp.shared(p.partition).cloned()),
+                denied,
             });
         }
     }
@@ -251,6 +260,7 @@ fn finish_fetch(plan: Box<FetchPlan>, results: Vec<PartResult>, now: Instant) ->
         pd.records = Some(Bytes::new());
         let result = if t.key.is_some() { results.next() } else { None };
         match result {
+            None if t.denied => pd.error_code = ErrorCode::TopicAuthorizationFailed.code(),
             None | Some(PartResult::Unknown) | Some(PartResult::Appended(..)) | Some(PartResult::Offset(_)) => {
                 pd.error_code = ErrorCode::UnknownTopicOrPartition.code();
             }
@@ -293,10 +303,15 @@ pub fn list_offsets(ctx: &Ctx<'_>, req: ListOffsetsRequest) -> Outcome {
     let mut ops = Vec::new();
     let mut topics = Vec::new();
     for t in req.topics {
+        let denied = !allowed(ctx, Operation::Describe, ResourceType::Topic, &t.name);
         let topic = ctx.broker.topic(&t.name);
         let mut parts = Vec::new();
         for p in t.partitions {
             let key = topic.as_ref().and_then(|tp| tp.key(p.partition_index));
+            if denied {
+                parts.push((p.partition_index, p.timestamp, Err(Slot::Error(ErrorCode::TopicAuthorizationFailed))));
+                continue;
+            }
             let shared = topic.as_ref().and_then(|tp| tp.shared(p.partition_index));
             // Earliest and latest come from the lock-free counters; only a timestamp
             // lookup needs the owner's indexes.

@@ -39,7 +39,10 @@ pub enum ErrorCode {
     InvalidConfig = 40,
     UnsupportedSaslMechanism = 33,
     IllegalSaslState = 34,
+    TopicAuthorizationFailed = 29,
+    GroupAuthorizationFailed = 30,
     ClusterAuthorizationFailed = 31,
+    SecurityDisabled = 54,
     SaslAuthenticationFailed = 58,
     ResourceNotFound = 91,
     DuplicateResource = 92,
@@ -73,7 +76,7 @@ impl From<&BrokerError> for ErrorCode {
             BrokerError::UnknownTopic(_) => ErrorCode::UnknownTopicOrPartition,
             BrokerError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
             BrokerError::Log(l) => l.into(),
-            BrokerError::Io { .. } | BrokerError::Users(_) => ErrorCode::KafkaStorageError,
+            BrokerError::Io { .. } | BrokerError::Users(_) | BrokerError::Acl(_) => ErrorCode::KafkaStorageError,
         }
     }
 }

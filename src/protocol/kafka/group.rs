@@ -19,19 +19,34 @@ use kafka_protocol::messages::{
 };
 use std::sync::Arc;
 
+use super::acls::{allowed, allowed_on_cluster};
 use super::{sb, Ctx, ErrorCode, Outcome, Parked};
+use crate::broker::acl::{Operation, ResourceType};
 use crate::broker::groups::{Committed, JoinRequest, JoinResult, JoinStep};
 use crate::broker::Broker;
 
 const KEY_TYPE_GROUP: i8 = 0;
 
+fn may(ctx: &Ctx<'_>, op: Operation, group: &str) -> bool {
+    allowed(ctx, op, ResourceType::Group, group)
+}
+
+fn may_topic(ctx: &Ctx<'_>, op: Operation, topic: &str) -> bool {
+    allowed(ctx, op, ResourceType::Topic, topic)
+}
+
 pub fn find_coordinator(ctx: &Ctx<'_>, req: FindCoordinatorRequest) -> Outcome {
     let v = ctx.version;
     let s = &ctx.broker.settings;
     let mut resp = FindCoordinatorResponse::default();
-    let error = if req.key_type == KEY_TYPE_GROUP { ErrorCode::None } else { ErrorCode::CoordinatorNotAvailable };
+    let error_for = |key: &str| match req.key_type {
+        KEY_TYPE_GROUP if !may(ctx, Operation::Describe, key) => ErrorCode::GroupAuthorizationFailed,
+        KEY_TYPE_GROUP => ErrorCode::None,
+        _ => ErrorCode::CoordinatorNotAvailable,
+    };
     if v >= 4 {
         for key in req.coordinator_keys {
+            let error = error_for(&key);
             let mut c = CoordinatorEntry::default();
             c.key = key;
             c.error_code = error.code();
@@ -46,6 +61,7 @@ pub fn find_coordinator(ctx: &Ctx<'_>, req: FindCoordinatorRequest) -> Outcome {
             resp.coordinators.push(c);
         }
     } else {
+        let error = error_for(&req.key);
         resp.error_code = error.code();
         if error == ErrorCode::None {
             resp.node_id = BrokerId(s.node_id);
@@ -112,6 +128,9 @@ fn join_response(v: i16, member_id: &str, r: Result<JoinResult, ErrorCode>) -> J
 
 pub fn join(ctx: &Ctx<'_>, req: JoinGroupRequest) -> Outcome {
     let v = ctx.version;
+    if !may(ctx, Operation::Read, &req.group_id) {
+        return Outcome::respond(join_response(v, &req.member_id, Err(ErrorCode::GroupAuthorizationFailed)));
+    }
     let jr = JoinRequest {
         group: req.group_id.to_string(),
         member_id: req.member_id.to_string(),
@@ -164,6 +183,17 @@ fn sync_response(p: &ParkedSync, r: Result<Bytes, ErrorCode>) -> SyncGroupRespon
 pub fn sync(ctx: &Ctx<'_>, req: SyncGroupRequest) -> Outcome {
     let group = req.group_id.to_string();
     let member_id = req.member_id.to_string();
+    if !may(ctx, Operation::Read, &group) {
+        let p = ParkedSync {
+            version: ctx.version,
+            group,
+            member_id,
+            generation: req.generation_id,
+            protocol_type: None,
+            protocol_name: None,
+        };
+        return Outcome::respond(sync_response(&p, Err(ErrorCode::GroupAuthorizationFailed)));
+    }
     let assignments = req.assignments.into_iter().map(|a| (a.member_id.to_string(), a.assignment)).collect();
     let result = ctx.broker.groups.lock().sync(&group, &member_id, req.generation_id, assignments, ctx.now);
     let (protocol_type, protocol_name) = {
@@ -199,6 +229,11 @@ pub fn poll_sync(broker: &Arc<Broker>, p: &ParkedSync, force: bool) -> Option<Ou
 }
 
 pub fn heartbeat(ctx: &Ctx<'_>, req: HeartbeatRequest) -> Outcome {
+    if !may(ctx, Operation::Read, &req.group_id) {
+        let mut resp = HeartbeatResponse::default();
+        resp.error_code = ErrorCode::GroupAuthorizationFailed.code();
+        return Outcome::respond(resp);
+    }
     let r = ctx.broker.groups.lock().heartbeat(&req.group_id, &req.member_id, req.generation_id, ctx.now);
     let mut resp = HeartbeatResponse::default();
     if let Err(e) = r {
@@ -209,6 +244,11 @@ pub fn heartbeat(ctx: &Ctx<'_>, req: HeartbeatRequest) -> Outcome {
 
 pub fn leave(ctx: &Ctx<'_>, req: LeaveGroupRequest) -> Outcome {
     let v = ctx.version;
+    if !may(ctx, Operation::Read, &req.group_id) {
+        let mut resp = LeaveGroupResponse::default();
+        resp.error_code = ErrorCode::GroupAuthorizationFailed.code();
+        return Outcome::respond(resp);
+    }
     let ids: Vec<String> = if v >= 3 {
         req.members.iter().map(|m| m.member_id.to_string()).collect()
     } else {
@@ -237,11 +277,17 @@ pub fn offset_commit(ctx: &Ctx<'_>, req: OffsetCommitRequest) -> Outcome {
     let mut resp = OffsetCommitResponse::default();
     let mut valid = Vec::new();
     let mut codes: Vec<Vec<ErrorCode>> = Vec::new();
+    let group_denied = !may(ctx, Operation::Read, &req.group_id);
     for t in &req.topics {
         let topic = ctx.broker.topic(&t.name);
+        let topic_denied = !may_topic(ctx, Operation::Read, &t.name);
         let mut tc = Vec::new();
         for p in &t.partitions {
-            if topic.as_ref().and_then(|tp| tp.key(p.partition_index)).is_none() {
+            if group_denied {
+                tc.push(ErrorCode::GroupAuthorizationFailed);
+            } else if topic_denied {
+                tc.push(ErrorCode::TopicAuthorizationFailed);
+            } else if topic.as_ref().and_then(|tp| tp.key(p.partition_index)).is_none() {
                 tc.push(ErrorCode::UnknownTopicOrPartition);
             } else {
                 tc.push(ErrorCode::None);
@@ -258,7 +304,11 @@ pub fn offset_commit(ctx: &Ctx<'_>, req: OffsetCommitRequest) -> Outcome {
         }
         codes.push(tc);
     }
-    let r = ctx.broker.commit_offsets(&req.group_id, &req.member_id, req.generation_id_or_member_epoch, valid, ctx.now);
+    let r = if group_denied {
+        Ok(())
+    } else {
+        ctx.broker.commit_offsets(&req.group_id, &req.member_id, req.generation_id_or_member_epoch, valid, ctx.now)
+    };
     for (t, tc) in req.topics.into_iter().zip(codes) {
         let mut tr = OffsetCommitResponseTopic::default();
         tr.name = t.name;
@@ -319,13 +369,26 @@ pub fn offset_fetch(ctx: &Ctx<'_>, req: OffsetFetchRequest) -> Outcome {
             let topics = g.topics.map(|ts| ts.into_iter().map(|t| (t.name, t.partition_indexes)).collect());
             let mut gr = OffsetFetchResponseGroup::default();
             gr.group_id = g.group_id.clone();
+            if !may(ctx, Operation::Describe, &g.group_id) {
+                gr.error_code = ErrorCode::GroupAuthorizationFailed.code();
+                resp.groups.push(gr);
+                continue;
+            }
+            let asked = topics.is_some();
             for (t, parts) in committed_for(ctx.broker, &g.group_id, topics) {
+                let denied = !may_topic(ctx, Operation::Describe, &t);
+                if denied && !asked {
+                    continue;
+                }
                 let mut tr = OffsetFetchResponseTopics::default();
                 tr.name = t;
                 for (p, c) in parts {
-                    let (offset, epoch, meta) = fill(&c);
+                    let (offset, epoch, meta) = if denied { (-1, -1, String::new()) } else { fill(&c) };
                     let mut pr = OffsetFetchResponsePartitions::default();
                     pr.partition_index = p;
+                    if denied {
+                        pr.error_code = ErrorCode::TopicAuthorizationFailed.code();
+                    }
                     pr.committed_offset = offset;
                     pr.committed_leader_epoch = epoch;
                     pr.metadata = Some(sb(&meta));
@@ -336,14 +399,42 @@ pub fn offset_fetch(ctx: &Ctx<'_>, req: OffsetFetchRequest) -> Outcome {
             resp.groups.push(gr);
         }
     } else {
+        if !may(ctx, Operation::Describe, &req.group_id) {
+            // v2+ carries a top-level error; before it, each partition does.
+            if v >= 2 {
+                resp.error_code = ErrorCode::GroupAuthorizationFailed.code();
+            } else {
+                for t in req.topics.into_iter().flatten() {
+                    let mut tr = OffsetFetchResponseTopic::default();
+                    tr.name = t.name;
+                    for p in t.partition_indexes {
+                        let mut pr = OffsetFetchResponsePartition::default();
+                        pr.partition_index = p;
+                        pr.committed_offset = -1;
+                        pr.error_code = ErrorCode::GroupAuthorizationFailed.code();
+                        tr.partitions.push(pr);
+                    }
+                    resp.topics.push(tr);
+                }
+            }
+            return Outcome::respond(resp);
+        }
         let topics = req.topics.map(|ts| ts.into_iter().map(|t| (t.name, t.partition_indexes)).collect());
+        let asked = topics.is_some();
         for (t, parts) in committed_for(ctx.broker, &req.group_id, topics) {
+            let denied = !may_topic(ctx, Operation::Describe, &t);
+            if denied && !asked {
+                continue;
+            }
             let mut tr = OffsetFetchResponseTopic::default();
             tr.name = t;
             for (p, c) in parts {
-                let (offset, epoch, meta) = fill(&c);
+                let (offset, epoch, meta) = if denied { (-1, -1, String::new()) } else { fill(&c) };
                 let mut pr = OffsetFetchResponsePartition::default();
                 pr.partition_index = p;
+                if denied {
+                    pr.error_code = ErrorCode::TopicAuthorizationFailed.code();
+                }
                 pr.committed_offset = offset;
                 if v >= 5 {
                     pr.committed_leader_epoch = epoch;
@@ -360,8 +451,12 @@ pub fn offset_fetch(ctx: &Ctx<'_>, req: OffsetFetchRequest) -> Outcome {
 pub fn list_groups(ctx: &Ctx<'_>, req: ListGroupsRequest) -> Outcome {
     let v = ctx.version;
     let mut resp = ListGroupsResponse::default();
+    let whole_cluster = allowed_on_cluster(ctx, Operation::Describe);
     let groups = ctx.broker.groups.lock();
     for g in groups.groups() {
+        if !whole_cluster && !may(ctx, Operation::Describe, &g.id) {
+            continue;
+        }
         let state = g.state.name();
         if v >= 4 && !req.states_filter.is_empty() && !req.states_filter.iter().any(|s| s.as_str() == state) {
             continue;
@@ -383,6 +478,11 @@ pub fn describe_groups(ctx: &Ctx<'_>, req: DescribeGroupsRequest) -> Outcome {
     for id in req.groups {
         let mut dg = DescribedGroup::default();
         dg.group_id = id.clone();
+        if !may(ctx, Operation::Describe, &id) {
+            dg.error_code = ErrorCode::GroupAuthorizationFailed.code();
+            resp.groups.push(dg);
+            continue;
+        }
         match groups.group(&id) {
             None => {
                 dg.group_state = sb("Dead");

@@ -11,6 +11,7 @@
 //! - Response fields are set only at versions that carry them (the crate rejects a
 //!   non-default value for a field the version lacks, and we treat that as a bug).
 
+pub mod acls;
 pub mod admin;
 pub mod data;
 pub mod error;
@@ -60,6 +61,9 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SaslAuthenticate, 0, 2),
     (ApiKey::DescribeUserScramCredentials, 0, 0),
     (ApiKey::AlterUserScramCredentials, 0, 0),
+    (ApiKey::DescribeAcls, 1, 3),
+    (ApiKey::CreateAcls, 1, 3),
+    (ApiKey::DeleteAcls, 1, 3),
 ];
 
 /// The advertised range of `key`, if we serve it.
@@ -223,6 +227,8 @@ fn writes_files(ctx: &Ctx<'_>, request: &RequestKind) -> bool {
         | RequestKind::CreatePartitions(_)
         | RequestKind::InitProducerId(_)
         | RequestKind::AlterUserScramCredentials(_)
+        | RequestKind::CreateAcls(_)
+        | RequestKind::DeleteAcls(_)
         | RequestKind::OffsetCommit(_) => true,
         RequestKind::Metadata(r) => admin::may_create_topics(ctx, r),
         _ => false,
@@ -271,6 +277,9 @@ fn run(ctx: &Ctx<'_>, api: ApiKey, request: RequestKind) -> Result<Outcome, Prot
         RequestKind::DescribeGroups(r) => group::describe_groups(ctx, r),
         RequestKind::DescribeUserScramCredentials(r) => sasl::describe_credentials(ctx, r),
         RequestKind::AlterUserScramCredentials(r) => sasl::alter_credentials(ctx, r),
+        RequestKind::CreateAcls(r) => acls::create(ctx, r),
+        RequestKind::DescribeAcls(r) => acls::describe(ctx, r),
+        RequestKind::DeleteAcls(r) => acls::delete(ctx, r),
         _ => return Err(ProtocolError::UnknownApi(api as i16)),
     };
     Ok(outcome)
@@ -338,6 +347,9 @@ fn encode_body<B: ByteBufMut>(r: &ResponseKind, buf: &mut B, v: i16) -> anyhow::
         ResponseKind::SaslAuthenticate(x) => x.encode(buf, v),
         ResponseKind::DescribeUserScramCredentials(x) => x.encode(buf, v),
         ResponseKind::AlterUserScramCredentials(x) => x.encode(buf, v),
+        ResponseKind::CreateAcls(x) => x.encode(buf, v),
+        ResponseKind::DescribeAcls(x) => x.encode(buf, v),
+        ResponseKind::DeleteAcls(x) => x.encode(buf, v),
         other => anyhow::bail!("no encoder wired for {other:?}"),
     }
 }
@@ -419,6 +431,9 @@ mod tests {
                         frame(*key, v, &DescribeUserScramCredentialsRequest::default())
                     }
                     ApiKey::AlterUserScramCredentials => frame(*key, v, &AlterUserScramCredentialsRequest::default()),
+                    ApiKey::DescribeAcls => frame(*key, v, &DescribeAclsRequest::default()),
+                    ApiKey::CreateAcls => frame(*key, v, &CreateAclsRequest::default()),
+                    ApiKey::DeleteAcls => frame(*key, v, &DeleteAclsRequest::default()),
                     _ => continue,
                 };
                 out.push(f);

@@ -26,7 +26,9 @@ use kafka_protocol::messages::{
 };
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::acls::allowed_on_cluster;
 use super::{sb, Ctx, ErrorCode, Outcome};
+use crate::broker::acl::Operation;
 use crate::broker::users::{
     AuthError, Mechanism, SaslServer, SaslStep, ScramCredential, Users, MAX_ITERATIONS, MIN_ITERATIONS,
 };
@@ -144,6 +146,12 @@ fn exchange((mech, step): (Mechanism, Result<SaslStep, AuthError>)) -> (Bytes, V
 
 /// DescribeUserScramCredentials: the named users (every user if none is named).
 pub fn describe_credentials(ctx: &Ctx<'_>, r: DescribeUserScramCredentialsRequest) -> Outcome {
+    if !allowed_on_cluster(ctx, Operation::Describe) {
+        let mut resp = DescribeUserScramCredentialsResponse::default();
+        resp.error_code = ErrorCode::ClusterAuthorizationFailed.code();
+        resp.error_message = Some(sb("Cluster authorization failed."));
+        return Outcome::respond(resp);
+    }
     let users = &ctx.broker.users;
     let all: BTreeMap<String, Vec<(Mechanism, u32)>> = users.list().into_iter().collect();
     let mut resp = DescribeUserScramCredentialsResponse::default();
@@ -201,6 +209,19 @@ pub fn describe_credentials(ctx: &Ctx<'_>, r: DescribeUserScramCredentialsReques
 /// AlterUserScramCredentials (on the file worker: it writes the users file). Each user's
 /// changes are checked first and applied together; one result per user.
 pub fn alter_credentials(ctx: &Ctx<'_>, r: AlterUserScramCredentialsRequest) -> Outcome {
+    if !allowed_on_cluster(ctx, Operation::Alter) {
+        let mut resp = AlterUserScramCredentialsResponse::default();
+        let names: BTreeSet<&str> =
+            r.deletions.iter().map(|d| d.name.as_str()).chain(r.upsertions.iter().map(|u| u.name.as_str())).collect();
+        for user in names {
+            let mut res = AlterUserScramCredentialsResult::default();
+            res.user = sb(user);
+            res.error_code = ErrorCode::ClusterAuthorizationFailed.code();
+            res.error_message = Some(sb("Cluster authorization failed."));
+            resp.results.push(res);
+        }
+        return Outcome::respond(resp);
+    }
     let mut errors: BTreeMap<String, (ErrorCode, String)> = BTreeMap::new();
     let mut fail = |user: &str, code: ErrorCode, why: String| {
         errors.entry(user.to_string()).or_insert((code, why));
