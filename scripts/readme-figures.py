@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack|tls
 """
 import json
 import sys
@@ -147,7 +147,22 @@ def ustack():
                   f"{t['broker_cpu_s_per_million_msgs']:.1f} | {ratio:.2f} |")
 
 
+def tls():
+    d = load("tls")
+    print("| workload (`docs/bench/tls/`) | target | publish p50 | p99 | p99.9 | msg/s | broker CPU s per M msgs | p50 / plain | msg/s / plain |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for w in d["workloads"]:
+        name = w["workload"]["name"]
+        for i, t in enumerate(w["targets"]):
+            plain = next(x for x in w["targets"] if x["name"] == t["name"].removesuffix(" tls"))
+            p = t["publish"]
+            print(f"| {name if i == 0 else ''} | {t['name']} | {f1(pct(p, 'p50'))} | {f1(pct(p, 'p99'))} | "
+                  f"{f1(pct(p, 'p99.9'))} | {t['throughput_msgs_per_s']:,.0f} | "
+                  f"{t['broker_cpu_s_per_million_msgs']:.1f} | {pct(p, 'p50') / pct(plain['publish'], 'p50'):.2f} | "
+                  f"{t['throughput_msgs_per_s'] / plain['throughput_msgs_per_s']:.2f} |")
+
+
 if __name__ == "__main__":
     {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
      "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar,
-     "sidecar-fanout": sidecar_fanout, "ustack": ustack}[sys.argv[1]]()
+     "sidecar-fanout": sidecar_fanout, "ustack": ustack, "tls": tls}[sys.argv[1]]()

@@ -58,7 +58,7 @@ impl ClientKind {
 
     fn run(
         self,
-        addr: SocketAddr,
+        peer: &native::Peer,
         w: &Workload,
         topic: &str,
         fetch_wait_ms: i32,
@@ -66,9 +66,14 @@ impl ClientKind {
         bar: &ProgressBar,
     ) -> anyhow::Result<native::RunOutput> {
         match self {
-            ClientKind::Native => native::run(addr, w, topic, fetch_wait_ms, pid, bar),
+            ClientKind::Native => native::run(peer, w, topic, fetch_wait_ms, pid, bar),
             #[cfg(feature = "rdkafka-client")]
-            ClientKind::Rdkafka => rdk::run(addr, w, topic, fetch_wait_ms, pid, bar),
+            ClientKind::Rdkafka => {
+                if peer.tls_ca.is_some() {
+                    bail!("TLS targets (--tls-ca) are measured with --client native");
+                }
+                rdk::run(peer.addr, w, topic, fetch_wait_ms, pid, bar)
+            }
         }
     }
 }
@@ -201,6 +206,9 @@ impl Target {
                     n.push(' ');
                     n.push_str(f.trim_start_matches("--"));
                 }
+                if flags.iter().any(|f| f.starts_with("--tls-ca=")) {
+                    n.push_str(" tls");
+                }
                 n
             }
             Target::External { name, .. } => name.clone(),
@@ -211,12 +219,14 @@ impl Target {
 /// Flags that say where the broker runs, not how (left out of a target's name): the
 /// harness's `--netns`/`--addr`, and the interface the user-space stack is given.
 fn is_placement_flag(f: &str) -> bool {
-    f.starts_with("--netns=") || f.starts_with("--addr=") || f.starts_with("--ustack-if=")
+    ["--netns=", "--addr=", "--ustack-if=", "--tls-cert=", "--tls-key=", "--tls-ca="].iter().any(|p| f.starts_with(p))
 }
 
 /// Flags of a `slipstream:` target that the harness takes itself (never passed to `serve`).
+/// `--tls-ca=PATH`: the broker also gets a TLS listener (`SSL://`, with the target's
+/// `--tls-cert=`/`--tls-key=`), and the clients connect to it trusting PATH.
 fn is_harness_flag(f: &str) -> bool {
-    f.starts_with("--data-parent=") || f == "--via-sidecar" || f.starts_with("--netns=") || f.starts_with("--addr=")
+    ["--data-parent=", "--netns=", "--addr=", "--tls-ca="].iter().any(|p| f.starts_with(p)) || f == "--via-sidecar"
 }
 
 /// The RDMA address `slipstream:rdma` targets listen on.
@@ -247,6 +257,8 @@ struct Spawned {
     namesrv: Option<SocketAddr>,
     /// The RocketMQ 5 gRPC endpoint, when started with one.
     grpc: Option<SocketAddr>,
+    /// With `--tls-ca=`: `addr` is the TLS listener, its certificate signed by this CA.
+    tls_ca: Option<PathBuf>,
     _data: tempfile::TempDir,
 }
 
@@ -274,6 +286,10 @@ impl Spawned {
         let parent = flags.iter().find_map(|f| f.strip_prefix("--data-parent="));
         // Harness options, not serve flags: where the data lives, and a sidecar in front.
         let via_sidecar = flags.iter().any(|f| f == "--via-sidecar");
+        let tls_ca = flags.iter().find_map(|f| f.strip_prefix("--tls-ca=")).map(PathBuf::from);
+        if tls_ca.is_some() && (via_sidecar || kind == TransportKind::Rdma) {
+            bail!("--tls-ca= measures the broker's own TLS listener: not with --via-sidecar or rdma");
+        }
         let flags: Vec<&String> = flags.iter().filter(|f| !is_harness_flag(f)).collect();
         let data = match parent {
             Some(dir) => tempfile::tempdir_in(dir).with_context(|| format!("a data directory in {dir}"))?,
@@ -297,6 +313,9 @@ impl Spawned {
                 grpc = Some(addrs[2]);
             }
         }
+        if tls_ca.is_some() {
+            extra.extend(["--listen".to_string(), format!("SSL://{}", picked[3])]);
+        }
         let mut cmd = Command::new(&exe);
         if let Some(ns) = netns {
             // `ip netns exec` execs the broker: the child's pid is still the broker's.
@@ -314,7 +333,7 @@ impl Spawned {
             .stderr(logf)
             .spawn()
             .context("starting slipstream serve")?;
-        let mut s = Spawned { child, bridge: None, addr: listen, namesrv, grpc, _data: data };
+        let mut s = Spawned { child, bridge: None, addr: listen, namesrv, grpc, tls_ca: None, _data: data };
         if via_sidecar {
             // Clients bootstrap at the sidecar; the broker (node 0) is served at picked[3].
             s.addr = free_loopback_addr()?;
@@ -345,6 +364,11 @@ impl Spawned {
                 .and_then(|mut c| c.api_versions())
                 .is_ok();
             if answered {
+                if tls_ca.is_some() {
+                    // Ready on the plaintext listener; measured on the TLS one.
+                    s.addr = picked[3];
+                    s.tls_ca = tls_ca;
+                }
                 return Ok(s);
             }
             if let Ok(Some(status)) = s.child.try_wait() {
@@ -487,7 +511,8 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
                             }
                             (Protocol::Rocketmq, Some(ns), _) => (rmq::run(ns, w, &topic, pid, &bar)?, ns.to_string()),
                             _ => {
-                                (args.client.run(s.addr, w, &topic, args.fetch_wait_ms, pid, &bar)?, s.addr.to_string())
+                                let peer = native::Peer { addr: s.addr, tls_ca: s.tls_ca.clone() };
+                                (args.client.run(&peer, w, &topic, args.fetch_wait_ms, pid, &bar)?, s.addr.to_string())
                             }
                         }
                     }
@@ -498,7 +523,8 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
                         (grpc::run(*addr, None, w, &topic, *pid, &bar)?, addr.to_string())
                     }
                     (Target::External { addr, pid, .. }, Protocol::Kafka) => {
-                        (args.client.run(*addr, w, &topic, args.fetch_wait_ms, *pid, &bar)?, addr.to_string())
+                        let peer = native::Peer { addr: *addr, tls_ca: None };
+                        (args.client.run(&peer, w, &topic, args.fetch_wait_ms, *pid, &bar)?, addr.to_string())
                     }
                 };
                 let a = &mut accums[ti];

@@ -141,13 +141,25 @@ pub fn pace(schedule: &Schedule, clock: Clock) {
     }
 }
 
-fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
-    Client::connect(addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))
+/// Where the native client connects, and whether over TLS (trusting the CAs in `tls_ca`).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+fn connect(peer: &Peer) -> anyhow::Result<Client> {
+    let addr = peer.addr;
+    match &peer.tls_ca {
+        None => Client::connect(addr, Duration::from_secs(5)),
+        Some(ca) => Client::connect_tls(addr, Duration::from_secs(5), ca),
+    }
+    .with_context(|| format!("connecting to {addr}"))
 }
 
 /// Makes the workload's topic (admin, not measured); one that already exists (36) is fine.
 /// The rdkafka client uses it too.
-pub fn create_topic(addr: SocketAddr, topic: &str, partitions: i32) -> anyhow::Result<()> {
+pub fn create_topic(addr: &Peer, topic: &str, partitions: i32) -> anyhow::Result<()> {
     match connect(addr)?.create_topic(topic, partitions).context("CreateTopics")? {
         0 | 36 => Ok(()),
         code => bail!("creating topic {topic}: error {code}"),
@@ -155,7 +167,7 @@ pub fn create_topic(addr: SocketAddr, topic: &str, partitions: i32) -> anyhow::R
 }
 
 pub fn run(
-    addr: SocketAddr,
+    addr: &Peer,
     w: &Workload,
     topic: &str,
     fetch_wait_ms: i32,
@@ -219,7 +231,7 @@ pub fn run(
 /// answers; the figure is their fetch rate, from their start until the last one has
 /// reached the high watermark (or `duration_s` is up).
 fn drain(
-    addr: SocketAddr,
+    addr: &Peer,
     w: &Workload,
     topic: &str,
     fetch_wait_ms: i32,

@@ -66,7 +66,7 @@ pub fn run(
     if w.backlog_messages > 0 {
         anyhow::bail!("{}: backlog (fetch-throughput) workloads run with --client native", w.name);
     }
-    super::native::create_topic(addr, topic, w.partitions)?;
+    super::native::create_topic(&super::native::Peer { addr, tls_ca: None }, topic, w.partitions)?;
     let clock = Clock::default();
     let warmup_ns = (w.warmup_s * 1e9) as u64;
     let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;

@@ -43,9 +43,39 @@ const PRODUCE_VERSION: i16 = 8;
 const FETCH_VERSION: i16 = 11;
 
 pub struct Client {
-    stream: TcpStream,
+    stream: Conn,
     next_correlation: i32,
     client_id: StrBytes,
+}
+
+/// The connection: plain TCP, or TLS over it (rustls, blocking).
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
 }
 
 /// What a produce returned.
@@ -68,7 +98,32 @@ impl Client {
         let stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Client { stream, next_correlation: 1, client_id: StrBytes::from_static_str("slipstream-native") })
+        Ok(Client {
+            stream: Conn::Plain(stream),
+            next_correlation: 1,
+            client_id: StrBytes::from_static_str("slipstream-native"),
+        })
+    }
+
+    /// Connects over TLS, checking the broker's certificate against the CAs in `ca`
+    /// (PEM) for the address's IP; the handshake completes before this returns.
+    pub fn connect_tls(addr: SocketAddr, timeout: Duration, ca: &std::path::Path) -> Result<Client, ClientError> {
+        let tls = |e: String| ClientError::Io(io::Error::other(e));
+        let roots = crate::tls::roots(ca).map_err(|e| tls(e.to_string()))?;
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(|e| tls(e.to_string()))?;
+        let Client { stream, next_correlation, client_id } = Client::connect(addr, timeout)?;
+        let Conn::Plain(sock) = stream else { return Err(tls("not a plain connection".into())) };
+        let mut s = rustls::StreamOwned::new(conn, sock);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(Client { stream: Conn::Tls(Box::new(s)), next_correlation, client_id })
     }
 
     /// Writes one request frame; returns its correlation id.
@@ -178,7 +233,10 @@ impl Client {
 
     /// The raw socket, for tests that need to misbehave.
     pub fn stream(&mut self) -> &mut TcpStream {
-        &mut self.stream
+        match &mut self.stream {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => &mut s.sock,
+        }
     }
 }
 

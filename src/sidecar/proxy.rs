@@ -237,6 +237,13 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
             listen.port(),
             args.upstream.join(",")
         );
+        // Before the first listener: a SIGHUP from whoever saw the port open must not
+        // find the default action (terminate) in place.
+        let handler = |kind| {
+            tokio::signal::unix::signal(kind).map_err(|e| SidecarError::Settings(format!("signal handler: {e}")))
+        };
+        let mut term = handler(tokio::signal::unix::SignalKind::terminate())?;
+        let mut hup = handler(tokio::signal::unix::SignalKind::hangup())?;
         let stop = Arc::new(AtomicBool::new(false));
         let front = match args.transport {
             None => {
@@ -259,11 +266,6 @@ pub fn run(args: &SidecarArgs) -> Result<(), SidecarError> {
             });
             stats_path = Some(path);
         }
-        let handler = |kind| {
-            tokio::signal::unix::signal(kind).map_err(|e| SidecarError::Settings(format!("signal handler: {e}")))
-        };
-        let mut term = handler(tokio::signal::unix::SignalKind::terminate())?;
-        let mut hup = handler(tokio::signal::unix::SignalKind::hangup())?;
         loop {
             tokio::select! {
                 Some(o) = opened.recv() => match TcpListener::from_std(o.listener) {

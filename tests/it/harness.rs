@@ -135,6 +135,13 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// `n` distinct free loopback addresses: held open together while chosen, so that two
+/// listeners of one broker never get the same port.
+pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    held.iter().map(|l| l.local_addr().expect("local addr")).collect()
+}
+
 impl BrokerProc {
     pub fn start(extra: &[&str]) -> BrokerProc {
         let addr: SocketAddr = match Ustack::of(extra) {
@@ -149,6 +156,11 @@ impl BrokerProc {
     #[allow(dead_code)]
     pub fn start_with_data(data: PathBuf, extra: &[&str]) -> BrokerProc {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_with_data_at(addr, data, extra)
+    }
+
+    /// Like [`BrokerProc::start_with_data`], listening on `addr`.
+    pub fn start_with_data_at(addr: SocketAddr, data: PathBuf, extra: &[&str]) -> BrokerProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut b = BrokerProc {
             ready: serves_api_versions,

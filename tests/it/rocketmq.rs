@@ -1,7 +1,7 @@
 //! RocketMQ remoting: unmodified RocketMQ clients against the built-in name server and
 //! broker listener, on the same log Kafka clients read and write.
 
-use crate::harness::{flags, free_port, phases_across_restart, run_client, BrokerProc};
+use crate::harness::{flags, free_addrs, phases_across_restart, run_client, serves_api_versions, BrokerProc};
 use bytes::{BufMut, Bytes, BytesMut};
 use slipstream::protocol::rocketmq::frame::{Command, Framer};
 use std::io::{Read, Write};
@@ -13,11 +13,12 @@ const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
 /// A broker with a Kafka listener (the harness's), a RocketMQ broker listener and its name
 /// server; returns the broker and the two RocketMQ addresses.
 fn start(transport: &[&str], extra: &[&str]) -> (BrokerProc, String, String) {
-    let (rmq, ns) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let addrs = free_addrs(3);
+    let (rmq, ns) = (addrs[1].to_string(), addrs[2].to_string());
     let (l1, l2) = (format!("rocketmq://{rmq}"), format!("rocketmq-namesrv://{ns}"));
     let mut args = vec!["--listen", l1.as_str(), "--listen", l2.as_str(), "--default-partitions", "4"];
     args.extend_from_slice(extra);
-    let broker = BrokerProc::start(&flags(&args, transport));
+    let broker = BrokerProc::start_at(addrs[0], &flags(&args, transport), serves_api_versions);
     (broker, rmq, ns)
 }
 

@@ -2,7 +2,7 @@
 //! stock clients, the SCRAM admin APIs and `slipstream users`, refusals, certificate reload.
 
 use crate::harness::{
-    api_versions_over, flags, free_port, issue, make_certs, pem_der, run_client, tls_connect, BrokerProc,
+    api_versions_over, flags, free_addrs, issue, make_certs, pem_der, run_client, tls_connect, BrokerProc,
 };
 use bytes::{BufMut, BytesMut};
 use kafka_protocol::messages::*;
@@ -25,10 +25,6 @@ struct Secured {
 const USER: &str = "alice";
 const PASSWORD: &str = "alice-secret";
 
-fn addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().expect("addr")
-}
-
 impl Secured {
     fn start(transport: &[&str]) -> Secured {
         Self::start_with_users(transport, &[])
@@ -42,7 +38,8 @@ impl Secured {
         for (user, password) in [(USER, PASSWORD)].iter().chain(more) {
             users(&data, &["add", user, "--password", password]);
         }
-        let (sasl_ssl, sasl_plaintext, ssl) = (addr(), addr(), addr());
+        let a = free_addrs(4);
+        let (sasl_ssl, sasl_plaintext, ssl) = (a[1], a[2], a[3]);
         let f = |n: &str| dir.path().join(n).to_string_lossy().to_string();
         let listeners = [
             format!("SASL_SSL://{sasl_ssl}"),
@@ -64,7 +61,7 @@ impl Secured {
             "--tls-client-ca",
             &ca,
         ];
-        let broker = BrokerProc::start_with_data(data, &flags(&base, transport));
+        let broker = BrokerProc::start_with_data_at(a[0], data, &flags(&base, transport));
         Secured { broker, dir, sasl_ssl, sasl_plaintext, ssl }
     }
 
