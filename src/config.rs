@@ -332,7 +332,7 @@ impl ListenerConfig {
         match protocol {
             ProtocolKind::Kafka => {}
             ProtocolKind::RocketMq | ProtocolKind::RocketMqNamesrv if !security.sasl() => {}
-            ProtocolKind::RocketMqGrpc if security == Security::Plaintext => {}
+            ProtocolKind::RocketMqGrpc if matches!(security, Security::Plaintext | Security::Ssl) => {}
             _ => return Err(invalid("listener security", spec, "this protocol's listeners cannot serve it")),
         }
         Ok(ListenerConfig { protocol, addr, advertised: host_port(&advertised)?, security })

@@ -197,16 +197,33 @@ fn init_logging(format: LogFormat) {
     if format == LogFormat::Json {
         b.format(|buf, record| {
             use std::io::Write;
-            let line = serde_json::json!({
-                "ts": buf.timestamp_micros().to_string(),
-                "level": record.level().as_str(),
-                "target": record.target(),
-                "msg": record.args().to_string(),
-            });
-            writeln!(buf, "{line}")
+            let mut line = serde_json::Map::new();
+            line.insert("ts".into(), buf.timestamp_micros().to_string().into());
+            line.insert("level".into(), record.level().as_str().into());
+            line.insert("target".into(), record.target().into());
+            line.insert("msg".into(), record.args().to_string().into());
+            // The record's fields (`peer`, `reason`, …) as keys of their own; the four
+            // above are never overwritten.
+            let _ = record.key_values().visit(&mut JsonFields(&mut line));
+            writeln!(buf, "{}", serde_json::Value::Object(line))
         });
     }
     b.init();
+}
+
+/// Collects a log record's key-value fields into a JSON object.
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for JsonFields<'_> {
+    fn visit_pair(&mut self, key: log::kv::Key<'kvs>, value: log::kv::Value<'kvs>) -> Result<(), log::kv::Error> {
+        let value = match (value.to_u64(), value.to_i64()) {
+            (Some(n), _) => n.into(),
+            (None, Some(n)) => n.into(),
+            _ => value.to_string().into(),
+        };
+        self.0.entry(key.as_str().to_string()).or_insert(value);
+        Ok(())
+    }
 }
 
 /// Runs the bench harness, a binary of its own (building the broker must not compile

@@ -124,7 +124,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // (the certificate is the principal); `SASL_SSL` ones never do (SASL names the
     // principal), as Kafka's `ssl.client.auth` defaults for them.
     let tls_server = |security: Security| -> Result<Option<Arc<ServerTls>>, ServeError> {
-        let Some(files) = cfg.tls.clone().filter(|_| looped.iter().any(|l| l.security == security)) else {
+        let Some(files) = cfg.tls.clone().filter(|_| cfg.listeners.iter().any(|l| l.security == security)) else {
             return Ok(None);
         };
         let files =
@@ -140,7 +140,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             _ => None,
         })
         .collect();
-    let tls: Vec<Arc<ServerTls>> = ssl.into_iter().chain(sasl_ssl).collect();
+    let tls: Vec<Arc<ServerTls>> = ssl.iter().chain(&sasl_ssl).cloned().collect();
     let shared = Shared {
         protocols: protocols.clone(),
         tls: listener_tls,
@@ -159,6 +159,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 state.clone(),
                 cfg.rocketmq_grpc,
                 shutdown.clone(),
+                ssl.clone().filter(|_| l.security == Security::Ssl),
             )
             .map_err(ServeError::Thread)?;
             log::info!(
@@ -221,14 +222,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     };
     for (l, p) in looped.iter().zip(&protocols) {
         log::info!(
-            "slipstream serving {} ({}) on {} ({:?} transport, {} core(s)), advertising {}:{}",
-            p.name(),
-            l.security.name(),
-            l.addr,
-            cfg.transport,
-            cfg.cores,
-            l.advertised.0,
-            l.advertised.1
+            protocol = p.name(),
+            security = l.security.name(),
+            listen:% = l.addr,
+            transport:? = cfg.transport,
+            cores = cfg.cores,
+            advertised:% = format_args!("{}:{}", l.advertised.0, l.advertised.1);
+            "slipstream serving"
         );
     }
     let mut handles = Vec::new();

@@ -114,12 +114,14 @@ pub struct BenchArgs {
     /// the RDMA address in $SLIPSTREAM_RDMA_IP, or $RXE_IP in the soft-RoCE VM, and the
     /// clients go through a `slipstream bridge` the harness starts beside it) or
     /// `NAME=HOST:PORT[,pid=PID]` (any Kafka-compatible broker; the pid enables its CPU
-    /// figures). Repeatable. Four flags are the harness's own, not `serve`'s: `--data-parent=DIR` makes the
+    /// figures). Repeatable. Five flags are the harness's own, not `serve`'s: `--data-parent=DIR` makes the
     /// broker's data directory in DIR (e.g. /dev/shm), not in $TMPDIR; `--via-sidecar`
     /// puts a `slipstream sidecar` in front of the broker and the clients bootstrap there
     /// (CPU figures stay the broker's alone); `--netns=NS` and `--addr=IP:PORT` start the
     /// broker in network namespace NS listening on ADDR, for paths other than loopback
-    /// (scripts/bench-ustack.sh: kernel TCP and the user-space stack over one veth path).
+    /// (scripts/bench-ustack.sh: kernel TCP and the user-space stack over one veth path);
+    /// `--tls-ca=PEM` adds an `SSL://` listener (with the target's `--tls-cert=` and
+    /// `--tls-key=`) and measures it, the native client trusting PEM (scripts/bench-tls.sh).
     #[arg(long = "target")]
     pub targets: Vec<String>,
     /// Add slipstream on every transport built into this binary to the targets (rdma only

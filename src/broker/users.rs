@@ -185,7 +185,7 @@ impl Users {
         }
         match read(&self.path) {
             Ok(fresh) => {
-                log::info!("{}: users reloaded ({} users)", self.path.display(), fresh.0.users.len());
+                log::info!(path:% = self.path.display(), users = fresh.0.users.len(); "users reloaded");
                 *self.state.write() = fresh;
             }
             Err(e) => log::error!("users file changed but cannot be read, keeping the users in memory: {e}"),

@@ -642,15 +642,17 @@ impl Core {
             if let Some(c) = self.conns.get_mut(&conn) {
                 let partial = c.rx.as_ref().map_or(0, BytesMut::len);
                 log::info!(
-                    "closing connection from {}: idle for more than {} ms (connections-max-idle-ms){}",
-                    c.peer,
-                    limit.as_millis(),
+                    peer:% = c.peer,
+                    idle_ms = limit.as_millis() as u64,
+                    partial_request_bytes = partial,
+                    unsent_answer_bytes = unsent;
+                    "closing connection: idle past connections-max-idle-ms{}",
                     if partial > 0 {
-                        format!(", holding {partial} bytes of an incomplete request")
+                        ", holding part of a request"
                     } else if unsent > 0 {
-                        format!(", not reading: {unsent} bytes of answers unsent")
+                        ", not reading its answers"
                     } else {
-                        String::new()
+                        ""
                     }
                 );
                 c.closing = true;
@@ -671,12 +673,12 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&conn) {
             match &fault {
                 Fault::BadInput(why) => {
-                    log::warn!("closing connection from {}: {why}", c.peer);
+                    log::warn!(peer:% = c.peer, reason = why.as_str(); "closing connection: bad input");
                     metrics::count_bad_input_close();
                 }
-                Fault::Internal(why) => log::error!("closing connection from {}: {why}", c.peer),
+                Fault::Internal(why) => log::error!(peer:% = c.peer, reason = why.as_str(); "closing connection"),
                 Fault::Refused(why) => {
-                    log::warn!("closing connection from {}: {why}", c.peer);
+                    log::warn!(peer:% = c.peer, reason = why.as_str(); "closing connection: refused");
                     metrics::count_refused_close();
                 }
             }
@@ -833,7 +835,7 @@ impl Core {
                 match tls.seal(out) {
                     Ok(records) => out = records,
                     Err(e) => {
-                        log::error!("closing connection from {}: {e}", c.peer);
+                        log::error!(peer:% = c.peer, reason:% = e; "closing connection");
                         self.transport.abort(conn);
                         return;
                     }

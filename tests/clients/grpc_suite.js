@@ -41,7 +41,8 @@ const logger = {
   info() {}, debug() {}, warn() {},
   error(...a) { if (process.env.GRPC_SUITE_DEBUG) console.error('[client]', ...a); },
 };
-const opts = extra => Object.assign({ endpoints: ENDPOINTS, logger, requestTimeout: 10000 }, extra);
+// `--ssl true`: TLS (the CA comes from GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, read by grpc-js).
+const opts = extra => Object.assign({ endpoints: ENDPOINTS, logger, requestTimeout: 10000, sslEnabled: args.ssl === 'true' }, extra);
 
 function fail(msg) {
   console.error('FAIL:', msg);
@@ -381,6 +382,19 @@ async function phaseCrossReceive() {
   console.log('cross-receive ok');
 }
 
+// Over TLS: 200 messages sent and received back intact by a SimpleConsumer.
+async function phaseTls() {
+  const p = await producer([ 'grpc-tls' ]);
+  await sendAll(p, 200, i => ({ topic: 'grpc-tls', tag: 'T', body: Buffer.from(`tls-${i}`) }));
+  await p.shutdown();
+  const c = await simple('grpc-tls-reader', [[ 'grpc-tls', '*' ]]);
+  const seen = new Set();
+  await drain(c, 200, 60000, m => seen.add(m.body.toString()));
+  check(seen.size === 200, `got ${seen.size} of 200 over TLS`);
+  await c.shutdown();
+  console.log('tls ok');
+}
+
 async function phaseCrossOns() {
   const { Producer: OnsProducer, Consumer: OnsConsumer, Message: OnsMessage } = require('ali-ons');
   const ConsumeFromWhere = require('ali-ons/lib/consumer/consume_from_where');
@@ -621,6 +635,7 @@ const phases = {
   'cross-receive': phaseCrossReceive,
   'cross-ons': phaseCrossOns,
   'raw-rpcs': phaseRawRpcs,
+  tls: phaseTls,
   'bad-input': phaseBadInput,
 };
 

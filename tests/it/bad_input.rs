@@ -137,7 +137,8 @@ fn bad_input_costs_only_the_sender(transport: &[&str]) {
     let mut broker = broker;
     assert!(broker.is_running(), "broker died:\n{}", broker.log_tail());
     let log = broker.log_text();
-    assert!(log.contains("closing connection from"), "no logged reason for the closes:\n{log}");
+    assert!(log.contains("closing connection: bad input peer="), "no logged reason for the closes:\n{log}");
+    assert!(log.contains(" reason="), "no logged reason for the closes:\n{log}");
     assert!(broker.terminate().success());
     assert!(broker.stats().connections_closed_bad_input >= 7, "{:?}", broker.stats());
 }

@@ -308,8 +308,14 @@ pub fn clients_dir() -> PathBuf {
 /// Runs a client program in `tests/clients`, failing the test (with its output) unless it
 /// exits 0 within `timeout` and prints `done`.
 pub fn run_client(program: &str, args: &[&str], timeout: Duration) -> String {
+    run_client_with_env(program, args, &[], timeout)
+}
+
+/// [`run_client`] with environment variables set for the client.
+pub fn run_client_with_env(program: &str, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> String {
     let mut child = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         // `cargo test` puts build-script library dirs on LD_LIBRARY_PATH; rdkafka-sys's own
         // librdkafka there would shadow the system one kcat is meant to test.
         .env_remove("LD_LIBRARY_PATH")

@@ -43,4 +43,12 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(lines >= 2, "the broker logged its start and stop:\n{log}");
     assert!(log.contains("\"level\":\"INFO\""), "{log}");
+    // Fields are keys of their own: the listener line names its listener and cores.
+    let serving = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["msg"] == "slipstream serving")
+        .unwrap_or_else(|| panic!("no listener line:\n{log}"));
+    assert_eq!(serving["listen"], serde_json::Value::String(broker.addr.to_string()), "{serving}");
+    assert_eq!((serving["protocol"].as_str(), serving["cores"].as_u64()), (Some("kafka"), Some(1)), "{serving}");
 }

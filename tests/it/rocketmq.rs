@@ -98,13 +98,13 @@ fn connect(addr: &str) -> TcpStream {
     s
 }
 
-fn request(code: i32, opaque: i32, ext: &[(&str, &str)]) -> Command {
+pub fn request(code: i32, opaque: i32, ext: &[(&str, &str)]) -> Command {
     let ext = ext.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Command::request(code, ext, false, opaque)
 }
 
 /// Sends `req` and reads the answer with the same opaque.
-fn call(s: &mut TcpStream, req: &Command) -> Command {
+pub fn call(s: &mut (impl Read + Write), req: &Command) -> Command {
     s.write_all(&req.encode()).expect("write");
     let mut buf = BytesMut::new();
     loop {

@@ -4,7 +4,7 @@
 //! The gRPC front runs on its own runtime, not on a transport: only the tests that also
 //! drive remoting or Kafka clients run once per transport.
 
-use crate::harness::{flags, free_port, run_client, BrokerProc};
+use crate::harness::{flags, free_addrs, run_client, serves_api_versions, BrokerProc};
 use std::time::Duration;
 
 const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -12,13 +12,13 @@ const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
 /// A broker with the harness's Kafka listener, a gRPC listener and RocketMQ remoting
 /// (broker and name server); returns it with the gRPC and name-server addresses.
 fn start(transport: &[&str], extra: &[&str]) -> (BrokerProc, String, String) {
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let (rmq, ns) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let a = free_addrs(4);
+    let (grpc, rmq, ns) = (a[1].to_string(), a[2].to_string(), a[3].to_string());
     let (l0, l1, l2) =
         (format!("rocketmq-grpc://{grpc}"), format!("rocketmq://{rmq}"), format!("rocketmq-namesrv://{ns}"));
     let mut args = vec!["--listen", &l0, "--listen", &l1, "--listen", &l2, "--default-partitions", "4"];
     args.extend_from_slice(extra);
-    let broker = BrokerProc::start(&flags(&args, transport));
+    let broker = BrokerProc::start_at(a[0], &flags(&args, transport), serves_api_versions);
     (broker, grpc, ns)
 }
 

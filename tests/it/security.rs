@@ -135,6 +135,7 @@ per_transport!(stock_clients_over_sasl_and_mutual_tls, |t: &[&str]| {
     });
     assert_eq!(stats.fetch_bytes_copied, 0, "a copy on the plain fetch path");
     let log = s.broker.log_text();
+    assert!(log.contains("closing connection: refused peer=127.0.0.1:"), "{log}");
     assert!(log.contains("SCRAM-SHA-512 authentication failed: invalid credentials"), "{log}");
     assert!(log.contains("PLAIN authentication failed: invalid credentials"), "{log}");
     assert!(!log.contains(&format!("{PASSWORD}x")), "a password reached the log");
@@ -176,6 +177,15 @@ fn closed(s: &mut TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let mut b = [0u8; 1];
     matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+/// Whether the broker answered plaintext on a TLS port with at most a TLS alert, then
+/// closed.
+fn refused_as_tls(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut got = Vec::new();
+    let closed = s.read_to_end(&mut got).is_ok() || got.is_empty();
+    closed && got.len() < 16 && got.first().is_none_or(|b| *b == 21)
 }
 
 fn handshake(s: &mut TcpStream, version: i16, mechanism: &str) -> SaslHandshakeResponse {
@@ -286,10 +296,7 @@ fn refusals_are_kafka_errors_and_cost_others_nothing() {
     // 7. Plaintext Kafka to the TLS port: a TLS alert at most, closed, logged.
     let mut c = TcpStream::connect(s.ssl).expect("connect");
     send(&mut c, ApiKey::ApiVersions, 3, 1, &ApiVersionsRequest::default());
-    let mut got = Vec::new();
-    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let _ = c.read_to_end(&mut got);
-    assert!(got.len() < 16 && got.first().is_none_or(|b| *b == 21), "plaintext answered on TLS: {got:?}");
+    assert!(refused_as_tls(&mut c), "plaintext answered on TLS");
 
     // 8. A TLS client without a certificate on the mutual-TLS listener: refused.
     let ca = s.dir.path().join("ca.pem");
@@ -310,7 +317,7 @@ fn refusals_are_kafka_errors_and_cost_others_nothing() {
         "PLAIN authentication failed: invalid credentials",
         "TLS: ",
     ] {
-        assert!(log.contains("closing connection from 127.0.0.1:") && log.contains(why), "no {why:?}:\n{log}");
+        assert!(log.contains("closing connection") && log.contains(&format!("reason={why}")), "no {why:?}:\n{log}");
     }
     s.stats_until("refusals counted", |st| st.connections_refused >= 4);
 }
@@ -411,3 +418,61 @@ per_transport!(acls_refuse_then_allow_per_resource_type, |t: &[&str]| {
     let acls = std::fs::read_to_string(s.broker.data.join("acls.json")).expect("acls.json");
     assert!(acls.contains("User:CN=client"), "{acls}");
 });
+
+/// TLS on RocketMQ remoting listeners (the same layer under every protocol): the name
+/// server and the broker role answer over TLS; plaintext to them is refused.
+#[test]
+fn rocketmq_remoting_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_certs(dir.path());
+    let f = |n: &str| dir.path().join(n).to_string_lossy().to_string();
+    let a = free_addrs(3);
+    let (l1, l2) = (format!("rocketmq://{},security=SSL", a[1]), format!("rocketmq-namesrv://{},security=SSL", a[2]));
+    let (cert, key) = (f("server.pem"), f("server.key"));
+    let args = ["--listen", &l1, "--listen", &l2, "--tls-cert", &cert, "--tls-key", &key];
+    let broker = BrokerProc::start_at(a[0], &args, crate::harness::serves_api_versions);
+    let ca = dir.path().join("ca.pem");
+    let (_, mut ns) = tls_connect(a[2], &ca);
+    let route = crate::rocketmq::call(&mut ns, &crate::rocketmq::request(105, 1, &[("topic", "TBW102")]));
+    assert_eq!(route.code, 0, "GET_ROUTEINFO_BY_TOPIC over TLS: {route:?}");
+    let body: serde_json::Value = serde_json::from_slice(&route.body).expect("route JSON");
+    assert_eq!(body["brokerDatas"][0]["brokerAddrs"]["0"], serde_json::Value::String(a[1].to_string()));
+    let (_, mut b) = tls_connect(a[1], &ca);
+    assert_eq!(crate::rocketmq::call(&mut b, &crate::rocketmq::request(46, 2, &[])).code, 0, "CHECK_CLIENT_CONFIG");
+    let mut plain = TcpStream::connect(a[1]).expect("connect");
+    plain.write_all(&crate::rocketmq::request(46, 3, &[]).encode()).expect("write");
+    assert!(refused_as_tls(&mut plain), "plaintext answered on a TLS remoting port");
+    assert!(broker.log_text().contains("TLS: "), "{}", broker.log_tail());
+}
+
+/// TLS on the RocketMQ 5 gRPC listener: rocketmq-client-nodejs with `sslEnabled` sends and
+/// receives through it; a plaintext gRPC client is refused.
+#[test]
+fn rocketmq_grpc_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_certs(dir.path());
+    let f = |n: &str| dir.path().join(n).to_string_lossy().to_string();
+    let a = free_addrs(4);
+    let grpc = format!("rocketmq-grpc://{},security=SSL", a[1]);
+    let (rmq, ns) = (format!("rocketmq://{}", a[2]), format!("rocketmq-namesrv://{}", a[3]));
+    let (cert, key) = (f("server.pem"), f("server.key"));
+    let args = ["--listen", &grpc, "--listen", &rmq, "--listen", &ns, "--tls-cert", &cert, "--tls-key", &key];
+    let broker = BrokerProc::start_at(a[0], &args, crate::harness::serves_api_versions);
+    let endpoints = a[1].to_string();
+    let ca = f("ca.pem");
+    crate::harness::run_client_with_env(
+        "node",
+        &["grpc_suite.js", "--endpoints", &endpoints, "--phase", "tls", "--ssl", "true"],
+        &[("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", &ca)],
+        Duration::from_secs(300),
+    );
+    // A plaintext client: the TLS handshake fails on the broker's side, logged.
+    let mut plain = TcpStream::connect(a[1]).expect("connect");
+    plain.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").expect("write");
+    assert!(refused_as_tls(&mut plain), "plaintext HTTP/2 served on a TLS gRPC port");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.log_text().contains("rocketmq-grpc: closing connection: TLS") {
+        assert!(Instant::now() < deadline, "no TLS refusal logged:\n{}", broker.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -115,7 +115,7 @@ pub fn create(ctx: &Ctx<'_>, r: CreateAclsRequest) -> Outcome {
             (Err(why), _) => result(ErrorCode::InvalidRequest, Some(why)),
             (Ok(_), Err(e)) => result(ErrorCode::KafkaStorageError, Some(&e.to_string())),
             (Ok(b), Ok(())) => {
-                log::info!("ACL created by {}: {b:?}", ctx.principal);
+                log::info!(by = ctx.principal, acl:? = b; "ACL created");
                 result(ErrorCode::None, None)
             }
         });
@@ -214,7 +214,7 @@ pub fn delete(ctx: &Ctx<'_>, r: DeleteAclsRequest) -> Outcome {
             (Ok(_), Ok(_)) => {
                 let mut x = DeleteAclsFilterResult::default();
                 for b in removed_each.next().unwrap_or_default() {
-                    log::info!("ACL deleted by {}: {b:?}", ctx.principal);
+                    log::info!(by = ctx.principal, acl:? = b; "ACL deleted");
                     let mut m = DeleteAclsMatchingAcl::default();
                     m.resource_type = b.resource_type.code();
                     m.resource_name = sb(&b.name);

@@ -106,7 +106,7 @@ impl KafkaSession {
         Ok(match verdict {
             Verdict::Continue => Step::Respond(chunks),
             Verdict::Authenticated(user) => {
-                log::debug!("{}: authenticated as User:{user}", self.client.host);
+                log::debug!(host = self.client.host.as_str(), principal:% = format_args!("User:{user}"); "authenticated");
                 self.set_principal(format!("User:{user}"));
                 Step::Respond(chunks)
             }

@@ -31,6 +31,7 @@
 //!   UNIMPLEMENTED, never a made-up OK.
 
 pub mod convert;
+pub mod incoming;
 pub mod pb;
 pub mod pop;
 
@@ -43,8 +44,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::broker::{plan_send, SendPlan};
@@ -104,6 +105,7 @@ pub fn spawn(
     state: Arc<RocketMqState>,
     settings: GrpcSettings,
     shutdown: Arc<AtomicBool>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -130,12 +132,7 @@ pub fn spawn(
                 Ok(l) => l,
                 Err(e) => return log::error!("rocketmq-grpc: cannot use the listener: {e}"),
             };
-            let incoming = TcpListenerStream::new(listener).map(|s| {
-                s.inspect(|s| {
-                    // Small answers go out at once (the remoting and Kafka paths do the same).
-                    let _ = s.set_nodelay(true);
-                })
-            });
+            let incoming = incoming::incoming(listener, tls);
             tokio::spawn(front.clone().offset_flusher());
             let service = MessagingServiceServer::new(Service(front.clone()))
                 .max_decoding_message_size(MAX_REQUEST)
