@@ -125,7 +125,8 @@ pub struct BenchArgs {
     #[arg(long = "target")]
     pub targets: Vec<String>,
     /// Add slipstream on every transport built into this binary to the targets (rdma only
-    /// when an RDMA address is configured).
+    /// when an RDMA address is configured; ustack never: it needs an interface and a path
+    /// of its own, scripts/bench-ustack.sh).
     #[arg(long)]
     pub matrix: bool,
     /// Repetitions per target, interleaved across targets.
@@ -465,7 +466,9 @@ fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut targets: Vec<Target> = args.targets.iter().map(|s| Target::parse(s)).collect::<anyhow::Result<_>>()?;
     if args.matrix {
         for k in slipstream::transport::built() {
-            if k == TransportKind::Rdma && rdma_ip().is_none() {
+            // rdma needs an RDMA address, ustack an interface of its own (and a path
+            // that is not loopback: scripts/bench-ustack.sh): neither is a matrix default.
+            if (k == TransportKind::Rdma && rdma_ip().is_none()) || k == TransportKind::Ustack {
                 continue;
             }
             if !targets.iter().any(|t| matches!(t, Target::Slipstream(x, f) if *x == k && f.is_empty())) {

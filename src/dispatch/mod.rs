@@ -94,6 +94,12 @@ impl Session for NoPeer {
     }
 }
 
+/// The most a connection's receive buffer must grow to: its largest frame, and with TLS
+/// a record beyond it (the transport reads records).
+fn recv_max(session: &dyn Session, tls: bool) -> usize {
+    session.recv_max() + if tls { TLS_RECORD_MAX } else { 0 }
+}
+
 /// Messages between cores.
 pub enum CoreMsg {
     /// Run `op` on a partition this core owns and answer `from` with [`CoreMsg::Done`].
@@ -490,8 +496,7 @@ impl Core {
                 };
                 let session = protocol.open(peer);
                 metrics::count_connection_accepted();
-                // With TLS the transport reads records: up to 16 KiB each, beyond the frame.
-                let max = session.recv_max() + if tls.is_some() { TLS_RECORD_MAX } else { 0 };
+                let max = recv_max(session.as_ref(), tls.is_some());
                 self.conns.insert(
                     conn,
                     Conn {
@@ -857,7 +862,7 @@ impl Core {
     fn maybe_resume(&mut self, conn: ConnId) {
         let unsent = self.transport.unsent_bytes(conn);
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        let max = c.session.recv_max() + if c.tls.is_some() { TLS_RECORD_MAX } else { 0 };
+        let max = recv_max(c.session.as_ref(), c.tls.is_some());
         if c.closing || unsent > MAX_UNSENT || c.queue.len() > MAX_PIPELINED {
             return;
         }
