@@ -11,19 +11,7 @@ const N_AFTER = 500;
 const BIG = 1 << 20;
 const CODECS = [['none', CompressionTypes.None], ['gzip', CompressionTypes.GZIP], ['snappy', CompressionTypes.Snappy]];
 
-function value(codec, seq) {
-  const body = Buffer.from(`${codec}:${seq}:` + 'slipstream '.repeat((seq % 7) + 3));
-  return Buffer.concat([body, Buffer.from(crypto.createHash('sha1').update(body).digest('hex'))]);
-}
-function checkValue(v) {
-  const body = v.subarray(0, v.length - 40);
-  if (crypto.createHash('sha1').update(body).digest('hex') !== v.subarray(v.length - 40).toString()) {
-    throw new Error(`corrupt message ${v.subarray(0, 60)}`);
-  }
-  return parseInt(body.toString().split(':')[1], 10);
-}
-function fail(msg) { console.log(`FAIL: ${msg}`); process.exit(1); }
-function ok(msg) { console.log(`ok: ${msg}`); }
+const { value, checkValue, fail, ok } = require('./common');
 
 class Tracker {
   constructor() { this.last = {}; this.seen = new Set(); this.first = {}; this.next = {}; }

@@ -3,7 +3,6 @@
 // over SSL, each producing 300 messages read back by a consumer group; then a wrong
 // password and an unknown user refused with kafkajs's authentication error.
 'use strict';
-const crypto = require('crypto');
 const fs = require('fs');
 const { Kafka, logLevel } = require('kafkajs');
 
@@ -14,19 +13,7 @@ function arg(name) {
   if (i < 0 || i + 1 >= process.argv.length) { console.log(`FAIL: --${name} missing`); process.exit(2); }
   return process.argv[i + 1];
 }
-function value(way, seq) {
-  const body = Buffer.from(`${way}:${seq}:` + 'slipstream '.repeat((seq % 7) + 3));
-  return Buffer.concat([body, Buffer.from(crypto.createHash('sha1').update(body).digest('hex'))]);
-}
-function checkValue(v) {
-  const body = v.subarray(0, v.length - 40);
-  if (crypto.createHash('sha1').update(body).digest('hex') !== v.subarray(v.length - 40).toString()) {
-    throw new Error(`corrupt message ${v.subarray(0, 60)}`);
-  }
-  return parseInt(body.toString().split(':')[1], 10);
-}
-function fail(msg) { console.log(`FAIL: ${msg}`); process.exit(1); }
-function ok(msg) { console.log(`ok: ${msg}`); }
+const { value, checkValue, fail, ok } = require('./common');
 
 async function roundTrip(way, cfg) {
   const kafka = new Kafka({ clientId: `sec-${way}`, logLevel: logLevel.NOTHING, ...cfg });
