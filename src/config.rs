@@ -282,13 +282,12 @@ impl ListenerConfig {
             Some((url, options)) => (url, Some(options)),
             None => (spec, None),
         };
-        let mut security = Security::Plaintext;
+        // Kafka's own form, `SASL_SSL://HOST:PORT`, names a Kafka listener and its security.
+        let kafka_form = url.split_once("://").and_then(|(scheme, _)| Security::parse(scheme));
+        let mut security = kafka_form.unwrap_or_default();
         let (protocol, hostport) = match url.split_once("://") {
             None => (ProtocolKind::Kafka, url),
-            Some((scheme, hostport)) if Security::parse(scheme).is_some() => {
-                security = Security::parse(scheme).unwrap_or_default();
-                (ProtocolKind::Kafka, hostport)
-            }
+            Some((_, hostport)) if kafka_form.is_some() => (ProtocolKind::Kafka, hostport),
             Some(("kafka", hostport)) => (ProtocolKind::Kafka, hostport),
             Some(("rocketmq", hostport)) => (ProtocolKind::RocketMq, hostport),
             Some(("rocketmq-namesrv", hostport)) => (ProtocolKind::RocketMqNamesrv, hostport),

@@ -81,6 +81,31 @@ impl ServerFiles {
     }
 }
 
+/// The files a TLS client is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFiles {
+    /// The CAs the server's certificate must chain to (PEM).
+    pub ca: PathBuf,
+    /// A certificate chain and its key to present (PEM), if the server asks for one.
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+}
+
+impl ClientFiles {
+    /// Reads the files and builds a client configuration from them.
+    pub fn load(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let config = |e: rustls::Error| TlsError::Config(e.to_string());
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(config)?
+            .with_root_certificates(roots(&self.ca)?);
+        let client = match &self.cert_key {
+            Some((c, k)) => builder.with_client_auth_cert(certs(c)?, key(k)?).map_err(config)?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Arc::new(client))
+    }
+}
+
 /// A server configuration that SIGHUP can replace.
 pub struct ServerTls {
     files: ServerFiles,

@@ -17,7 +17,6 @@
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 macro_rules! kafka_enum {
@@ -135,9 +134,15 @@ pub struct AuthorizerSettings {
     pub allow_if_no_acl: bool,
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Default, Deserialize)]
 struct AclFile {
     acls: Vec<AclBinding>,
+}
+
+/// What `acls.json` holds, written from a borrow.
+#[derive(Serialize)]
+struct AclFileOut<'a> {
+    acls: &'a [AclBinding],
 }
 
 pub struct Authorizer {
@@ -233,14 +238,8 @@ impl Authorizer {
 
     fn replace(&self, next: Vec<AclBinding>) -> Result<(), AclError> {
         let io = |source| AclError::Io { path: self.path.clone(), source };
-        let tmp = self.path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(&AclFile { acls: next.clone() }).map_err(|e| io(e.into()))?;
-        {
-            let mut f = fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&text).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(io)?;
+        let text = serde_json::to_vec_pretty(&AclFileOut { acls: &next }).map_err(|e| io(e.into()))?;
+        super::replace_durably(&self.path, &text).map_err(io)?;
         *self.acls.write() = next;
         Ok(())
     }

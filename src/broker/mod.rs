@@ -527,6 +527,24 @@ fn owner_of(key: PartKey, cores: usize) -> usize {
     start.wrapping_add(key.partition as usize) % cores.max(1)
 }
 
+/// Replaces `path` with `bytes` durably: written beside it, synced, renamed over it, the
+/// directory synced — a crash leaves the old file or the new one, never part of either.
+/// Blocking file work (the file worker's, or a command's).
+pub(crate) fn replace_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 fn write_meta(dir: &Path, meta: &TopicMeta) -> Result<(), BrokerError> {
     let path = dir.join("topic.json");
     let tmp = dir.join("topic.json.tmp");

@@ -22,7 +22,6 @@ use ring::{digest, hmac, pbkdf2, rand::SecureRandom};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -229,17 +228,8 @@ impl Users {
         // What is on disk now, not what we read last: a command may have written since.
         let (mut file, _) = read(&self.path)?;
         let out = change(&mut UsersEdit { file: &mut file });
-        let tmp = self.path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&file).map_err(|e| io(e.into()))?;
-        {
-            let mut f = fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&text).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
+        super::replace_durably(&self.path, &text).map_err(io)?;
         let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         *self.state.write() = (file, mtime);
         Ok(out)

@@ -95,35 +95,26 @@ pub struct Fetched {
 
 impl Client {
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client, ClientError> {
-        let stream = TcpStream::connect_timeout(&addr, timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Client {
-            stream: Conn::Plain(stream),
-            next_correlation: 1,
-            client_id: StrBytes::from_static_str("slipstream-native"),
-        })
+        Ok(Client::over(Conn::Plain(tcp(addr, timeout)?)))
+    }
+
+    fn over(stream: Conn) -> Client {
+        Client { stream, next_correlation: 1, client_id: StrBytes::from_static_str("slipstream-native") }
     }
 
     /// Connects over TLS, checking the broker's certificate against the CAs in `ca`
     /// (PEM) for the address's IP; the handshake completes before this returns.
     pub fn connect_tls(addr: SocketAddr, timeout: Duration, ca: &std::path::Path) -> Result<Client, ClientError> {
         let tls = |e: String| ClientError::Io(io::Error::other(e));
-        let roots = crate::tls::roots(ca).map_err(|e| tls(e.to_string()))?;
-        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let files = crate::tls::ClientFiles { ca: ca.to_path_buf(), cert_key: None };
+        let config = files.load().map_err(|e| tls(e.to_string()))?;
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(|e| tls(e.to_string()))?;
-        let Client { stream, next_correlation, client_id } = Client::connect(addr, timeout)?;
-        let Conn::Plain(sock) = stream else { return Err(tls("not a plain connection".into())) };
-        let mut s = rustls::StreamOwned::new(conn, sock);
+        let conn = rustls::ClientConnection::new(config, name).map_err(|e| tls(e.to_string()))?;
+        let mut s = rustls::StreamOwned::new(conn, tcp(addr, timeout)?);
         while s.conn.is_handshaking() {
             s.conn.complete_io(&mut s.sock)?;
         }
-        Ok(Client { stream: Conn::Tls(Box::new(s)), next_correlation, client_id })
+        Ok(Client::over(Conn::Tls(Box::new(s))))
     }
 
     /// Writes one request frame; returns its correlation id.
@@ -238,6 +229,14 @@ impl Client {
             Conn::Tls(s) => &mut s.sock,
         }
     }
+}
+
+/// A connected socket, answers awaited at most 30 s.
+fn tcp(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(stream)
 }
 
 fn codec(e: anyhow::Error) -> ClientError {

@@ -6,7 +6,6 @@
 
 use rustls::pki_types::ServerName;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {
@@ -37,7 +36,7 @@ pub struct TlsArgs {
 }
 
 pub use crate::tls::TlsError;
-use crate::tls::{certs, key, provider, roots, ServerFiles, ServerTls};
+use crate::tls::{ClientFiles, ServerFiles, ServerTls};
 
 impl TlsArgs {
     /// The files of the clients' side, if `--tls-cert` is given.
@@ -74,15 +73,11 @@ pub fn upstream(a: &TlsArgs) -> Result<Option<Upstream>, TlsError> {
         return Ok(None);
     }
     let ca = a.upstream_ca.as_ref().ok_or_else(|| TlsError::Config("--upstream-tls needs --upstream-ca".into()))?;
-    let config = |e: rustls::Error| TlsError::Config(e.to_string());
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(config)?
-        .with_root_certificates(roots(ca)?);
-    let client = match (&a.upstream_cert, &a.upstream_key) {
-        (Some(c), Some(k)) => builder.with_client_auth_cert(certs(c)?, key(k)?).map_err(config)?,
-        _ => builder.with_no_client_auth(),
+    let cert_key = match (&a.upstream_cert, &a.upstream_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ => None,
     };
+    let client = ClientFiles { ca: ca.clone(), cert_key }.load()?;
     let server_name = match &a.upstream_server_name {
         Some(n) => Some(
             ServerName::try_from(n.clone())
@@ -90,5 +85,5 @@ pub fn upstream(a: &TlsArgs) -> Result<Option<Upstream>, TlsError> {
         ),
         None => None,
     };
-    Ok(Some(Upstream { connector: tokio_rustls::TlsConnector::from(Arc::new(client)), server_name }))
+    Ok(Some(Upstream { connector: tokio_rustls::TlsConnector::from(client), server_name }))
 }

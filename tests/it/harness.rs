@@ -414,19 +414,10 @@ pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 /// A TLS session with the server at `addr` (verified against `ca`) and the certificate it
 /// presented.
 pub fn tls_connect(addr: SocketAddr, ca: &std::path::Path) -> (Vec<u8>, TlsStream) {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca.pem") {
-        roots.add(c.expect("a CA certificate")).expect("root");
-    }
-    let cfg =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let files = slipstream::tls::ClientFiles { ca: ca.to_path_buf(), cert_key: None };
+    let cfg = files.load().expect("client TLS settings");
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("client");
+    let conn = rustls::ClientConnection::new(cfg, name).expect("client");
     let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(addr).expect("connect"));
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock).expect("TLS handshake");

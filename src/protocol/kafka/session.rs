@@ -145,8 +145,8 @@ impl Session for KafkaSession {
         use kafka_protocol::messages::RequestKind;
         let body = match body {
             RequestKind::SaslHandshake(r) => {
-                let offered = self.sasl.clone().unwrap_or_else(|| Arc::from(Vec::new()));
-                let (resp, verdict) = sasl::handshake(&mut self.auth, &offered, req.version, r);
+                let offered = self.sasl.as_deref().unwrap_or_default();
+                let (resp, verdict) = sasl::handshake(&mut self.auth, offered, req.version, r);
                 return self.sasl_answer(req, resp, verdict, started);
             }
             RequestKind::SaslAuthenticate(r) => {
