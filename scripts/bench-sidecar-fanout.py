@@ -9,6 +9,7 @@ where answers are not decoded, count the same thing). Writes docs/bench/sidecar-
 Needs the release build (`cargo build --release`) and confluent-kafka.
 """
 import json
+import shutil
 import os
 import platform
 import socket
@@ -124,6 +125,8 @@ def run(groups, cache_bytes):
         for proc in (side, broker):
             proc.terminate()
             proc.wait(15)
+        # The log written here is hundreds of MB per run: gone with the run.
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():

@@ -7,6 +7,7 @@ and the union of all records must cover every offset of every partition.
 """
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def main(bs):
 
     produce(3000, 0)
     outdir = tempfile.mkdtemp(prefix="failover-")
+    atexit.register(shutil.rmtree, outdir, True)
     procs = [subprocess.Popen([sys.executable, __file__, "--bootstrap", bs, "--member", str(i), "--outdir", outdir],
                               stdout=subprocess.DEVNULL)
              for i in range(3)]
