@@ -60,7 +60,8 @@ for _ in $(seq 60); do
   (exec 3<>/dev/tcp/127.0.0.1/$broker_port) 2>/dev/null && break
   sleep 1
 done
-sleep 3   # until its first registration with the name server
+# The harness waits for the broker's registration with the name server (its topic
+# creation asks the name server for the cluster until the broker is there).
 
 ./target/release/slipstream bench --protocol rocketmq \
   --target slipstream:tcp --target slipstream:uring \

@@ -137,38 +137,67 @@ pub fn count_retention_deleted(segments: usize) {
 /// Upper bounds (seconds) of the request-latency histogram's buckets (`+Inf` is implied).
 pub const LATENCY_BUCKETS: [f64; 16] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-/// Request kinds a listener's statistics can tell apart (Kafka API keys are below this).
+/// Request kinds a listener's statistics can tell apart (Kafka API keys are below this;
+/// other protocols number their request kinds into it, see [`Names`]).
 pub const API_SLOTS: usize = 128;
 
-/// One listener's requests by API (an index below [`API_SLOTS`], e.g. a Kafka API key):
-/// counts, failures and a latency histogram, all relaxed atomics (updated on the cores,
-/// read by the metrics endpoint).
+/// How a protocol names what its listeners count: request kinds by slot (below
+/// [`API_SLOTS`]) and the error codes its answers carry.
+pub struct Names {
+    pub api: fn(usize) -> String,
+    pub error: fn(i32) -> String,
+}
+
+/// One listener's requests by API (a slot below [`API_SLOTS`], e.g. a Kafka API key):
+/// counts, failures, error codes answered and a latency histogram. The per-API counters
+/// are relaxed atomics (updated on the cores, read by the metrics endpoint); error codes
+/// are kept in a map under a lock, taken only for an answer that carries one.
 pub struct ApiStats {
     /// `PROTOCOL://HOST:PORT`, the listener's label.
     pub listener: String,
     pub protocol: &'static str,
+    names: &'static Names,
     requests: [AtomicU64; API_SLOTS],
-    errors: [AtomicU64; API_SLOTS],
+    failures: [AtomicU64; API_SLOTS],
     /// Per API: one counter per bucket of [`LATENCY_BUCKETS`] and one past the last.
     latency: [[AtomicU64; LATENCY_BUCKETS.len() + 1]; API_SLOTS],
     latency_sum_ns: [AtomicU64; API_SLOTS],
+    /// Answers carrying an error code, by (slot, code).
+    errors: parking_lot::Mutex<std::collections::BTreeMap<(usize, i32), u64>>,
+}
+
+/// One API's row of a listener's statistics (names resolved).
+pub struct ApiRow {
+    pub api: String,
+    pub requests: u64,
+    pub failures: u64,
+    /// Per bucket of [`LATENCY_BUCKETS`] and one past the last (not cumulative).
+    pub buckets: Vec<u64>,
+    pub latency_sum_secs: f64,
 }
 
 static LISTENERS: parking_lot::Mutex<Vec<std::sync::Arc<ApiStats>>> = parking_lot::Mutex::new(Vec::new());
 
 impl ApiStats {
     /// A listener's statistics, registered for the metrics endpoint.
-    pub fn register(protocol: &'static str, listener: String) -> std::sync::Arc<ApiStats> {
-        let s = std::sync::Arc::new(ApiStats {
-            listener,
-            protocol,
-            requests: std::array::from_fn(|_| AtomicU64::new(0)),
-            errors: std::array::from_fn(|_| AtomicU64::new(0)),
-            latency: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
-            latency_sum_ns: std::array::from_fn(|_| AtomicU64::new(0)),
-        });
+    pub fn register(protocol: &'static str, listener: String, names: &'static Names) -> std::sync::Arc<ApiStats> {
+        let s = Self::unregistered(protocol, listener, names);
         LISTENERS.lock().push(s.clone());
         s
+    }
+
+    /// Statistics nobody reads (a protocol instance that serves no listener).
+    pub fn unregistered(protocol: &'static str, listener: String, names: &'static Names) -> std::sync::Arc<ApiStats> {
+        std::sync::Arc::new(ApiStats {
+            listener,
+            protocol,
+            names,
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            failures: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            latency_sum_ns: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors: Default::default(),
+        })
     }
 
     /// Every registered listener's statistics.
@@ -176,12 +205,13 @@ impl ApiStats {
         LISTENERS.lock().clone()
     }
 
-    fn slot(api: i16) -> usize {
-        usize::try_from(api).map_or(API_SLOTS - 1, |a| a.min(API_SLOTS - 1))
+    /// A slot out of range counts in the last one.
+    fn slot(api: usize) -> usize {
+        api.min(API_SLOTS - 1)
     }
 
     /// A request answered (or finished without an answer) `took` after it arrived.
-    pub fn answered(&self, api: i16, took: std::time::Duration) {
+    pub fn answered(&self, api: usize, took: std::time::Duration) {
         let i = Self::slot(api);
         self.requests[i].fetch_add(1, Ordering::Relaxed);
         let secs = took.as_secs_f64();
@@ -190,24 +220,50 @@ impl ApiStats {
         self.latency_sum_ns[i].fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
-    /// A request that could not be decoded or served (its connection is closed).
-    pub fn failed(&self, api: i16) {
-        self.errors[Self::slot(api)].fetch_add(1, Ordering::Relaxed);
+    /// An answer carried error `code` (once per place it appears, as Kafka counts).
+    pub fn error_answered(&self, api: usize, code: i32) {
+        *self.errors.lock().entry((Self::slot(api), code)).or_default() += 1;
     }
 
-    /// (api, requests, errors, per-bucket counts (not cumulative), latency sum in seconds)
-    /// for every API seen.
-    pub fn rows(&self) -> Vec<(usize, u64, u64, Vec<u64>, f64)> {
+    /// A request that could not be decoded or served (its connection is closed).
+    pub fn failed(&self, api: usize) {
+        self.failures[Self::slot(api)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A row for every API seen.
+    pub fn rows(&self) -> Vec<ApiRow> {
         (0..API_SLOTS)
             .filter_map(|i| {
-                let (n, e) = (self.requests[i].load(Ordering::Relaxed), self.errors[i].load(Ordering::Relaxed));
-                (n > 0 || e > 0).then(|| {
-                    let buckets = self.latency[i].iter().map(|b| b.load(Ordering::Relaxed)).collect();
-                    (i, n, e, buckets, self.latency_sum_ns[i].load(Ordering::Relaxed) as f64 / 1e9)
+                let (n, f) = (self.requests[i].load(Ordering::Relaxed), self.failures[i].load(Ordering::Relaxed));
+                (n > 0 || f > 0).then(|| ApiRow {
+                    api: (self.names.api)(i),
+                    requests: n,
+                    failures: f,
+                    buckets: self.latency[i].iter().map(|b| b.load(Ordering::Relaxed)).collect(),
+                    latency_sum_secs: self.latency_sum_ns[i].load(Ordering::Relaxed) as f64 / 1e9,
                 })
             })
             .collect()
     }
+
+    /// (api, error, answers) for every error code answered.
+    pub fn error_rows(&self) -> Vec<(String, String, u64)> {
+        let errors = self.errors.lock().clone();
+        errors.into_iter().map(|((api, code), n)| ((self.names.api)(api), (self.names.error)(code), n)).collect()
+    }
+}
+
+/// `UnknownTopicOrPartition` → `UNKNOWN_TOPIC_OR_PARTITION` (how Kafka and RocketMQ spell
+/// their codes' names).
+pub fn screaming_snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 8);
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
 }
 
 /// A point-in-time copy of every counter.

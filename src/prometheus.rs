@@ -119,19 +119,11 @@ pub fn render(broker: &Broker) -> String {
     o.sample("slipstream_build_info", &build, 1);
 
     // Requests by listener and API: the labels of each row made once.
-    let api_name = |protocol: &str, api: usize| -> String {
-        match protocol {
-            "kafka" => kafka_protocol::messages::ApiKey::try_from(api as i16)
-                .map_or_else(|_| format!("unknown_{api}"), |k| format!("{k:?}")),
-            _ => api.to_string(),
-        }
-    };
-    let rows: Vec<_> = ApiStats::all()
+    let listeners = ApiStats::all();
+    let rows: Vec<_> = listeners
         .iter()
         .flat_map(|l| {
-            l.rows().into_iter().map(|(api, n, e, buckets, sum)| {
-                (format!("listener=\"{}\",api=\"{}\"", esc(&l.listener), api_name(l.protocol, api)), n, e, buckets, sum)
-            })
+            l.rows().into_iter().map(|r| (format!("listener=\"{}\",api=\"{}\"", esc(&l.listener), esc(&r.api)), r))
         })
         .collect();
     o.family(
@@ -139,31 +131,42 @@ pub fn render(broker: &Broker) -> String {
         "counter",
         "Requests answered (or finished without an answer), by listener and API.",
     );
-    for (labels, n, ..) in &rows {
-        o.sample("slipstream_requests_total", labels, n);
+    for (labels, r) in &rows {
+        o.sample("slipstream_requests_total", labels, r.requests);
     }
     o.family(
         "slipstream_request_errors_total",
         "counter",
+        "Error codes in answers, by listener, API and error (Kafka's ErrorsPerSec without NONE; RocketMQ response codes, RocketMQ 5 status codes).",
+    );
+    for l in &listeners {
+        for (api, error, n) in l.error_rows() {
+            let labels = format!("listener=\"{}\",api=\"{}\",error=\"{}\"", esc(&l.listener), esc(&api), esc(&error));
+            o.sample("slipstream_request_errors_total", &labels, n);
+        }
+    }
+    o.family(
+        "slipstream_request_failures_total",
+        "counter",
         "Requests that could not be decoded, were of an unsupported version, or whose answer could not be encoded (the connection is closed), by listener and API.",
     );
-    for (labels, _, e, ..) in &rows {
-        o.sample("slipstream_request_errors_total", labels, e);
+    for (labels, r) in &rows {
+        o.sample("slipstream_request_failures_total", labels, r.failures);
     }
     o.family(
         "slipstream_request_duration_seconds",
         "histogram",
         "From a request's arrival to its answer (a long poll's wait included), by listener and API.",
     );
-    for (labels, n, _, buckets, sum) in &rows {
+    for (labels, r) in &rows {
         let mut cumulative = 0;
-        for (le, count) in LATENCY_BUCKETS.iter().zip(buckets) {
+        for (le, count) in LATENCY_BUCKETS.iter().zip(&r.buckets) {
             cumulative += count;
             o.sample("slipstream_request_duration_seconds_bucket", &format!("{labels},le=\"{le}\""), cumulative);
         }
-        o.sample("slipstream_request_duration_seconds_bucket", &format!("{labels},le=\"+Inf\""), n);
-        o.sample("slipstream_request_duration_seconds_sum", labels, sum);
-        o.sample("slipstream_request_duration_seconds_count", labels, n);
+        o.sample("slipstream_request_duration_seconds_bucket", &format!("{labels},le=\"+Inf\""), r.requests);
+        o.sample("slipstream_request_duration_seconds_sum", labels, r.latency_sum_secs);
+        o.sample("slipstream_request_duration_seconds_count", labels, r.requests);
     }
 
     // Connections.

@@ -52,8 +52,10 @@ pub fn write_stats(data_dir: &Path) {
 /// share `rocketmq` (made from the first `rocketmq://` listener).
 fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig, rocketmq: &Option<Arc<RocketMqState>>) -> Arc<dyn Protocol> {
     match (l.protocol, rocketmq) {
-        (ProtocolKind::RocketMq, Some(state)) => Arc::new(RocketMq::new(Role::Broker, state.clone())),
-        (ProtocolKind::RocketMqNamesrv, Some(state)) => Arc::new(RocketMq::new(Role::NameServer, state.clone())),
+        (ProtocolKind::RocketMq, Some(state)) => Arc::new(RocketMq::new(Role::Broker, state.clone(), &l.advertised)),
+        (ProtocolKind::RocketMqNamesrv, Some(state)) => {
+            Arc::new(RocketMq::new(Role::NameServer, state.clone(), &l.advertised))
+        }
         // Config resolution gives every name server a broker listener; a Kafka listener
         // is all that is left.
         _ => {
@@ -111,7 +113,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // gRPC alone still needs the RocketMQ services (delayed delivery, check-backs).
     let services: Vec<Arc<dyn Protocol>> =
         match (&rocketmq, looped.iter().any(|l| l.protocol == ProtocolKind::RocketMq)) {
-            (Some(state), false) => vec![Arc::new(RocketMq::new(Role::Broker, state.clone()))],
+            (Some(state), false) => vec![Arc::new(RocketMq::services(state.clone()))],
             _ => Vec::new(),
         };
     let transports = (0..cfg.cores)

@@ -91,8 +91,19 @@ fn route(namesrv: SocketAddr, topic: &str) -> anyhow::Result<Option<(SocketAddr,
 /// Makes the workload's topic with `queues` queues on the (first) broker the name server
 /// knows, and waits until it is routed (admin, not measured).
 pub fn create_topic(namesrv: SocketAddr, topic: &str, queues: i32) -> anyhow::Result<(SocketAddr, String)> {
-    let info = Conn::connect(namesrv)?.call(GET_BROKER_CLUSTER_INFO, &[], Bytes::new())?;
-    let v: serde_json::Value = serde_json::from_slice(&info.body).context("cluster info JSON")?;
+    // A broker registers with its name server some time after it listens: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let v = loop {
+        let info = Conn::connect(namesrv)?.call(GET_BROKER_CLUSTER_INFO, &[], Bytes::new())?;
+        let v: serde_json::Value = serde_json::from_slice(&info.body).context("cluster info JSON")?;
+        if v["brokerAddrTable"].as_object().is_some_and(|t| !t.is_empty()) {
+            break v;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("no broker registered with the name server at {namesrv} within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
     let broker = v["brokerAddrTable"].as_object().and_then(|t| t.values().next()).context("no broker registered")?;
     let addr = broker["brokerAddrs"]["0"].as_str().context("no master address")?;
     let addr: SocketAddr = addr.to_socket_addrs()?.next().context("broker address resolves to nothing")?;

@@ -119,6 +119,8 @@ fn metrics_endpoint_counts_what_happened() {
     let listener = format!("kafka://{}", broker.addr);
     let mut c = Client::connect(broker.addr, Duration::from_secs(5)).expect("connect");
     assert_eq!(c.create_topic("m", 2).expect("create"), 0);
+    // Answered with an error code: counted by code, as Kafka's ErrorsPerSec.
+    assert_eq!(c.create_topic("m", 2).expect("create again"), 36, "TOPIC_ALREADY_EXISTS");
     // 50 batches of 3 records into partition 0, 20 into partition 1.
     let value = vec![b'v'; 1000];
     let mut bytes_in = 0;
@@ -161,11 +163,16 @@ fn metrics_endpoint_counts_what_happened() {
     println!("{} samples in {} families", samples.len(), types.len());
     let l = listener.as_str();
     assert_eq!(get(&samples, "slipstream_requests_total", &[("listener", l), ("api", "Produce")]), 70.0);
-    assert_eq!(get(&samples, "slipstream_requests_total", &[("listener", l), ("api", "CreateTopics")]), 1.0);
+    assert_eq!(get(&samples, "slipstream_requests_total", &[("listener", l), ("api", "CreateTopics")]), 2.0);
     assert_eq!(get(&samples, "slipstream_requests_total", &[("listener", l), ("api", "Fetch")]), 1.0);
     assert_eq!(get(&samples, "slipstream_requests_total", &[("listener", l), ("api", "OffsetCommit")]), 1.0);
     assert!(get(&samples, "slipstream_requests_total", &[("listener", l), ("api", "ApiVersions")]) >= 1.0);
-    assert_eq!(get(&samples, "slipstream_request_errors_total", &[("listener", l), ("api", "Produce")]), 1.0);
+    assert_eq!(get(&samples, "slipstream_request_failures_total", &[("listener", l), ("api", "Produce")]), 1.0);
+    assert_eq!(get(&samples, "slipstream_request_failures_total", &[("listener", l), ("api", "CreateTopics")]), 0.0);
+    let created_twice = [("listener", l), ("api", "CreateTopics"), ("error", "TOPIC_ALREADY_EXISTS")];
+    assert_eq!(get(&samples, "slipstream_request_errors_total", &created_twice), 1.0);
+    // Only error codes are counted: none for the 70 produces that succeeded.
+    assert!(!samples.iter().any(|s| s.name == "slipstream_request_errors_total" && s.labels["api"] == "Produce"));
     // The histogram: cumulative buckets, +Inf equal to the count, a positive sum.
     assert_eq!(types["slipstream_request_duration_seconds"], "histogram");
     let produce_buckets: Vec<&Sample> = samples
@@ -232,4 +239,84 @@ fn metrics_endpoint_counts_what_happened() {
         }
     }
     assert!(asked >= 15, "{asked} metric references in the dashboard");
+}
+
+/// RocketMQ remoting (broker and name server) and RocketMQ 5 gRPC listeners: requests by
+/// request code and rpc, failures, response and status codes other than success.
+#[test]
+fn rocketmq_requests_are_counted_per_listener() {
+    use crate::rocketmq::{call, heartbeat, request};
+    use slipstream::protocol::rocketmq::grpc::pb;
+    use slipstream::protocol::rocketmq::grpc::pb::messaging_service_client::MessagingServiceClient;
+
+    let a = crate::harness::free_addrs(5);
+    let (rmq, ns, grpc, metrics) = (a[1], a[2], a[3], a[4]);
+    let (l1, l2, l3) =
+        (format!("rocketmq://{rmq}"), format!("rocketmq-namesrv://{ns}"), format!("rocketmq-grpc://{grpc}"));
+    let m = metrics.to_string();
+    let args = ["--listen", &l1, "--listen", &l2, "--listen", &l3, "--metrics-listen", &m];
+    let broker = BrokerProc::start_at(a[0], &args, crate::harness::serves_api_versions);
+    let mut c = Client::connect(broker.addr, Duration::from_secs(5)).expect("connect");
+    assert_eq!(c.create_topic("r", 2).expect("create"), 0);
+
+    // Remoting, on the broker listener: two successes, a missing topic, a code nobody
+    // serves, a heartbeat (answered before its connection's watch begins), a bad frame.
+    let mut s = TcpStream::connect(rmq).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    for (opaque, topic) in [(1, "r"), (2, "r"), (3, "nope")] {
+        let r = call(&mut s, &request(30, opaque, &[("topic", topic), ("queueId", "0")]));
+        assert_eq!(r.code, if topic == "r" { 0 } else { 17 }, "GET_MAX_OFFSET {topic}: {:?}", r.remark);
+    }
+    assert_eq!(call(&mut s, &request(9999, 4, &[])).code, 3, "REQUEST_CODE_NOT_SUPPORTED");
+    assert_eq!(call(&mut s, &heartbeat("metrics-client", "mg", "CLUSTERING", 5)).code, 0);
+    let mut bad = TcpStream::connect(rmq).expect("connect");
+    // A binary header (GET_MAX_OFFSET first) claiming more bytes than the frame has.
+    bad.write_all(&[0, 0, 0, 8, 1, 0, 0, 50, 0, 30, 0, 0]).expect("write");
+    let _ = bad.read(&mut [0u8; 16]);
+    // The name server: a route.
+    let mut n = TcpStream::connect(ns).expect("connect");
+    n.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    assert_eq!(call(&mut n, &request(105, 1, &[("topic", "r")])).code, 0, "GET_ROUTEINFO_BY_TOPIC");
+
+    // gRPC: a route, an illegal topic name, and a call without a client id (refused by a
+    // gRPC status before any handler answers).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("gRPC connect");
+        let mut g = MessagingServiceClient::new(channel);
+        let route = |name: &str| {
+            let topic = Some(pb::Resource { resource_namespace: String::new(), name: name.to_string() });
+            tonic::Request::new(pb::QueryRouteRequest { topic, endpoints: None })
+        };
+        let ok = g.query_route(route("r")).await.expect("route").into_inner();
+        assert_eq!(ok.status.map(|s| s.code), Some(pb::Code::Ok as i32));
+        let bad = g.query_route(route("no such/name")).await.expect("route").into_inner();
+        assert_eq!(bad.status.map(|s| s.code), Some(pb::Code::IllegalTopic as i32));
+        let refused = g.heartbeat(tonic::Request::new(pb::HeartbeatRequest::default())).await;
+        assert_eq!(refused.expect_err("no client id").code(), tonic::Code::InvalidArgument);
+    });
+
+    let (_, body) = http_get(metrics, "/metrics");
+    let (samples, _) = parse(&body);
+    let (lr, ln, lg) = (l1.as_str(), l2.as_str(), l3.as_str());
+    let count = |name: &str, labels: &[(&str, &str)]| get(&samples, name, labels);
+    assert_eq!(count("slipstream_requests_total", &[("listener", lr), ("api", "GET_MAX_OFFSET")]), 3.0);
+    assert_eq!(count("slipstream_requests_total", &[("listener", lr), ("api", "HEART_BEAT")]), 1.0);
+    assert_eq!(count("slipstream_requests_total", &[("listener", lr), ("api", "unknown")]), 1.0);
+    let missing = [("listener", lr), ("api", "GET_MAX_OFFSET"), ("error", "TOPIC_NOT_EXIST")];
+    assert_eq!(count("slipstream_request_errors_total", &missing), 1.0);
+    let unserved = [("listener", lr), ("api", "unknown"), ("error", "REQUEST_CODE_NOT_SUPPORTED")];
+    assert_eq!(count("slipstream_request_errors_total", &unserved), 1.0);
+    assert_eq!(count("slipstream_request_failures_total", &[("listener", lr), ("api", "GET_MAX_OFFSET")]), 1.0);
+    assert_eq!(count("slipstream_request_duration_seconds_count", &[("listener", lr), ("api", "GET_MAX_OFFSET")]), 3.0);
+    assert_eq!(count("slipstream_requests_total", &[("listener", ln), ("api", "GET_ROUTEINFO_BY_TOPIC")]), 1.0);
+    assert_eq!(count("slipstream_requests_total", &[("listener", lg), ("api", "QueryRoute")]), 2.0);
+    let illegal = [("listener", lg), ("api", "QueryRoute"), ("error", "ILLEGAL_TOPIC")];
+    assert_eq!(count("slipstream_request_errors_total", &illegal), 1.0);
+    assert_eq!(count("slipstream_request_failures_total", &[("listener", lg), ("api", "Heartbeat")]), 1.0);
+    assert_eq!(count("slipstream_request_duration_seconds_count", &[("listener", lg), ("api", "QueryRoute")]), 2.0);
 }

@@ -190,7 +190,7 @@ per_transport!(rocketmq_bad_input_costs_only_that_connection, |t| {
     assert!(broker.stats().connections_closed_bad_input >= bad.len() as u64, "{:?}", broker.stats());
 });
 
-fn heartbeat(client: &str, group: &str, model: &str, opaque: i32) -> Command {
+pub fn heartbeat(client: &str, group: &str, model: &str, opaque: i32) -> Command {
     let mut hb = request(34, opaque, &[]);
     hb.body = Bytes::from(
         serde_json::json!({

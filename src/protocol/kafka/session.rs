@@ -21,7 +21,7 @@ use crate::broker::users::Mechanism;
 use crate::buffer::Chunk;
 use crate::dispatch::session::{self, Cx, Fault, Finish, Gather, Protocol, Session, Step};
 use crate::framing::PREFIX;
-use crate::metrics::ApiStats;
+use crate::metrics::{ApiStats, Names};
 
 /// A Kafka listener: its advertised address, request size cap, request statistics, and
 /// the SASL mechanisms clients must authenticate with (none: no SASL).
@@ -32,12 +32,34 @@ pub struct Kafka {
     sasl: Option<Arc<[Mechanism]>>,
 }
 
+/// Kafka's names for the metrics: API keys as `ApiKey` spells them, error codes as `Errors`.
+static NAMES: Names = Names {
+    api: |slot| {
+        i16::try_from(slot)
+            .ok()
+            .and_then(|k| kafka_protocol::messages::ApiKey::try_from(k).ok())
+            .map_or_else(|| format!("unknown_{slot}"), |k| format!("{k:?}"))
+    },
+    error: super::error::name,
+};
+
+/// A request's counter slot: its API key (an impossible key counts in the last slot).
+fn slot(api: i16) -> usize {
+    usize::try_from(api).unwrap_or(usize::MAX)
+}
+
+/// Counts an answer and the error codes it carries.
+fn count_answer(stats: &ApiStats, api: i16, body: &kafka_protocol::messages::ResponseKind, started: Instant) {
+    stats.answered(slot(api), started.elapsed());
+    super::error::for_each_error(body, |code| stats.error_answered(slot(api), code.into()));
+}
+
 /// Who a connection is when nothing authenticated it (Kafka's `User:ANONYMOUS`).
 pub const ANONYMOUS: &str = "User:ANONYMOUS";
 
 impl Kafka {
     pub fn new(endpoint: Endpoint, max_request_bytes: usize, sasl: Option<Vec<Mechanism>>) -> Kafka {
-        let stats = ApiStats::register("kafka", format!("kafka://{}:{}", endpoint.host, endpoint.port));
+        let stats = ApiStats::register("kafka", format!("kafka://{}:{}", endpoint.host, endpoint.port), &NAMES);
         Kafka {
             endpoint: Arc::new(endpoint),
             framer: Framer::new(Side::Requests, max_request_bytes),
@@ -98,7 +120,7 @@ impl KafkaSession {
         started: Instant,
     ) -> Result<Step, Fault> {
         let chunks = encode_response(&req, &body, Vec::new()).map_err(|e| Fault::Internal(e.to_string()))?;
-        self.client.stats.answered(req.api as i16, started.elapsed());
+        count_answer(&self.client.stats, req.api as i16, &body, started);
         self.after(chunks, verdict)
     }
 
@@ -135,7 +157,7 @@ impl Session for KafkaSession {
         // request answered at once still took the time it took.
         let started = Instant::now();
         let fail = |e: super::ProtocolError| {
-            self.client.stats.failed(raw_api);
+            self.client.stats.failed(slot(raw_api));
             Fault::BadInput(e.to_string())
         };
         let (req, header, body) = match decode_frame(frame).map_err(fail)? {
@@ -156,7 +178,7 @@ impl Session for KafkaSession {
             other => other,
         };
         if !matches!(self.auth, Auth::Done) && req.api != kafka_protocol::messages::ApiKey::ApiVersions {
-            self.client.stats.failed(raw_api);
+            self.client.stats.failed(slot(raw_api));
             return Err(Fault::BadInput(format!("{:?} request before SASL authentication", req.api)));
         }
         match handle_request(
@@ -169,7 +191,7 @@ impl Session for KafkaSession {
         ) {
             Ok((req, outcome)) => step(&self.client, req, outcome, started),
             Err(e) => {
-                self.client.stats.failed(raw_api);
+                self.client.stats.failed(slot(raw_api));
                 Err(Fault::BadInput(e.to_string()))
             }
         }
@@ -194,19 +216,18 @@ impl Session for KafkaSession {
 /// they finish: a long poll's wait is part of its latency, as in Kafka's TotalTimeMs).
 fn step(client: &Arc<Client>, req: InFlight, outcome: Outcome, started: Instant) -> Result<Step, Fault> {
     let api = req.api as i16;
-    let done = |client: &Arc<Client>| client.stats.answered(api, started.elapsed());
     Ok(match outcome {
         Outcome::NoResponse => {
-            done(client);
+            client.stats.answered(slot(api), started.elapsed());
             Step::Silent
         }
         Outcome::Respond(body, by_ref) => match encode_response(&req, &body, by_ref) {
             Ok(chunks) => {
-                done(client);
+                count_answer(&client.stats, api, &body, started);
                 Step::Respond(chunks)
             }
             Err(e) => {
-                client.stats.failed(api);
+                client.stats.failed(slot(api));
                 return Err(Fault::Internal(e.to_string()));
             }
         },

@@ -166,6 +166,25 @@ impl Command {
     }
 }
 
+/// The code of a command whose head [`Command::encode_head`] made (length prefix on), read
+/// back without decoding the header: how the metrics learn a response's code from an
+/// encoded answer. `None` for anything else.
+pub fn code_of_head(head: &[u8]) -> Option<i32> {
+    let kind = *head.get(4)?;
+    let header = head.get(8..)?;
+    match kind {
+        // Binary: the code is the header's first field.
+        1 => Some(i16::from_be_bytes([*header.first()?, *header.get(1)?]).into()),
+        // JSON: serde_json writes an object's keys sorted, "code" first.
+        0 => {
+            let rest = header.strip_prefix(br#"{"code":"#)?;
+            let end = rest.iter().position(|b| !(b.is_ascii_digit() || *b == b'-'))?;
+            std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
 /// Cuts remoting frames off a byte stream.
 #[derive(Debug, Clone, Copy)]
 pub struct Framer {
@@ -356,6 +375,11 @@ mod tests {
         let back = Command::decode(frame).expect("decodes");
         assert_eq!(back, cmd);
         assert!(back.is_oneway() && !back.is_response());
+        for code in [0, 17, 310, -1] {
+            let c = Command { code, ..cmd.clone() };
+            assert_eq!(code_of_head(&c.encode_head(c.body.len())), Some(code), "{serialize:?}");
+        }
+        assert_eq!(code_of_head(b"\0\0\0\x05\x07\0\0\x01x"), None);
     }
 
     #[test]

@@ -42,6 +42,7 @@ use crate::broker::{Broker, Notifier, PartKey};
 use crate::buffer::{Chunk, IoChunks};
 use crate::dispatch::session::{self, Cx, Fault, Protocol, Session, Step};
 use crate::log::Pending;
+use crate::metrics::{ApiStats, Names};
 use clients::{Clients, Outbox};
 use codes::Response;
 use frame::{Command, Framer};
@@ -96,11 +97,10 @@ impl RocketMqState {
             ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             ip => ip,
         });
-        let host = if advertised.0.contains(':') { format!("[{}]", advertised.0) } else { advertised.0.to_string() };
         Arc::new(RocketMqState {
             cluster: cluster.to_string(),
             broker_name: format!("broker-{node_id}"),
-            broker_addr: format!("{host}:{}", advertised.1),
+            broker_addr: host_port(&(advertised.0.to_string(), advertised.1)),
             store_host: SocketAddr::new(ip, port),
             delay_levels,
             tx,
@@ -129,11 +129,32 @@ pub struct RocketMq {
     role: Role,
     state: Arc<RocketMqState>,
     framer: Framer,
+    stats: Arc<ApiStats>,
 }
 
+/// RocketMQ's names for the metrics: request codes as `RequestCode` spells them (codes
+/// slipstream does not serve count as `unknown`), response codes as `ResponseCode`.
+static NAMES: Names = Names {
+    api: |slot| codes::Request::ALL.get(slot).map_or_else(|| "unknown".to_string(), |r| r.name().to_string()),
+    error: Response::name,
+};
+
 impl RocketMq {
-    pub fn new(role: Role, state: Arc<RocketMqState>) -> RocketMq {
-        RocketMq { role, state, framer: Framer::default() }
+    /// A listener of `role`, advertised as `advertised` (host, port).
+    pub fn new(role: Role, state: Arc<RocketMqState>, advertised: &(String, i32)) -> RocketMq {
+        let scheme = match role {
+            Role::NameServer => "rocketmq-namesrv",
+            Role::Broker => "rocketmq",
+        };
+        let stats = ApiStats::register(scheme, format!("{scheme}://{}", host_port(advertised)), &NAMES);
+        RocketMq { role, state, framer: Framer::default(), stats }
+    }
+
+    /// The broker's RocketMQ services (delayed delivery, check-backs) for a broker whose
+    /// only RocketMQ listener is gRPC: it serves no connection.
+    pub fn services(state: Arc<RocketMqState>) -> RocketMq {
+        let stats = ApiStats::unregistered("rocketmq", String::new(), &NAMES);
+        RocketMq { role: Role::Broker, state, framer: Framer::default(), stats }
     }
 }
 
@@ -148,7 +169,8 @@ impl Protocol for RocketMq {
     fn open(&self, peer: SocketAddr) -> Box<dyn Session> {
         let conn = self.state.next_conn.fetch_add(1, Ordering::Relaxed);
         let state = self.state.clone();
-        Box::new(RocketMqSession { role: self.role, state, framer: self.framer, peer, conn, watching: false })
+        let stats = self.stats.clone();
+        Box::new(RocketMqSession { role: self.role, state, framer: self.framer, peer, conn, watching: false, stats })
     }
 
     /// Delayed delivery (delay levels, timers, retry back-off), once per broker.
@@ -168,6 +190,7 @@ pub struct RocketMqSession {
     conn: u64,
     /// A [`Watch`] is parked for this connection (from its first heartbeat on).
     watching: bool,
+    stats: Arc<ApiStats>,
 }
 
 impl Drop for RocketMqSession {
@@ -191,11 +214,23 @@ impl Session for RocketMqSession {
     }
 
     fn handle(&mut self, cx: &Cx<'_>, frame: Bytes) -> Result<Step, Fault> {
-        let cmd = Command::decode(frame).map_err(|e| Fault::BadInput(e.to_string()))?;
+        // The clock, not the loop's `now`: a request answered at once still took its time.
+        let started = Instant::now();
+        // The request code, for counting a frame that fails to decode under it.
+        // (Readable only in a binary header, where it comes first.)
+        let raw_code = match frame.first() {
+            Some(1) => frame.get(4..6).map_or(-1, |c| i16::from_be_bytes([c[0], c[1]]).into()),
+            _ => -1,
+        };
+        let cmd = Command::decode(frame).map_err(|e| {
+            self.stats.failed(slot(raw_code));
+            Fault::BadInput(e.to_string())
+        })?;
         if cmd.is_response() {
             // Answers to broker-initiated requests: nothing here waits for one.
             return Ok(Step::Silent);
         }
+        let track = Track { stats: self.stats.clone(), slot: slot(cmd.code), started };
         log::trace!("rocketmq request {} from {}: {:?}", cmd.code, self.peer, cmd.ext);
         let conn = Conn { state: &self.state, peer: self.peer, id: self.conn };
         let reply = match self.role {
@@ -203,7 +238,7 @@ impl Session for RocketMqSession {
             Role::Broker => broker::handle(cx, &conn, &cmd),
         };
         if self.role != Role::Broker || cmd.code != codes::HEART_BEAT || self.watching {
-            return Ok(step(&cmd, reply));
+            return Ok(track.step(step(&cmd, reply)));
         }
         // A client that heartbeats may be sent requests (rebalance notices, transaction
         // check-backs): from its first heartbeat on, a watch waits on this connection's
@@ -211,13 +246,22 @@ impl Session for RocketMqSession {
         self.watching = true;
         let watch = Box::new(Watch { outbox: self.state.clients.outbox(self.conn) });
         let oneway = cmd.is_oneway();
+        // The watch outlives the heartbeat: the heartbeat is counted here, not by tracking
+        // the steps (which would wait for the watch's first frame).
         Ok(match reply {
-            Reply::Blocking(pending) => Step::Park(Box::new(Blocking { pending, oneway, watch: Some(watch) })),
-            Reply::Done(_) if oneway => Step::Park(watch),
-            Reply::Done(resp) => Step::Emit(encode(resp), watch),
+            Reply::Blocking(pending) => {
+                Step::Park(Box::new(Blocking { pending, oneway, watch: Some(watch), track: Some(track) }))
+            }
+            Reply::Done(resp) => {
+                track.count(Some(resp.code));
+                match oneway {
+                    true => Step::Park(watch),
+                    false => Step::Emit(encode(resp), watch),
+                }
+            }
             Reply::Step(s) => {
                 self.watching = false;
-                s
+                track.step(s)
             }
         })
     }
@@ -256,6 +300,112 @@ impl session::Parked for Watch {
     }
 }
 
+/// `host:port` (an IPv6 host in brackets), as routes and metrics name a listener.
+pub(crate) fn host_port((host, port): &(String, i32)) -> String {
+    match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    }
+}
+
+/// A request code's counter slot (see [`NAMES`]).
+fn slot(code: i32) -> usize {
+    codes::Request::from_code(code).map_or(usize::MAX, |r| r as usize)
+}
+
+/// A request's place in its listener's counters, carried through the parks and gathers
+/// its handling takes until its answer leaves (or it finishes without one).
+struct Track {
+    stats: Arc<ApiStats>,
+    slot: usize,
+    started: Instant,
+}
+
+impl Track {
+    /// Counts the request: answered now, with response `code` when it has an answer.
+    fn count(&self, code: Option<i32>) {
+        self.stats.answered(self.slot, self.started.elapsed());
+        if let Some(code) = code.filter(|c| *c != Response::Success.code()) {
+            self.stats.error_answered(self.slot, code);
+        }
+    }
+
+    /// `step` (or the fault that ends the request and its connection), counted if it
+    /// ends the request, else carrying the count along.
+    fn result(self, result: Result<Step, Fault>) -> Result<Step, Fault> {
+        match result {
+            Ok(step) => Ok(self.step(step)),
+            Err(fault) => {
+                self.stats.failed(self.slot);
+                Err(fault)
+            }
+        }
+    }
+
+    /// `step`, counted if it ends the request, else carrying the count along.
+    fn step(self, step: Step) -> Step {
+        let code = |chunks: &IoChunks| match chunks.first() {
+            Some(Chunk::Heap(head)) => frame::code_of_head(head),
+            _ => None,
+        };
+        match step {
+            Step::Respond(chunks) => {
+                self.count(code(&chunks));
+                Step::Respond(chunks)
+            }
+            Step::Refuse(chunks, why) => {
+                self.count(code(&chunks));
+                Step::Refuse(chunks, why)
+            }
+            Step::Emit(chunks, then) => {
+                self.count(code(&chunks));
+                Step::Emit(chunks, then)
+            }
+            Step::Silent => {
+                self.count(None);
+                Step::Silent
+            }
+            Step::Park(inner) => Step::Park(Box::new(Tracked { inner, track: Some(self) })),
+            Step::Gather(g) => Step::Gather(session::Gather {
+                ops: g.ops,
+                then: Box::new(Tracked { inner: g.then, track: Some(self) }),
+            }),
+        }
+    }
+}
+
+/// A parked request or a gather's finish, with its [`Track`].
+struct Tracked<T: ?Sized> {
+    track: Option<Track>,
+    inner: Box<T>,
+}
+
+impl session::Parked for Tracked<dyn session::Parked> {
+    fn deadline(&self) -> Option<Instant> {
+        self.inner.deadline()
+    }
+
+    fn poll(&mut self, cx: &Cx<'_>, force: bool) -> Option<Result<Step, Fault>> {
+        let next = self.inner.poll(cx, force)?;
+        // A parked request is polled until it yields a step, once: the track is here.
+        Some(match self.track.take() {
+            Some(track) => track.result(next),
+            None => next,
+        })
+    }
+}
+
+impl session::Finish for Tracked<dyn session::Finish> {
+    fn finish(self: Box<Self>, cx: &Cx<'_>, results: Vec<PartResult>) -> Result<Step, Fault> {
+        let Tracked { track, inner } = *self;
+        let next = inner.finish(cx, results);
+        match track {
+            Some(track) => track.result(next),
+            None => next,
+        }
+    }
+}
+
 /// What a handler decided.
 pub(crate) enum Reply {
     /// The response command (header fields, body).
@@ -282,7 +432,7 @@ pub(crate) fn step(req: &Command, reply: Reply) -> Step {
         Reply::Step(s) => s,
         _ if oneway && !matches!(reply, Reply::Blocking(_)) => Step::Silent,
         Reply::Done(cmd) => Step::Respond(encode(cmd)),
-        Reply::Blocking(pending) => Step::Park(Box::new(Blocking { pending, oneway, watch: None })),
+        Reply::Blocking(pending) => Step::Park(Box::new(Blocking { pending, oneway, watch: None, track: None })),
     }
 }
 
@@ -369,6 +519,8 @@ struct Blocking {
     pending: Pending<Command>,
     oneway: bool,
     watch: Option<Box<Watch>>,
+    /// Set with a watch (a heartbeat): counted here, when its answer is known.
+    track: Option<Track>,
 }
 
 impl session::Parked for Blocking {
@@ -379,6 +531,9 @@ impl session::Parked for Blocking {
     fn poll(&mut self, _cx: &Cx<'_>, _force: bool) -> Option<Result<Step, Fault>> {
         // Not even a shutdown answers it early: what it writes may be half done.
         let cmd = self.pending.try_take()?;
+        if let Some(track) = self.track.take() {
+            track.count(Some(cmd.code));
+        }
         Some(Ok(match (self.watch.take(), self.oneway) {
             (Some(watch), true) => Step::Park(watch),
             (Some(watch), false) => Step::Emit(encode(cmd), watch),

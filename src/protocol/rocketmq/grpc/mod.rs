@@ -58,6 +58,7 @@ use crate::broker::shard::{PartOp, PartResult};
 use crate::broker::{Broker, PartKey, Topic};
 use crate::dispatch::Port;
 use crate::log::now_ms;
+use crate::metrics::{ApiStats, Names};
 use crate::wake::Wake;
 use convert::Delivery;
 use pb::messaging_service_server::{MessagingService, MessagingServiceServer};
@@ -121,6 +122,11 @@ pub fn spawn(
         data,
         settings,
         dirty: Mutex::new(HashMap::new()),
+        stats: ApiStats::register(
+            "rocketmq-grpc",
+            format!("rocketmq-grpc://{}", super::host_port(&advertised)),
+            &NAMES,
+        ),
     });
     let weak = Arc::downgrade(&front);
     state.set_grpc_checks(Box::new(move |record, offset| {
@@ -134,7 +140,7 @@ pub fn spawn(
             };
             let incoming = incoming::incoming(listener, tls);
             tokio::spawn(front.clone().offset_flusher());
-            let service = MessagingServiceServer::new(Service(front.clone()))
+            let service = MessagingServiceServer::new(Counting(Service(front.clone())))
                 .max_decoding_message_size(MAX_REQUEST)
                 .max_encoding_message_size(MAX_REQUEST);
             let stopping = |shutdown: Arc<AtomicBool>| async move {
@@ -226,6 +232,8 @@ struct Front {
     settings: GrpcSettings,
     /// Committed offsets not yet written (see [`Front::store_offset`]).
     dirty: Mutex<HashMap<(String, String, i32), i64>>,
+    /// This listener's requests, for the metrics endpoint.
+    stats: Arc<ApiStats>,
 }
 
 /// A message read for delivery.
@@ -763,8 +771,8 @@ fn once<T: Send + 'static>(items: Vec<T>) -> Stream_<T> {
 /// The tonic service: a handle on the front.
 struct Service(Arc<Front>);
 
-#[tonic::async_trait]
-impl MessagingService for Service {
+/// The handlers; [`Counting`] serves them, counted.
+impl Service {
     async fn query_route(
         &self,
         req: Request<pb::QueryRouteRequest>,
@@ -846,12 +854,10 @@ impl MessagingService for Service {
         }))
     }
 
-    type ReceiveMessageStream = Stream_<pb::ReceiveMessageResponse>;
-
     async fn receive_message(
         &self,
         req: Request<pb::ReceiveMessageRequest>,
-    ) -> Result<Response<Self::ReceiveMessageStream>, Status> {
+    ) -> Result<Response<Stream_<pb::ReceiveMessageResponse>>, Status> {
         let id = client_id(&req)?;
         let req = req.into_inner();
         log::trace!("rocketmq-grpc: receive from {id}: {req:?}");
@@ -1003,12 +1009,10 @@ impl MessagingService for Service {
         reply(status(code, if code == pb::Code::Ok { "OK" } else { "the dead-letter queue refused the message" }))
     }
 
-    type PullMessageStream = Stream_<pb::PullMessageResponse>;
-
     async fn pull_message(
         &self,
         req: Request<pb::PullMessageRequest>,
-    ) -> Result<Response<Self::PullMessageStream>, Status> {
+    ) -> Result<Response<Stream_<pb::PullMessageResponse>>, Status> {
         let req = req.into_inner();
         let f = &self.0;
         let fail = |s: Option<pb::Status>| {
@@ -1222,12 +1226,10 @@ impl MessagingService for Service {
         reply(ok())
     }
 
-    type TelemetryStream = Stream_<pb::TelemetryCommand>;
-
     async fn telemetry(
         &self,
         req: Request<tonic::Streaming<pb::TelemetryCommand>>,
-    ) -> Result<Response<Self::TelemetryStream>, Status> {
+    ) -> Result<Response<Stream_<pb::TelemetryCommand>>, Status> {
         let id = client_id(&req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -1322,4 +1324,182 @@ impl MessagingService for Service {
     ) -> Result<Response<pb::SyncLiteSubscriptionResponse>, Status> {
         Err(Status::unimplemented("lite topics are not served by slipstream"))
     }
+}
+
+/// The rpcs by metrics slot, named as the service definition names them.
+const RPCS: [&str; 17] = [
+    "QueryRoute",
+    "Heartbeat",
+    "SendMessage",
+    "QueryAssignment",
+    "ReceiveMessage",
+    "AckMessage",
+    "ForwardMessageToDeadLetterQueue",
+    "PullMessage",
+    "UpdateOffset",
+    "GetOffset",
+    "QueryOffset",
+    "EndTransaction",
+    "Telemetry",
+    "NotifyClientTermination",
+    "ChangeInvisibleDuration",
+    "RecallMessage",
+    "SyncLiteSubscription",
+];
+
+/// The metrics' names: rpcs, and status codes as `apache.rocketmq.v2.Code` spells them.
+static NAMES: Names = Names {
+    api: |slot| RPCS.get(slot).map_or_else(|| "unknown".to_string(), |r| r.to_string()),
+    error: |code| pb::Code::try_from(code).map_or_else(|_| code.to_string(), |c| c.as_str_name().to_string()),
+};
+
+/// A status code other than OK, for the error counts.
+fn error_code(s: Option<&pb::Status>) -> Option<i32> {
+    s.map(|s| s.code).filter(|c| *c != pb::Code::Ok as i32)
+}
+
+impl Front {
+    /// Counts an rpc that began at `started` and ended now: a gRPC error status
+    /// (rejected before a handler answered) as a failure, else its status code.
+    fn count(&self, slot: usize, started: Instant, result: Result<Option<i32>, ()>) {
+        match result {
+            Ok(code) => {
+                self.stats.answered(slot, started.elapsed());
+                if let Some(code) = code {
+                    self.stats.error_answered(slot, code);
+                }
+            }
+            Err(()) => self.stats.failed(slot),
+        }
+    }
+}
+
+/// A response stream that counts the status codes it carries, and its rpc when it ends
+/// (or the client goes): a long poll's wait, or a telemetry session's life, is its
+/// duration.
+struct CountedStream<T> {
+    inner: Stream_<T>,
+    front: Arc<Front>,
+    slot: usize,
+    started: Instant,
+    code_of: fn(&T) -> Option<i32>,
+}
+
+impl<T> Stream for CountedStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        let next = self.inner.as_mut().poll_next(cx);
+        if let std::task::Poll::Ready(Some(Ok(item))) = &next {
+            if let Some(code) = (self.code_of)(item) {
+                self.front.stats.error_answered(self.slot, code);
+            }
+        }
+        next
+    }
+}
+
+impl<T> Drop for CountedStream<T> {
+    fn drop(&mut self) {
+        self.front.stats.answered(self.slot, self.started.elapsed());
+    }
+}
+
+/// The tonic service: each rpc of [`Service`], counted in the listener's metrics.
+struct Counting(Service);
+
+impl Counting {
+    fn stream<T: Send + 'static>(
+        &self,
+        slot: usize,
+        started: Instant,
+        result: Result<Response<Stream_<T>>, Status>,
+        code_of: fn(&T) -> Option<i32>,
+    ) -> Result<Response<Stream_<T>>, Status> {
+        let front = self.0 .0.clone();
+        match result {
+            Ok(r) => {
+                Ok(r.map(|inner| -> Stream_<T> { Box::pin(CountedStream { inner, front, slot, started, code_of }) }))
+            }
+            Err(e) => {
+                front.count(slot, started, Err(()));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The unary rpcs, each counted with its status code (slots as in [`RPCS`]).
+macro_rules! counting {
+    ($($slot:literal $rpc:ident($req:ty) -> $resp:ty;)*) => {
+        #[tonic::async_trait]
+        impl MessagingService for Counting {
+            $(
+                async fn $rpc(&self, req: Request<$req>) -> Result<Response<$resp>, Status> {
+                    let started = Instant::now();
+                    let result = self.0.$rpc(req).await;
+                    let code = result.as_ref().map(|r| error_code(r.get_ref().status.as_ref())).map_err(|_| ());
+                    self.0 .0.count($slot, started, code);
+                    result
+                }
+            )*
+
+            type ReceiveMessageStream = Stream_<pb::ReceiveMessageResponse>;
+
+            async fn receive_message(
+                &self,
+                req: Request<pb::ReceiveMessageRequest>,
+            ) -> Result<Response<Self::ReceiveMessageStream>, Status> {
+                let started = Instant::now();
+                let result = self.0.receive_message(req).await;
+                self.stream(4, started, result, |r| match &r.content {
+                    Some(pb::receive_message_response::Content::Status(s)) => error_code(Some(s)),
+                    _ => None,
+                })
+            }
+
+            type PullMessageStream = Stream_<pb::PullMessageResponse>;
+
+            async fn pull_message(
+                &self,
+                req: Request<pb::PullMessageRequest>,
+            ) -> Result<Response<Self::PullMessageStream>, Status> {
+                let started = Instant::now();
+                let result = self.0.pull_message(req).await;
+                self.stream(7, started, result, |r| match &r.content {
+                    Some(pb::pull_message_response::Content::Status(s)) => error_code(Some(s)),
+                    _ => None,
+                })
+            }
+
+            type TelemetryStream = Stream_<pb::TelemetryCommand>;
+
+            async fn telemetry(
+                &self,
+                req: Request<tonic::Streaming<pb::TelemetryCommand>>,
+            ) -> Result<Response<Self::TelemetryStream>, Status> {
+                let started = Instant::now();
+                let result = self.0.telemetry(req).await;
+                self.stream(12, started, result, |c| error_code(c.status.as_ref()))
+            }
+        }
+    };
+}
+
+counting! {
+    0 query_route(pb::QueryRouteRequest) -> pb::QueryRouteResponse;
+    1 heartbeat(pb::HeartbeatRequest) -> pb::HeartbeatResponse;
+    2 send_message(pb::SendMessageRequest) -> pb::SendMessageResponse;
+    3 query_assignment(pb::QueryAssignmentRequest) -> pb::QueryAssignmentResponse;
+    5 ack_message(pb::AckMessageRequest) -> pb::AckMessageResponse;
+    6 forward_message_to_dead_letter_queue(pb::ForwardMessageToDeadLetterQueueRequest)
+        -> pb::ForwardMessageToDeadLetterQueueResponse;
+    8 update_offset(pb::UpdateOffsetRequest) -> pb::UpdateOffsetResponse;
+    9 get_offset(pb::GetOffsetRequest) -> pb::GetOffsetResponse;
+    10 query_offset(pb::QueryOffsetRequest) -> pb::QueryOffsetResponse;
+    11 end_transaction(pb::EndTransactionRequest) -> pb::EndTransactionResponse;
+    13 notify_client_termination(pb::NotifyClientTerminationRequest) -> pb::NotifyClientTerminationResponse;
+    14 change_invisible_duration(pb::ChangeInvisibleDurationRequest) -> pb::ChangeInvisibleDurationResponse;
+    15 recall_message(pb::RecallMessageRequest) -> pb::RecallMessageResponse;
+    16 sync_lite_subscription(pb::SyncLiteSubscriptionRequest) -> pb::SyncLiteSubscriptionResponse;
 }
