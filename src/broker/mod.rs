@@ -109,6 +109,11 @@ pub struct PartitionShared {
     appended: AtomicU64,
     /// Record bytes read out for fetches and pulls since the broker started.
     read: AtomicU64,
+    /// Pages of this partition are being brought into memory for a reader (one span at a
+    /// time), and how many such spans were brought in: a read parked on cold pages waits
+    /// for the count to move.
+    warming: std::sync::atomic::AtomicBool,
+    warmed: AtomicU64,
 }
 
 impl PartitionShared {
@@ -123,6 +128,17 @@ impl PartitionShared {
     }
     pub fn read_bytes(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
+    }
+    pub fn warmed(&self) -> u64 {
+        self.warmed.load(Ordering::Acquire)
+    }
+    /// Claims the bringing-in of pages; false if a span is already on its way.
+    pub(crate) fn begin_warming(&self) -> bool {
+        !self.warming.swap(true, Ordering::AcqRel)
+    }
+    pub(crate) fn end_warming(&self) {
+        self.warmed.fetch_add(1, Ordering::AcqRel);
+        self.warming.store(false, Ordering::Release);
     }
     pub(crate) fn count_read(&self, bytes: usize) {
         self.read.fetch_add(bytes as u64, Ordering::Relaxed);

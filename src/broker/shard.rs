@@ -10,9 +10,25 @@ use crate::log::{AppendInfo, Files, FlushPolicy, LogError, PartitionLog, ReadRes
 /// An operation on one partition, run by its owner core.
 #[derive(Debug)]
 pub enum PartOp {
-    Append { records: Bytes },
-    Read { offset: i64, max_bytes: usize },
-    OffsetForTime { timestamp: i64 },
+    Append {
+        records: Bytes,
+    },
+    /// Whole batches from `offset`; may wait on the disk for pages not in memory (admin
+    /// reads, lookups: rare, and they need the bytes).
+    Read {
+        offset: i64,
+        max_bytes: usize,
+    },
+    /// A consumer's read: never waits on the disk. Pages not in memory give an empty
+    /// result marked `cold`; the file worker brings them in and the notifier wakes the
+    /// readers, whose next read finds them ([`super::PartitionShared::warmed`]).
+    ReadResident {
+        offset: i64,
+        max_bytes: usize,
+    },
+    OffsetForTime {
+        timestamp: i64,
+    },
 }
 
 /// The answer to a [`PartOp`].
@@ -91,6 +107,23 @@ impl Shard {
             },
             PartOp::Read { offset, max_bytes } => match log.read(offset, max_bytes) {
                 Ok(r) => {
+                    shared.count_read(r.records.bytes().len());
+                    PartResult::Read(r)
+                }
+                Err(e) => fail(e, log),
+            },
+            PartOp::ReadResident { offset, max_bytes } => match log.read_resident(offset, max_bytes) {
+                Ok((r, cold)) => {
+                    if let Some(cold) = cold.filter(|_| shared.begin_warming()) {
+                        let shared = shared.clone();
+                        // Dropped: the worker's notification, not this handle, wakes the readers.
+                        let _ = self.files.run(move || {
+                            if let Err(e) = cold.populate() {
+                                log::warn!("bringing log pages into memory: {e}");
+                            }
+                            shared.end_warming();
+                        });
+                    }
                     shared.count_read(r.records.bytes().len());
                     PartResult::Read(r)
                 }

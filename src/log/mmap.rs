@@ -41,6 +41,11 @@ use std::sync::Arc;
 
 use crate::buffer::{Chunk, Region};
 
+/// The machine's page size (mincore and madvise work in pages).
+fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
 /// A segment file not yet shared with readers: recovery may scan and truncate it.
 pub struct SegmentFile {
     path: PathBuf,
@@ -198,6 +203,55 @@ impl SegmentMap {
             return None;
         }
         Some(Bytes::from_owner(MappedSlice { map: self.clone(), start, len }))
+    }
+
+    /// The page-aligned span of the mapping covering `[start, start + len)`, clamped to
+    /// the published bytes: (offset of its first page, its length), `None` if empty.
+    fn pages(&self, start: usize, len: usize) -> Option<(usize, usize)> {
+        let end = start.saturating_add(len).min(self.published());
+        let first = start & !(page_size() - 1);
+        (end > start).then_some((first, end - first))
+    }
+
+    /// Whether every page holding `[start, start + len)` of the published bytes is in the
+    /// page cache (`mincore`, which asks the page cache for pages this mapping has not
+    /// touched yet): reading them through the mapping then waits for no I/O. An error of
+    /// `mincore` answers false (the caller brings the pages in off the core).
+    pub fn resident(&self, start: usize, len: usize) -> bool {
+        let Some((first, span)) = self.pages(start, len) else { return true };
+        let mut vec = vec![0u8; span.div_ceil(page_size())];
+        // SAFETY: `first` is page-aligned and `first + span` lies within the mapping (at
+        // most `published <= capacity`), which `self` keeps alive; `vec` has one byte per
+        // page of the span, as mincore writes.
+        let rc = unsafe { libc::mincore(self.map.as_mut_ptr().add(first).cast(), span, vec.as_mut_ptr()) };
+        rc == 0 && vec.iter().all(|v| v & 1 == 1)
+    }
+
+    /// Reads `[start, start + len)` of the published bytes into the page cache and this
+    /// mapping (`MADV_POPULATE_READ`), waiting for the I/O: for a background thread,
+    /// never a dispatch core.
+    pub fn populate(&self, start: usize, len: usize) -> io::Result<()> {
+        let Some((first, span)) = self.pages(start, len) else { return Ok(()) };
+        // SAFETY: as in `resident`: a page-aligned span inside the live mapping. Populating
+        // for read changes no byte and no protection.
+        let rc = unsafe { libc::madvise(self.map.as_mut_ptr().add(first).cast(), span, libc::MADV_POPULATE_READ) };
+        if rc == 0 {
+            return Ok(());
+        }
+        // Kernels before 5.14 have no MADV_POPULATE_READ: reading the span with pread puts
+        // it in the page cache as well (which is what `resident` asks about).
+        log::debug!("MADV_POPULATE_READ: {}; reading the span instead", io::Error::last_os_error());
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; span.min(256 << 10)];
+        let mut at = first;
+        while at < first + span {
+            let n = buf.len().min(first + span - at);
+            match self.file.read_at(&mut buf[..n], at as u64)? {
+                0 => break,
+                read => at += read,
+            }
+        }
+        Ok(())
     }
 
     /// Flushes what was appended up to `end` to stable storage (`fdatasync`: the file's

@@ -155,6 +155,24 @@ pub struct ReadResult {
     pub records: Chunk,
     pub high_watermark: i64,
     pub log_start_offset: i64,
+    /// Nothing was read because the pages were not in memory ([`PartitionLog::read_resident`]):
+    /// they are being brought in, and the partition's readers will be woken.
+    pub cold: bool,
+}
+
+/// Pages a [`PartitionLog::read_resident`] found out of memory: the span of a segment
+/// to bring in before reading again.
+pub struct Cold {
+    pub map: Arc<SegmentMap>,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Cold {
+    /// Brings the pages in (blocks on I/O: a background thread's work).
+    pub fn populate(&self) -> std::io::Result<()> {
+        self.map.populate(self.start, self.len)
+    }
 }
 
 /// Slow file-system work the log hands off, so that rolls, retention and background
@@ -399,27 +417,60 @@ impl PartitionLog {
     /// Whole batches starting with the one that contains `offset`, up to about `max_bytes`
     /// (at least one batch, as Kafka requires, so a large message is never stuck).
     pub fn read(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        self.read_inner(offset, max_bytes, false).map(|(r, _)| r)
+    }
+
+    /// As [`PartitionLog::read`], but touching no page that is not in memory (a consumer's
+    /// read on a dispatch core, which must not wait for the disk): when the span the read
+    /// would touch is not all resident, an empty result marked `cold` and the span to
+    /// bring in. (A batch larger than `max_bytes` plus the index interval may still have
+    /// its next header read past the checked span: one page, on batches that large.)
+    pub fn read_resident(&self, offset: i64, max_bytes: usize) -> Result<(ReadResult, Option<Cold>), LogError> {
+        self.read_inner(offset, max_bytes, true)
+    }
+
+    fn read_inner(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        resident_only: bool,
+    ) -> Result<(ReadResult, Option<Cold>), LogError> {
         let hw = self.next_offset();
         if offset < self.log_start_offset || offset > hw {
             return Err(LogError::OffsetOutOfRange { offset, start: self.log_start_offset, end: hw });
         }
-        let empty = ReadResult {
+        let empty = |cold: bool| ReadResult {
             records: Chunk::Heap(Bytes::new()),
             high_watermark: hw,
             log_start_offset: self.log_start_offset,
+            cold,
         };
         if offset == hw {
-            return Ok(empty);
+            return Ok((empty(false), None));
         }
         let seg = self.segment_for(offset);
+        let cold = |start: usize, end: usize| Cold { map: seg.map.clone(), start, len: end - start };
+        // The span the header walk and the answer touch: from the index entry at or below
+        // `offset` through one index interval and `max_bytes` more.
+        let window_end = match resident_only {
+            true => {
+                let from = seg.index_position(offset);
+                let end = seg.size.min(from.saturating_add(self.cfg.index_interval_bytes).saturating_add(max_bytes));
+                if !seg.map.resident(from, end - from) {
+                    return Ok((empty(true), Some(cold(from, end))));
+                }
+                end
+            }
+            false => seg.size,
+        };
         let Some((start, first)) = seg.locate(offset) else {
-            return Ok(empty);
+            return Ok((empty(false), None));
         };
         let Some(view) = seg.map.slice(0, seg.size) else {
-            return Ok(empty);
+            return Ok((empty(false), None));
         };
         let mut end = start + first.total_len();
-        while end < seg.size {
+        while end < seg.size && end < window_end {
             let Ok(h) = BatchHeader::parse(&view[end..]) else {
                 break;
             };
@@ -428,10 +479,14 @@ impl PartitionLog {
             }
             end += h.total_len();
         }
+        // A first batch reaching past the checked span: the rest of it must be in memory too.
+        if resident_only && end > window_end && !seg.map.resident(window_end, end - window_end) {
+            return Ok((empty(true), Some(cold(window_end, end))));
+        }
         let Some(records) = seg.map.chunk(start, end - start) else {
-            return Ok(empty);
+            return Ok((empty(false), None));
         };
-        Ok(ReadResult { records, high_watermark: hw, log_start_offset: self.log_start_offset })
+        Ok((ReadResult { records, high_watermark: hw, log_start_offset: self.log_start_offset, cold: false }, None))
     }
 
     /// Bytes available at or after `offset` (for fetch min_bytes), capped at `cap`.

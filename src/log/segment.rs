@@ -84,10 +84,19 @@ impl Segment {
     }
 
     /// Position of the batch containing `offset` (which must be in this segment).
-    pub(super) fn locate(&self, offset: i64) -> Option<(usize, BatchHeader)> {
+    /// Where the walk to `offset`'s batch starts: the index entry at or below it.
+    pub(super) fn index_position(&self, offset: i64) -> usize {
         let rel = (offset - self.base_offset) as u32;
         let i = self.index.partition_point(|(r, _)| *r <= rel);
-        let mut pos = if i == 0 { 0 } else { self.index[i - 1].1 as usize };
+        if i == 0 {
+            0
+        } else {
+            self.index[i - 1].1 as usize
+        }
+    }
+
+    pub(super) fn locate(&self, offset: i64) -> Option<(usize, BatchHeader)> {
+        let mut pos = self.index_position(offset);
         let view = self.map.slice(0, self.size)?;
         while pos < self.size {
             let h = BatchHeader::parse(&view[pos..]).ok()?;

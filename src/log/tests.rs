@@ -246,3 +246,32 @@ fn roll_takes_the_spare_made_ahead_of_time() {
     assert_eq!(log.next_offset(), next);
     assert!(!dir.path().join(format!("9.{SPARE_SUFFIX}")).exists());
 }
+
+/// A consumer's read touches no page out of memory: it reports the span instead, and once
+/// that is brought in, reads the same bytes a plain read does.
+#[test]
+fn resident_reads_report_evicted_pages_and_read_them_once_brought_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = PartitionLog::open(dir.path(), cfg(8 << 20), Files::inline()).unwrap();
+    let value = vec![7u8; 16 << 10];
+    for i in 0..64 {
+        log.append(&build_batch(0, i, &[&value])).unwrap();
+    }
+    // Written with fdatasync (FlushPolicy::Always) and never read through the mapping
+    // (a read would map the pages, and mapped pages are not dropped): dropping the file's
+    // pages evicts them. (A file system that keeps everything in memory, e.g. tmpfs,
+    // cannot: then there is nothing to check.)
+    let file = std::fs::File::open(log.active.map.path()).unwrap();
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let (empty, cold) = log.read_resident(10, 64 << 10).unwrap();
+    let Some(cold) = cold else {
+        eprintln!("the segment's pages stayed in memory (tmpfs?): skipping the cold half");
+        return;
+    };
+    assert!(empty.cold && empty.records.is_empty());
+    assert!(cold.len >= 64 << 10, "the span covers the read: {}", cold.len);
+    cold.populate().unwrap();
+    let (again, cold) = log.read_resident(10, 64 << 10).unwrap();
+    assert!(cold.is_none() && !again.cold);
+    assert_eq!(again.records.bytes(), log.read(10, 64 << 10).unwrap().records.bytes());
+}

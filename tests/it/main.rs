@@ -6,6 +6,7 @@ mod harness;
 mod bad_input;
 mod bench_smoke;
 mod clients;
+mod cold_reads;
 mod crash;
 mod disk_full;
 mod groups;

@@ -151,14 +151,18 @@ pub struct FetchPlan {
     /// Answer with whatever the reads return (deadline passed, or enough data seen).
     force: bool,
     targets: Vec<FetchTarget>,
+    /// Each target's `warmed` count when the reads were sent (before any of them could
+    /// start bringing pages in: a wake-up after it is never missed).
+    warmed_at_gather: Vec<u64>,
 }
 
 impl FetchPlan {
-    fn gather(self: Box<Self>) -> Gather {
+    fn gather(mut self: Box<Self>) -> Gather {
+        self.warmed_at_gather = self.targets.iter().map(|t| t.shared.as_ref().map_or(0, |s| s.warmed())).collect();
         let ops = self
             .targets
             .iter()
-            .filter_map(|t| Some((t.key?, PartOp::Read { offset: t.offset, max_bytes: t.max_bytes })))
+            .filter_map(|t| Some((t.key?, PartOp::ReadResident { offset: t.offset, max_bytes: t.max_bytes })))
             .collect();
         Gather { ops, then: Then::Fetch(self) }
     }
@@ -171,6 +175,9 @@ pub struct ParkedFetch {
     /// Bytes ever appended to each target when the fetch parked.
     appended_at_park: Vec<u64>,
     available_at_park: usize,
+    /// A read found its pages out of memory: the fetch is also ready once any target's
+    /// pages were brought in (its `warmed` count moved past these).
+    warmed_at_park: Option<Vec<u64>>,
 }
 
 impl ParkedFetch {
@@ -207,6 +214,7 @@ pub fn fetch(ctx: &Ctx<'_>, req: FetchRequest) -> Outcome {
         deadline: ctx.now + wait,
         force: wait.is_zero(),
         targets,
+        warmed_at_gather: Vec::new(),
     };
     Outcome::Gather(Box::new(plan).gather())
 }
@@ -221,7 +229,10 @@ pub fn poll_fetch(p: &ParkedFetch, now: Instant, force: bool) -> Option<Outcome>
         .zip(&p.appended_at_park)
         .map(|(t, at)| t.shared.as_ref().map_or(0, |s| s.appended().saturating_sub(*at)))
         .sum();
-    let ready = p.available_at_park as u64 + grown >= p.plan.min_bytes as u64;
+    let warmed = p.warmed_at_park.as_ref().is_some_and(|at| {
+        p.plan.targets.iter().zip(at).any(|(t, at)| t.shared.as_ref().is_some_and(|s| s.warmed() != *at))
+    });
+    let ready = warmed || p.available_at_park as u64 + grown >= p.plan.min_bytes as u64;
     if !(ready || force || now >= p.plan.deadline) {
         return None;
     }
@@ -237,7 +248,14 @@ fn finish_fetch(plan: Box<FetchPlan>, results: Vec<PartResult>, now: Instant) ->
         results.iter().any(|r| !matches!(r, PartResult::Read(_))) || plan.targets.iter().any(|t| t.key.is_none());
     if !plan.force && !any_error && total < plan.min_bytes && now < plan.deadline {
         let appended_at_park = plan.targets.iter().map(|t| t.shared.as_ref().map_or(0, |s| s.appended())).collect();
-        return Outcome::Park(Parked::Fetch(ParkedFetch { plan, appended_at_park, available_at_park: total }));
+        let cold = results.iter().any(|r| matches!(r, PartResult::Read(r) if r.cold));
+        let warmed_at_park = cold.then(|| plan.warmed_at_gather.clone());
+        return Outcome::Park(Parked::Fetch(ParkedFetch {
+            plan,
+            appended_at_park,
+            available_at_park: total,
+            warmed_at_park,
+        }));
     }
     let mut resp = FetchResponse::default();
     let mut by_ref: Vec<Chunk> = Vec::new();

@@ -357,16 +357,29 @@ impl PullPlan {
         if self.offset == end {
             if self.suspend && !force && now < self.deadline {
                 let appended = self.shared.appended();
-                return Step::Park(Box::new(ParkedPull { plan: self, appended }));
+                return Step::Park(Box::new(ParkedPull { plan: self, appended, warmed: None }));
             }
             return self.answer(Response::PullNotFound, self.offset);
         }
-        let op = PartOp::Read { offset: self.offset, max_bytes: self.max_bytes };
-        gather_then(vec![(self.key, op)], move |cx, r| self.read(cx, r))
+        // Never waits on the disk in the owner core: pages out of memory come back cold.
+        let op = PartOp::ReadResident { offset: self.offset, max_bytes: self.max_bytes };
+        let warmed = self.shared.warmed();
+        gather_then(vec![(self.key, op)], move |cx, r| self.read(cx, r, warmed, force))
     }
 
-    fn read(self, cx: &Cx<'_>, results: Vec<PartResult>) -> Step {
+    /// `warmed`: the queue's count of pages brought in when the read was sent; `force`:
+    /// answer now (deadline passed, shutdown), whatever the read found.
+    fn read(self, cx: &Cx<'_>, results: Vec<PartResult>, warmed: u64, force: bool) -> Step {
         let read = match results.into_iter().next() {
+            // The pages are being brought in: wait for them (or the client's deadline:
+            // then it pulls again at once).
+            Some(PartResult::Read(r)) if r.cold => {
+                if !force && cx.now < self.deadline {
+                    let appended = self.shared.appended();
+                    return Step::Park(Box::new(ParkedPull { plan: self, appended, warmed: Some(warmed) }));
+                }
+                return self.answer(Response::PullRetryImmediately, self.offset);
+            }
             Some(PartResult::Read(r)) => r,
             Some(PartResult::Failed { error: LogError::OffsetOutOfRange { .. }, .. }) => {
                 // Retention moved the start since we looked: the counters say where now.
@@ -434,6 +447,8 @@ impl PullPlan {
 struct ParkedPull {
     plan: PullPlan,
     appended: u64,
+    /// Waiting for the queue's pages to be brought in: its `warmed` count when it read.
+    warmed: Option<u64>,
 }
 
 impl session::Parked for ParkedPull {
@@ -442,7 +457,8 @@ impl session::Parked for ParkedPull {
     }
 
     fn poll(&mut self, cx: &Cx<'_>, force: bool) -> Option<Result<Step, Fault>> {
-        let moved = self.plan.shared.appended() != self.appended;
+        let moved =
+            self.plan.shared.appended() != self.appended || self.warmed.is_some_and(|w| self.plan.shared.warmed() != w);
         if !(moved || force || cx.now >= self.plan.deadline) {
             return None;
         }

@@ -55,7 +55,7 @@ use super::namesrv::ensure_topic;
 use super::schedule::{self, header};
 use super::{commit, record_at, RocketMqState};
 use crate::broker::shard::{PartOp, PartResult};
-use crate::broker::{Broker, PartKey, Topic};
+use crate::broker::{Broker, PartKey, PartitionShared, Topic};
 use crate::dispatch::Port;
 use crate::log::now_ms;
 use crate::metrics::{ApiStats, Names};
@@ -252,6 +252,26 @@ impl Front {
             let _ = tx.send(r);
         });
         rx.await.unwrap_or(PartResult::Unknown)
+    }
+
+    /// A consumer's read on the partition's owner core that never waits there on the
+    /// disk: pages out of memory are brought in by the file worker while this waits for
+    /// them (here, off the cores), then it reads again — three times at most, then it
+    /// reads whatever it costs (pages evicted as fast as they come back).
+    async fn read(&self, key: PartKey, shared: Option<&Arc<PartitionShared>>, offset: i64, max: usize) -> PartResult {
+        for _ in 0..3 {
+            let warmed = shared.map_or(0, |s| s.warmed());
+            match self.call(key, PartOp::ReadResident { offset, max_bytes: max }).await {
+                PartResult::Read(r) if r.cold => {}
+                other => return other,
+            }
+            let Some(shared) = shared else { return self.call(key, PartOp::Read { offset, max_bytes: max }).await };
+            // The notifier fires when the file worker is done; a missed wake costs a tick.
+            while shared.warmed() == warmed {
+                let _ = tokio::time::timeout(Duration::from_millis(100), self.data.notified()).await;
+            }
+        }
+        self.call(key, PartOp::Read { offset, max_bytes: max }).await
     }
 
     /// File-system work (topic creation, offset commits) off this thread's event loop.
@@ -531,7 +551,7 @@ impl Front {
             if shared.as_ref().is_some_and(|s| s.next_offset() <= next) {
                 continue;
             }
-            let records = match self.call(key, PartOp::Read { offset: next, max_bytes: READ_BYTES }).await {
+            let records = match self.read(key, shared.as_ref(), next, READ_BYTES).await {
                 PartResult::Read(r) => {
                     let mut buf = r.records.bytes().clone();
                     let mut all = Vec::new();
@@ -1050,7 +1070,7 @@ impl Service {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
-        let PartResult::Read(r) = f.call(key, PartOp::Read { offset: req.offset, max_bytes: READ_BYTES }).await else {
+        let PartResult::Read(r) = f.read(key, Some(&shared), req.offset, READ_BYTES).await else {
             return fail(status(pb::Code::InternalError, "the queue cannot be read"));
         };
         let mut buf = r.records.bytes().clone();
