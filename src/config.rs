@@ -167,6 +167,11 @@ pub struct ServeArgs {
     /// `allow.everyone.if.no.acl.found`) [default: false].
     #[arg(long)]
     pub allow_everyone_if_no_acl_found: Option<bool>,
+    /// How long a failed SASL authentication waits before its answer and the close
+    /// (Kafka's `connection.failed.authentication.delay.ms`): slows password guessing on
+    /// one connection [default: 100].
+    #[arg(long)]
+    pub failed_authentication_delay_ms: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9644) [default: off].
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -379,6 +384,8 @@ pub struct ServeConfig {
     pub tls: Option<crate::tls::ServerFiles>,
     /// SASL mechanisms offered, in order of preference.
     pub sasl_mechanisms: Vec<crate::broker::users::Mechanism>,
+    /// A failed authentication's answer waits this long.
+    pub failed_authentication_delay: std::time::Duration,
 }
 
 fn invalid(what: &'static str, value: impl ToString, why: impl ToString) -> ConfigError {
@@ -431,6 +438,7 @@ impl ServeArgs {
                 authorizer,
                 super_users,
                 allow_everyone_if_no_acl_found,
+                failed_authentication_delay_ms,
                 ustack_xdp_mode,
                 ustack_first_queue,
                 ustack_frames,
@@ -587,6 +595,9 @@ impl ServeArgs {
         Ok(ServeConfig {
             tls,
             sasl_mechanisms,
+            failed_authentication_delay: std::time::Duration::from_millis(
+                self.failed_authentication_delay_ms.unwrap_or(100),
+            ),
             metrics_listen: self.metrics_listen,
             rocketmq_grpc,
             rocketmq_transactions,

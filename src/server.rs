@@ -17,7 +17,7 @@ use crate::dispatch::session::Protocol;
 use crate::dispatch::{self, Shared};
 use crate::log::FileWorker;
 use crate::metrics;
-use crate::protocol::kafka::session::Kafka;
+use crate::protocol::kafka::session::{Kafka, Sasl};
 use crate::protocol::kafka::Endpoint;
 use crate::protocol::rocketmq::{grpc, RocketMq, RocketMqState, Role};
 use crate::tls::ServerTls;
@@ -61,6 +61,7 @@ fn protocol_for(l: &ListenerConfig, cfg: &ServeConfig, rocketmq: &Option<Arc<Roc
         _ => {
             let endpoint = Endpoint { host: l.advertised.0.clone(), port: l.advertised.1 };
             let sasl = l.security.sasl().then(|| cfg.sasl_mechanisms.clone());
+            let sasl = sasl.map(|mechanisms| Sasl { mechanisms, failure_delay: cfg.failed_authentication_delay });
             Arc::new(Kafka::new(endpoint, cfg.broker.max_request_bytes, sasl))
         }
     }

@@ -248,13 +248,16 @@ fn refusals_are_kafka_errors_and_cost_others_nothing() {
     assert_eq!(handshake(&mut c, 1, "PLAIN").error_code, 34, "ILLEGAL_SASL_STATE");
     assert!(closed(&mut c));
 
-    // 4. A wrong password: SASL_AUTHENTICATION_FAILED with Kafka's message, closed.
+    // 4. A wrong password: SASL_AUTHENTICATION_FAILED with Kafka's message, after the
+    // failed-authentication delay (100 ms by default, as Kafka's), closed.
     let mut c = connect();
     assert_eq!(handshake(&mut c, 1, "PLAIN").error_code, 0);
     let mut a = SaslAuthenticateRequest::default();
     a.auth_bytes = plain_token(USER, "wrong").into();
+    let sent = std::time::Instant::now();
     send(&mut c, ApiKey::SaslAuthenticate, 2, 2, &a);
     let r: SaslAuthenticateResponse = decode(answer(&mut c).expect("answer"), ApiKey::SaslAuthenticate, 2);
+    assert!(sent.elapsed() >= Duration::from_millis(100), "refused after {:?}, before the delay", sent.elapsed());
     assert_eq!(r.error_code, 58, "SASL_AUTHENTICATION_FAILED");
     assert!(r.error_message.as_deref().is_some_and(|m| m.contains("invalid credentials")), "{r:?}");
     assert!(closed(&mut c));

@@ -24,12 +24,22 @@ use crate::framing::PREFIX;
 use crate::metrics::{ApiStats, Names};
 
 /// A Kafka listener: its advertised address, request size cap, request statistics, and
-/// the SASL mechanisms clients must authenticate with (none: no SASL).
+/// the SASL clients must authenticate with (none: no SASL).
 pub struct Kafka {
     endpoint: Arc<Endpoint>,
     framer: Framer,
     stats: Arc<ApiStats>,
-    sasl: Option<Arc<[Mechanism]>>,
+    sasl: Option<Arc<Sasl>>,
+}
+
+/// A listener's SASL settings.
+pub struct Sasl {
+    /// Offered, in order of preference.
+    pub mechanisms: Vec<Mechanism>,
+    /// A refused authentication's answer (and the close after it) waits this long, as
+    /// Kafka's `connection.failed.authentication.delay.ms`: a client guessing passwords
+    /// gets one guess per delay on a connection.
+    pub failure_delay: std::time::Duration,
 }
 
 /// Kafka's names for the metrics: API keys as `ApiKey` spells them, error codes as `Errors`.
@@ -58,7 +68,7 @@ fn count_answer(stats: &ApiStats, api: i16, body: &kafka_protocol::messages::Res
 pub const ANONYMOUS: &str = "User:ANONYMOUS";
 
 impl Kafka {
-    pub fn new(endpoint: Endpoint, max_request_bytes: usize, sasl: Option<Vec<Mechanism>>) -> Kafka {
+    pub fn new(endpoint: Endpoint, max_request_bytes: usize, sasl: Option<Sasl>) -> Kafka {
         let stats = ApiStats::register("kafka", format!("kafka://{}:{}", endpoint.host, endpoint.port), &NAMES);
         Kafka {
             endpoint: Arc::new(endpoint),
@@ -101,7 +111,7 @@ pub struct KafkaSession {
     framer: Framer,
     client: Arc<Client>,
     auth: Auth,
-    sasl: Option<Arc<[Mechanism]>>,
+    sasl: Option<Arc<Sasl>>,
 }
 
 impl KafkaSession {
@@ -132,8 +142,35 @@ impl KafkaSession {
                 self.set_principal(format!("User:{user}"));
                 Step::Respond(chunks)
             }
-            Verdict::Refuse(why) => Step::Refuse(chunks, why),
+            Verdict::Refuse(why) => match self.sasl.as_ref().map(|s| s.failure_delay).filter(|d| !d.is_zero()) {
+                Some(delay) => Step::Park(Box::new(Delayed {
+                    until: Instant::now() + delay,
+                    step: Some(Step::Refuse(chunks, why)),
+                })),
+                None => Step::Refuse(chunks, why),
+            },
         })
+    }
+}
+
+/// A step held back until `until` (the failed-authentication delay). The connection's
+/// later frames wait behind it (answers keep their order), so a client gets nothing
+/// more out of the connection meanwhile.
+struct Delayed {
+    until: Instant,
+    step: Option<Step>,
+}
+
+impl session::Parked for Delayed {
+    fn deadline(&self) -> Option<Instant> {
+        Some(self.until)
+    }
+
+    fn poll(&mut self, cx: &Cx<'_>, force: bool) -> Option<Result<Step, Fault>> {
+        if !force && cx.now < self.until {
+            return None;
+        }
+        self.step.take().map(Ok)
     }
 }
 
@@ -167,7 +204,7 @@ impl Session for KafkaSession {
         use kafka_protocol::messages::RequestKind;
         let body = match body {
             RequestKind::SaslHandshake(r) => {
-                let offered = self.sasl.as_deref().unwrap_or_default();
+                let offered = self.sasl.as_ref().map_or(&[][..], |s| &s.mechanisms[..]);
                 let (resp, verdict) = sasl::handshake(&mut self.auth, offered, req.version, r);
                 return self.sasl_answer(req, resp, verdict, started);
             }
