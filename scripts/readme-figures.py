@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack|tls
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack|tls|log
 """
 import json
 import sys
@@ -162,7 +162,25 @@ def tls():
                   f"{t['throughput_msgs_per_s'] / plain['throughput_msgs_per_s']:.2f} |")
 
 
+def log():
+    d = load("log")
+    print("| workload | target | msg/s | publish p50 µs | p99 µs | p99.9 µs | e2e p50 µs | broker CPU s/M msgs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for w in d["workloads"]:
+        name = w["workload"]["name"]
+        for t in w["targets"]:
+            where = "tmpfs" if "data-parent=/dev/shm" in t["name"] else "disk"
+            target = t["name"].replace(" data-parent=/dev/shm", "")
+            p, e = t["publish"], t["end_to_end"]
+            print(f"| {name} | {target} ({where}) | {t['throughput_msgs_per_s']:,.0f} | {f1(pct(p, 'p50'))} | "
+                  f"{f1(pct(p, 'p99'))} | {f1(pct(p, 'p99.9'))} | {f1(pct(e, 'p50'))} | "
+                  f"{t['broker_cpu_s_per_million_msgs']:.2f} |")
+    for w in d["workloads"]:
+        lim = next(l for l in w["limits"] if l["name"] == "raw TCP ping-pong")["round_trip"]
+        print(f"\n{w['workload']['name']}: raw TCP ping-pong p50 {f1(pct(lim, 'p50'))} µs, p99.9 {f1(pct(lim, 'p99.9'))} µs")
+
+
 if __name__ == "__main__":
     {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
      "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar,
-     "sidecar-fanout": sidecar_fanout, "ustack": ustack, "tls": tls}[sys.argv[1]]()
+     "sidecar-fanout": sidecar_fanout, "ustack": ustack, "tls": tls, "log": log}[sys.argv[1]]()
