@@ -155,7 +155,6 @@ pub struct Names {
 pub struct ApiStats {
     /// `PROTOCOL://HOST:PORT`, the listener's label.
     pub listener: String,
-    pub protocol: &'static str,
     names: &'static Names,
     requests: [AtomicU64; API_SLOTS],
     failures: [AtomicU64; API_SLOTS],
@@ -180,17 +179,16 @@ static LISTENERS: parking_lot::Mutex<Vec<std::sync::Arc<ApiStats>>> = parking_lo
 
 impl ApiStats {
     /// A listener's statistics, registered for the metrics endpoint.
-    pub fn register(protocol: &'static str, listener: String, names: &'static Names) -> std::sync::Arc<ApiStats> {
-        let s = Self::unregistered(protocol, listener, names);
+    pub fn register(listener: String, names: &'static Names) -> std::sync::Arc<ApiStats> {
+        let s = Self::unregistered(listener, names);
         LISTENERS.lock().push(s.clone());
         s
     }
 
     /// Statistics nobody reads (a protocol instance that serves no listener).
-    pub fn unregistered(protocol: &'static str, listener: String, names: &'static Names) -> std::sync::Arc<ApiStats> {
+    pub fn unregistered(listener: String, names: &'static Names) -> std::sync::Arc<ApiStats> {
         std::sync::Arc::new(ApiStats {
             listener,
-            protocol,
             names,
             requests: std::array::from_fn(|_| AtomicU64::new(0)),
             failures: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -251,19 +249,6 @@ impl ApiStats {
         let errors = self.errors.lock().clone();
         errors.into_iter().map(|((api, code), n)| ((self.names.api)(api), (self.names.error)(code), n)).collect()
     }
-}
-
-/// `UnknownTopicOrPartition` → `UNKNOWN_TOPIC_OR_PARTITION` (how Kafka and RocketMQ spell
-/// their codes' names).
-pub fn screaming_snake(camel: &str) -> String {
-    let mut out = String::with_capacity(camel.len() + 8);
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }
 
 /// A point-in-time copy of every counter.

@@ -180,6 +180,18 @@ pub fn name(code: i32) -> String {
     match i16::try_from(code).ok().and_then(ResponseError::try_from_code) {
         None if code == 0 => "NONE".to_string(),
         Some(ResponseError::Unknown(_)) | None => code.to_string(),
-        Some(known) => crate::metrics::screaming_snake(&known.to_string()),
+        Some(known) => screaming_snake(&known.to_string()),
     }
+}
+
+/// `UnknownTopicOrPartition` → `UNKNOWN_TOPIC_OR_PARTITION`.
+fn screaming_snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 8);
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
 }

@@ -69,7 +69,7 @@ pub const ANONYMOUS: &str = "User:ANONYMOUS";
 
 impl Kafka {
     pub fn new(endpoint: Endpoint, max_request_bytes: usize, sasl: Option<Sasl>) -> Kafka {
-        let stats = ApiStats::register("kafka", format!("kafka://{}:{}", endpoint.host, endpoint.port), &NAMES);
+        let stats = ApiStats::register(format!("kafka://{}:{}", endpoint.host, endpoint.port), &NAMES);
         Kafka {
             endpoint: Arc::new(endpoint),
             framer: Framer::new(Side::Requests, max_request_bytes),

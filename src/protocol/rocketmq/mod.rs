@@ -146,14 +146,14 @@ impl RocketMq {
             Role::NameServer => "rocketmq-namesrv",
             Role::Broker => "rocketmq",
         };
-        let stats = ApiStats::register(scheme, format!("{scheme}://{}", host_port(advertised)), &NAMES);
+        let stats = ApiStats::register(format!("{scheme}://{}", host_port(advertised)), &NAMES);
         RocketMq { role, state, framer: Framer::default(), stats }
     }
 
     /// The broker's RocketMQ services (delayed delivery, check-backs) for a broker whose
     /// only RocketMQ listener is gRPC: it serves no connection.
     pub fn services(state: Arc<RocketMqState>) -> RocketMq {
-        let stats = ApiStats::unregistered("rocketmq", String::new(), &NAMES);
+        let stats = ApiStats::unregistered(String::new(), &NAMES);
         RocketMq { role: Role::Broker, state, framer: Framer::default(), stats }
     }
 }

@@ -122,11 +122,7 @@ pub fn spawn(
         data,
         settings,
         dirty: Mutex::new(HashMap::new()),
-        stats: ApiStats::register(
-            "rocketmq-grpc",
-            format!("rocketmq-grpc://{}", super::host_port(&advertised)),
-            &NAMES,
-        ),
+        stats: ApiStats::register(format!("rocketmq-grpc://{}", super::host_port(&advertised)), &NAMES),
     });
     let weak = Arc::downgrade(&front);
     state.set_grpc_checks(Box::new(move |record, offset| {
@@ -266,9 +262,16 @@ impl Front {
                 other => return other,
             }
             let Some(shared) = shared else { return self.call(key, PartOp::Read { offset, max_bytes: max }).await };
-            // The notifier fires when the file worker is done; a missed wake costs a tick.
-            while shared.warmed() == warmed {
-                let _ = tokio::time::timeout(Duration::from_millis(100), self.data.notified()).await;
+            // The notifier fires when the file worker is done (armed before the check, as
+            // the other waits here: no wake is missed).
+            loop {
+                let notified = self.data.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if shared.warmed() != warmed {
+                    break;
+                }
+                notified.await;
             }
         }
         self.call(key, PartOp::Read { offset, max_bytes: max }).await
