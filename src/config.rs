@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// Segment file size in bytes (preallocated, mapped) [default: 134217728].
     #[arg(long)]
     pub segment_bytes: Option<usize>,
+    /// Bytes of each partition's newest data kept in the page cache; older data is
+    /// written back and dropped as the partition grows, so appends reuse pages rather
+    /// than take fresh ones (0: leave it to the kernel) [default: 268435456].
+    #[arg(long)]
+    pub page_cache_keep_bytes: Option<usize>,
     /// Delete old segments when a partition is larger than this (-1: no limit) [default: -1].
     #[arg(long, allow_hyphen_values = true)]
     pub retention_bytes: Option<i64>,
@@ -417,6 +422,7 @@ impl ServeArgs {
                 default_partitions,
                 auto_create_topics,
                 segment_bytes,
+                page_cache_keep_bytes,
                 retention_bytes,
                 retention_ms,
                 flush,
@@ -521,6 +527,11 @@ impl ServeArgs {
             },
             flush,
             log_append_time: self.log_append_time.unwrap_or(false),
+            page_cache_keep: match self.page_cache_keep_bytes {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => Some(crate::log::DEFAULT_PAGE_CACHE_KEEP),
+            },
         };
         let levels =
             self.rocketmq_delay_levels.as_deref().unwrap_or(crate::protocol::rocketmq::schedule::DEFAULT_DELAY_LEVELS);

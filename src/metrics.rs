@@ -115,6 +115,7 @@ static CONNECTIONS_CLOSED: AtomicU64 = AtomicU64::new(0);
 static LOG_FLUSHES: AtomicU64 = AtomicU64::new(0);
 static SEGMENT_ROLLS: AtomicU64 = AtomicU64::new(0);
 static RETENTION_DELETED: AtomicU64 = AtomicU64::new(0);
+static PAGE_CACHE_DROPPED: AtomicU64 = AtomicU64::new(0);
 
 pub fn count_connection_accepted() {
     CONNECTIONS_ACCEPTED.fetch_add(1, Ordering::Relaxed);
@@ -128,6 +129,10 @@ pub fn count_log_flush() {
 }
 pub fn count_segment_roll() {
     SEGMENT_ROLLS.fetch_add(1, Ordering::Relaxed);
+}
+/// Log bytes written back and dropped from the page cache (`LogConfig::page_cache_keep`).
+pub fn count_page_cache_dropped(bytes: usize) {
+    PAGE_CACHE_DROPPED.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 /// Segments removed by retention.
 pub fn count_retention_deleted(segments: usize) {
@@ -292,6 +297,8 @@ pub struct Snapshot {
     pub segment_rolls: u64,
     #[serde(default)]
     pub retention_deleted_segments: u64,
+    #[serde(default)]
+    pub page_cache_dropped_bytes: u64,
 }
 
 pub fn snapshot() -> Snapshot {
@@ -318,5 +325,6 @@ pub fn snapshot() -> Snapshot {
         log_flushes: LOG_FLUSHES.load(Ordering::Relaxed),
         segment_rolls: SEGMENT_ROLLS.load(Ordering::Relaxed),
         retention_deleted_segments: RETENTION_DELETED.load(Ordering::Relaxed),
+        page_cache_dropped_bytes: PAGE_CACHE_DROPPED.load(Ordering::Relaxed),
     }
 }

@@ -230,6 +230,12 @@ pub fn render(broker: &Broker) -> String {
     );
     o.single("slipstream_log_segment_rolls_total", "counter", "Log segments rolled.", s.segment_rolls);
     o.single(
+        "slipstream_log_page_cache_dropped_bytes_total",
+        "counter",
+        "Log bytes written back and dropped from the page cache behind the newest ones kept.",
+        s.page_cache_dropped_bytes,
+    );
+    o.single(
         "slipstream_log_retention_deleted_segments_total",
         "counter",
         "Log segments deleted by retention.",

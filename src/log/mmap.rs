@@ -254,6 +254,45 @@ impl SegmentMap {
         Ok(())
     }
 
+    /// Writes `[from, to)` back to the disk and drops its pages from the page cache (and
+    /// from this process's page tables), so the next pages the writer takes are these,
+    /// freed, rather than fresh ones (see `LogConfig::page_cache_keep`). Waits for the
+    /// write-back: for a background thread, never a dispatch core. Whole pages inside the
+    /// range only; pages still in use elsewhere (pinned by a NIC or an in-flight
+    /// zero-copy send) are left where they are by the kernel.
+    pub fn drop_cached(&self, from: usize, to: usize) -> io::Result<()> {
+        let page = page_size();
+        let first = from.next_multiple_of(page);
+        let end = to.min(self.published()) & !(page - 1);
+        if end <= first {
+            return Ok(());
+        }
+        let len = end - first;
+        // SAFETY: a page-aligned span inside the live mapping (`end <= published <=
+        // capacity`). On a shared file mapping MADV_DONTNEED only unmaps: the bytes stay
+        // in the file (and its page cache until dropped below), and a later access maps
+        // them again, unchanged, so views readers hold keep reading the same bytes.
+        let rc = unsafe { libc::madvise(self.map.as_mut_ptr().add(first).cast(), len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = self.file.as_raw_fd();
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: plain syscalls on the descriptor this map owns; no memory is passed.
+        let rc = unsafe { libc::sync_file_range(fd, first as libc::off64_t, len as libc::off64_t, flags) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Clean pages now: the kernel can drop them (dirty ones it would skip).
+        // SAFETY: as above.
+        let rc =
+            unsafe { libc::posix_fadvise(fd, first as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
+        match rc {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
     /// Flushes what was appended up to `end` to stable storage (`fdatasync`: the file's
     /// size and blocks are fixed, so its data is all there is to sync; `start` is what an
     /// earlier flush covered already).

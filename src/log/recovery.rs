@@ -75,6 +75,9 @@ impl PartitionLog {
             spare: None,
             spare_failed: false,
             files,
+            appended: 0,
+            cached_from: 0,
+            trail: Default::default(),
         };
         log.rebuild_producer_state();
         report.next_offset = log.next_offset();

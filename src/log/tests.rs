@@ -275,3 +275,50 @@ fn resident_reads_report_evicted_pages_and_read_them_once_brought_in() {
     assert!(cold.is_none() && !again.cold);
     assert_eq!(again.records.bytes(), log.read(10, 64 << 10).unwrap().records.bytes());
 }
+
+#[test]
+fn appends_drop_what_lies_further_back_than_the_page_cache_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = 256 << 10;
+    let cfg = LogConfig {
+        segment_bytes: 1 << 20,
+        flush: FlushPolicy::Interval(60_000),
+        page_cache_keep: Some(keep),
+        ..LogConfig::default()
+    };
+    let (mut log, _) = PartitionLog::open(dir.path(), cfg, Files::inline()).unwrap();
+    let first = build_batch(0, 0, &[&[1u8; 16 << 10]]);
+    log.append(&first).unwrap();
+    // A view a reader holds across the drops, read through the mapping (which maps its
+    // pages: the drop must unmap them to let them go).
+    let held = log.read(0, 1).unwrap().records;
+    assert_eq!(held.bytes()[batch::HEADER_LEN..], first[batch::HEADER_LEN..]);
+    for i in 1..200u8 {
+        log.append(&build_batch(0, i as i64, &[&[i; 16 << 10]])).unwrap();
+        // Consumers keeping up read every batch through the mapping.
+        let _ = log.read(i as i64, 1).unwrap().records.bytes();
+    }
+    assert!(log.sealed.len() >= 2, "1 MiB segments rolled");
+    let old = &log.sealed[0];
+    if old.map.resident(0, old.size) {
+        // A file system that keeps everything in memory (tmpfs) cannot drop anything.
+        let fs = rustix::fs::statfs(dir.path()).unwrap();
+        assert_eq!(fs.f_type as i64, 0x0102_1994, "pages far behind the newest stayed in the page cache");
+        eprintln!("tmpfs: nothing to drop");
+        return;
+    }
+    // The newest `keep` bytes stay; what lies further back went, sealed or active.
+    let pos = log.writer.position();
+    assert!(log.active.map.resident(pos.saturating_sub(keep / 2), keep / 2));
+    let (empty, cold) = log.read_resident(0, 1 << 20).unwrap();
+    assert!(empty.cold && cold.is_some(), "a read of dropped pages is a cold read");
+    // Nothing changed: the held view and every batch read back as written.
+    assert_eq!(held.bytes()[batch::HEADER_LEN..], first[batch::HEADER_LEN..]);
+    for i in 0..200u8 {
+        let r = log.read(i as i64, 1).unwrap().records;
+        let r = r.bytes();
+        assert_eq!(offsets_in(r), vec![i as i64]);
+        let value = if i == 0 { 1 } else { i };
+        assert_eq!(r[batch::HEADER_LEN..], build_batch(0, i as i64, &[&[value; 16 << 10]])[batch::HEADER_LEN..]);
+    }
+}
