@@ -16,8 +16,15 @@
 //! files), [`files`] (the file worker), [`batch`] (record-batch headers); this module
 //! appends, reads, rolls and enforces retention.
 //!
+//! # The page cache
+//! Appends go into the page cache with `pwritev` (see [`mmap`]); readers map it. What lies
+//! more than [`LogConfig::page_cache_keep`] behind a partition's newest byte is written
+//! back and dropped by the file worker ([`PartitionLog::trim_page_cache`]), so the log
+//! reuses the pages it frees instead of taking fresh ones; readers further behind go
+//! through the cold path ([`PartitionLog::read_resident`]).
+//!
 //! # Durability (the flush policy)
-//! Appends land in the page cache through the mapping, so an acknowledged batch survives
+//! Appends land in the page cache before they are acknowledged, so an acknowledged batch survives
 //! a *process* crash (SIGKILL, panic) under every policy. Surviving *power loss* needs the
 //! pages on disk: `always` msyncs before acknowledging (survives power loss), `bytes:N`
 //! msyncs once N bytes are unflushed (loses at most N bytes), `interval:MS` msyncs from a
