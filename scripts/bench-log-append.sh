@@ -15,7 +15,7 @@ cargo bench --bench log_append --no-run
 LOG_APPEND_OUT=$out/results-disk.json cargo bench --bench log_append
 LOG_APPEND_DIR=/dev/shm LOG_APPEND_OUT=$out/results-tmpfs.json cargo bench --bench log_append
 sustained() {
-  LOG_APPEND_MODES=memcpy,pwrite,pwrite-ahead,direct LOG_APPEND_SIZES=65536 LOG_APPEND_MIB=8192 LOG_APPEND_REPS=2 LOG_APPEND_QUIESCE=1 \
+  LOG_APPEND_MODES=memcpy,pwrite,pwrite-ahead,pwrite-drop,direct LOG_APPEND_SIZES=65536 LOG_APPEND_MIB=8192 LOG_APPEND_REPS=2 LOG_APPEND_QUIESCE=1 \
     "$@" cargo bench --bench log_append
 }
 sustained env LOG_APPEND_OUT=$out/results-sustained-disk.json

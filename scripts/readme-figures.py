@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack|tls|log
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack|tls|log|log-append
 """
 import json
 import sys
@@ -180,7 +180,24 @@ def log():
         print(f"\n{w['workload']['name']}: raw TCP ping-pong p50 {f1(pct(lim, 'p50'))} µs, p99.9 {f1(pct(lim, 'p99.9'))} µs")
 
 
+def log_append():
+    """The sustained cells of bench/micro/log_append.rs (scripts/bench-log-append.sh)."""
+    rows = {}
+    for where in ("disk", "tmpfs"):
+        d = json.loads((BENCH / "log-append" / f"results-sustained-{where}.json").read_text())
+        for r in d["results"]:
+            if r["mode"] != "memcpy":
+                rows.setdefault(r["mode"], {})[where] = r
+    print("| option (64 KiB appends, 8 GiB) | disk GB/s | disk, last second MB/s | p99.9 µs | tmpfs GB/s | tmpfs, last second MB/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode, r in rows.items():
+        d, t = r["disk"], r["tmpfs"]
+        print(f"| `{mode}` | {d['gb_per_s']:.2f} | {d['last_second_mb_per_s']:,} | {d['p999_us']:,.0f} | "
+              f"{t['gb_per_s']:.2f} | {t['last_second_mb_per_s']:,} |")
+
+
 if __name__ == "__main__":
     {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
      "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar,
-     "sidecar-fanout": sidecar_fanout, "ustack": ustack, "tls": tls, "log": log}[sys.argv[1]]()
+     "sidecar-fanout": sidecar_fanout, "ustack": ustack, "tls": tls, "log": log,
+     "log-append": log_append}[sys.argv[1]]()

@@ -23,6 +23,10 @@
 //!   succeeded for the whole file), so an acknowledged append never waits for space. A
 //!   segment that could not be allocated (a full disk) gets a writer with no room, so the
 //!   log rolls, and the roll fails with ENOSPC until space comes back.
+//! - Published bytes may leave memory at any time — the kernel's eviction, or the file
+//!   worker's [`SegmentMap::drop_cached`] (unmapping them and dropping them from the page
+//!   cache once written back) — but never change: a view reads them back from the file.
+//!   A dispatch core that must not wait for the disk asks [`SegmentMap::resident`] first.
 //! - Nothing stores through a segment's mapping. (It is mapped writable all the same:
 //!   the RDMA backend registers windows of it with a NIC, and soft-RoCE on the VM's 6.1
 //!   kernel refused to register windows of a read-only mapping — the test of fetches by
