@@ -19,7 +19,7 @@
 //! # The page cache
 //! Appends go into the page cache with `pwritev` (see [`mmap`]); readers map it. What lies
 //! more than [`LogConfig::page_cache_keep`] behind a partition's newest byte is written
-//! back and dropped by the file worker ([`PartitionLog::trim_page_cache`]), so the log
+//! back and dropped by the file worker (`PartitionLog::trim_page_cache`), so the log
 //! reuses the pages it frees instead of taking fresh ones; readers further behind go
 //! through the cold path ([`PartitionLog::read_resident`]).
 //!
