@@ -109,14 +109,16 @@ def wait_listening(port, timeout=20):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sidecar", required=True, help="the slipstream binary")
-    ap.add_argument("--port", type=int, required=True, help="sidecar bootstrap port; brokers at port+1+id")
+    ap.add_argument("--port", type=int, required=True, help="sidecar bootstrap port")
+    ap.add_argument("--broker-port-base", type=int, required=True,
+                    help="broker N at this + N; the caller picks it with ports 1-3 above it free")
     ap.add_argument("--log", required=True, help="where the sidecar logs")
     a = ap.parse_args()
 
     mock = MockCluster(3)
     mock.create_topic(TOPIC, PARTITIONS)
     upstream_ports = {int(b.rsplit(":", 1)[1]) for b in mock.bootstraps.split(",")}
-    base = a.port + 1
+    base = a.broker_port_base
     side_ports = {a.port} | {base + n for n in (1, 2, 3)}
     with open(a.log, "ab") as logf:
         side = subprocess.Popen([a.sidecar, "sidecar", "--upstream", mock.bootstraps, "--listen",

@@ -3,8 +3,8 @@
 //! checked to name only the sidecar; the sidecar killed mid-stream.
 
 use crate::harness::{
-    api_versions_over, free_port, issue, make_certs, pem_der, phases_across_restart, run_client, tls_connect,
-    BrokerProc,
+    api_versions_over, free_port, free_port_block, issue, make_certs, pem_der, phases_across_restart, run_client,
+    tls_connect, BrokerProc,
 };
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, DescribeClusterRequest, FindCoordinatorRequest, MetadataRequest, MetadataResponse,
@@ -37,7 +37,8 @@ impl SidecarProc {
         let mut s = SidecarProc {
             child: None,
             addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
-            base: free_port(),
+            // Broker N at base + N: slipstream's node 0, the mock cluster's 1-3.
+            base: free_port_block(4),
             upstream: upstream.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: dir.path().join("sidecar.log"),
@@ -216,7 +217,8 @@ fn kafkajs_through_to_tansu() {
 fn confluent_kafka_through_to_a_mock_cluster_with_leader_moves_and_an_outage() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("sidecar.log");
-    let port = free_port();
+    // The bootstrap port, then brokers 1-3 at base + id.
+    let base = free_port_block(4);
     let out = std::panic::catch_unwind(|| {
         run_client(
             "python3",
@@ -225,7 +227,9 @@ fn confluent_kafka_through_to_a_mock_cluster_with_leader_moves_and_an_outage() {
                 "--sidecar",
                 env!("CARGO_BIN_EXE_slipstream"),
                 "--port",
-                &port.to_string(),
+                &base.to_string(),
+                "--broker-port-base",
+                &base.to_string(),
                 "--log",
                 &log.to_string_lossy(),
             ],
