@@ -136,10 +136,10 @@ pub fn free_port() -> u16 {
 }
 
 /// A first port `base` with `base..base + len` all free on loopback, for a process that
-/// puts listeners at fixed offsets from it (the sidecar's broker N at `--broker-port-base`
-/// + N). Taken below the kernel's ephemeral range, so that no connection's source port
-/// (which the kernel takes from that range) can land on one of them between this check
-/// and the process binding it, and never the same block twice in one test run.
+/// puts listeners at fixed offsets from it (the sidecar puts broker N at the port base
+/// plus N). Taken below the kernel's ephemeral range, so that no connection's source
+/// port (which the kernel takes from that range) can land on one of them between this
+/// check and the process binding it, and never the same block twice in one test run.
 pub fn free_port_block(len: u16) -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     // Blocks of 128 from 10,000 up, starting at a place of this process's own.
