@@ -178,16 +178,40 @@ pub struct ReadResult {
 }
 
 /// Pages a [`PartitionLog::read_resident`] found out of memory: the span of a segment
-/// to bring in before reading again.
+/// to bring in before reading again, and what the partition's previous cold read
+/// brought in that its reader has moved past.
 pub struct Cold {
     pub map: Arc<SegmentMap>,
+    /// The segment's base offset.
+    pub segment: i64,
     pub start: usize,
     pub len: usize,
+    /// To drop before bringing the span in (see [`PartitionLog::read_resident`]).
+    pub behind: Option<ColdSpan>,
+}
+
+/// A span of one segment's file.
+#[derive(Clone)]
+pub struct ColdSpan {
+    pub map: Arc<SegmentMap>,
+    /// The segment's base offset.
+    pub segment: i64,
+    pub from: usize,
+    pub to: usize,
 }
 
 impl Cold {
-    /// Brings the pages in (blocks on I/O: a background thread's work).
+    /// Drops what lies behind, then brings the span in (blocks on I/O: a background
+    /// thread's work). In that order, so that the pages brought in are the ones just
+    /// freed.
     pub fn populate(&self) -> std::io::Result<()> {
+        if let Some(b) = &self.behind {
+            match b.map.drop_cached(b.from, b.to) {
+                Ok(()) => crate::metrics::count_page_cache_dropped(b.to - b.from),
+                // Costs memory, never data: the read goes on.
+                Err(e) => log::warn!("dropping log pages a reader has passed: {e}"),
+            }
+        }
         self.map.populate(self.start, self.len)
     }
 }
@@ -267,6 +291,8 @@ pub struct PartitionLog {
     cached_from: usize,
     /// Sealed segments whose newest pages are still cached, oldest first.
     trail: VecDeque<Trail>,
+    /// What the last cold read brought in (see [`Self::read_resident`]).
+    cold_behind: Option<ColdSpan>,
 }
 
 /// What recovery found, for logging and the crash test.
@@ -500,8 +526,48 @@ impl PartitionLog {
     /// read on a dispatch core, which must not wait for the disk): when the span the read
     /// would touch is not all resident, an empty result marked `cold` and the span to
     /// bring in.
-    pub fn read_resident(&self, offset: i64, max_bytes: usize) -> Result<(ReadResult, Option<Cold>), LogError> {
-        self.read_inner(offset, max_bytes, true)
+    ///
+    /// With the page cache kept ([`LogConfig::page_cache_keep`]), a cold read further on
+    /// than the previous one also hands back what lies from where the previous one started
+    /// to where this one starts, to drop first: a consumer catching up from far back reads on
+    /// through pages it freed itself, as the writer does, instead of taking a fresh page
+    /// for every byte (a third of the rate here: `docs/architecture.md`, "How appends
+    /// reach the file"). Pages the tail keeps are never dropped this way. Another reader
+    /// following close behind may find them gone and read them in again: a cost, never a
+    /// different answer.
+    pub fn read_resident(&mut self, offset: i64, max_bytes: usize) -> Result<(ReadResult, Option<Cold>), LogError> {
+        let (read, cold) = self.read_inner(offset, max_bytes, true)?;
+        let Some(mut cold) = cold else { return Ok((read, None)) };
+        if self.cfg.page_cache_keep.is_some() {
+            let now =
+                ColdSpan { map: cold.map.clone(), segment: cold.segment, from: cold.start, to: cold.start + cold.len };
+            // From where the previous cold read started: the kernel's read-ahead brings in
+            // more than the span asked for, and the reader has passed all of it.
+            cold.behind = match self.cold_behind.replace(now) {
+                // A later segment: the reader has left the previous one.
+                Some(prev) if prev.segment < cold.segment => Some(ColdSpan { to: prev.map.published(), ..prev }),
+                // Further on in the same one: up to where this read starts.
+                Some(prev) if prev.segment == cold.segment && prev.from < cold.start => {
+                    Some(ColdSpan { to: cold.start, ..prev })
+                }
+                // The same span again or one further back (another reader): nothing.
+                _ => None,
+            }
+            .and_then(|b| {
+                let to = b.to.min(self.kept_from(&b.map));
+                (to > b.from).then_some(ColdSpan { to, ..b })
+            });
+        }
+        Ok((read, Some(cold)))
+    }
+
+    /// Where the pages the tail keeps start in the segment `map` (`usize::MAX` when it
+    /// keeps none of them).
+    fn kept_from(&self, map: &Arc<SegmentMap>) -> usize {
+        if Arc::ptr_eq(map, &self.active.map) {
+            return self.cached_from;
+        }
+        self.trail.iter().find(|t| Arc::ptr_eq(&t.map, map)).map_or(usize::MAX, |t| t.from)
     }
 
     fn read_inner(
@@ -524,7 +590,13 @@ impl PartitionLog {
             return Ok((empty(false), None));
         }
         let seg = self.segment_for(offset);
-        let cold = |start: usize, end: usize| Cold { map: seg.map.clone(), start, len: end - start };
+        let cold = |start: usize, end: usize| Cold {
+            map: seg.map.clone(),
+            segment: seg.base_offset,
+            start,
+            len: end - start,
+            behind: None,
+        };
         // The span the header walk and the answer touch: from the index entry at or below
         // `offset` through one index interval and `max_bytes` more, where the walk below
         // stops; plus one header, since a header that starts inside it may end past it.

@@ -78,6 +78,7 @@ impl PartitionLog {
             appended: 0,
             cached_from: 0,
             trail: Default::default(),
+            cold_behind: None,
         };
         log.rebuild_producer_state();
         report.next_offset = log.next_offset();

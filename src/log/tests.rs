@@ -322,3 +322,71 @@ fn appends_drop_what_lies_further_back_than_the_page_cache_keep() {
         assert_eq!(r[batch::HEADER_LEN..], build_batch(0, i as i64, &[&[value; 16 << 10]])[batch::HEADER_LEN..]);
     }
 }
+
+/// A consumer catching up from far back drops what it has read as it goes (the pages it
+/// brings in next are those), never what the tail keeps, and reads every batch as written.
+#[test]
+fn a_reader_catching_up_from_far_back_drops_what_it_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = 256 << 10;
+    let cfg = LogConfig {
+        segment_bytes: 2 << 20,
+        flush: FlushPolicy::Interval(60_000),
+        page_cache_keep: Some(keep),
+        ..LogConfig::default()
+    };
+    let (mut log, _) = PartitionLog::open(dir.path(), cfg, Files::inline()).unwrap();
+    let count = 300u16;
+    let batch = |i: u16| build_batch(0, i as i64, &[&[(i % 251) as u8; 16 << 10]]);
+    for i in 0..count {
+        log.append(&batch(i)).unwrap();
+    }
+    assert!(log.sealed.len() >= 2, "2 MiB segments rolled");
+    if log.sealed[0].map.resident(0, log.sealed[0].size) {
+        let fs = rustix::fs::statfs(dir.path()).unwrap();
+        assert_eq!(fs.f_type as i64, 0x0102_1994, "pages far behind the newest stayed in the page cache");
+        eprintln!("tmpfs: nothing to drop");
+        return;
+    }
+    let page = rustix::param::page_size();
+    let (mut offset, mut dropped) = (0i64, 0usize);
+    while offset < count as i64 {
+        let (read, cold) = log.read_resident(offset, 128 << 10).unwrap();
+        if let Some(cold) = cold {
+            assert!(read.cold && read.records.is_empty());
+            if let Some(b) = &cold.behind {
+                let same = Arc::ptr_eq(&b.map, &cold.map);
+                assert!(b.from < b.to && (!same || b.to <= cold.start), "behind the read: {}..{}", b.from, b.to);
+                assert!(b.to <= log.kept_from(&b.map), "never what the tail keeps");
+            }
+            cold.populate().unwrap();
+            if let Some(b) = &cold.behind {
+                let (first, end) = (b.from.next_multiple_of(page), b.to & !(page - 1));
+                if end > first {
+                    assert!(!b.map.resident(first, end - first), "dropped: {first}..{end}");
+                    dropped += end - first;
+                }
+            }
+            continue;
+        }
+        let r = read.records;
+        let offsets = offsets_in(r.bytes());
+        assert_eq!(offsets[0], offset);
+        for (k, o) in offsets.iter().enumerate() {
+            let at = k * batch(0).len();
+            assert_eq!(&r.bytes()[at + batch::HEADER_LEN..at + batch(0).len()], &batch(*o as u16)[batch::HEADER_LEN..]);
+        }
+        offset = offsets[offsets.len() - 1] + 1;
+    }
+    assert!(dropped >= 2 << 20, "what the reader passed was dropped: {dropped} bytes");
+    // The oldest segment is out of memory again; the tail is still in.
+    assert!(!log.sealed[0].map.resident(0, 1 << 20));
+    let pos = log.writer.position();
+    assert!(log.active.map.resident(pos.saturating_sub(keep / 2), keep / 2));
+
+    // A cold read further back than the last (another reader) drops nothing.
+    let file = std::fs::File::open(log.sealed[0].map.path()).unwrap();
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let (_, cold) = log.read_resident(0, 128 << 10).unwrap();
+    assert!(cold.expect("cold").behind.is_none());
+}
