@@ -2,7 +2,7 @@
 """Prints the README's benchmark tables from the committed results.json files, so every
 figure in the README is read from a file a script in this repository wrote.
 
-    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack|tls|log|log-append
+    python3 scripts/readme-figures.py transports|latency-modes|report|rocketmq|rocketmq-grpc|sidecar|sidecar-fanout|ustack|tls|log|log-append|cold-read
 """
 import json
 import sys
@@ -196,8 +196,16 @@ def log_append():
               f"{t['gb_per_s']:.2f} | {t['last_second_mb_per_s']:,} |")
 
 
+def cold_read():
+    """scripts/bench-cold-read.py: reading a file that is out of memory, three ways."""
+    d = load("cold-read")
+    print(f"| reading {d['file_bytes'] >> 20} MiB out of memory, {d['read_bytes'] >> 20} MiB reads | GB/s (median) |")
+    print("|---|---:|")
+    for mode, rate in d["median_bytes_per_second"].items():
+        print(f"| {mode} | {rate / 1e9:.2f} |")
+
 if __name__ == "__main__":
     {"transports": transports, "latency-modes": latency_modes, "report": report, "rocketmq": rocketmq,
      "rocketmq-grpc": lambda: rocketmq("rocketmq-grpc"), "sidecar": sidecar,
      "sidecar-fanout": sidecar_fanout, "ustack": ustack, "tls": tls, "log": log,
-     "log-append": log_append}[sys.argv[1]]()
+     "log-append": log_append, "cold-read": cold_read}[sys.argv[1]]()
