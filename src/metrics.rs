@@ -130,7 +130,8 @@ pub fn count_log_flush() {
 pub fn count_segment_roll() {
     SEGMENT_ROLLS.fetch_add(1, Ordering::Relaxed);
 }
-/// Log bytes written back and dropped from the page cache (`LogConfig::page_cache_keep`).
+/// Log bytes dropped from the page cache (`LogConfig::page_cache_keep`): written back
+/// behind the newest bytes kept, or passed by a consumer catching up.
 pub fn count_page_cache_dropped(bytes: usize) {
     PAGE_CACHE_DROPPED.fetch_add(bytes as u64, Ordering::Relaxed);
 }

@@ -232,7 +232,7 @@ pub fn render(broker: &Broker) -> String {
     o.single(
         "slipstream_log_page_cache_dropped_bytes_total",
         "counter",
-        "Log bytes written back and dropped from the page cache behind the newest ones kept.",
+        "Log bytes dropped from the page cache: behind the newest ones kept, and behind consumers catching up.",
         s.page_cache_dropped_bytes,
     );
     o.single(

@@ -291,8 +291,10 @@ pub struct PartitionLog {
     cached_from: usize,
     /// Sealed segments whose newest pages are still cached, oldest first.
     trail: VecDeque<Trail>,
-    /// What the last cold read brought in (see [`Self::read_resident`]).
-    cold_behind: Option<ColdSpan>,
+    /// The last cold read and the one before it, in a run of cold reads each further on
+    /// than the last (see [`Self::read_resident`]).
+    cold_last: Option<ColdSpan>,
+    cold_before: Option<ColdSpan>,
 }
 
 /// What recovery found, for logging and the crash test.
@@ -528,35 +530,43 @@ impl PartitionLog {
     /// bring in.
     ///
     /// With the page cache kept ([`LogConfig::page_cache_keep`]), a cold read further on
-    /// than the previous one also hands back what lies from where the previous one started
-    /// to where this one starts, to drop first: a consumer catching up from far back reads on
-    /// through pages it freed itself, as the writer does, instead of taking a fresh page
-    /// for every byte (a third of the rate here: `docs/architecture.md`, "How appends
-    /// reach the file"). Pages the tail keeps are never dropped this way. Another reader
-    /// following close behind may find them gone and read them in again: a cost, never a
+    /// than the previous one also hands back, to drop first, what lies from where the one
+    /// before the previous started to where the previous one started: a consumer catching
+    /// up from far back reads on through pages it freed itself, as the writer does,
+    /// instead of taking a fresh page for every byte (a sixth of the rate here:
+    /// `scripts/bench-cold-read.py`, `docs/bench/cold-read/`). One read's lag, so that a
+    /// reader a fetch or so behind this one finds its pages still in; pages the tail keeps
+    /// are never dropped this way, nor anything when cold reads come from readers at
+    /// different places (each one further back than the last starts over). A reader
+    /// further behind may find pages gone and read them in again: a cost, never a
     /// different answer.
     pub fn read_resident(&mut self, offset: i64, max_bytes: usize) -> Result<(ReadResult, Option<Cold>), LogError> {
         let (read, cold) = self.read_inner(offset, max_bytes, true)?;
         let Some(mut cold) = cold else { return Ok((read, None)) };
-        if self.cfg.page_cache_keep.is_some() {
-            let now =
-                ColdSpan { map: cold.map.clone(), segment: cold.segment, from: cold.start, to: cold.start + cold.len };
-            // From where the previous cold read started: the kernel's read-ahead brings in
-            // more than the span asked for, and the reader has passed all of it.
-            cold.behind = match self.cold_behind.replace(now) {
-                // A later segment: the reader has left the previous one.
-                Some(prev) if prev.segment < cold.segment => Some(ColdSpan { to: prev.map.published(), ..prev }),
-                // Further on in the same one: up to where this read starts.
-                Some(prev) if prev.segment == cold.segment && prev.from < cold.start => {
-                    Some(ColdSpan { to: cold.start, ..prev })
-                }
-                // The same span again or one further back (another reader): nothing.
-                _ => None,
+        if self.cfg.page_cache_keep.is_none() {
+            return Ok((read, Some(cold)));
+        }
+        let now =
+            ColdSpan { map: cold.map.clone(), segment: cold.segment, from: cold.start, to: cold.start + cold.len };
+        match self.cold_last.as_ref().map(|l| (l.segment, l.from)) {
+            // The reader goes on: it has passed everything from where the cold read before
+            // the last one started (the kernel's read-ahead brought in more than that read
+            // asked for) to where the last one started.
+            Some((segment, from)) if (segment, from) < (now.segment, now.from) => {
+                cold.behind = self.cold_before.take().and_then(|b| {
+                    let to = if b.segment < segment { b.map.published() } else { from };
+                    let to = to.min(self.kept_from(&b.map));
+                    (to > b.from).then_some(ColdSpan { to, ..b })
+                });
+                self.cold_before = self.cold_last.replace(now);
             }
-            .and_then(|b| {
-                let to = b.to.min(self.kept_from(&b.map));
-                (to > b.from).then_some(ColdSpan { to, ..b })
-            });
+            // The same span again (another reader asking before it came in): nothing.
+            Some(last) if last == (now.segment, now.from) => {}
+            // The first, or one further back (another reader): a new run of cold reads.
+            _ => {
+                self.cold_before = None;
+                self.cold_last = Some(now);
+            }
         }
         Ok((read, Some(cold)))
     }

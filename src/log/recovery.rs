@@ -78,7 +78,8 @@ impl PartitionLog {
             appended: 0,
             cached_from: 0,
             trail: Default::default(),
-            cold_behind: None,
+            cold_last: None,
+            cold_before: None,
         };
         log.rebuild_producer_state();
         report.next_offset = log.next_offset();
