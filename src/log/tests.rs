@@ -276,17 +276,23 @@ fn resident_reads_report_evicted_pages_and_read_them_once_brought_in() {
     assert_eq!(again.records.bytes(), log.read(10, 64 << 10).unwrap().records.bytes());
 }
 
-#[test]
-fn appends_drop_what_lies_further_back_than_the_page_cache_keep() {
-    let dir = tempfile::tempdir().unwrap();
-    let keep = 256 << 10;
+/// A log keeping `keep` bytes in the page cache, its segments `segment_bytes`, flushed in
+/// the background (so that nothing but the drops writes pages back).
+fn keeping_page_cache(dir: &Path, segment_bytes: usize, keep: usize) -> PartitionLog {
     let cfg = LogConfig {
-        segment_bytes: 1 << 20,
+        segment_bytes,
         flush: FlushPolicy::Interval(60_000),
         page_cache_keep: Some(keep),
         ..LogConfig::default()
     };
-    let (mut log, _) = PartitionLog::open(dir.path(), cfg, Files::inline()).unwrap();
+    PartitionLog::open(dir, cfg, Files::inline()).unwrap().0
+}
+
+#[test]
+fn appends_drop_what_lies_further_back_than_the_page_cache_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = 256 << 10;
+    let mut log = keeping_page_cache(dir.path(), 1 << 20, keep);
     let first = build_batch(0, 0, &[&[1u8; 16 << 10]]);
     log.append(&first).unwrap();
     // A view a reader holds across the drops, read through the mapping (which maps its
@@ -329,13 +335,7 @@ fn appends_drop_what_lies_further_back_than_the_page_cache_keep() {
 fn a_reader_catching_up_from_far_back_drops_what_it_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let keep = 256 << 10;
-    let cfg = LogConfig {
-        segment_bytes: 2 << 20,
-        flush: FlushPolicy::Interval(60_000),
-        page_cache_keep: Some(keep),
-        ..LogConfig::default()
-    };
-    let (mut log, _) = PartitionLog::open(dir.path(), cfg, Files::inline()).unwrap();
+    let mut log = keeping_page_cache(dir.path(), 2 << 20, keep);
     let count = 300u16;
     let batch = |i: u16| build_batch(0, i as i64, &[&[(i % 251) as u8; 16 << 10]]);
     for i in 0..count {
