@@ -13,6 +13,8 @@ cargo clippy --workspace --all-targets --features rdma -- -D warnings
 # cannot drift from the decoders they drive (in the main target directory, which already
 # holds their dependencies' check builds).
 (cd fuzz && CARGO_TARGET_DIR=../target cargo check --locked --bins)
+# The API docs build without a broken or private link (module docs name their parts).
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features rdma -p slipstream
 # The binaries themselves: `slipstream bench` (tested below) runs the slipstream-bench
 # binary from beside `slipstream`, and `cargo test` builds only the binaries of the package
 # whose tests it runs.

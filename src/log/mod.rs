@@ -11,8 +11,8 @@
 //! the CRC-32C, patches the base offset in place and, for LogAppendTime topics, the
 //! timestamp. That copy into the mapping is the only one a produced byte ever sees.
 //!
-//! The parts: [`segment`] (a segment's metadata and sparse indexes), [`recovery`]
-//! (opening and scanning), [`producers`] (idempotent-producer state), [`mmap`] (the mapped
+//! The parts: `segment` (a segment's metadata and sparse indexes), `recovery`
+//! (opening and scanning), `producers` (idempotent-producer state), [`mmap`] (the mapped
 //! files), [`files`] (the file worker), [`batch`] (record-batch headers); this module
 //! appends, reads, rolls and enforces retention.
 //!

@@ -4,9 +4,9 @@
 //! HTTP/2 needs an async stack, so this front runs on its own thread with a
 //! single-threaded tokio runtime (tonic), beside the dispatch cores. It keeps the remoting
 //! data model rather than a second one: a send is planned by the remoting broker's
-//! [`plan_send`](super::broker::plan_send) (delay and timer messages into the timer
+//! `broker::plan_send` (delay and timer messages into the timer
 //! queue, transactional halves held there), messages and records convert through
-//! [`message`](super::message), transactions resolve through
+//! [`message`], transactions resolve through
 //! [`schedule::resolution`], offsets go to the broker's offset store, and every partition
 //! operation travels to its owner core through a [`Port`], the channel cores use among
 //! themselves. What gRPC adds is simple consumption ([`pop`]): per-message invisibility,

@@ -17,9 +17,9 @@
 //!   the device exists; a protection domain is allocated from an id that outlives it
 //!   (the broker's listening id, the bridge connection's own id).
 //!
-//! The parts: [`cm`] (the connection manager: event channels, events, ids and the queue
-//! pairs they carry), [`objects`] (protection domains, memory regions, completion channels
-//! and queues, shared receive queues, work requests and posting), [`poll`] (waiting on the
+//! The parts: `cm` (the connection manager: event channels, events, ids and the queue
+//! pairs they carry), `objects` (protection domains, memory regions, completion channels
+//! and queues, shared receive queues, work requests and posting), `poll` (waiting on the
 //! file descriptors they expose).
 #![allow(unsafe_code)]
 
