@@ -181,11 +181,8 @@ pub struct ReadResult {
 /// to bring in before reading again, and what the partition's previous cold read
 /// brought in that its reader has moved past.
 pub struct Cold {
-    pub map: Arc<SegmentMap>,
-    /// The segment's base offset.
-    pub segment: i64,
-    pub start: usize,
-    pub len: usize,
+    /// To bring in.
+    pub span: ColdSpan,
     /// To drop before bringing the span in (see [`PartitionLog::read_resident`]).
     pub behind: Option<ColdSpan>,
 }
@@ -206,13 +203,13 @@ impl Cold {
     /// freed.
     pub fn populate(&self) -> std::io::Result<()> {
         if let Some(b) = &self.behind {
-            match b.map.drop_cached(b.from, b.to) {
-                Ok(()) => crate::metrics::count_page_cache_dropped(b.to - b.from),
-                // Costs memory, never data: the read goes on.
-                Err(e) => log::warn!("dropping log pages a reader has passed: {e}"),
+            // Costs memory, never data: the read goes on.
+            if let Err(e) = (IoWork::Drop { map: b.map.clone(), from: b.from, to: b.to }).run() {
+                log::warn!("dropping log pages a reader has passed: {e}");
             }
         }
-        self.map.populate(self.start, self.len)
+        let span = &self.span;
+        span.map.populate(span.from, span.to - span.from)
     }
 }
 
@@ -546,8 +543,7 @@ impl PartitionLog {
         if self.cfg.page_cache_keep.is_none() {
             return Ok((read, Some(cold)));
         }
-        let now =
-            ColdSpan { map: cold.map.clone(), segment: cold.segment, from: cold.start, to: cold.start + cold.len };
+        let now = cold.span.clone();
         match self.cold_last.as_ref().map(|l| (l.segment, l.from)) {
             // The reader goes on: it has passed everything from where the cold read before
             // the last one started (the kernel's read-ahead brought in more than that read
@@ -600,11 +596,8 @@ impl PartitionLog {
             return Ok((empty(false), None));
         }
         let seg = self.segment_for(offset);
-        let cold = |start: usize, end: usize| Cold {
-            map: seg.map.clone(),
-            segment: seg.base_offset,
-            start,
-            len: end - start,
+        let cold = |from: usize, to: usize| Cold {
+            span: ColdSpan { map: seg.map.clone(), segment: seg.base_offset, from, to },
             behind: None,
         };
         // The span the header walk and the answer touch: from the index entry at or below

@@ -269,7 +269,8 @@ fn resident_reads_report_evicted_pages_and_read_them_once_brought_in() {
         return;
     };
     assert!(empty.cold && empty.records.is_empty());
-    assert!(cold.len >= 64 << 10, "the span covers the read: {}", cold.len);
+    let len = cold.span.to - cold.span.from;
+    assert!(len >= 64 << 10, "the span covers the read: {len}");
     cold.populate().unwrap();
     let (again, cold) = log.read_resident(10, 64 << 10).unwrap();
     assert!(cold.is_none() && !again.cold);
@@ -361,7 +362,7 @@ fn a_reader_catching_up_from_far_back_drops_what_it_has_passed() {
                 assert!(b.from < b.to && before, "behind the previous read: {}..{} ({prev:?})", b.from, b.to);
                 assert!(b.to <= log.kept_from(&b.map), "never what the tail keeps");
             }
-            last_cold = Some((cold.segment, cold.start));
+            last_cold = Some((cold.span.segment, cold.span.from));
             cold.populate().unwrap();
             if let Some(b) = &cold.behind {
                 let (first, end) = (b.from.next_multiple_of(page), b.to & !(page - 1));
