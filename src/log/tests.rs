@@ -289,6 +289,15 @@ fn keeping_page_cache(dir: &Path, segment_bytes: usize, keep: usize) -> Partitio
     PartitionLog::open(dir, cfg, Files::inline()).unwrap().0
 }
 
+/// For a log whose pages far behind its newest stayed in memory: a file system that keeps
+/// everything in memory (tmpfs) cannot drop anything, and nothing else may keep them.
+/// The caller skips the rest.
+fn only_tmpfs_keeps_dropped_pages(dir: &Path) {
+    let fs = rustix::fs::statfs(dir).unwrap();
+    assert_eq!(fs.f_type as i64, 0x0102_1994, "pages far behind the newest stayed in the page cache");
+    eprintln!("tmpfs: nothing to drop");
+}
+
 #[test]
 fn appends_drop_what_lies_further_back_than_the_page_cache_keep() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,10 +317,7 @@ fn appends_drop_what_lies_further_back_than_the_page_cache_keep() {
     assert!(log.sealed.len() >= 2, "1 MiB segments rolled");
     let old = &log.sealed[0];
     if old.map.resident(0, old.size) {
-        // A file system that keeps everything in memory (tmpfs) cannot drop anything.
-        let fs = rustix::fs::statfs(dir.path()).unwrap();
-        assert_eq!(fs.f_type as i64, 0x0102_1994, "pages far behind the newest stayed in the page cache");
-        eprintln!("tmpfs: nothing to drop");
+        only_tmpfs_keeps_dropped_pages(dir.path());
         return;
     }
     // The newest `keep` bytes stay; what lies further back went, sealed or active.
@@ -339,14 +345,13 @@ fn a_reader_catching_up_from_far_back_drops_what_it_has_passed() {
     let mut log = keeping_page_cache(dir.path(), 2 << 20, keep);
     let count = 300u16;
     let batch = |i: u16| build_batch(0, i as i64, &[&[(i % 251) as u8; 16 << 10]]);
+    let batch_len = batch(0).len();
     for i in 0..count {
         log.append(&batch(i)).unwrap();
     }
     assert!(log.sealed.len() >= 2, "2 MiB segments rolled");
     if log.sealed[0].map.resident(0, log.sealed[0].size) {
-        let fs = rustix::fs::statfs(dir.path()).unwrap();
-        assert_eq!(fs.f_type as i64, 0x0102_1994, "pages far behind the newest stayed in the page cache");
-        eprintln!("tmpfs: nothing to drop");
+        only_tmpfs_keeps_dropped_pages(dir.path());
         return;
     }
     let page = rustix::param::page_size();
@@ -377,8 +382,8 @@ fn a_reader_catching_up_from_far_back_drops_what_it_has_passed() {
         let offsets = offsets_in(r.bytes());
         assert_eq!(offsets[0], offset);
         for (k, o) in offsets.iter().enumerate() {
-            let at = k * batch(0).len();
-            assert_eq!(&r.bytes()[at + batch::HEADER_LEN..at + batch(0).len()], &batch(*o as u16)[batch::HEADER_LEN..]);
+            let at = k * batch_len;
+            assert_eq!(&r.bytes()[at + batch::HEADER_LEN..at + batch_len], &batch(*o as u16)[batch::HEADER_LEN..]);
         }
         offset = offsets[offsets.len() - 1] + 1;
     }

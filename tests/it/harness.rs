@@ -142,19 +142,20 @@ pub fn free_port() -> u16 {
 /// check and the process binding it, and never the same block twice in one test run.
 pub fn free_port_block(len: u16) -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    // Blocks of 128 from 10,000 up, starting at a place of this process's own.
+    // Blocks of BLOCK from FIRST up, starting at a place of this process's own.
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const FIRST: u32 = 10_000;
+    const BLOCK: u32 = 128;
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
         .unwrap_or(32_768);
-    let blocks = ephemeral_low.saturating_sub(FIRST) / 128;
-    assert!(len <= 128 && blocks > 0, "no room for {len} ports below {ephemeral_low}");
+    let blocks = ephemeral_low.saturating_sub(FIRST) / BLOCK;
+    assert!(u32::from(len) <= BLOCK && blocks > 0, "no room for {len} ports below {ephemeral_low}");
     let start = std::process::id() % blocks;
     for _ in 0..blocks {
         let n = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % blocks;
-        let base = (FIRST + n * 128) as u16;
+        let base = (FIRST + n * BLOCK) as u16;
         let all_free = (0..len).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
         if all_free {
             return base;
